@@ -1,0 +1,275 @@
+"""Hand-computed cases for the FedBip math (fedbilevel.aggregation)."""
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fedbilevel.aggregation import (
+    cosine_similarity_matrix,
+    fedbip_aggregate,
+    fedbip_aggregate_detailed,
+    layer_groups,
+    weight_matrix,
+)
+
+R2 = math.sqrt(2.0)
+
+
+def adapters(*rows, key="w"):
+    return [{key: np.asarray(r, dtype=np.float32)} for r in rows]
+
+
+def test_module_is_pure_numpy():
+    # The math must stay importable without Flower or torch (servers, notebooks, tests).
+    code = (
+        "import sys, fedbilevel.aggregation; "
+        "bad = [m for m in ('torch', 'flwr', 'peft', 'transformers') if m in sys.modules]; "
+        "sys.exit(1 if bad else 0)"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_cosine_matrix_by_hand():
+    s = cosine_similarity_matrix(np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]))
+    expected = np.array([[1, 1 / R2, 0], [1 / R2, 1, 1 / R2], [0, 1 / R2, 1]])
+    np.testing.assert_allclose(s, expected, atol=1e-12)
+
+
+def test_fedbip_three_clients_by_hand():
+    # θ̄ differs per client, so the "θ̄ᵢ +" part of the rule is checked too.
+    start = adapters([10, 20], [-1, 3], [0, 0])
+    taus = [np.array([1.0, 0.0]), np.array([1.0, 1.0]), np.array([0.0, 1.0])]
+    trained = [{"w": start[i]["w"] + taus[i]} for i in range(3)]
+    result = fedbip_aggregate_detailed(start, trained)
+    # Row 1: S = [1, 1/√2, 0] -> p = [2-√2, √2-1, 0].
+    # Row 2: S = [1/√2, 1, 1/√2] -> p = [1-1/√2, √2-1, 1-1/√2].
+    expected_w = np.array(
+        [[2 - R2, R2 - 1, 0], [1 - 1 / R2, R2 - 1, 1 - 1 / R2], [0, R2 - 1, 2 - R2]]
+    )
+    np.testing.assert_allclose(result.weights, expected_w, atol=1e-7)
+    np.testing.assert_allclose(result.adapters[0]["w"], [10 + 1, 20 + (R2 - 1)], atol=1e-5)
+    np.testing.assert_allclose(result.adapters[1]["w"], [-1 + 1 / R2, 3 + 1 / R2], atol=1e-5)
+    np.testing.assert_allclose(result.adapters[2]["w"], [0 + (R2 - 1), 0 + 1], atol=1e-5)
+
+
+def test_negative_cosine_clip_keeps_own_update():
+    start = adapters([0, 0], [5, 5])
+    trained = adapters([1, 0], [4, 6])  # τ2 = [-1, 1]: cos(τ1, τ2) = -1/√2
+    result = fedbip_aggregate_detailed(start, trained, negative="clip")
+    np.testing.assert_allclose(result.weights, np.eye(2))
+    np.testing.assert_allclose(result.adapters[0]["w"], [1, 0])
+    np.testing.assert_allclose(result.adapters[1]["w"], [4, 6])
+
+
+def test_negative_cosine_keep_is_literal_formula():
+    start = adapters([0, 0], [5, 5])
+    trained = adapters([1, 0], [4, 6])
+    result = fedbip_aggregate_detailed(start, trained, negative="keep")
+    # Row sum 1 - 1/√2; p = [1, -1/√2] / (1 - 1/√2) = [2+√2, -(1+√2)].
+    p_self, p_other = 2 + R2, -(1 + R2)
+    np.testing.assert_allclose(result.weights[0], [p_self, p_other], rtol=1e-6)
+    expected = p_self * np.array([1, 0]) + p_other * np.array([-1, 1])
+    np.testing.assert_allclose(result.adapters[0]["w"], expected, rtol=1e-5)
+    np.testing.assert_allclose(result.weights.sum(axis=1), [1, 1])
+
+
+def test_keep_with_nonpositive_row_sum_falls_back_to_own_update():
+    start = adapters([0, 0], [0, 0])
+    trained = adapters([1, 0], [-2, 0])  # cos = -1: signed row sum is exactly 0
+    result = fedbip_aggregate_detailed(start, trained, negative="keep")
+    np.testing.assert_allclose(result.weights, np.eye(2))
+    np.testing.assert_allclose(result.adapters[1]["w"], [-2, 0])
+    assert np.all(np.isfinite(result.weights))
+
+
+def test_zero_task_vector_is_similar_to_nothing():
+    start = adapters([1, 1], [2, 2], [0, 0])
+    trained = adapters([2, 1], [2, 2], [1, 1])  # τ2 = 0
+    result = fedbip_aggregate_detailed(start, trained)
+    assert np.all(np.isfinite(result.similarity))
+    np.testing.assert_allclose(result.similarity[1], [0, 0, 0])
+    np.testing.assert_allclose(result.weights[1], [0, 1, 0])
+    np.testing.assert_allclose(result.adapters[1]["w"], [2, 2])
+    # Client 1 (τ=[1,0]) and 3 (τ=[1,1]): p = [2-√2, 0, √2-1].
+    np.testing.assert_allclose(result.weights[0], [2 - R2, 0, R2 - 1], atol=1e-7)
+
+
+def test_all_zero_updates_change_nothing():
+    start = adapters([1, 2], [3, 4])
+    out = fedbip_aggregate(start, start)
+    for before, after in zip(start, out):
+        np.testing.assert_array_equal(before["w"], after["w"])
+
+
+def two_array_clients():
+    start = [
+        {"a": np.zeros(2, np.float32), "b": np.zeros(2, np.float32)},
+        {"a": np.ones(2, np.float32), "b": np.ones(2, np.float32)},
+    ]
+    taus = [
+        {"a": np.array([1.0, 0.0]), "b": np.array([0.0, 1.0])},
+        {"a": np.array([2.0, 0.0]), "b": np.array([0.0, -1.0])},
+    ]
+    trained = [{k: start[i][k] + taus[i][k] for k in "ab"} for i in range(2)]
+    return start, trained
+
+
+def test_fedbip_flat_by_hand():
+    start, trained = two_array_clients()
+    # Flat τ1 = [1,0,0,1], τ2 = [2,0,0,-1]: cos = 1/√10.
+    c = 1 / math.sqrt(10)
+    out = fedbip_aggregate(start, trained)
+    p = np.array([1, c]) / (1 + c)
+    np.testing.assert_allclose(out[0]["a"], p[0] * np.array([1, 0]) + p[1] * np.array([2, 0]), rtol=1e-6)
+    np.testing.assert_allclose(out[0]["b"], p[0] * np.array([0, 1]) + p[1] * np.array([0, -1]), rtol=1e-6)
+
+
+def test_fedbip_layerwise_by_hand():
+    start, trained = two_array_clients()
+    result = fedbip_aggregate_detailed(start, trained, layerwise=True)
+    # Array a: cos = 1 -> p = [1/2, 1/2]; array b: cos = -1 -> clipped -> own update.
+    np.testing.assert_allclose(result.group_weights["a"], [[0.5, 0.5], [0.5, 0.5]])
+    np.testing.assert_allclose(result.group_weights["b"], np.eye(2))
+    np.testing.assert_allclose(result.adapters[0]["a"], [1.5, 0])
+    np.testing.assert_allclose(result.adapters[1]["a"], [1 + 1.5, 1])
+    np.testing.assert_allclose(result.adapters[0]["b"], [0, 1])
+    np.testing.assert_allclose(result.adapters[1]["b"], [1, 0])
+    # Reported matrices are the mean over layer groups.
+    np.testing.assert_allclose(result.similarity, [[1, 0], [0, 1]])
+    np.testing.assert_allclose(result.weights, [[0.75, 0.25], [0.25, 0.75]])
+
+
+def test_layerwise_with_one_group_equals_flat():
+    rng = np.random.default_rng(0)
+    names = ["model.layers.0.q.lora_A", "model.layers.0.v.lora_B"]
+    start = [{n: rng.normal(size=(3, 2)).astype(np.float32) for n in names} for _ in range(4)]
+    trained = [{n: a + rng.normal(size=a.shape).astype(np.float32) for n, a in s.items()} for s in start]
+    flat = fedbip_aggregate(start, trained)
+    block = fedbip_aggregate(start, trained, layerwise=True, grouping="block")
+    for f, b in zip(flat, block):
+        for n in names:
+            np.testing.assert_allclose(f[n], b[n], rtol=1e-5, atol=1e-6)
+
+
+def test_block_grouping():
+    names = [
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+        "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight",
+        "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight",
+        "base_model.model.score.weight",
+    ]
+    groups = layer_groups(names, "block")
+    assert groups == {
+        "block.0": [names[0], names[2]],
+        "block.1": [names[1]],
+        names[3]: [names[3]],
+    }
+    assert layer_groups(names, "array") == {n: [n] for n in names}
+
+
+def test_block_grouping_layerwise_by_hand():
+    # Arrays of one block share weights: both arrays of block 0 use cos over their concatenation.
+    names = ["m.layers.0.a", "m.layers.0.b"]
+    start = [{n: np.zeros(1, np.float32) for n in names} for _ in range(2)]
+    trained = [
+        {names[0]: np.array([1.0], np.float32), names[1]: np.array([0.0], np.float32)},
+        {names[0]: np.array([1.0], np.float32), names[1]: np.array([1.0], np.float32)},
+    ]
+    out = fedbip_aggregate(start, trained, layerwise=True, grouping="block")
+    # cos = 1/√2 -> p1 = [2-√2, √2-1]: new1 = [1, √2-1].
+    np.testing.assert_allclose([out[0][names[0]][0], out[0][names[1]][0]], [1, R2 - 1], rtol=1e-6)
+
+
+def test_cumulative_task_vectors_by_hand():
+    initial = {"w": np.zeros(2, np.float32)}
+    start = adapters([5, 5], [-3, 7])  # ignored: τ is measured from the initial adapter
+    trained = adapters([1, 0], [1, 1])
+    out = fedbip_aggregate(start, trained, task_vector="cumulative", initial=initial)
+    np.testing.assert_allclose(out[0]["w"], [1, R2 - 1], rtol=1e-6)
+    np.testing.assert_allclose(out[1]["w"], [1, 2 - R2], rtol=1e-6)
+
+
+def test_cumulative_requires_initial():
+    start = adapters([0, 0])
+    with pytest.raises(ValueError, match="initial"):
+        fedbip_aggregate(start, start, task_vector="cumulative")
+
+
+def test_single_client_gets_its_own_trained_adapter():
+    start = adapters([1, 2])
+    trained = adapters([3, -4])
+    np.testing.assert_allclose(fedbip_aggregate(start, trained)[0]["w"], [3, -4])
+
+
+def test_shapes_dtypes_order_and_inputs_preserved():
+    rng = np.random.default_rng(1)
+    start = [
+        {"z": rng.normal(size=(2, 3)).astype(np.float32), "a": rng.normal(size=4).astype(np.float64)}
+        for _ in range(3)
+    ]
+    trained = [{k: v + 1 for k, v in s.items()} for s in start]
+    copies = [{k: v.copy() for k, v in s.items()} for s in start]
+    out = fedbip_aggregate(start, trained, layerwise=True)
+    for o in out:
+        assert list(o) == ["z", "a"]
+        assert o["z"].shape == (2, 3) and o["z"].dtype == np.float32
+        assert o["a"].dtype == np.float64
+    for s, c in zip(start, copies):
+        for k in s:
+            np.testing.assert_array_equal(s[k], c[k])
+    # Everyone moved by the same update (all cosines 1): new = start + 1.
+    np.testing.assert_allclose(out[2]["z"], start[2]["z"] + 1, rtol=1e-6)
+
+
+@pytest.mark.parametrize("negative", ["clip", "keep"])
+@pytest.mark.parametrize("layerwise", [False, True])
+@pytest.mark.parametrize("task_vector", ["round", "cumulative"])
+def test_every_variant_rows_sum_to_one_and_finite(negative, layerwise, task_vector):
+    rng = np.random.default_rng(7)
+    initial = {"x": rng.normal(size=5), "y": rng.normal(size=(2, 2))}
+    start = [{k: v + rng.normal(size=v.shape) for k, v in initial.items()} for _ in range(5)]
+    trained = [{k: v + rng.normal(size=v.shape) for k, v in s.items()} for s in start]
+    trained[3] = {k: v.copy() for k, v in start[3].items()}  # one zero update
+    result = fedbip_aggregate_detailed(
+        start, trained, layerwise=layerwise, negative=negative, task_vector=task_vector, initial=initial
+    )
+    for w in [result.weights, *result.group_weights.values()]:
+        np.testing.assert_allclose(w.sum(axis=1), np.ones(5), atol=1e-9)
+        if negative == "clip":
+            assert np.all(w >= 0)
+    assert all(np.all(np.isfinite(a[k])) for a in result.adapters for k in a)
+
+
+def test_weight_matrix_rejects_unknown_mode():
+    with pytest.raises(ValueError, match=r"negative: 'abs' is not allowed; choose one of clip, keep"):
+        weight_matrix(np.eye(2), negative="abs")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"task_vector": "global"}, "task_vector: 'global' is not allowed"),
+        ({"grouping": "head"}, "grouping: 'head' is not allowed"),
+    ],
+)
+def test_unknown_options_fail_in_one_line(kwargs, message):
+    start = adapters([0, 0])
+    with pytest.raises(ValueError, match=message):
+        fedbip_aggregate(start, start, **kwargs)
+
+
+def test_bad_adapters_are_rejected_with_the_key_named():
+    good = adapters([0, 0], [1, 1])
+    with pytest.raises(ValueError, match=r"trained\[1\]\['w'\]: shape \(3,\) differs"):
+        fedbip_aggregate(good, [good[0], {"w": np.zeros(3, np.float32)}])
+    with pytest.raises(ValueError, match=r"trained\[0\]\['w'\]: contains NaN or Inf"):
+        fedbip_aggregate(good, [{"w": np.array([np.nan, 0], np.float32)}, good[1]])
+    with pytest.raises(ValueError, match=r"missing \['w'\], unexpected \['v'\]"):
+        fedbip_aggregate(good, [good[0], {"v": np.zeros(2, np.float32)}])
+    with pytest.raises(ValueError, match="dtype int64 is not allowed"):
+        fedbip_aggregate(good, [good[0], {"w": np.zeros(2, np.int64)}])
+    with pytest.raises(ValueError, match="pair up"):
+        fedbip_aggregate(good, good[:1])

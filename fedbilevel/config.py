@@ -1,0 +1,182 @@
+"""Run-config schema: every key's type, range or allowed values, validated in one place.
+
+Defaults live in ``pyproject.toml`` ``[tool.flwr.app.config]`` (Flower's source of truth
+for ``flwr run . --run-config``); this module knows what each key may hold and turns the
+flat kebab-case mapping into a typed :class:`RunConfig`. Every bad value fails with one
+line naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from fedbilevel.aggregation import LAYER_GROUPINGS, NEGATIVE_COSINE_MODES, TASK_VECTOR_MODES
+
+PRECISIONS = ("bf16-autocast", "fp32")
+DATA_SOURCES = ("synthetic",)
+SYNTHETIC_INSTRUCTIONS = ("shared", "per-task")
+
+
+class ConfigError(ValueError):
+    """A run-config value that is not allowed (message: one line with key, value, allowed)."""
+
+
+def _int(low: int, high: int | None = None) -> Callable[[str, Any], int]:
+    def check(key: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+            bound = f"an integer ≥ {low}" if high is None else f"an integer in [{low}, {high}]"
+            raise ConfigError(f"run-config key '{key}': value {value!r} is not allowed; expected {bound}")
+        return value
+
+    return check
+
+
+def _float(low: float, *, low_open: bool, high: float | None = None, high_open: bool = True) -> Callable[[str, Any], float]:
+    def check(key: str, value: Any) -> float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = ok and (value > low if low_open else value >= low)
+        if ok and high is not None:
+            ok = value < high if high_open else value <= high
+        if not ok:
+            left = "(" if low_open else "["
+            right = "inf)" if high is None else (f"{high})" if high_open else f"{high}]")
+            raise ConfigError(f"run-config key '{key}': value {value!r} is not allowed; expected a number in {left}{low}, {right}")
+        return float(value)
+
+    return check
+
+
+def _choice(allowed: tuple[str, ...] | Callable[[], tuple[str, ...]]) -> Callable[[str, Any], str]:
+    def check(key: str, value: Any) -> str:
+        options = allowed() if callable(allowed) else allowed
+        if value not in options:
+            raise ConfigError(f"run-config key '{key}': value {value!r} is not allowed; choose one of {', '.join(options)}")
+        return value
+
+    return check
+
+
+def _text(*, empty_ok: bool) -> Callable[[str, Any], str]:
+    def check(key: str, value: Any) -> str:
+        if not isinstance(value, str) or (not empty_ok and not value.strip()):
+            raise ConfigError(f"run-config key '{key}': value {value!r} is not allowed; expected a non-empty string")
+        return value
+
+    return check
+
+
+def _name_list(key: str, value: Any) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in value.split(",")) if isinstance(value, str) else ()
+    if not names or not all(names) or len(set(names)) != len(names):
+        raise ConfigError(
+            f"run-config key '{key}': value {value!r} is not allowed; expected distinct comma-separated names, e.g. 'q_proj,v_proj'"
+        )
+    return names
+
+
+def _strategy_names() -> tuple[str, ...]:
+    from fedbilevel.strategies import strategy_names  # late: strategies import this module
+
+    return strategy_names()
+
+
+# run-config key -> (RunConfig field, checker). Order = order in config.json.
+SCHEMA: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
+    "strategy": ("strategy", _choice(_strategy_names)),
+    "num-server-rounds": ("num_server_rounds", _int(1)),
+    "seed": ("seed", _int(0)),
+    "min-nodes": ("min_nodes", _int(1)),
+    "round-timeout": ("round_timeout", _float(0.0, low_open=True)),
+    "model-name": ("model_name", _text(empty_ok=False)),
+    "precision": ("precision", _choice(PRECISIONS)),
+    "client-threads": ("client_threads", _int(0)),
+    "lora-r": ("lora_r", _int(1)),
+    "lora-alpha": ("lora_alpha", _int(1)),
+    "lora-dropout": ("lora_dropout", _float(0.0, low_open=False, high=1.0)),
+    "lora-target-modules": ("lora_target_modules", _name_list),
+    "data": ("data", _choice(DATA_SOURCES)),
+    "synthetic-tasks": ("synthetic_tasks", _name_list),
+    "synthetic-instruction": ("synthetic_instruction", _choice(SYNTHETIC_INSTRUCTIONS)),
+    "synthetic-train-examples": ("synthetic_train_examples", _int(1)),
+    "synthetic-test-examples": ("synthetic_test_examples", _int(1)),
+    "local-steps": ("local_steps", _int(1)),
+    "batch-size": ("batch_size", _int(1)),
+    "learning-rate": ("learning_rate", _float(0.0, low_open=True)),
+    "max-seq-len": ("max_seq_len", _int(8)),
+    "eval-every": ("eval_every", _int(0)),
+    "eval-batch-size": ("eval_batch_size", _int(1)),
+    "eval-max-new-tokens": ("eval_max_new_tokens", _int(1)),
+    "negative-cosine": ("negative_cosine", _choice(NEGATIVE_COSINE_MODES)),
+    "task-vector": ("task_vector", _choice(TASK_VECTOR_MODES)),
+    "layer-grouping": ("layer_grouping", _choice(LAYER_GROUPINGS)),
+    "output-dir": ("output_dir", _text(empty_ok=False)),
+    "run-name": ("run_name", _text(empty_ok=True)),
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The validated run config. Field docs: README.md, "Run-config keys"."""
+
+    strategy: str
+    num_server_rounds: int
+    seed: int
+    min_nodes: int
+    round_timeout: float
+    model_name: str
+    precision: str
+    client_threads: int
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    lora_target_modules: tuple[str, ...]
+    data: str
+    synthetic_tasks: tuple[str, ...]
+    synthetic_instruction: str
+    synthetic_train_examples: int
+    synthetic_test_examples: int
+    local_steps: int
+    batch_size: int
+    learning_rate: float
+    max_seq_len: int
+    eval_every: int
+    eval_batch_size: int
+    eval_max_new_tokens: int
+    negative_cosine: str
+    task_vector: str
+    layer_grouping: str
+    output_dir: str
+    run_name: str
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> RunConfig:
+        """Validate Flower's flat run config (plus optional overrides) into a RunConfig."""
+        merged = {**run_config, **(overrides or {})}
+        unknown = sorted(set(merged) - set(SCHEMA))
+        if unknown:
+            raise ConfigError(f"run-config key '{unknown[0]}': unknown key; known keys: {', '.join(SCHEMA)}")
+        missing = [key for key in SCHEMA if key not in merged]
+        if missing:
+            raise ConfigError(f"run-config key '{missing[0]}': missing; add it to [tool.flwr.app.config] in pyproject.toml")
+        values = {field: check(key, merged[key]) for key, (field, check) in SCHEMA.items()}
+        return cls(**values)
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Back to the flat kebab-case mapping (what config.json stores and run-config accepts)."""
+        out: dict[str, Any] = {}
+        for key, (field, _) in SCHEMA.items():
+            value = getattr(self, field)
+            out[key] = ",".join(value) if isinstance(value, tuple) else value
+        return out
+
+    def evaluates_in_round(self, server_round: int) -> bool:
+        """Evaluate every ``eval-every`` rounds, and always after the last round."""
+        if server_round == self.num_server_rounds:
+            return True
+        return self.eval_every > 0 and server_round % self.eval_every == 0
+
+
+assert [f.name for f in fields(RunConfig)] == [field for field, _ in SCHEMA.values()], "SCHEMA and RunConfig disagree"

@@ -1,0 +1,66 @@
+"""Strategy registry: run-config ``strategy`` name -> factory.
+
+A factory takes the validated :class:`~fedbilevel.config.RunConfig` plus the keyword
+arguments every personalized strategy accepts (``initial_adapter``, ``on_round_end``, ...)
+and returns a Flower ``Strategy``. New strategies register here; nothing else changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from flwr.serverapp.strategy import Strategy
+
+if TYPE_CHECKING:
+    from fedbilevel.config import RunConfig
+
+StrategyFactory = Callable[..., Strategy]
+_REGISTRY: dict[str, StrategyFactory] = {}
+
+
+def register(name: str) -> Callable[[StrategyFactory], StrategyFactory]:
+    """Decorator: register a factory ``(config, **common) -> Strategy`` under ``name``."""
+
+    def add(factory: StrategyFactory) -> StrategyFactory:
+        if name in _REGISTRY:
+            raise ValueError(f"strategy: {name!r} is registered twice")
+        _REGISTRY[name] = factory
+        return factory
+
+    return add
+
+
+def strategy_names() -> tuple[str, ...]:
+    """Registered strategy names, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def build_strategy(config: RunConfig, **common: Any) -> Strategy:
+    """The strategy named by ``config.strategy``; unknown names list the valid ones."""
+    if config.strategy not in _REGISTRY:
+        raise ValueError(f"run-config key 'strategy': value {config.strategy!r} is not allowed; choose one of {', '.join(_REGISTRY)}")
+    return _REGISTRY[config.strategy](config, **common)
+
+
+def _fedbip_options(config: RunConfig) -> dict[str, Any]:
+    return {
+        "negative_cosine": config.negative_cosine,
+        "task_vector": config.task_vector,
+        "layer_grouping": config.layer_grouping,
+        "min_nodes": config.min_nodes,
+    }
+
+
+@register("fedbip")
+def _fedbip(config: RunConfig, **common: Any) -> Strategy:
+    from fedbilevel.strategies.fedbip import FedBip
+
+    return FedBip(layerwise=False, **_fedbip_options(config), **common)
+
+
+@register("fedbip-l")
+def _fedbip_l(config: RunConfig, **common: Any) -> Strategy:
+    from fedbilevel.strategies.fedbip import FedBip
+
+    return FedBip(layerwise=True, **_fedbip_options(config), **common)

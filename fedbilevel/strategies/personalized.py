@@ -1,0 +1,272 @@
+"""Base for strategies that keep one adapter per client (FedBip and other personalized FL).
+
+State is keyed by each client's stable partition id, never by the transport node id
+(node ids change when a SuperNode restarts). Partition ids are discovered with a QUERY
+message the first time a node id is seen. Every train/evaluate message carries only the
+adapter of the partition it is addressed to, and names that partition so the client can
+refuse a misrouted message. Replies are validated before anything is aggregated.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
+
+from fedbilevel import protocol
+
+Adapter = dict[str, np.ndarray]
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+class RejectedReply(ValueError):
+    """A reply that must not be aggregated; the message says why, in one line."""
+
+
+class PersonalizedStrategy(Strategy):
+    """Per-client adapters, routed by partition id; subclasses implement :meth:`personalize`.
+
+    Parameters
+    ----------
+    initial_adapter : dict[str, np.ndarray]
+        θ⁰, the adapter every client starts from. Its names, shapes and dtypes define
+        what a valid reply looks like.
+    min_nodes : int (default: 2)
+        Wait until at least this many nodes are connected before a round starts.
+    on_round_end : callable, optional
+        Called with the finished round's record (see :meth:`round_record`), e.g. to
+        write results.json after every round.
+    evaluate_round : callable, optional
+        ``server_round -> bool``: whether clients evaluate after this round (default: always).
+    """
+
+    def __init__(
+        self,
+        *,
+        initial_adapter: Mapping[str, np.ndarray],
+        min_nodes: int = 2,
+        on_round_end: RoundCallback | None = None,
+        evaluate_round: Callable[[int], bool] | None = None,
+    ) -> None:
+        if not initial_adapter:
+            raise ValueError("initial_adapter: must contain at least one array")
+        self.initial_adapter: Adapter = {k: np.asarray(v) for k, v in initial_adapter.items()}
+        self.min_nodes = min_nodes
+        self.on_round_end = on_round_end
+        self.evaluate_round = evaluate_round or (lambda _round: True)
+        self.adapters: dict[int, Adapter] = {}  # partition id -> θ̄ᵢ
+        self.node_partitions: dict[int, int] = {}  # node id -> partition id
+        self.clients: dict[int, dict[str, Any]] = {}  # partition id -> info from its query reply
+        self.history: list[dict[str, Any]] = []
+        self._round: dict[str, Any] = {}
+        self._round_started = 0.0
+
+    # ------------------------------------------------------------------ subclass API
+
+    def personalize(self, server_round: int, trained: dict[int, Adapter], num_examples: dict[int, int]) -> dict[str, Any]:
+        """Update ``self.adapters`` for the clients in ``trained`` (partition id -> θᵢ).
+
+        Returns extra fields for this round's record (e.g. similarity matrices).
+        """
+        raise NotImplementedError
+
+    def summary(self) -> None:
+        """Log the strategy's configuration."""
+        log(INFO, "\t├──> %s: one adapter per client, keyed by partition id", type(self).__name__)
+        log(INFO, "\t└──> Minimum nodes: %d", self.min_nodes)
+
+    # ------------------------------------------------------------------ state
+
+    def adapter_for(self, partition_id: int) -> Adapter:
+        """θ̄ᵢ of a partition (θ⁰ until the client has been personalized)."""
+        return self.adapters.get(partition_id, self.initial_adapter)
+
+    # ------------------------------------------------------------------ Flower hooks
+
+    def configure_train(self, server_round: int, arrays, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """One TRAIN message per known partition, carrying that partition's own adapter."""
+        self._round_started = time.time()
+        self._round = {
+            "round": server_round,
+            "train": {},
+            "eval": {},
+            "failures": [],
+            "bytes_down": 0,
+            "bytes_up": 0,
+        }
+        self._discover_partitions(grid)
+        return self._messages(server_round, config, MessageType.TRAIN)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        """Validate replies, then let the subclass personalize the clients that replied."""
+        trained: dict[int, Adapter] = {}
+        num_examples: dict[int, int] = {}
+        for message in replies:
+            self._round["bytes_up"] += protocol.count_bytes(message.content) if message.has_content() else 0
+            try:
+                partition_id, metrics = self._check_reply(message, "train")
+                adapter = self._check_adapter(message.content)
+            except RejectedReply as error:
+                self._reject(message, "train", str(error))
+                continue
+            trained[partition_id] = adapter
+            num_examples[partition_id] = int(metrics[protocol.NUM_EXAMPLES])
+            self._round["train"][str(partition_id)] = {
+                "loss": float(metrics["train-loss"]),
+                "num_examples": num_examples[partition_id],
+                "seconds": float(metrics.get("train-seconds", 0.0)),
+            }
+            log(
+                INFO,
+                "round %d: client %d (%s) trained on %d examples, loss %.4f",
+                server_round,
+                partition_id,
+                self.clients.get(partition_id, {}).get("task", "?"),
+                num_examples[partition_id],
+                float(metrics["train-loss"]),
+            )
+        if not trained:
+            log(WARNING, "round %d: no valid train replies; every adapter is kept unchanged", server_round)
+            return None, None
+        started = time.time()
+        self._round.update(self.personalize(server_round, trained, num_examples))
+        self._round["seconds_aggregation"] = time.time() - started
+        total = sum(num_examples.values())
+        mean_loss = sum(self._round["train"][str(p)]["loss"] * n for p, n in num_examples.items()) / total
+        return None, MetricRecord({"train-loss": mean_loss, protocol.NUM_EXAMPLES: total})
+
+    def configure_evaluate(self, server_round: int, arrays, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """One EVALUATE message per partition with its (new) personalized adapter."""
+        if not self.evaluate_round(server_round):
+            return []
+        return self._messages(server_round, config, MessageType.EVALUATE)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Record each client's own scores; return their unweighted mean (personalized score)."""
+        scores: dict[int, dict[str, float]] = {}
+        for message in replies:
+            self._round["bytes_up"] += protocol.count_bytes(message.content) if message.has_content() else 0
+            try:
+                partition_id, metrics = self._check_reply(message, "evaluate")
+            except RejectedReply as error:
+                self._reject(message, "evaluate", str(error))
+                continue
+            scores[partition_id] = {k: float(v) for k, v in metrics.items() if k != protocol.PARTITION_ID}
+        for partition_id in sorted(scores):
+            self._round["eval"][str(partition_id)] = scores[partition_id]
+        mean = None
+        if scores:
+            names = sorted(set.intersection(*(set(s) for s in scores.values())) - {protocol.NUM_EXAMPLES})
+            mean = MetricRecord({k: float(np.mean([s[k] for s in scores.values()])) for k in names})
+        self._finish_round()
+        return mean
+
+    # ------------------------------------------------------------------ internals
+
+    def _messages(self, server_round: int, config: ConfigRecord, message_type: str) -> list[Message]:
+        messages = []
+        for node_id, partition_id in sorted(self.node_partitions.items(), key=lambda item: item[1]):
+            round_config = ConfigRecord(dict(config))
+            round_config[protocol.SERVER_ROUND] = server_round
+            round_config[protocol.PARTITION_ID] = partition_id
+            content = RecordDict(
+                {
+                    protocol.ARRAYS: protocol.adapter_to_record(self.adapter_for(partition_id)),
+                    protocol.CONFIG: round_config,
+                }
+            )
+            self._round["bytes_down"] += protocol.count_bytes(content)
+            messages.append(Message(content=content, message_type=message_type, dst_node_id=node_id))
+        return messages
+
+    def _discover_partitions(self, grid: Grid) -> None:
+        """Map node ids to partition ids, asking only nodes not seen before."""
+        while len(node_ids := list(grid.get_node_ids())) < self.min_nodes:
+            log(INFO, "waiting for nodes: %d connected, %d required (min-nodes)", len(node_ids), self.min_nodes)
+            time.sleep(1.0)
+        for gone in set(self.node_partitions) - set(node_ids):
+            log(WARNING, "node %d (client %d) disconnected", gone, self.node_partitions.pop(gone))
+        new = [node_id for node_id in node_ids if node_id not in self.node_partitions]
+        if not new:
+            return
+        queries = [
+            Message(content=RecordDict({protocol.CONFIG: ConfigRecord({"query": "partition"})}), message_type=MessageType.QUERY, dst_node_id=node_id)
+            for node_id in new
+        ]
+        for reply in grid.send_and_receive(queries, timeout=300):
+            node_id = reply.metadata.src_node_id
+            if reply.has_error() or protocol.INFO not in reply.content.config_records:
+                reason = reply.error.reason if reply.has_error() else "reply has no 'info' record"
+                log(WARNING, "node %d did not report its partition (%s); it is left out", node_id, reason)
+                continue
+            info = dict(reply.content.config_records[protocol.INFO])
+            partition_id = info.get(protocol.PARTITION_ID)
+            if not isinstance(partition_id, int) or partition_id < 0:
+                log(WARNING, "node %d reported partition-id %r; expected an integer ≥ 0; it is left out", node_id, partition_id)
+                continue
+            holder = next((n for n, p in self.node_partitions.items() if p == partition_id), None)
+            if holder is not None:
+                log(WARNING, "node %d claims partition %d, already served by node %d; it is left out", node_id, partition_id, holder)
+                continue
+            self.node_partitions[node_id] = partition_id
+            self.clients[partition_id] = info
+            log(INFO, "node %d is client %d (%s)", node_id, partition_id, info.get("task", "?"))
+
+    def _check_reply(self, message: Message, phase: str) -> tuple[int, dict[str, Any]]:
+        """The partition id and metrics of a reply that may be used, else RejectedReply."""
+        if message.has_error():
+            raise RejectedReply(f"client error: {message.error.reason}")
+        expected = self.node_partitions.get(message.metadata.src_node_id)
+        if expected is None:
+            raise RejectedReply("reply from a node that was not sent a message")
+        metrics_records = message.content.metric_records
+        if protocol.METRICS not in metrics_records:
+            raise RejectedReply(f"reply has no '{protocol.METRICS}' record")
+        metrics = dict(metrics_records[protocol.METRICS])
+        if metrics.get(protocol.PARTITION_ID) != expected:
+            raise RejectedReply(f"partition-id {metrics.get(protocol.PARTITION_ID)!r} in reply; the message was for {expected}")
+        count = metrics.get(protocol.NUM_EXAMPLES)
+        if not isinstance(count, (int, float)) or not count > 0:
+            raise RejectedReply(f"num-examples {count!r}; expected a number > 0")
+        if phase == "train" and not np.isfinite(metrics.get("train-loss", np.nan)):
+            raise RejectedReply(f"train-loss {metrics.get('train-loss')!r}; expected a finite number")
+        return expected, metrics
+
+    def _check_adapter(self, content: RecordDict) -> Adapter:
+        """The reply's adapter if it matches θ⁰'s names, shapes and dtypes and is finite."""
+        if protocol.ARRAYS not in content.array_records:
+            raise RejectedReply(f"reply has no '{protocol.ARRAYS}' record")
+        adapter = protocol.record_to_adapter(content.array_records[protocol.ARRAYS])
+        missing = [k for k in self.initial_adapter if k not in adapter]
+        unexpected = [k for k in adapter if k not in self.initial_adapter]
+        if missing or unexpected:
+            raise RejectedReply(f"adapter keys differ: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        for name, reference in self.initial_adapter.items():
+            array = adapter[name]
+            if array.shape != reference.shape:
+                raise RejectedReply(f"array '{name}': shape {array.shape}, expected {reference.shape}")
+            if array.dtype != reference.dtype:
+                raise RejectedReply(f"array '{name}': dtype {array.dtype}, expected {reference.dtype}")
+            if not np.all(np.isfinite(array)):
+                raise RejectedReply(f"array '{name}': contains NaN or Inf")
+        return adapter
+
+    def _reject(self, message: Message, phase: str, reason: str) -> None:
+        node_id = message.metadata.src_node_id
+        partition_id = self.node_partitions.get(node_id)
+        who = f"client {partition_id} (node {node_id})" if partition_id is not None else f"node {node_id}"
+        log(WARNING, "round %d: %s reply from %s rejected: %s", self._round["round"], phase, who, reason)
+        self._round["failures"].append({"phase": phase, "partition_id": partition_id, "node_id": node_id, "reason": reason})
+
+    def _finish_round(self) -> None:
+        self._round["seconds"] = time.time() - self._round_started
+        self.history.append(self._round)
+        if self.on_round_end is not None:
+            self.on_round_end(self._round)

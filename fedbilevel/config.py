@@ -9,14 +9,15 @@ line naming the key, the value and what is allowed.
 from __future__ import annotations
 
 import math
+import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from fedbilevel.aggregation import LAYER_GROUPINGS, NEGATIVE_COSINE_MODES, TASK_VECTOR_MODES
 
 PRECISIONS = ("bf16-autocast", "fp32")
-DATA_SOURCES = ("synthetic",)
 SYNTHETIC_INSTRUCTIONS = ("shared", "per-task")
 
 
@@ -77,6 +78,12 @@ def _name_list(key: str, value: Any) -> tuple[str, ...]:
     return names
 
 
+def _data_sources() -> tuple[str, ...]:
+    from fedbilevel.data import DATA_LOADERS
+
+    return tuple(DATA_LOADERS)
+
+
 def _strategy_names() -> tuple[str, ...]:
     from fedbilevel.strategies import strategy_names  # late: strategies import this module
 
@@ -97,7 +104,7 @@ SCHEMA: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "lora-alpha": ("lora_alpha", _int(1)),
     "lora-dropout": ("lora_dropout", _float(0.0, low_open=False, high=1.0)),
     "lora-target-modules": ("lora_target_modules", _name_list),
-    "data": ("data", _choice(DATA_SOURCES)),
+    "data": ("data", _choice(_data_sources)),
     "synthetic-tasks": ("synthetic_tasks", _name_list),
     "synthetic-instruction": ("synthetic_instruction", _choice(SYNTHETIC_INSTRUCTIONS)),
     "synthetic-train-examples": ("synthetic_train_examples", _int(1)),
@@ -177,6 +184,16 @@ class RunConfig:
         if server_round == self.num_server_rounds:
             return True
         return self.eval_every > 0 and server_round % self.eval_every == 0
+
+
+def load_app_config(pyproject: str | Path = "pyproject.toml") -> dict[str, Any]:
+    """The default run config of a Flower app (``[tool.flwr.app.config]``), e.g. for ``run_simulation``.
+
+    ``flwr run`` reads this table itself; Flower's ``run_simulation`` passes no run config,
+    so scripts and tests load the defaults here and apply overrides on top.
+    """
+    with open(pyproject, "rb") as handle:
+        return dict(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])
 
 
 assert [f.name for f in fields(RunConfig)] == [field for field, _ in SCHEMA.values()], "SCHEMA and RunConfig disagree"

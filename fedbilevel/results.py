@@ -1,0 +1,135 @@
+"""Everything a run leaves in ``outputs/<run-name>/``.
+
+- ``config.json``: the resolved run config, seed, package versions, command line.
+- ``results.json``: per client info, one record per round, a summary; rewritten
+  atomically after every round so a crashed run still leaves what it finished.
+- ``clients/<partition id>/``: each final personalized adapter as a PEFT folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedbilevel.config import RunConfig
+
+METRICS = ("rouge1", "rougeL", "exact_match")
+# The metric that picks the best round: exact match for the synthetic tasks (short,
+# deterministic answers, where ROUGE's lowercasing hides the uppercase task), ROUGE-L otherwise.
+PRIMARY_METRIC = {"synthetic": "exact_match"}
+_PACKAGES = ("fedbilevel", "flwr", "torch", "transformers", "peft", "numpy", "rouge-score", "flwr-datasets")
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (temp file in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2)
+        temporary = handle.name
+    os.replace(temporary, path)
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def make_run_dir(config: RunConfig) -> Path:
+    """``<output-dir>/<run-name>``; the default name is strategy + UTC time, never reused."""
+    name = config.run_name or f"{config.strategy}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    base = Path(config.output_dir).expanduser().resolve() / name
+    candidate, suffix = base, 1
+    while candidate.exists():
+        suffix += 1
+        candidate = base.with_name(f"{name}-{suffix}")
+    candidate.mkdir(parents=True)
+    return candidate
+
+
+class RunRecorder:
+    """Writes config.json at start, results.json after every round, adapters at the end."""
+
+    def __init__(self, config: RunConfig, run_dir: Path) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        self.primary_metric = PRIMARY_METRIC.get(config.data, "rougeL")
+        self.results: dict[str, Any] = {"strategy": config.strategy, "clients": {}, "rounds": [], "summary": {}}
+        self._started = time.time()
+        write_json(
+            run_dir / "config.json",
+            {
+                "run_config": config.to_run_config(),
+                "seed": config.seed,
+                "run_dir": str(run_dir),
+                "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "versions": package_versions(),
+                "python": sys.version.split()[0],
+                "platform": platform.platform(),
+                "command": sys.argv,
+            },
+        )
+
+    def set_clients(self, clients: Mapping[int, Mapping[str, Any]]) -> None:
+        """Partition id -> {task, num_train, num_test} from the clients' query replies."""
+        self.results["clients"] = {
+            str(p): {"task": info.get("task"), "num_train": info.get("num-train"), "num_test": info.get("num-test")}
+            for p, info in sorted(clients.items())
+        }
+
+    def record_round(self, record: Mapping[str, Any]) -> None:
+        """Append a finished round and rewrite results.json."""
+        entry = dict(record)
+        if entry["eval"]:
+            entry["personalized_mean"] = {
+                m: float(np.mean([scores[m] for scores in entry["eval"].values()])) for m in METRICS
+            }
+        self.results["rounds"].append(entry)
+        self.results["summary"] = self._summary()
+        write_json(self.run_dir / "results.json", self.results)
+
+    def _summary(self) -> dict[str, Any]:
+        evaluated = [r for r in self.results["rounds"] if "personalized_mean" in r]
+        summary: dict[str, Any] = {
+            "primary_metric": self.primary_metric,
+            "rounds_completed": len(self.results["rounds"]),
+            "seconds": time.time() - self._started,
+            "failures": sum(len(r["failures"]) for r in self.results["rounds"]),
+        }
+        if evaluated:
+            best = max(evaluated, key=lambda r: r["personalized_mean"][self.primary_metric])
+            summary.update(
+                personalized_mean=evaluated[-1]["personalized_mean"],
+                best_round=best["round"],
+                best_personalized_mean=best["personalized_mean"],
+            )
+        return summary
+
+    def table(self) -> str:
+        """Final per-client scores as a Markdown table (printed at the end of a run)."""
+        last = next((r for r in reversed(self.results["rounds"]) if r["eval"]), None)
+        if last is None:
+            return "no evaluation was recorded"
+        lines = ["| client | task | train | test | ROUGE-1 | ROUGE-L | exact match |", "|---|---|---|---|---|---|---|"]
+        for pid, info in self.results["clients"].items():
+            scores = last["eval"].get(pid)
+            cells = [f"{scores[m]:.3f}" for m in METRICS] if scores else ["failed"] * 3
+            lines.append(f"| {pid} | {info['task']} | {info['num_train']} | {info['num_test']} | " + " | ".join(cells) + " |")
+        mean = last["personalized_mean"]
+        lines.append("| mean | | | | " + " | ".join(f"{mean[m]:.3f}" for m in METRICS) + " |")
+        return "\n".join(lines)

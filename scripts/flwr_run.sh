@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# `flwr run .` against a private local SuperLink that uses THIS environment (.venv):
+# Flower's default local SuperLink installs the app's dependencies into a fresh
+# environment per run (network, CUDA torch). Extra arguments go to `flwr run`, e.g.
+#   scripts/flwr_run.sh --run-config "strategy='fedbip-l' num-server-rounds=5"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PWD/.venv/bin:$PATH"
+export FLWR_HOME="$PWD/.flwr"
+PORT="${FEDBILEVEL_SUPERLINK_PORT:-39191}"
+NUM_SUPERNODES="${FEDBILEVEL_NUM_SUPERNODES:-8}"
+CPUS_PER_CLIENT="${FEDBILEVEL_CPUS_PER_CLIENT:-1}"
+mkdir -p "$FLWR_HOME"
+cat > "$FLWR_HOME/config.toml" <<TOML
+[superlink]
+default = "fedbilevel-local"
+
+[superlink.fedbilevel-local]
+address = "127.0.0.1:$PORT"
+insecure = true
+TOML
+
+flower-superlink --insecure --simulation --disable-runtime-dependency-installation \
+  --host 127.0.0.1 --port "$PORT" --log-file "$FLWR_HOME/superlink.log" >/dev/null 2>&1 &
+SUPERLINK_PID=$!
+trap 'kill "$SUPERLINK_PID" 2>/dev/null; wait "$SUPERLINK_PID" 2>/dev/null || true' EXIT
+for _ in $(seq 1 60); do
+  if python -c "import httpx,sys; sys.exit(0 if httpx.get('http://127.0.0.1:$PORT/health', timeout=1).is_success else 1)" 2>/dev/null; then
+    break
+  fi
+  kill -0 "$SUPERLINK_PID" 2>/dev/null || { echo "SuperLink failed to start; see $FLWR_HOME/superlink.log" >&2; exit 1; }
+  sleep 1
+done
+
+flwr run . fedbilevel-local --stream \
+  --federation-config "num-supernodes=$NUM_SUPERNODES client-resources-num-cpus=$CPUS_PER_CLIENT" \
+  --run-config "output-dir='$PWD/outputs'" "$@"

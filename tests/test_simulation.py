@@ -15,8 +15,8 @@ import pytest
 from flwr.simulation import run_simulation
 from peft import PeftModel
 
-from fedbilevel.client.model import TINY_MODEL, get_adapter_arrays, initial_adapter_arrays, load_base_model
-from fedbilevel.client.app import lora_settings, make_client_app
+from fedbilevel.client.app import make_client_app
+from fedbilevel.client.model import TINY_MODEL, get_adapter_arrays, initial_adapter_arrays, load_base_model, lora_settings
 from fedbilevel.config import RunConfig, load_app_config
 from fedbilevel.server import make_server_app
 

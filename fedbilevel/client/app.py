@@ -20,15 +20,17 @@ from flwr.supercore import log
 
 from fedbilevel import protocol
 from fedbilevel.client.evaluate import evaluate_adapter
-from fedbilevel.client.model import LoraSettings, build_lora_model, get_adapter_arrays, load_tokenizer, set_adapter_arrays
+from fedbilevel.client.model import (
+    LoraSettings,
+    build_lora_model,
+    get_adapter_arrays,
+    load_tokenizer,
+    lora_settings,
+    set_adapter_arrays,
+)
 from fedbilevel.client.train import train_adapter
 from fedbilevel.config import RunConfig
 from fedbilevel.data import ClientData, load_client_data
-
-
-def lora_settings(config: RunConfig) -> LoraSettings:
-    """LoRA hyper-parameters of a run."""
-    return LoraSettings(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, target_modules=config.lora_target_modules)
 
 
 def partition_of(context: Context) -> tuple[int, int]:
@@ -50,11 +52,20 @@ def partition_of(context: Context) -> tuple[int, int]:
     return partition_id, num_partitions
 
 
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> the first CUDA GPU if there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"run-config key 'device': value {device!r} is not allowed here; no CUDA device is visible (use 'auto' or 'cpu')")
+    return torch.device(device)
+
+
 @functools.lru_cache(maxsize=1)
-def _model(model_name: str, lora: LoraSettings, threads: int):
+def _model(model_name: str, lora: LoraSettings, threads: int, device: str):
     if threads > 0:
         torch.set_num_threads(threads)
-    return build_lora_model(model_name, lora), load_tokenizer(model_name)
+    return build_lora_model(model_name, lora).to(resolve_device(device)), load_tokenizer(model_name)
 
 
 @functools.lru_cache(maxsize=16)
@@ -82,7 +93,7 @@ class ClientSession:
         addressed_to = config.get(protocol.PARTITION_ID)
         if addressed_to != self.partition_id:
             raise ValueError(f"message for partition {addressed_to!r} reached client {self.partition_id}; refusing another client's adapter")
-        model, tokenizer = _model(self.config.model_name, lora_settings(self.config), self.config.client_threads)
+        model, tokenizer = _model(self.config.model_name, lora_settings(self.config), self.config.client_threads, self.config.device)
         set_adapter_arrays(model, protocol.record_to_adapter(message.content.array_records[protocol.ARRAYS]))
         return model, tokenizer, int(config[protocol.SERVER_ROUND])
 
@@ -122,6 +133,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
             learning_rate=config.learning_rate,
             max_seq_len=config.max_seq_len,
             bf16_autocast=config.precision == "bf16-autocast",
+            device=model.device,
             seed=_seed(config, session.partition_id, server_round),
         )
         log(INFO, "client %d (%s), round %d: %d steps in %.1f s, mean loss %.4f, last %.4f",
@@ -145,6 +157,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
             batch_size=config.eval_batch_size,
             max_new_tokens=config.eval_max_new_tokens,
             bf16_autocast=config.precision == "bf16-autocast",
+            device=model.device,
         )
         log(INFO, "client %d (%s), round %d: evaluated %d items in %.1f s, exact match %.3f, ROUGE-L %.3f",
             session.partition_id, session.data.task, server_round, len(session.data.test), scores["eval-seconds"],

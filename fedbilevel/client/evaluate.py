@@ -20,6 +20,7 @@ def generate_answers(
     batch_size: int,
     max_new_tokens: int,
     bf16_autocast: bool,
+    device: torch.device | str = "cpu",
 ) -> list[str]:
     """Greedy answers to the instructions, cut at the end-of-response marker.
 
@@ -32,8 +33,8 @@ def generate_answers(
     answers: list[str] = []
     for start in range(0, len(instructions), batch_size):
         prompts = [format_prompt(text) for text in instructions[start : start + batch_size]]
-        inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_autocast):
+        inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16_autocast):
             output = model.generate(
                 **inputs,
                 max_new_tokens=max_new_tokens,
@@ -54,6 +55,7 @@ def evaluate_adapter(
     batch_size: int,
     max_new_tokens: int,
     bf16_autocast: bool,
+    device: torch.device | str = "cpu",
 ) -> dict[str, float]:
     """ROUGE-1, ROUGE-L and exact match of the model's greedy answers on ``examples``."""
     started = time.time()
@@ -64,6 +66,7 @@ def evaluate_adapter(
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         bf16_autocast=bf16_autocast,
+        device=device,
     )
     scores = score_answers(predictions, [example.output for example in examples])
     scores["eval-seconds"] = time.time() - started

@@ -95,6 +95,13 @@ class LoraSettings:
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
+def lora_settings(config) -> LoraSettings:
+    """The LoRA hyper-parameters of a :class:`~fedbilevel.config.RunConfig`."""
+    return LoraSettings(
+        r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, target_modules=config.lora_target_modules
+    )
+
+
 def cache_dir() -> Path:
     """Return the folder where converted and generated models are cached.
 

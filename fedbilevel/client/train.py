@@ -66,6 +66,7 @@ def train_adapter(
     max_seq_len: int,
     bf16_autocast: bool,
     seed: int,
+    device: torch.device | str = "cpu",
     extra_loss: Callable[[torch.nn.Module], torch.Tensor] | None = None,
 ) -> TrainResult:
     """Fine-tune the model's trainable (LoRA) parameters in place for ``steps`` steps.
@@ -90,8 +91,8 @@ def train_adapter(
             if len(order) < batch_size:  # fewer examples than one batch: repeat the data
                 order += torch.randperm(len(encoded), generator=generator).tolist() * (batch_size // len(encoded) + 1)
         batch, order = order[:batch_size], order[batch_size:]
-        inputs = _collate([encoded[i] for i in batch], tokenizer.pad_token_id)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_autocast):
+        inputs = {k: v.to(device) for k, v in _collate([encoded[i] for i in batch], tokenizer.pad_token_id).items()}
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16_autocast):
             loss = model(**inputs).loss
             if extra_loss is not None:
                 loss = loss + extra_loss(model)

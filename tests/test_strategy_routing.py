@@ -1,101 +1,16 @@
-"""The FedBip strategy routes each client exactly its own adapter, keyed by partition id.
-
-A fake Grid stands in for Flower's transport: fake clients answer QUERY/TRAIN/EVALUATE
-messages like the real ClientApp and remember every adapter they were sent.
-"""
+"""The FedBip strategy routes each client exactly its own adapter, keyed by partition id."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp import Grid
+from fakes import INITIAL, FakeClient, FakeGrid, update_of
+from flwr.app import ArrayRecord, MessageType
 
-from fedbilevel import protocol
 from fedbilevel.aggregation import fedbip_aggregate
 from fedbilevel.strategies.fedbip import FedBip
 
-@pytest.fixture(autouse=True)
-def server_identity(monkeypatch):
-    # Messages read the sender's identity, which Flower's runtime sets in a real ServerApp.
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in {"_run_id": 1, "_node_id": 0, "_task_id": 1}.items():
-        monkeypatch.setattr(TaskIdentity, name, value)
-
-
-INITIAL = {"a": np.zeros((2, 3), np.float32), "b": np.zeros(4, np.float32)}
-
-
-def update_of(partition_id: int, server_round: int) -> dict[str, np.ndarray]:
-    """A distinct task vector per client and round (clients 0,1 and 2,3 point alike)."""
-    rng = np.random.default_rng(1000 * partition_id + server_round)
-    direction = np.ones(10) if partition_id < 2 else np.r_[np.ones(5), -np.ones(5)]
-    flat = (direction + 0.3 * rng.normal(size=10)).astype(np.float32)
-    return {"a": flat[:6].reshape(2, 3), "b": flat[6:]}
-
-
-class FakeClient:
-    def __init__(self, partition_id: int, behaviour: str = "good"):
-        self.partition_id = partition_id
-        self.behaviour = behaviour
-        self.received: list[tuple[str, int, dict[str, np.ndarray]]] = []
-
-    def handle(self, message: Message) -> Message:
-        if message.metadata.message_type == MessageType.QUERY:
-            info = ConfigRecord({protocol.PARTITION_ID: self.partition_id, "task": f"task{self.partition_id // 2}"})
-            return Message(RecordDict({protocol.INFO: info}), reply_to=message)
-        config = message.content.config_records[protocol.CONFIG]
-        assert config[protocol.PARTITION_ID] == self.partition_id, "message routed to the wrong client"
-        adapter = protocol.record_to_adapter(message.content.array_records[protocol.ARRAYS])
-        server_round = int(config[protocol.SERVER_ROUND])
-        self.received.append((message.metadata.message_type, server_round, adapter))
-        metrics = {protocol.PARTITION_ID: self.partition_id, protocol.NUM_EXAMPLES: 10}
-        if message.metadata.message_type == MessageType.EVALUATE:
-            metrics["exact_match"] = float(self.partition_id)
-            return Message(RecordDict({protocol.METRICS: MetricRecord(metrics)}), reply_to=message)
-        if self.behaviour == "raise":
-            return Message(Error(code=0, reason="CUDA out of memory"), reply_to=message)
-        trained = {k: v + update_of(self.partition_id, server_round)[k] for k, v in adapter.items()}
-        if self.behaviour == "nan":
-            trained["b"][0] = np.nan
-        if self.behaviour == "shape":
-            trained["b"] = np.zeros(5, np.float32)
-        if self.behaviour == "impostor":
-            metrics[protocol.PARTITION_ID] = 0
-        metrics["train-loss"] = 1.0
-        content = RecordDict({protocol.ARRAYS: protocol.adapter_to_record(trained), protocol.METRICS: MetricRecord(metrics)})
-        return Message(content, reply_to=message)
-
-
-class FakeGrid(Grid):
-    """In-process grid: node id -> FakeClient; node ids can be reassigned (a restart)."""
-
-    def __init__(self, nodes: dict[int, FakeClient]):
-        self.nodes = nodes
-
-    def set_run(self, run):
-        pass
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return Message(content=content, message_type=message_type, dst_node_id=dst_node_id)
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):
-        return [self.nodes[m.metadata.dst_node_id].handle(m) for m in messages]
-
+pytestmark = pytest.mark.usefixtures("server_identity")
 
 def run_rounds(strategy, grid, rounds):
     strategy.start(grid, ArrayRecord(), num_rounds=rounds)
@@ -182,3 +97,15 @@ def test_duplicate_partition_claim_is_left_out():
     run_rounds(strategy, grid, 1)
     assert sorted(strategy.node_partitions.values()) == [0, 1]
     assert len(grid.nodes[3].received) == 0
+
+
+def test_local_strategy_keeps_each_trained_adapter():
+    from fedbilevel.strategies.local import LocalOnly
+
+    clients = {p: FakeClient(p) for p in range(3)}
+    strategy = LocalOnly(initial_adapter=INITIAL, min_nodes=3)
+    run_rounds(strategy, FakeGrid({10 + p: c for p, c in clients.items()}), 2)
+    for p in range(3):
+        expected = {k: INITIAL[k] + update_of(p, 1)[k] + update_of(p, 2)[k] for k in INITIAL}
+        for k in INITIAL:
+            np.testing.assert_allclose(strategy.adapter_for(p)[k], expected[k], rtol=1e-6)

@@ -64,3 +64,10 @@ def _fedbip_l(config: RunConfig, **common: Any) -> Strategy:
     from fedbilevel.strategies.fedbip import FedBip
 
     return FedBip(layerwise=True, **_fedbip_options(config), **common)
+
+
+@register("local")
+def _local(config: RunConfig, **common: Any) -> Strategy:
+    from fedbilevel.strategies.local import LocalOnly
+
+    return LocalOnly(min_nodes=config.min_nodes, **common)

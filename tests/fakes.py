@@ -1,0 +1,86 @@
+"""A fake Grid and fake clients for strategy tests.
+
+The fake clients answer QUERY/TRAIN/EVALUATE messages like the real ClientApp and
+remember every adapter they were sent.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from fedbilevel import protocol
+
+
+INITIAL = {"a": np.zeros((2, 3), np.float32), "b": np.zeros(4, np.float32)}
+
+
+def update_of(partition_id: int, server_round: int) -> dict[str, np.ndarray]:
+    """A distinct task vector per client and round (clients 0,1 and 2,3 point alike)."""
+    rng = np.random.default_rng(1000 * partition_id + server_round)
+    direction = np.ones(10) if partition_id < 2 else np.r_[np.ones(5), -np.ones(5)]
+    flat = (direction + 0.3 * rng.normal(size=10)).astype(np.float32)
+    return {"a": flat[:6].reshape(2, 3), "b": flat[6:]}
+
+
+class FakeClient:
+    def __init__(self, partition_id: int, behaviour: str = "good"):
+        self.partition_id = partition_id
+        self.behaviour = behaviour
+        self.received: list[tuple[str, int, dict[str, np.ndarray]]] = []
+
+    def handle(self, message: Message) -> Message:
+        if message.metadata.message_type == MessageType.QUERY:
+            info = ConfigRecord({protocol.PARTITION_ID: self.partition_id, "task": f"task{self.partition_id // 2}"})
+            return Message(RecordDict({protocol.INFO: info}), reply_to=message)
+        config = message.content.config_records[protocol.CONFIG]
+        assert config[protocol.PARTITION_ID] == self.partition_id, "message routed to the wrong client"
+        adapter = protocol.record_to_adapter(message.content.array_records[protocol.ARRAYS])
+        server_round = int(config[protocol.SERVER_ROUND])
+        self.received.append((message.metadata.message_type, server_round, adapter))
+        metrics = {protocol.PARTITION_ID: self.partition_id, protocol.NUM_EXAMPLES: 10}
+        if message.metadata.message_type == MessageType.EVALUATE:
+            metrics["exact_match"] = float(self.partition_id)
+            return Message(RecordDict({protocol.METRICS: MetricRecord(metrics)}), reply_to=message)
+        if self.behaviour == "raise":
+            return Message(Error(code=0, reason="CUDA out of memory"), reply_to=message)
+        trained = {k: v + update_of(self.partition_id, server_round)[k] for k, v in adapter.items()}
+        if self.behaviour == "nan":
+            trained["b"][0] = np.nan
+        if self.behaviour == "shape":
+            trained["b"] = np.zeros(5, np.float32)
+        if self.behaviour == "impostor":
+            metrics[protocol.PARTITION_ID] = 0
+        metrics["train-loss"] = 1.0
+        content = RecordDict({protocol.ARRAYS: protocol.adapter_to_record(trained), protocol.METRICS: MetricRecord(metrics)})
+        return Message(content, reply_to=message)
+
+
+class FakeGrid(Grid):
+    """In-process grid: node id -> FakeClient; node ids can be reassigned (a restart)."""
+
+    def __init__(self, nodes: dict[int, FakeClient]):
+        self.nodes = nodes
+
+    def set_run(self, run):
+        pass
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content=content, message_type=message_type, dst_node_id=dst_node_id)
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def push_messages(self, messages):
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return [self.nodes[m.metadata.dst_node_id].handle(m) for m in messages]

@@ -109,3 +109,12 @@ def test_local_strategy_keeps_each_trained_adapter():
         expected = {k: INITIAL[k] + update_of(p, 1)[k] + update_of(p, 2)[k] for k in INITIAL}
         for k in INITIAL:
             np.testing.assert_allclose(strategy.adapter_for(p)[k], expected[k], rtol=1e-6)
+
+
+def test_rounds_without_evaluation_send_no_evaluate_messages():
+    clients = {p: FakeClient(p) for p in range(2)}
+    records = []
+    strategy = FedBip(initial_adapter=INITIAL, min_nodes=2, on_round_end=records.append, evaluate_round=lambda r: r == 2)
+    run_rounds(strategy, FakeGrid({7: clients[0], 8: clients[1]}), 2)
+    assert [kind for kind, _, _ in clients[0].received] == [MessageType.TRAIN, MessageType.TRAIN, MessageType.EVALUATE]
+    assert records[0]["eval"] == {} and set(records[1]["eval"]) == {"0", "1"}

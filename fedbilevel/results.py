@@ -51,9 +51,15 @@ def package_versions() -> dict[str, str | None]:
 
 
 def make_run_dir(config: RunConfig) -> Path:
-    """``<output-dir>/<run-name>``; the default name is strategy + UTC time, never reused."""
+    """``<output-dir>/<run-name>``; the default name is strategy + UTC time, never reused.
+
+    A relative ``output-dir`` is taken relative to ``$FEDBILEVEL_OUTPUT_ROOT`` when set
+    (scripts/flwr_run.sh sets it to the project folder: under ``flwr run`` the ServerApp
+    runs from a copy of the app elsewhere), else to the working directory.
+    """
     name = config.run_name or f"{config.strategy}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    base = Path(config.output_dir).expanduser().resolve() / name
+    root = Path(os.environ.get("FEDBILEVEL_OUTPUT_ROOT", "."))
+    base = (root / Path(config.output_dir).expanduser()).resolve() / name
     candidate, suffix = base, 1
     while candidate.exists():
         suffix += 1

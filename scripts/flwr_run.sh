@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
 export FLWR_HOME="$PWD/.flwr"
+export FEDBILEVEL_OUTPUT_ROOT="$PWD"  # relative output-dir = ./outputs here
 PORT="${FEDBILEVEL_SUPERLINK_PORT:-39191}"
 NUM_SUPERNODES="${FEDBILEVEL_NUM_SUPERNODES:-8}"
 CPUS_PER_CLIENT="${FEDBILEVEL_CPUS_PER_CLIENT:-1}"
@@ -33,5 +34,4 @@ for _ in $(seq 1 60); do
 done
 
 flwr run . fedbilevel-local --stream \
-  --federation-config "num-supernodes=$NUM_SUPERNODES client-resources-num-cpus=$CPUS_PER_CLIENT" \
-  --run-config "output-dir='$PWD/outputs'" "$@"
+  --federation-config "num-supernodes=$NUM_SUPERNODES client-resources-num-cpus=$CPUS_PER_CLIENT" "$@"

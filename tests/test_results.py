@@ -63,3 +63,9 @@ def test_table_marks_clients_without_scores(recorder):
     table = recorder.table()
     assert "| 0 | reverse | 4 | 2 | 0.250 | 0.125 | 0.250 |" in table
     assert "| 1 | count | 4 | 2 | failed | failed | failed |" in table
+
+
+def test_relative_output_dir_follows_output_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDBILEVEL_OUTPUT_ROOT", str(tmp_path))
+    config = RunConfig.from_run_config(DEFAULTS, {"output-dir": "outputs", "run-name": "x"})
+    assert make_run_dir(config) == tmp_path / "outputs" / "x"

@@ -1,0 +1,1 @@
+"""fedbilevel: FedBip personalized federated fine-tuning of foundation models, as a Flower app."""

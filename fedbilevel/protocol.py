@@ -23,6 +23,9 @@ PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 NUM_EXAMPLES = "num-examples"
 SERVER_ROUND = "server-round"
+# Wall-clock time (time.time()) when a client started and finished handling a message;
+# the server uses them to split round time into client work and Flower overhead.
+BUSY_KEYS = ("client-started", "client-ended")
 
 
 def adapter_to_record(adapter: Mapping[str, np.ndarray]) -> ArrayRecord:

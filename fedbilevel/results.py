@@ -117,6 +117,12 @@ class RunRecorder:
             "seconds": time.time() - self._started,
             "failures": sum(len(r["failures"]) for r in self.results["rounds"]),
         }
+        splits = [r["time_split"] for r in self.results["rounds"] if "time_split" in r]
+        if splits:
+            totals = {k: sum(split[k] for split in splits) for k in ("client_train", "client_evaluate", "aggregation", "other")}
+            round_seconds = sum(r["seconds"] for r in self.results["rounds"] if "time_split" in r)
+            totals["other_fraction"] = totals["other"] / round_seconds if round_seconds > 0 else 0.0
+            summary["time_split"] = totals
         if evaluated:
             best = max(evaluated, key=lambda r: r["personalized_mean"][self.primary_metric])
             summary.update(

@@ -35,8 +35,11 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
         eta = (time.time() - started) / done * (config.num_server_rounds - done)
         mean = recorder.results["rounds"][-1].get("personalized_mean")
         scores = ", ".join(f"{k} {v:.3f}" for k, v in mean.items()) if mean else "not evaluated"
+        split = record["time_split"]
         log(INFO, "round %d/%d done in %.0f s (%d clients, %d failures); personalized mean: %s; ETA %.0f s",
             done, config.num_server_rounds, record["seconds"], len(record["train"]), len(record["failures"]), scores, eta)
+        log(INFO, "round %d time: clients training %.1f s, evaluating %.1f s, aggregation %.2f s, other (Flower) %.1f s = %.1f%%",
+            done, split["client_train"], split["client_evaluate"], split["aggregation"], split["other"], 100 * split["other_fraction"])
 
     strategy = build_strategy(
         config,

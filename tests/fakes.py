@@ -6,6 +6,8 @@ remember every adapter they were sent.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -39,7 +41,14 @@ class FakeClient:
         adapter = protocol.record_to_adapter(message.content.array_records[protocol.ARRAYS])
         server_round = int(config[protocol.SERVER_ROUND])
         self.received.append((message.metadata.message_type, server_round, adapter))
-        metrics = {protocol.PARTITION_ID: self.partition_id, protocol.NUM_EXAMPLES: 10}
+        started = time.time()
+        time.sleep(0.005)  # some client work, so busy intervals have a length
+        metrics = {
+            protocol.PARTITION_ID: self.partition_id,
+            protocol.NUM_EXAMPLES: 10,
+            protocol.BUSY_KEYS[0]: started,
+            protocol.BUSY_KEYS[1]: time.time(),
+        }
         if message.metadata.message_type == MessageType.EVALUATE:
             metrics["exact_match"] = float(self.partition_id)
             return Message(RecordDict({protocol.METRICS: MetricRecord(metrics)}), reply_to=message)

@@ -21,6 +21,7 @@ def round_record(number, exact_by_client, with_eval=True):
         "bytes_down": 10,
         "bytes_up": 5,
         "seconds": 1.0,
+        "time_split": {"client_train": 0.5, "client_evaluate": 0.2, "aggregation": 0.1, "other": 0.2, "other_fraction": 0.2},
     }
 
 
@@ -49,6 +50,8 @@ def test_results_rewritten_each_round_with_best_round_by_primary_metric(recorder
     assert summary["best_personalized_mean"]["exact_match"] == pytest.approx(0.7)
     assert summary["personalized_mean"] == {"rouge1": 0.5, "rougeL": 0.25, "exact_match": 0.5}
     assert not list(recorder.run_dir.glob("*.tmp"))
+    assert summary["time_split"]["client_train"] == pytest.approx(2.0)
+    assert summary["time_split"]["other_fraction"] == pytest.approx(0.2)
 
 
 def test_config_json_and_unique_run_dirs(recorder, tmp_path):

@@ -78,6 +78,10 @@ def test_results_json_contract(run):
         np.testing.assert_allclose(np.diag(record["similarity"]), 1.0, atol=1e-5)
         assert record["bytes_down"] > 0 and record["bytes_up"] > 0 and record["seconds"] > 0
         assert record["failures"] == []
+        split = record["time_split"]
+        assert split["client_train"] > 0 and split["client_evaluate"] > 0
+        parts = split["client_train"] + split["client_evaluate"] + split["aggregation"] + split["other"]
+        assert parts == pytest.approx(record["seconds"], rel=1e-6)
     summary = results["summary"]
     assert summary["best_round"] in range(1, ROUNDS + 1)
     assert summary["personalized_mean"] == results["rounds"][-1]["personalized_mean"]

@@ -118,3 +118,27 @@ def test_rounds_without_evaluation_send_no_evaluate_messages():
     run_rounds(strategy, FakeGrid({7: clients[0], 8: clients[1]}), 2)
     assert [kind for kind, _, _ in clients[0].received] == [MessageType.TRAIN, MessageType.TRAIN, MessageType.EVALUATE]
     assert records[0]["eval"] == {} and set(records[1]["eval"]) == {"0", "1"}
+
+
+def test_covered_time_counts_parallel_clients_once():
+    from fedbilevel.strategies.personalized import _covered
+
+    intervals = [(1.0, 3.0), (2.0, 4.0), (6.0, 7.0), (9.0, 12.0)]
+    assert _covered(intervals, 0.0, 10.0) == pytest.approx(3.0 + 1.0 + 1.0)
+    assert _covered(intervals, 2.5, 6.5) == pytest.approx(1.5 + 0.5)
+    assert _covered([], 0.0, 5.0) == 0.0
+    assert _covered(intervals, None, 5.0) == 0.0
+
+
+def test_round_time_split_adds_up():
+    clients = {p: FakeClient(p) for p in range(3)}
+    records = []
+    strategy = FedBip(initial_adapter=INITIAL, min_nodes=3, on_round_end=records.append)
+    run_rounds(strategy, FakeGrid({20 + p: c for p, c in clients.items()}), 1)
+    split = records[0]["time_split"]
+    # The fake grid runs clients one after another: 3 clients × ≥5 ms per phase.
+    assert split["client_train"] >= 0.015 and split["client_evaluate"] >= 0.015
+    total = split["client_train"] + split["client_evaluate"] + split["aggregation"] + split["other"]
+    assert total == pytest.approx(records[0]["seconds"], rel=1e-6)
+    assert 0.0 <= split["other_fraction"] < 1.0
+    assert "client-started" not in records[0]["eval"]["0"]

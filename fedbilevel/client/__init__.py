@@ -1,0 +1,1 @@
+"""Client side: model + LoRA, the shared train and eval loops, scoring, the ClientApp."""

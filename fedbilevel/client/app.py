@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import time
 from collections.abc import Mapping
 from logging import INFO
 from typing import Any
@@ -83,6 +84,7 @@ class ClientSession:
     """What one message needs: the validated config, this node's partition and its data."""
 
     def __init__(self, context: Context, overrides: Mapping[str, Any] | None):
+        self.started = time.time()
         self.config = RunConfig.from_run_config(context.run_config, overrides)
         self.partition_id, self.num_partitions = partition_of(context)
         self.data = _data(self.config, self.partition_id, self.num_partitions)
@@ -98,7 +100,17 @@ class ClientSession:
         return model, tokenizer, int(config[protocol.SERVER_ROUND])
 
     def metrics(self, values: Mapping[str, float], num_examples: int) -> MetricRecord:
-        return MetricRecord({protocol.PARTITION_ID: self.partition_id, protocol.NUM_EXAMPLES: num_examples, **values})
+        """The reply's metrics: who, on how many examples, what, and when it was busy."""
+        started, ended = protocol.BUSY_KEYS
+        return MetricRecord(
+            {
+                protocol.PARTITION_ID: self.partition_id,
+                protocol.NUM_EXAMPLES: num_examples,
+                **values,
+                started: self.started,
+                ended: time.time(),
+            }
+        )
 
 
 def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:

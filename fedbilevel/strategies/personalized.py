@@ -24,6 +24,25 @@ from fedbilevel import protocol
 
 Adapter = dict[str, np.ndarray]
 RoundCallback = Callable[[dict[str, Any]], None]
+QUERY_TIMEOUT_S = 300.0  # a node that cannot say which partition it holds within this is left out
+
+
+def _covered(intervals: list[tuple[float, float]], start: float | None, end: float | None) -> float:
+    """Length of the union of ``intervals`` clipped to [start, end] (0 if the phase did not run)."""
+    if start is None or end is None:
+        return 0.0
+    clipped = sorted((max(a, start), min(b, end)) for a, b in intervals if b > start and a < end)
+    total, current_start, current_end = 0.0, None, None
+    for a, b in clipped:
+        if current_end is None or a > current_end:
+            if current_end is not None:
+                total += current_end - current_start
+            current_start, current_end = a, b
+        else:
+            current_end = max(current_end, b)
+    if current_end is not None:
+        total += current_end - current_start
+    return total
 
 
 class RejectedReply(ValueError):
@@ -67,6 +86,8 @@ class PersonalizedStrategy(Strategy):
         self.history: list[dict[str, Any]] = []
         self._round: dict[str, Any] = {}
         self._round_started = 0.0
+        self._marks: dict[str, float] = {}  # phase timestamps of the current round
+        self._busy: dict[str, list[tuple[float, float]]] = {}  # phase -> client busy intervals
 
     # ------------------------------------------------------------------ subclass API
 
@@ -101,11 +122,15 @@ class PersonalizedStrategy(Strategy):
             "bytes_down": 0,
             "bytes_up": 0,
         }
+        self._busy = {"train": [], "evaluate": []}
         self._discover_partitions(grid)
-        return self._messages(server_round, config, MessageType.TRAIN)
+        messages = self._messages(server_round, config, MessageType.TRAIN)
+        self._marks = {"train_sent": time.time()}
+        return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         """Validate replies, then let the subclass personalize the clients that replied."""
+        self._marks["train_received"] = time.time()
         trained: dict[int, Adapter] = {}
         num_examples: dict[int, int] = {}
         for message in replies:
@@ -116,6 +141,7 @@ class PersonalizedStrategy(Strategy):
             except RejectedReply as error:
                 self._reject(message, "train", str(error))
                 continue
+            self._note_busy("train", metrics)
             trained[partition_id] = adapter
             num_examples[partition_id] = int(metrics[protocol.NUM_EXAMPLES])
             self._round["train"][str(partition_id)] = {
@@ -138,6 +164,7 @@ class PersonalizedStrategy(Strategy):
         started = time.time()
         self._round.update(self.personalize(server_round, trained, num_examples))
         self._round["seconds_aggregation"] = time.time() - started
+        self._marks["aggregated"] = time.time()
         total = sum(num_examples.values())
         mean_loss = sum(self._round["train"][str(p)]["loss"] * n for p, n in num_examples.items()) / total
         return None, MetricRecord({"train-loss": mean_loss, protocol.NUM_EXAMPLES: total})
@@ -146,10 +173,13 @@ class PersonalizedStrategy(Strategy):
         """One EVALUATE message per partition with its (new) personalized adapter."""
         if not self.evaluate_round(server_round):
             return []
-        return self._messages(server_round, config, MessageType.EVALUATE)
+        messages = self._messages(server_round, config, MessageType.EVALUATE)
+        self._marks["evaluate_sent"] = time.time()
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Record each client's own scores; return their unweighted mean (personalized score)."""
+        self._marks["evaluate_received"] = time.time()
         scores: dict[int, dict[str, float]] = {}
         for message in replies:
             self._round["bytes_up"] += protocol.count_bytes(message.content) if message.has_content() else 0
@@ -158,7 +188,10 @@ class PersonalizedStrategy(Strategy):
             except RejectedReply as error:
                 self._reject(message, "evaluate", str(error))
                 continue
-            scores[partition_id] = {k: float(v) for k, v in metrics.items() if k != protocol.PARTITION_ID}
+            self._note_busy("evaluate", metrics)
+            scores[partition_id] = {
+                k: float(v) for k, v in metrics.items() if k not in (protocol.PARTITION_ID, *protocol.BUSY_KEYS)
+            }
         for partition_id in sorted(scores):
             self._round["eval"][str(partition_id)] = scores[partition_id]
         mean = None
@@ -200,7 +233,7 @@ class PersonalizedStrategy(Strategy):
             Message(content=RecordDict({protocol.CONFIG: ConfigRecord({"query": "partition"})}), message_type=MessageType.QUERY, dst_node_id=node_id)
             for node_id in new
         ]
-        for reply in grid.send_and_receive(queries, timeout=300):
+        for reply in grid.send_and_receive(queries, timeout=QUERY_TIMEOUT_S):
             node_id = reply.metadata.src_node_id
             if reply.has_error() or protocol.INFO not in reply.content.config_records:
                 reason = reply.error.reason if reply.has_error() else "reply has no 'info' record"
@@ -265,8 +298,32 @@ class PersonalizedStrategy(Strategy):
         log(WARNING, "round %d: %s reply from %s rejected: %s", self._round["round"], phase, who, reason)
         self._round["failures"].append({"phase": phase, "partition_id": partition_id, "node_id": node_id, "reason": reason})
 
+    def _note_busy(self, phase: str, metrics: Mapping[str, Any]) -> None:
+        started, ended = (metrics.get(key) for key in protocol.BUSY_KEYS)
+        if isinstance(started, float) and isinstance(ended, float) and ended >= started:
+            self._busy[phase].append((started, ended))
+
+    def _time_split(self, seconds: float) -> dict[str, float]:
+        """Round time split into client training, client evaluation, server aggregation and the rest.
+
+        A phase's client time is the union of the clients' busy intervals inside the
+        phase (so parallel clients are not double counted); the rest of the round,
+        where no client works and the server does not aggregate, is transport,
+        scheduling and start-up: Flower's overhead (plus partition discovery).
+        Assumes client and server clocks agree (true in simulation).
+        """
+        split = {
+            "client_train": _covered(self._busy["train"], self._marks.get("train_sent"), self._marks.get("train_received")),
+            "client_evaluate": _covered(self._busy["evaluate"], self._marks.get("evaluate_sent"), self._marks.get("evaluate_received")),
+            "aggregation": float(self._round.get("seconds_aggregation", 0.0)),
+        }
+        split["other"] = max(seconds - sum(split.values()), 0.0)
+        split["other_fraction"] = split["other"] / seconds if seconds > 0 else 0.0
+        return split
+
     def _finish_round(self) -> None:
         self._round["seconds"] = time.time() - self._round_started
+        self._round["time_split"] = self._time_split(self._round["seconds"])
         self.history.append(self._round)
         if self.on_round_end is not None:
             self.on_round_end(self._round)

@@ -25,7 +25,7 @@ def test_overrides_win():
 @pytest.mark.parametrize(
     "key, value, allowed",
     [
-        ("strategy", "fedfoo", "choose one of fedbip, fedbip-l"),
+        ("strategy", "fedfoo", "choose one of fedbip, fedbip-l, local, fedavg"),
         ("num-server-rounds", 0, "expected an integer ≥ 1"),
         ("num-server-rounds", True, "expected an integer ≥ 1"),
         ("lora-r", 2.5, "expected an integer ≥ 1"),

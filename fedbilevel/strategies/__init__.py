@@ -71,3 +71,10 @@ def _local(config: RunConfig, **common: Any) -> Strategy:
     from fedbilevel.strategies.local import LocalOnly
 
     return LocalOnly(min_nodes=config.min_nodes, **common)
+
+
+@register("fedavg")
+def _fedavg(config: RunConfig, **common: Any) -> Strategy:
+    from fedbilevel.strategies.fedavg import FedAvg
+
+    return FedAvg(min_nodes=config.min_nodes, **common)

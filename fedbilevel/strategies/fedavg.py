@@ -1,0 +1,40 @@
+"""FedAvg of the LoRA adapters (FedIT when the base model is an instruction-tuned LLM).
+
+McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized
+Data" (AISTATS 2017), Eq. θ ← Σₖ (nₖ / n) θₖ; FedIT (Zhang et al., ICASSP 2024) applies it
+to LoRA adapters of an instruction-tuned LLM. Every client receives the same global
+adapter, so this is the non-personalized reference.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fedbilevel.strategies.personalized import Adapter, PersonalizedStrategy
+
+
+def weighted_average(adapters: list[Adapter], weights: list[float]) -> Adapter:
+    """Σₖ wₖ θₖ / Σₖ wₖ per named array, in float64, cast back to each array's dtype."""
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError(f"weights: sum {total} is not allowed; expected a positive total")
+    return {
+        name: (sum(w * np.asarray(a[name], np.float64) for a, w in zip(adapters, weights)) / total).astype(
+            adapters[0][name].dtype
+        )
+        for name in adapters[0]
+    }
+
+
+class FedAvg(PersonalizedStrategy):
+    """Example-weighted mean of the trained adapters, sent to every known client."""
+
+    def personalize(self, server_round: int, trained: dict[int, Adapter], num_examples: dict[int, int]) -> dict[str, Any]:
+        """θ ← Σₖ (nₖ / n) θₖ over the clients that replied; every client gets θ."""
+        partitions = sorted(trained)
+        global_adapter = weighted_average([trained[p] for p in partitions], [num_examples[p] for p in partitions])
+        for partition_id in set(self.clients) | set(partitions):
+            self.adapters[partition_id] = global_adapter
+        return {"participants": partitions}

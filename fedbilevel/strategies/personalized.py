@@ -164,7 +164,6 @@ class PersonalizedStrategy(Strategy):
         started = time.time()
         self._round.update(self.personalize(server_round, trained, num_examples))
         self._round["seconds_aggregation"] = time.time() - started
-        self._marks["aggregated"] = time.time()
         total = sum(num_examples.values())
         mean_loss = sum(self._round["train"][str(p)]["loss"] * n for p, n in num_examples.items()) / total
         return None, MetricRecord({"train-loss": mean_loss, protocol.NUM_EXAMPLES: total})

@@ -124,6 +124,7 @@ SCHEMA: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "eval-every": ("eval_every", _int(0)),
     "eval-batch-size": ("eval_batch_size", _int(1)),
     "eval-max-new-tokens": ("eval_max_new_tokens", _int(1)),
+    "proximal-mu": ("proximal_mu", _float(0.0, low_open=False)),
     "negative-cosine": ("negative_cosine", _choice(NEGATIVE_COSINE_MODES)),
     "task-vector": ("task_vector", _choice(TASK_VECTOR_MODES)),
     "layer-grouping": ("layer_grouping", _choice(LAYER_GROUPINGS)),
@@ -161,6 +162,7 @@ class RunConfig:
     eval_every: int
     eval_batch_size: int
     eval_max_new_tokens: int
+    proximal_mu: float
     negative_cosine: str
     task_vector: str
     layer_grouping: str

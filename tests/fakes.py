@@ -31,12 +31,14 @@ class FakeClient:
         self.partition_id = partition_id
         self.behaviour = behaviour
         self.received: list[tuple[str, int, dict[str, np.ndarray]]] = []
+        self.configs: list[dict] = []
 
     def handle(self, message: Message) -> Message:
         if message.metadata.message_type == MessageType.QUERY:
             info = ConfigRecord({protocol.PARTITION_ID: self.partition_id, "task": f"task{self.partition_id // 2}"})
             return Message(RecordDict({protocol.INFO: info}), reply_to=message)
         config = message.content.config_records[protocol.CONFIG]
+        self.configs.append(dict(config))
         assert config[protocol.PARTITION_ID] == self.partition_id, "message routed to the wrong client"
         adapter = protocol.record_to_adapter(message.content.array_records[protocol.ARRAYS])
         server_round = int(config[protocol.SERVER_ROUND])

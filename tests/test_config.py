@@ -25,7 +25,8 @@ def test_overrides_win():
 @pytest.mark.parametrize(
     "key, value, allowed",
     [
-        ("strategy", "fedfoo", "choose one of fedbip, fedbip-l, local, fedavg"),
+        ("strategy", "fedfoo", "choose one of fedbip, fedbip-l, local, fedavg, fedprox"),
+        ("proximal-mu", -0.5, "expected a number in [0.0, inf)"),
         ("num-server-rounds", 0, "expected an integer ≥ 1"),
         ("num-server-rounds", True, "expected an integer ≥ 1"),
         ("lora-r", 2.5, "expected an integer ≥ 1"),

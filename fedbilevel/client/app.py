@@ -29,7 +29,7 @@ from fedbilevel.client.model import (
     lora_settings,
     set_adapter_arrays,
 )
-from fedbilevel.client.train import train_adapter
+from fedbilevel.client.train import proximal_term, train_adapter
 from fedbilevel.config import RunConfig
 from fedbilevel.data import ClientData, load_client_data
 
@@ -136,6 +136,8 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         session = ClientSession(context, overrides)
         model, tokenizer, server_round = session.load_model(message)
         config = session.config
+        # Strategies declare client-side loss terms in the message (e.g. FedProx's μ).
+        mu = float(message.content.config_records[protocol.CONFIG].get("proximal-mu", 0.0))
         result = train_adapter(
             model,
             tokenizer,
@@ -147,6 +149,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
             bf16_autocast=config.precision == "bf16-autocast",
             device=model.device,
             seed=_seed(config, session.partition_id, server_round),
+            extra_loss=proximal_term(model, mu) if mu > 0 else None,
         )
         log(INFO, "client %d (%s), round %d: %d steps in %.1f s, mean loss %.4f, last %.4f",
             session.partition_id, session.data.task, server_round, config.local_steps, result.seconds, result.loss, result.last_loss)

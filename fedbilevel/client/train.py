@@ -18,6 +18,16 @@ from fedbilevel.data.prompts import Example, format_prompt
 IGNORE_INDEX = -100  # label value that PyTorch's cross-entropy skips
 
 
+def proximal_term(model: torch.nn.Module, mu: float) -> Callable[[torch.nn.Module], torch.Tensor]:
+    """μ/2 ‖θ − θ₀‖² over the trainable parameters, with θ₀ their values now (the received adapter)."""
+    anchors = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
+
+    def term(_model: torch.nn.Module) -> torch.Tensor:
+        return 0.5 * mu * sum(((p - anchor) ** 2).sum() for p, anchor in anchors)
+
+    return term
+
+
 @dataclass(frozen=True)
 class TrainResult:
     """Mean loss over the local steps, the last step's loss, and wall-clock seconds."""
@@ -31,15 +41,25 @@ def encode_for_training(tokenizer, examples: Sequence[Example], max_seq_len: int
     """(input ids, labels) per example; prompt tokens are masked out of the labels.
 
     The answer ends with the EOS token so that the model learns where to stop. Sequences
-    longer than ``max_seq_len`` keep the prompt's start and are cut at the end.
+    longer than ``max_seq_len`` are cut at the end; an example left with no answer token
+    would train on nothing (and a batch of them gives a NaN loss), so that is an error.
     """
     encoded = []
+    answerless = 0
+    longest_prompt = 0
     for example in examples:
         prompt_ids = tokenizer(format_prompt(example.instruction), add_special_tokens=False)["input_ids"]
         answer_ids = tokenizer(example.output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         input_ids = (prompt_ids + answer_ids)[:max_seq_len]
         labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_seq_len]
+        answerless += all(label == IGNORE_INDEX for label in labels)
+        longest_prompt = max(longest_prompt, len(prompt_ids))
         encoded.append((input_ids, labels))
+    if answerless:
+        raise ValueError(
+            f"run-config key 'max-seq-len': value {max_seq_len} leaves no answer token in {answerless} of "
+            f"{len(examples)} training examples (longest prompt: {longest_prompt} tokens); raise it"
+        )
     return encoded
 
 

@@ -78,3 +78,10 @@ def _fedavg(config: RunConfig, **common: Any) -> Strategy:
     from fedbilevel.strategies.fedavg import FedAvg
 
     return FedAvg(min_nodes=config.min_nodes, **common)
+
+
+@register("fedprox")
+def _fedprox(config: RunConfig, **common: Any) -> Strategy:
+    from fedbilevel.strategies.fedprox import FedProx
+
+    return FedProx(proximal_mu=config.proximal_mu, min_nodes=config.min_nodes, **common)

@@ -98,6 +98,11 @@ class PersonalizedStrategy(Strategy):
         """
         raise NotImplementedError
 
+    def client_train_config(self) -> dict[str, Any]:
+        """Values added to every train message's config, for client-side terms a strategy
+        declares (e.g. ``proximal-mu``); the shared training loop reads them."""
+        return {}
+
     def summary(self) -> None:
         """Log the strategy's configuration."""
         log(INFO, "\t├──> %s: one adapter per client, keyed by partition id", type(self).__name__)
@@ -124,7 +129,8 @@ class PersonalizedStrategy(Strategy):
         }
         self._busy = {"train": [], "evaluate": []}
         self._discover_partitions(grid)
-        messages = self._messages(server_round, config, MessageType.TRAIN)
+        train_config = ConfigRecord({**dict(config), **self.client_train_config()})
+        messages = self._messages(server_round, train_config, MessageType.TRAIN)
         self._marks = {"train_sent": time.time()}
         return messages
 

@@ -5,7 +5,7 @@ fine-tunes θ̄ᵢ into θᵢ, the server forms task vectors τᵢ, their cosine
 Sᵢₖ = cos(τᵢ, τₖ), row-normalised weights pᵢₖ = Sᵢₖ / Σⱼ Sᵢⱼ (self included), and the
 new personalized adapter θ̄ᵢ ← θ̄ᵢ + Σₖ pᵢₖ τₖ. FedBip-L does the same per layer group.
 
-Two choices the paper leaves open are options here:
+Three choices the paper leaves open are options here:
 
 ``negative`` (how negative cosines enter the weights)
     ``"clip"`` (default) replaces Sᵢₖ < 0 by 0: a client whose update points away from
@@ -18,28 +18,67 @@ Two choices the paper leaves open are options here:
     ``"cumulative"``: τᵢ = θᵢ − θ⁰ relative to the common initial adapter θ⁰ (task
     arithmetic), and θ̄ᵢ ← θ⁰ + Σₖ pᵢₖ τₖ; since Σₖ pᵢₖ = 1 this is the similarity-weighted
     mean of the trained adapters, with similarity measured on everything learned so far.
+``similarity`` (what the cosine is measured on)
+    ``"flat"`` (default): the task vectors τ, all parameters flattened. ``"lora-product"``:
+    the change of each LoRA module's effective weight ΔW = BA, which is what the model
+    sees (the factors are not: BA = (BM)(M⁻¹A) for any invertible r×r M). A module is a
+    pair of arrays named ``<m>.lora_A.<rest>`` (A, r×in) and ``<m>.lora_B.<rest>`` (B,
+    out×r), as peft names them (also ``lora_embedding_A/B``; factors with more than two
+    dimensions are read as r×(in·k…) and out×r). Client i's change is
+    ΔWᵢ = BᵢAᵢ − B̄ᵢĀᵢ for ``task_vector="round"`` (the module's change this round) and
+    ΔWᵢ = BᵢAᵢ − B⁰A⁰ for ``"cumulative"``. The similarity is the cosine of the
+    concatenated ΔW of all modules (of a layer group with FedBip-L) together with τ of
+    the arrays that are in no A/B pair (e.g. a classifier head). No ΔW is formed: with
+    δA, δB the task vectors of the factors, ΔWᵢ = Bᵢ δAᵢ + δBᵢ Āᵢ = PᵢQᵢ for Pᵢ = [Bᵢ δBᵢ]
+    (out×2r) and Qᵢ = [δAᵢ; Āᵢ] (2r×in), so ⟨ΔWᵢ, ΔWⱼ⟩_F = tr((PᵢᵀPⱼ)(QⱼQᵢᵀ)), from
+    2r×2r blocks of two Gram products over all clients. This split avoids subtracting the
+    large BA terms from each other, so small updates keep their precision; it costs about
+    4r times the flops of the flat similarity. The weighted sums still act on the
+    parameters (A and B separately). With FedBip-L a module is never split: its lora_B
+    array joins the group of its lora_A array, so ``grouping="array"`` gives one group per
+    module, keyed by the lora_A name.
 
 A row whose weights cannot be normalised (all clipped to zero, a signed sum ≤ 0, or a
 zero task vector) falls back to the client's own task vector: pᵢᵢ = 1. Nothing is NaN.
+
+Cost: τ is written once, straight from the inputs, into one N×d float32 array (no stacked
+copies of θ or θ̄). Each group's Gram matrix is one BLAS product over a column slice of
+it (FedBip: the whole array), and the weighted sums are BLAS products over column
+segments, added to the start and written straight into the returned arrays. Extra memory
+is about twice that array: τ plus the returned adapters (one buffer per adapter, so an
+adapter kept from an old round holds no other client's memory), and a segment buffer of
+at most a quarter of it. The Gram diagonals double as the NaN/Inf check, being
+finite exactly when every input entry that τ is formed from is (short of float32
+overflow), so valid inputs are read once.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 NEGATIVE_COSINE_MODES = ("clip", "keep")
 TASK_VECTOR_MODES = ("round", "cumulative")
 LAYER_GROUPINGS = ("array", "block")
+SIMILARITY_MODES = ("flat", "lora-product")
 
 # Row sums at or below this cannot be normalised safely (see module docstring).
 _MIN_ROW_SUM = 1e-8
 
+# Largest N×width float32 temporary of one weighted-sum product: small enough to stay in
+# cache for the additions that follow, large enough to keep the BLAS product efficient.
+_SEGMENT_BYTES = 16 * 2**20
+
 # "model.layers.3.self_attn.q_proj..." -> block 3 (Llama, Mistral, Qwen, GPT-2 "h.3", ViT "layer.3").
 _BLOCK_PATTERN = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+
+# "...q_proj.lora_A.weight" pairs with "...q_proj.lora_B.weight" (group 1 is the letter to swap).
+_LORA_A_PATTERN = re.compile(r"(?:^|\.)lora_(?:embedding_)?(A)(?:\.|$)")
 
 Adapter = Mapping[str, np.ndarray]
 
@@ -75,17 +114,7 @@ def cosine_from_gram(gram: np.ndarray) -> np.ndarray:
     Rows and columns of zero vectors are 0 (including the diagonal entry), so a zero
     task vector is similar to nothing and falls back to itself in :func:`weight_matrix`.
     """
-    gram = np.asarray(gram, dtype=np.float64)
-    norms = np.sqrt(np.clip(np.diag(gram), 0.0, None))
-    nonzero = norms > 0
-    safe = np.where(nonzero, norms, 1.0)
-    cosine = gram / np.outer(safe, safe)
-    cosine[~nonzero, :] = 0.0
-    cosine[:, ~nonzero] = 0.0
-    # Rounding can push |cos| slightly above 1; the diagonal of a nonzero vector is 1.
-    np.clip(cosine, -1.0, 1.0, out=cosine)
-    cosine[nonzero, nonzero] = 1.0
-    return cosine
+    return _cosines_from_grams(np.asarray(gram, dtype=np.float64)[None])[0]
 
 
 def cosine_similarity_matrix(vectors: np.ndarray) -> np.ndarray:
@@ -116,14 +145,7 @@ def weight_matrix(similarity: np.ndarray, *, negative: str = "clip") -> np.ndarr
     similarity = np.asarray(similarity, dtype=np.float64)
     if similarity.ndim != 2 or similarity.shape[0] != similarity.shape[1]:
         raise ValueError(f"similarity: expected a square N×N matrix, got shape {similarity.shape}")
-    scores = np.clip(similarity, 0.0, None) if negative == "clip" else similarity.copy()
-    row_sums = scores.sum(axis=1)
-    normalisable = row_sums > _MIN_ROW_SUM
-    weights = np.zeros_like(scores)
-    weights[normalisable] = scores[normalisable] / row_sums[normalisable, None]
-    fallback = np.flatnonzero(~normalisable)
-    weights[fallback, fallback] = 1.0
-    return weights
+    return _weights_from_similarities(similarity[None], negative)[0]
 
 
 def layer_groups(names: Sequence[str], grouping: str = "array") -> dict[str, list[str]]:
@@ -161,7 +183,8 @@ def fedbip_aggregate(
         Compute similarities and weights per layer group (FedBip-L).
     **options
         ``negative`` ("clip" | "keep"), ``task_vector`` ("round" | "cumulative"),
-        ``initial`` (θ⁰, required for "cumulative"), ``grouping`` ("array" | "block").
+        ``initial`` (θ⁰, required for "cumulative"), ``grouping`` ("array" | "block"),
+        ``similarity`` ("flat" | "lora-product"); see the module docstring.
 
     Returns
     -------
@@ -180,56 +203,90 @@ def fedbip_aggregate_detailed(
     task_vector: str = "round",
     initial: Adapter | None = None,
     grouping: str = "array",
+    similarity: str = "flat",
 ) -> FedBipResult:
     """Like :func:`fedbip_aggregate`, also returning the similarity and weight matrices."""
     _check_choice("negative", negative, NEGATIVE_COSINE_MODES)
     _check_choice("task_vector", task_vector, TASK_VECTOR_MODES)
     _check_choice("grouping", grouping, LAYER_GROUPINGS)
-    names = _check_adapters(personalized, trained)
+    _check_choice("similarity", similarity, SIMILARITY_MODES)
+    names, personalized, trained = _check_adapters(personalized, trained)
     if task_vector == "cumulative":
         if initial is None:
             raise ValueError("initial: required when task_vector='cumulative' (τ is measured from it)")
-        _check_same_layout("initial", initial, "personalized[0]", personalized[0], names)
+        initial = _as_arrays("initial", initial, {name: array.shape for name, array in personalized[0].items()})
+        # Neither enters τ, so the Gram diagonal below cannot vouch for them.
+        for i, adapter in enumerate(personalized):
+            _check_finite(f"personalized[{i}]", adapter)
+        _check_finite("initial", initial)
+        starts = [initial] * len(trained)
+    else:
+        starts = personalized
 
+    modules = _lora_modules(names, personalized[0]) if similarity == "lora-product" else {}
     groups = layer_groups(names, grouping) if layerwise else {"all": list(names)}
-    # Columns ordered group by group, so that every group is one contiguous slice.
-    ordered = [name for members in groups.values() for name in members]
-    layout = _Layout(ordered, personalized[0])
+    groups = _keep_modules_whole(groups, modules)
+    layout = _Layout([name for members in groups.values() for name in members], personalized[0])
+    tau = layout.task_vectors(trained, starts)
 
-    # Two N×d float32 buffers: `new` starts as the reference point and is updated in place.
-    if task_vector == "round":
-        new = layout.stack(personalized)
-    else:
-        new = np.repeat(layout.stack([initial]), len(trained), axis=0)
-    tau = layout.stack(trained)
-    tau -= new
+    # NaN, Inf or overflow is reported from the diagonals just below, with the array named.
+    with np.errstate(invalid="ignore", over="ignore"):
+        grams = np.stack([_gram(tau, layout, members, modules, trained, starts) for members in groups.values()])
+    if not np.all(np.isfinite(np.diagonal(grams, axis1=1, axis2=2))):
+        _raise_non_finite(personalized, trained)
+    # All groups at once: many small groups must not cost many small NumPy calls each.
+    cosines = _cosines_from_grams(grams)
+    weights = _weights_from_similarities(cosines, negative)
 
-    group_similarity: dict[str, np.ndarray] = {}
-    group_weights: dict[str, np.ndarray] = {}
-    for key, members in groups.items():
-        columns = layout.columns(members)
-        similarity = cosine_similarity_matrix(tau[:, columns])
-        weights = weight_matrix(similarity, negative=negative)
-        new[:, columns] += (weights.astype(np.float32) @ tau[:, columns])
-        group_similarity[key] = similarity
-        group_weights[key] = weights
-
-    if layerwise:
-        similarity = np.mean(list(group_similarity.values()), axis=0)
-        weights = np.mean(list(group_weights.values()), axis=0)
-    else:
-        similarity, weights = group_similarity.pop("all"), group_weights.pop("all")
+    adapters = layout.empty_adapters(len(trained), names)
+    for members, group_weights in zip(groups.values(), weights):
+        layout.weighted_sums(tau, group_weights, members, starts, adapters)
     return FedBipResult(
-        adapters=layout.unstack(new, names),
-        similarity=similarity,
-        weights=weights,
-        group_similarity=group_similarity,
-        group_weights=group_weights,
+        adapters=adapters,
+        similarity=cosines.mean(axis=0) if layerwise else cosines[0],
+        weights=weights.mean(axis=0) if layerwise else weights[0],
+        group_similarity=dict(zip(groups, cosines)) if layerwise else {},
+        group_weights=dict(zip(groups, weights)) if layerwise else {},
     )
 
 
+def _cosines_from_grams(grams: np.ndarray) -> np.ndarray:
+    """:func:`cosine_from_gram` of every matrix in a G×N×N float64 stack."""
+    norms = np.sqrt(np.clip(np.diagonal(grams, axis1=1, axis2=2), 0.0, None))
+    nonzero = norms > 0
+    safe = np.where(nonzero, norms, 1.0)
+    cosine = grams / (safe[:, :, None] * safe[:, None, :])
+    cosine = np.where(nonzero[:, :, None] & nonzero[:, None, :], cosine, 0.0)
+    # Rounding can push |cos| slightly above 1; the diagonal of a nonzero vector is 1.
+    np.clip(cosine, -1.0, 1.0, out=cosine)
+    diagonal = np.arange(grams.shape[1])
+    cosine[:, diagonal, diagonal] = nonzero
+    return cosine
+
+
+def _weights_from_similarities(similarity: np.ndarray, negative: str) -> np.ndarray:
+    """:func:`weight_matrix` of every matrix in a G×N×N float64 stack."""
+    scores = np.clip(similarity, 0.0, None) if negative == "clip" else similarity
+    row_sums = scores.sum(axis=2)
+    normalisable = row_sums > _MIN_ROW_SUM
+    weights = np.where(normalisable[:, :, None], scores / np.where(normalisable, row_sums, 1.0)[:, :, None], 0.0)
+    diagonal = np.arange(similarity.shape[1])
+    weights[:, diagonal, diagonal] = np.where(normalisable, weights[:, diagonal, diagonal], 1.0)
+    return weights
+
+
+class _LoraModule(NamedTuple):
+    """A lora_A/lora_B pair, its factors read as A: rank×fan_in and B: fan_out×rank."""
+
+    a: str
+    b: str
+    rank: int
+    fan_in: int
+    fan_out: int
+
+
 class _Layout:
-    """Where each named array lives in the flattened float32 N×d matrix."""
+    """Where each named array lives in the flattened float32 N×d task-vector matrix."""
 
     def __init__(self, ordered_names: Sequence[str], reference: Adapter):
         self.shapes = {name: np.shape(reference[name]) for name in ordered_names}
@@ -237,29 +294,158 @@ class _Layout:
         self.slices: dict[str, slice] = {}
         offset = 0
         for name in ordered_names:
-            size = int(np.prod(self.shapes[name], dtype=np.int64))
+            size = math.prod(self.shapes[name])
             self.slices[name] = slice(offset, offset + size)
             offset += size
         self.size = offset
 
-    def stack(self, adapters: Sequence[Adapter]) -> np.ndarray:
-        matrix = np.empty((len(adapters), self.size), dtype=np.float32)
-        for row, adapter in zip(matrix, adapters):
-            for name, columns in self.slices.items():
-                row[columns] = np.asarray(adapter[name]).reshape(-1)
-        return matrix
-
     def columns(self, members: Sequence[str]) -> slice:
         return slice(self.slices[members[0]].start, self.slices[members[-1]].stop)
 
-    def unstack(self, matrix: np.ndarray, names: Sequence[str]) -> list[dict[str, np.ndarray]]:
-        return [
-            {
-                name: row[self.slices[name]].reshape(self.shapes[name]).astype(self.dtypes[name])
-                for name in names
-            }
-            for row in matrix
-        ]
+    def empty_adapters(self, count: int, names: Sequence[str]) -> list[dict[str, np.ndarray]]:
+        """``count`` adapters to fill, keys in ``names`` order, each array a view of its adapter's buffer.
+
+        One buffer per adapter (and dtype) is faster to fill than one allocation per array
+        (huge pages, fewer page faults), and each adapter still owns its memory alone.
+        """
+        places: dict[str, slice] = {}
+        totals: dict[np.dtype, int] = {}
+        for name, columns in self.slices.items():
+            offset = totals.get(self.dtypes[name], 0)
+            places[name] = slice(offset, offset + columns.stop - columns.start)
+            totals[self.dtypes[name]] = places[name].stop
+        adapters = []
+        for _ in range(count):
+            buffers = {dtype: np.empty(total, dtype) for dtype, total in totals.items()}
+            adapters.append({name: buffers[self.dtypes[name]][places[name]].reshape(self.shapes[name]) for name in names})
+        return adapters
+
+    def task_vectors(self, trained: Sequence[Adapter], starts: Sequence[Adapter]) -> np.ndarray:
+        """τ = θ − start as one N×d float32 array, written straight from the inputs."""
+        tau = np.empty((len(trained), self.size), dtype=np.float32)
+        for row, end, start in zip(tau, trained, starts):
+            for name, columns in self.slices.items():
+                # Both operands are rounded to float32 first, as aggregation always did.
+                np.subtract(end[name], start[name], out=row[columns].reshape(self.shapes[name]), dtype=np.float32)
+        return tau
+
+    def weighted_sums(
+        self,
+        tau: np.ndarray,
+        weights: np.ndarray,
+        members: Sequence[str],
+        starts: Sequence[Adapter],
+        out: list[dict[str, np.ndarray]],
+    ) -> None:
+        """``out[i][name] = start_i[name] + Σₖ pᵢₖ τₖ[name]`` for the group's arrays.
+
+        One BLAS product per segment of the group's columns (a segment may span several
+        arrays or part of one), then one addition per client and array part.
+        """
+        mix = weights.astype(np.float32)
+        # Also at most a quarter of τ, so that small adapters stay within ~2.25× τ's memory.
+        width = max(1, min(_SEGMENT_BYTES // (4 * len(tau)), -(-self.size // 4)))
+        group = self.columns(members)
+        buffer = np.empty((len(tau), min(width, group.stop - group.start)), dtype=np.float32)
+        pending = iter(members)
+        name = next(pending)
+        for lo in range(group.start, group.stop, width):
+            hi = min(lo + width, group.stop)
+            mixed = np.matmul(mix, tau[:, lo:hi], out=buffer[:, : hi - lo])
+            while name is not None and self.slices[name].start < hi:
+                columns = self.slices[name]
+                first, last = max(lo, columns.start), min(hi, columns.stop)
+                part = slice(first - columns.start, last - columns.start)
+                whole = first == columns.start and last == columns.stop
+                for row, start, adapter in zip(mixed, starts, out):
+                    update = row[first - lo : last - lo]
+                    if whole:  # the common case, without flat views (per-call overhead counts here)
+                        np.add(start[name], update.reshape(self.shapes[name]), out=adapter[name], dtype=np.float32)
+                    else:
+                        target = adapter[name].reshape(-1)[part]
+                        np.add(start[name].reshape(-1)[part], update, out=target, dtype=np.float32)
+                if columns.stop > hi:
+                    break  # the rest of this array is in the next segment
+                name = next(pending, None)
+
+
+def _gram(
+    tau: np.ndarray,
+    layout: _Layout,
+    members: Sequence[str],
+    modules: Mapping[str, _LoraModule],
+    trained: Sequence[Adapter],
+    starts: Sequence[Adapter],
+) -> np.ndarray:
+    """N×N float64 inner products of one group's task vectors (ΔW for its LoRA modules)."""
+    paired = [modules[name] for name in members if name in modules]
+    # _keep_modules_whole put the arrays in no pair first: one contiguous slice.
+    plain = members[: len(members) - 2 * len(paired)]
+    gram = np.zeros((len(tau), len(tau)))
+    if plain:
+        block = tau[:, layout.columns(plain)]
+        gram += block @ block.T
+    for module in paired:
+        gram += _lora_gram(tau, layout, module, trained, starts)
+    return gram
+
+
+def _lora_gram(
+    tau: np.ndarray,
+    layout: _Layout,
+    module: _LoraModule,
+    trained: Sequence[Adapter],
+    starts: Sequence[Adapter],
+) -> np.ndarray:
+    """⟨ΔWᵢ, ΔWⱼ⟩_F of one LoRA module from 2r×2r blocks, without forming ΔW (module docstring)."""
+    n, r = len(tau), module.rank
+    # p[i] holds Bᵢᵀ and δBᵢᵀ, q[i] holds δAᵢ and Āᵢ, so that ΔWᵢ = p[i]ᵀ q[i].
+    p = np.empty((n, 2, r, module.fan_out), dtype=np.float32)
+    q = np.empty((n, 2, r, module.fan_in), dtype=np.float32)
+    p[:, 1] = tau[:, layout.slices[module.b]].reshape(n, module.fan_out, r).transpose(0, 2, 1)
+    q[:, 0] = tau[:, layout.slices[module.a]].reshape(n, r, module.fan_in)
+    for i in range(n):
+        p[i, 0] = np.reshape(trained[i][module.b], (module.fan_out, r)).T
+        q[i, 1] = np.reshape(starts[i][module.a], (r, module.fan_in))
+    p = p.reshape(n * 2 * r, module.fan_out)
+    q = q.reshape(n * 2 * r, module.fan_in)
+    # Entry (i·2r + a, j·2r + b) is (PᵢᵀPⱼ)ₐᵦ resp. (QᵢQⱼᵀ)ₐᵦ; tr(XYᵀ) sums their product.
+    products = (p @ p.T).astype(np.float64) * (q @ q.T)
+    return products.reshape(n, 2 * r, n, 2 * r).sum(axis=(1, 3))
+
+
+def _lora_modules(names: Sequence[str], reference: Adapter) -> dict[str, _LoraModule]:
+    """LoRA modules keyed by their lora_A name; a lora_A or lora_B without its partner is no module."""
+    present = set(names)
+    modules: dict[str, _LoraModule] = {}
+    for a_name in names:
+        match = _LORA_A_PATTERN.search(a_name)
+        if match is None:
+            continue
+        b_name = f"{a_name[: match.start(1)]}B{a_name[match.end(1) :]}"
+        if b_name not in present:
+            continue
+        a_shape, b_shape = np.shape(reference[a_name]), np.shape(reference[b_name])
+        if len(a_shape) < 2 or len(b_shape) < 2 or math.prod(b_shape[1:]) != a_shape[0]:
+            raise ValueError(
+                f"{b_name!r}: shape {b_shape} does not pair with {a_name!r} shape {a_shape}; "
+                "similarity='lora-product' needs lora_A r×in and lora_B out×r"
+            )
+        fan_in = math.prod(a_shape[1:])
+        modules[a_name] = _LoraModule(a_name, b_name, a_shape[0], fan_in, b_shape[0])
+    return modules
+
+
+def _keep_modules_whole(groups: Mapping[str, list[str]], modules: Mapping[str, _LoraModule]) -> dict[str, list[str]]:
+    """Groups with each lora_B moved next to its lora_A (in lora_A's group), after the unpaired arrays."""
+    partners = {module.b for module in modules.values()}
+    result: dict[str, list[str]] = {}
+    for key, members in groups.items():
+        plain = [name for name in members if name not in modules and name not in partners]
+        paired = [name for a_name in members if a_name in modules for name in (a_name, modules[a_name].b)]
+        if plain or paired:
+            result[key] = plain + paired
+    return result
 
 
 def _check_choice(key: str, value: object, allowed: Sequence[str]) -> None:
@@ -267,8 +453,13 @@ def _check_choice(key: str, value: object, allowed: Sequence[str]) -> None:
         raise ValueError(f"{key}: {value!r} is not allowed; choose one of {', '.join(allowed)}")
 
 
-def _check_adapters(personalized: Sequence[Adapter], trained: Sequence[Adapter]) -> list[str]:
-    """Same number of clients, keys and shapes everywhere, finite values; returns the key order."""
+def _check_adapters(
+    personalized: Sequence[Adapter], trained: Sequence[Adapter]
+) -> tuple[list[str], list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+    """Same number of clients, keys, shapes and floating dtypes everywhere.
+
+    Returns the key order and both sequences of adapters as dicts of arrays in that order.
+    """
     if len(personalized) == 0:
         raise ValueError("personalized: at least one client adapter is required, got 0")
     if len(personalized) != len(trained):
@@ -279,24 +470,41 @@ def _check_adapters(personalized: Sequence[Adapter], trained: Sequence[Adapter])
     names = list(personalized[0])
     if not names:
         raise ValueError("personalized[0]: adapter has no arrays")
-    for i in range(len(personalized)):
-        _check_same_layout(f"personalized[{i}]", personalized[i], "personalized[0]", personalized[0], names)
-        _check_same_layout(f"trained[{i}]", trained[i], "personalized[0]", personalized[0], names)
-    return names
+    shapes = {name: np.shape(personalized[0][name]) for name in names}
+    pairs = [
+        (_as_arrays(f"personalized[{i}]", start, shapes), _as_arrays(f"trained[{i}]", end, shapes))
+        for i, (start, end) in enumerate(zip(personalized, trained))
+    ]
+    return names, [start for start, _ in pairs], [end for _, end in pairs]
 
 
-def _check_same_layout(label: str, adapter: Adapter, ref_label: str, reference: Adapter, names: list[str]) -> None:
-    if set(adapter) != set(names):
-        missing = sorted(set(names) - set(adapter))
-        extra = sorted(set(adapter) - set(names))
-        raise ValueError(f"{label}: keys differ from {ref_label} (missing {missing}, unexpected {extra})")
-    for name in names:
+def _as_arrays(label: str, adapter: Adapter, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """The adapter as a dict of arrays in the order of ``shapes``, which it must match (floating dtypes)."""
+    if set(adapter) != set(shapes):
+        missing = sorted(set(shapes) - set(adapter))
+        extra = sorted(set(adapter) - set(shapes))
+        raise ValueError(f"{label}: keys differ from personalized[0] (missing {missing}, unexpected {extra})")
+    arrays = {}
+    for name, shape in shapes.items():
         array = np.asarray(adapter[name])
-        if array.shape != np.shape(reference[name]):
-            raise ValueError(
-                f"{label}[{name!r}]: shape {array.shape} differs from {ref_label} shape {np.shape(reference[name])}"
-            )
-        if not np.issubdtype(array.dtype, np.floating):
+        if array.shape != shape:
+            raise ValueError(f"{label}[{name!r}]: shape {array.shape} differs from personalized[0] shape {shape}")
+        # dtype.kind rather than np.issubdtype: the same test, several times faster per array.
+        if array.dtype.kind != "f":
             raise ValueError(f"{label}[{name!r}]: dtype {array.dtype} is not allowed; expected a floating dtype")
+        arrays[name] = array
+    return arrays
+
+
+def _check_finite(label: str, adapter: Mapping[str, np.ndarray]) -> None:
+    for name, array in adapter.items():
         if not np.all(np.isfinite(array)):
             raise ValueError(f"{label}[{name!r}]: contains NaN or Inf; only finite values can be aggregated")
+
+
+def _raise_non_finite(personalized: Sequence[Mapping[str, np.ndarray]], trained: Sequence[Mapping[str, np.ndarray]]) -> None:
+    """Name the first input array with NaN or Inf; a non-finite Gram diagonal without one is overflow."""
+    for i, (start, end) in enumerate(zip(personalized, trained)):
+        _check_finite(f"personalized[{i}]", start)
+        _check_finite(f"trained[{i}]", end)
+    raise ValueError("task vectors: squared norms overflow float32; values this large cannot be aggregated")

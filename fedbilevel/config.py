@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from fedbilevel.aggregation import LAYER_GROUPINGS, NEGATIVE_COSINE_MODES, TASK_VECTOR_MODES
+from fedbilevel.aggregation import LAYER_GROUPINGS, NEGATIVE_COSINE_MODES, SIMILARITY_MODES, TASK_VECTOR_MODES
 
 PRECISIONS = ("bf16-autocast", "fp32")
 SYNTHETIC_INSTRUCTIONS = ("shared", "per-task")
@@ -128,6 +128,7 @@ SCHEMA: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "negative-cosine": ("negative_cosine", _choice(NEGATIVE_COSINE_MODES)),
     "task-vector": ("task_vector", _choice(TASK_VECTOR_MODES)),
     "layer-grouping": ("layer_grouping", _choice(LAYER_GROUPINGS)),
+    "similarity-space": ("similarity_space", _choice(SIMILARITY_MODES)),
     "output-dir": ("output_dir", _text(empty_ok=False)),
     "run-name": ("run_name", _text(empty_ok=True)),
 }
@@ -166,6 +167,7 @@ class RunConfig:
     negative_cosine: str
     task_vector: str
     layer_grouping: str
+    similarity_space: str
     output_dir: str
     run_name: str
 

@@ -273,3 +273,90 @@ def test_bad_adapters_are_rejected_with_the_key_named():
         fedbip_aggregate(good, [good[0], {"w": np.zeros(2, np.int64)}])
     with pytest.raises(ValueError, match="pair up"):
         fedbip_aggregate(good, good[:1])
+
+
+def reference_fedbip(start, trained, layerwise=False, negative="clip", grouping="array"):
+    """FedBip straight from the definition: stacked float32 τ, one Gram and one product per group."""
+    names = list(start[0])
+    groups = layer_groups(names, grouping) if layerwise else {"all": names}
+    out = [{} for _ in start]
+    for members in groups.values():
+        tau = np.stack(
+            [np.concatenate([(t[k].astype(np.float32) - s[k].astype(np.float32)).ravel() for k in members])
+             for s, t in zip(start, trained)]
+        )
+        mixed = weight_matrix(cosine_similarity_matrix(tau), negative=negative).astype(np.float32) @ tau
+        for i, s in enumerate(start):
+            offset = 0
+            for k in members:
+                size = s[k].size
+                out[i][k] = s[k].astype(np.float32) + mixed[i, offset : offset + size].reshape(s[k].shape)
+                offset += size
+    return out
+
+
+@pytest.mark.parametrize("layerwise, grouping", [(False, "array"), (True, "array"), (True, "block")])
+def test_segmented_weighted_sums_match_the_definition(monkeypatch, layerwise, grouping):
+    # A tiny segment budget splits every array into several BLAS products.
+    monkeypatch.setattr("fedbilevel.aggregation._SEGMENT_BYTES", 4 * 6 * 7)
+    rng = np.random.default_rng(11)
+    shapes = {"m.layers.0.a": (5, 9), "m.layers.0.b": (13,), "m.layers.1.a": (3, 4), "head": (2, 2)}
+    start = [{k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()} for _ in range(6)]
+    trained = [{k: v + rng.normal(size=v.shape).astype(np.float32) for k, v in s.items()} for s in start]
+    out = fedbip_aggregate(start, trained, layerwise=layerwise, grouping=grouping)
+    expected = reference_fedbip(start, trained, layerwise=layerwise, grouping=grouping)
+    for o, e in zip(out, expected):
+        assert list(o) == list(shapes)
+        for k in shapes:
+            np.testing.assert_allclose(o[k], e[k], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_nan_anywhere_in_large_arrays_is_named(layerwise, where):
+    # NaN/Inf is detected through the Gram diagonal: check BLAS sees it wherever it is.
+    rng = np.random.default_rng(12)
+    start = [{"x": rng.normal(size=(64, 300)).astype(np.float32), "y": np.zeros(7, np.float32)} for _ in range(9)]
+    trained = [{k: v + 1 for k, v in s.items()} for s in start]
+    index = {"first": (0, 0), "middle": (31, 150), "last": (63, 299)}[where]
+    trained[4]["x"][index] = np.inf if where == "middle" else np.nan
+    with pytest.raises(ValueError, match=r"trained\[4\]\['x'\]: contains NaN or Inf"):
+        fedbip_aggregate(start, trained, layerwise=layerwise)
+
+
+def test_overflowing_task_vectors_are_rejected():
+    # Finite inputs whose squared norm exceeds float32 cannot give a cosine.
+    start = adapters([0, 0], [0, 0])
+    trained = adapters([1e30, 0], [0, 1e30])
+    with pytest.raises(ValueError, match="overflow float32"):
+        fedbip_aggregate(start, trained)
+
+
+def test_cumulative_still_checks_the_unused_personalized_adapters():
+    initial = {"w": np.zeros(2, np.float32)}
+    start = adapters([0, 0], [np.nan, 0])
+    with pytest.raises(ValueError, match=r"personalized\[1\]\['w'\]: contains NaN or Inf"):
+        fedbip_aggregate(start, adapters([1, 0], [0, 1]), task_vector="cumulative", initial=initial)
+
+
+def test_returned_arrays_are_independent_and_memory_stays_near_two_stacked_arrays():
+    import tracemalloc
+
+    rng = np.random.default_rng(13)
+    names = [f"m.layers.{layer}.{p}" for layer in range(4) for p in ("q", "v")]
+    start = [{k: rng.normal(size=(64, 128)).astype(np.float32) for k in names} for _ in range(8)]
+    trained = [{k: v + rng.normal(size=v.shape).astype(np.float32) for k, v in s.items()} for s in start]
+    stacked = 8 * len(names) * 64 * 128 * 4
+    for layerwise in (False, True):
+        tracemalloc.start()
+        try:
+            out = fedbip_aggregate(start, trained, layerwise=layerwise)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        # τ plus the returned adapters, and a bounded segment buffer.
+        assert peak <= 2.5 * stacked
+        assert not np.shares_memory(out[0][names[0]], out[0][names[1]])
+        # No two clients share a buffer: an adapter kept for rounds pins no one else's memory.
+        owners = [{id(a if a.base is None else a.base) for a in adapter.values()} for adapter in out]
+        assert all(owners[i].isdisjoint(owners[j]) for i in range(8) for j in range(i))

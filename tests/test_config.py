@@ -36,6 +36,7 @@ def test_overrides_win():
         ("negative-cosine", "abs", "choose one of clip, keep"),
         ("task-vector", "global", "choose one of round, cumulative"),
         ("layer-grouping", "head", "choose one of array, block"),
+        ("similarity-space", "dense", "choose one of flat, lora-product"),
         ("device", "tpu", "expected auto, cpu, cuda or cuda:N"),
         ("precision", "fp8", "choose one of bf16-autocast, fp32"),
         ("data", "imagenet", "choose one of synthetic"),

@@ -142,3 +142,23 @@ def test_round_time_split_adds_up():
     assert total == pytest.approx(records[0]["seconds"], rel=1e-6)
     assert 0.0 <= split["other_fraction"] < 1.0
     assert "client-started" not in records[0]["eval"]["0"]
+
+
+def test_fedbip_passes_its_similarity_space_to_the_math():
+    lora = {
+        "m.layers.0.q.lora_A.weight": np.zeros((2, 3), np.float32),
+        "m.layers.0.q.lora_B.weight": np.zeros((4, 2), np.float32),
+    }
+    rng = np.random.default_rng(3)
+    # Non-zero start so that ΔW = B·A differs from the raw parameter direction.
+    start = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in lora.items()}
+    strategy = FedBip(initial_adapter=start, min_nodes=3, similarity_space="lora-product")
+    deltas = {p: {k: rng.normal(size=v.shape).astype(np.float32) for k, v in lora.items()} for p in range(3)}
+    trained = {p: {k: start[k] + deltas[p][k] for k in lora} for p in range(3)}
+    strategy.personalize(1, trained, {p: 1 for p in range(3)})
+    expected = fedbip_aggregate([start] * 3, [trained[p] for p in range(3)], similarity="lora-product")
+    flat = fedbip_aggregate([start] * 3, [trained[p] for p in range(3)])
+    for p in range(3):
+        for k in lora:
+            np.testing.assert_allclose(strategy.adapter_for(p)[k], expected[p][k], rtol=1e-6)
+    assert not np.allclose(expected[0]["m.layers.0.q.lora_A.weight"], flat[0]["m.layers.0.q.lora_A.weight"])

@@ -48,6 +48,7 @@ def _fedbip_options(config: RunConfig) -> dict[str, Any]:
         "negative_cosine": config.negative_cosine,
         "task_vector": config.task_vector,
         "layer_grouping": config.layer_grouping,
+        "similarity_space": config.similarity_space,
         "min_nodes": config.min_nodes,
     }
 

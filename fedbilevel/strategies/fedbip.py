@@ -34,6 +34,9 @@ class FedBip(PersonalizedStrategy):
         τ relative to this round's start θ̄ᵢ, or to the initial adapter θ⁰.
     layer_grouping : {"array", "block"} (default: "array")
         FedBip-L groups: each named adapter array, or each transformer block.
+    similarity_space : {"flat", "lora-product"} (default: "flat")
+        Cosine of the raw adapter parameters, or of the effective LoRA updates ΔW = B·A
+        (computed through r×r products, never forming ΔW).
     **kwargs
         Passed to :class:`PersonalizedStrategy` (``initial_adapter``, ``min_nodes``, ...).
     """
@@ -45,6 +48,7 @@ class FedBip(PersonalizedStrategy):
         negative_cosine: str = "clip",
         task_vector: str = "round",
         layer_grouping: str = "array",
+        similarity_space: str = "flat",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -52,13 +56,15 @@ class FedBip(PersonalizedStrategy):
         self.negative_cosine = negative_cosine
         self.task_vector = task_vector
         self.layer_grouping = layer_grouping
+        self.similarity_space = similarity_space
 
     def summary(self) -> None:
         """Log the FedBip options."""
         log(
             INFO,
-            "\t├──> FedBip%s: negative cosines '%s', task vector '%s'%s",
+            "\t├──> FedBip%s: similarity '%s', negative cosines '%s', task vector '%s'%s",
             "-L" if self.layerwise else "",
+            self.similarity_space,
             self.negative_cosine,
             self.task_vector,
             f", layer groups '{self.layer_grouping}'" if self.layerwise else "",
@@ -76,6 +82,7 @@ class FedBip(PersonalizedStrategy):
             task_vector=self.task_vector,
             initial=self.initial_adapter,
             grouping=self.layer_grouping,
+            similarity=self.similarity_space,
         )
         for partition_id, adapter in zip(partitions, result.adapters):
             self.adapters[partition_id] = adapter

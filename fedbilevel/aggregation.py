@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -306,7 +306,8 @@ class _Layout:
         """``count`` adapters to fill, keys in ``names`` order, each array a view of its adapter's buffer.
 
         One buffer per adapter (and dtype) is faster to fill than one allocation per array
-        (huge pages, fewer page faults), and each adapter still owns its memory alone.
+        (fewer page faults; NumPy gives large buffers huge pages), and each adapter still
+        owns its memory alone.
         """
         places: dict[str, slice] = {}
         totals: dict[np.dtype, int] = {}
@@ -339,22 +340,19 @@ class _Layout:
     ) -> None:
         """``out[i][name] = start_i[name] + Σₖ pᵢₖ τₖ[name]`` for the group's arrays.
 
-        One BLAS product per segment of the group's columns (a segment may span several
-        arrays or part of one), then one addition per client and array part.
+        One BLAS product per segment of the group's columns, then one addition per client
+        and array (part) in it.
         """
         mix = weights.astype(np.float32)
         # Also at most a quarter of τ, so that small adapters stay within ~2.25× τ's memory.
         width = max(1, min(_SEGMENT_BYTES // (4 * len(tau)), -(-self.size // 4)))
         group = self.columns(members)
         buffer = np.empty((len(tau), min(width, group.stop - group.start)), dtype=np.float32)
-        pending = iter(members)
-        name = next(pending)
-        for lo in range(group.start, group.stop, width):
-            hi = min(lo + width, group.stop)
+        for segment in self._segments(members, width):
+            lo, hi = segment[0][1], segment[-1][2]
             mixed = np.matmul(mix, tau[:, lo:hi], out=buffer[:, : hi - lo])
-            while name is not None and self.slices[name].start < hi:
+            for name, first, last in segment:
                 columns = self.slices[name]
-                first, last = max(lo, columns.start), min(hi, columns.stop)
                 part = slice(first - columns.start, last - columns.start)
                 whole = first == columns.start and last == columns.stop
                 for row, start, adapter in zip(mixed, starts, out):
@@ -364,9 +362,25 @@ class _Layout:
                     else:
                         target = adapter[name].reshape(-1)[part]
                         np.add(start[name].reshape(-1)[part], update, out=target, dtype=np.float32)
-                if columns.stop > hi:
-                    break  # the rest of this array is in the next segment
-                name = next(pending, None)
+
+    def _segments(self, members: Sequence[str], width: int) -> Iterator[list[tuple[str, int, int]]]:
+        """Runs of consecutive (array, first column, end column) pieces, at most ``width`` columns each.
+
+        Arrays are only cut when larger than ``width``, so that most additions cover a whole array.
+        """
+        segment: list[tuple[str, int, int]] = []
+        used = 0
+        for name in members:
+            columns = self.slices[name]
+            for first in range(columns.start, columns.stop, width):
+                last = min(first + width, columns.stop)
+                if segment and used + last - first > width:
+                    yield segment
+                    segment, used = [], 0
+                segment.append((name, first, last))
+                used += last - first
+        if segment:
+            yield segment
 
 
 def _gram(

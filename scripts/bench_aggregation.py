@@ -289,7 +289,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     for adapter, shape in adapters.items():
         for n in clients:
             rows.append(bench_one(n, adapter, shape, args.repeats, args.naive_budget, min_seconds))
-            print(f"done N={n} adapter={adapter}", file=sys.stderr, flush=True)
+            # Background load makes timings noisy; the load average tells how much there was.
+            print(f"done N={n} adapter={adapter} (load average {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
     header = (
         f"FedBip aggregation benchmark: numpy {np.__version__}, Python {platform.python_version()}, "
         f"{os.cpu_count()} CPUs, best of ≥ {args.repeats} interleaved runs (≥ {min_seconds:g} s per configuration)"

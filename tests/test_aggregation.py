@@ -360,3 +360,12 @@ def test_returned_arrays_are_independent_and_memory_stays_near_two_stacked_array
         # No two clients share a buffer: an adapter kept for rounds pins no one else's memory.
         owners = [{id(a if a.base is None else a.base) for a in adapter.values()} for adapter in out]
         assert all(owners[i].isdisjoint(owners[j]) for i in range(8) for j in range(i))
+
+
+def test_zero_size_arrays_pass_through():
+    start = [{"empty": np.zeros((0, 3), np.float32), "w": np.array([0.0, 0.0], np.float32)} for _ in range(2)]
+    trained = [{"empty": np.zeros((0, 3), np.float32), "w": np.array(w, np.float32)} for w in ([1, 0], [1, 1])]
+    for layerwise in (False, True):
+        out = fedbip_aggregate(start, trained, layerwise=layerwise)
+        assert out[0]["empty"].shape == (0, 3)
+        np.testing.assert_allclose(out[1]["w"], [1, 2 - R2], rtol=1e-6)

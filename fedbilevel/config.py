@@ -125,6 +125,13 @@ SCHEMA: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "eval-batch-size": ("eval_batch_size", _int(1)),
     "eval-max-new-tokens": ("eval_max_new_tokens", _int(1)),
     "proximal-mu": ("proximal_mu", _float(0.0, low_open=False)),
+    "fedamp-lambda": ("fedamp_lambda", _float(0.0, low_open=False)),
+    "fedamp-sigma": ("fedamp_sigma", _float(0.0, low_open=False)),
+    "fedamp-self-weight": ("fedamp_self_weight", _float(0.0, low_open=False, high=1.0, high_open=False)),
+    "fedala-eta": ("fedala_eta", _float(0.0, low_open=True)),
+    "fedala-data-fraction": ("fedala_data_fraction", _float(0.0, low_open=True, high=1.0, high_open=False)),
+    "fedala-top-fraction": ("fedala_top_fraction", _float(0.0, low_open=True, high=1.0, high_open=False)),
+    "fedala-start-epochs": ("fedala_start_epochs", _int(1)),
     "negative-cosine": ("negative_cosine", _choice(NEGATIVE_COSINE_MODES)),
     "task-vector": ("task_vector", _choice(TASK_VECTOR_MODES)),
     "layer-grouping": ("layer_grouping", _choice(LAYER_GROUPINGS)),
@@ -164,6 +171,13 @@ class RunConfig:
     eval_batch_size: int
     eval_max_new_tokens: int
     proximal_mu: float
+    fedamp_lambda: float
+    fedamp_sigma: float
+    fedamp_self_weight: float
+    fedala_eta: float
+    fedala_data_fraction: float
+    fedala_top_fraction: float
+    fedala_start_epochs: int
     negative_cosine: str
     task_vector: str
     layer_grouping: str

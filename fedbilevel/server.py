@@ -56,7 +56,7 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
         evaluate_config=ConfigRecord(),
     )
     for partition_id in sorted(strategy.clients):
-        save_adapter(strategy.adapter_for(partition_id), run_dir / "clients" / str(partition_id), config.model_name, lora)
+        save_adapter(strategy.personalized_adapter(partition_id), run_dir / "clients" / str(partition_id), config.model_name, lora)
     log(INFO, "final personalized scores (%s):\n%s", config.strategy, recorder.table())
     log(INFO, "results: %s", run_dir / "results.json")
     return run_dir

@@ -47,8 +47,7 @@ def test_fedprox_declares_mu_in_train_messages_and_averages():
     strategy.start(FakeGrid({1: clients[0], 2: clients[1]}), ArrayRecord(), num_rounds=1)
     kinds = [kind for kind, _, _ in clients[0].received]
     assert kinds == [MessageType.TRAIN, MessageType.EVALUATE]
-    assert clients[0].configs[0]["proximal-mu"] == 0.3
-    assert "proximal-mu" not in clients[0].configs[1]
+    assert [config["proximal-mu"] for config in clients[0].configs] == [0.3, 0.3]  # declared in every message
     mean = {k: (update_of(0, 1)[k] + update_of(1, 1)[k]) / 2 for k in INITIAL}
     np.testing.assert_allclose(strategy.adapter_for(1)["b"], INITIAL["b"] + mean["b"], rtol=1e-6)
     with pytest.raises(ValueError, match="proximal_mu: -1 is not allowed"):

@@ -16,7 +16,13 @@ from flwr.simulation import run_simulation
 from peft import PeftModel
 
 from fedbilevel.client.app import make_client_app
-from fedbilevel.client.model import TINY_MODEL, get_adapter_arrays, initial_adapter_arrays, load_base_model, lora_settings
+from fedbilevel.client.model import (
+    TINY_MODEL,
+    get_adapter_arrays,
+    initial_adapter_arrays,
+    load_base_model,
+    lora_settings,
+)
 from fedbilevel.config import RunConfig, load_app_config
 from fedbilevel.server import make_server_app
 
@@ -50,7 +56,7 @@ def simulate(tmp_path: Path, **overrides) -> tuple[dict, Path]:
     return config, tmp_path / "e2e"
 
 
-@pytest.fixture(scope="module", params=["fedbip", "fedbip-l"])
+@pytest.fixture(scope="module", params=["fedbip", "fedbip-l", "fedamp"])
 def run(request, tmp_path_factory):
     config, run_dir = simulate(tmp_path_factory.mktemp(request.param), strategy=request.param)
     assert (run_dir / "results.json").exists(), "the simulation wrote no results"
@@ -122,3 +128,15 @@ def test_saved_adapters_load_with_peft_and_are_personal(run):
     for i in range(NUM_CLIENTS):
         for j in range(i + 1, NUM_CLIENTS):
             assert not np.allclose(adapters[i][lora_b], adapters[j][lora_b])
+
+
+def test_fedala_keeps_client_state_across_rounds(tmp_path):
+    # Evaluation only after the last round, so round 2's train message brings the first
+    # global model that meets a local one: the client must have kept round 1's adapter.
+    _, run_dir = simulate(tmp_path, strategy="fedala", **{"eval-every": 0, "fedala-start-epochs": 2})
+    results = json.loads((run_dir / "results.json").read_text())
+    first, second = results["rounds"]
+    assert {scores["ala-epochs"] for scores in first["train"].values()} == {0.0}  # nothing local yet
+    assert {scores["ala-epochs"] for scores in second["train"].values()} == {2.0}  # the start phase
+    assert all(0.0 <= scores["ala-mean-weight"] <= 1.0 for scores in second["train"].values())
+    assert set(second["eval"]) == {str(p) for p in range(NUM_CLIENTS)} and first["eval"] == {}

@@ -20,6 +20,7 @@ from flwr.clientapp import ClientApp
 from flwr.supercore import log
 
 from fedbilevel import protocol
+from fedbilevel.client.ala import AlaSettings, adaptive_local_aggregation, remember_local
 from fedbilevel.client.evaluate import evaluate_adapter
 from fedbilevel.client.model import (
     LoraSettings,
@@ -89,15 +90,38 @@ class ClientSession:
         self.partition_id, self.num_partitions = partition_of(context)
         self.data = _data(self.config, self.partition_id, self.num_partitions)
 
-    def load_model(self, message: Message):
-        """The shared model with the adapter this message carries (refusing a misrouted one)."""
+    def load_model(self, message: Message, context: Context):
+        """The shared model with this client's adapter for the message (refusing a misrouted one).
+
+        That is the adapter the message carries, unless the strategy declares FedALA's
+        adaptive local aggregation: then the client mixes it with its local model.
+        Returns (model, tokenizer, server round, metrics of the client-side step).
+        """
         config = message.content.config_records[protocol.CONFIG]
         addressed_to = config.get(protocol.PARTITION_ID)
         if addressed_to != self.partition_id:
             raise ValueError(f"message for partition {addressed_to!r} reached client {self.partition_id}; refusing another client's adapter")
         model, tokenizer = _model(self.config.model_name, lora_settings(self.config), self.config.client_threads, self.config.device)
         set_adapter_arrays(model, protocol.record_to_adapter(message.content.array_records[protocol.ARRAYS]))
-        return model, tokenizer, int(config[protocol.SERVER_ROUND])
+        server_round = int(config[protocol.SERVER_ROUND])
+        step: dict[str, float] = {}
+        ala = AlaSettings.from_config(config)
+        if ala is not None:
+            step = adaptive_local_aggregation(
+                model,
+                tokenizer,
+                self.data.train,
+                context.state,
+                ala,
+                batch_size=self.config.batch_size,
+                max_seq_len=self.config.max_seq_len,
+                seed=_seed(self.config, self.partition_id, server_round),
+                device=model.device,
+            )
+            if step["ala-epochs"]:
+                log(INFO, "client %d, round %d: FedALA learned its mixing weights in %d epochs (mean weight %.3f)",
+                    self.partition_id, server_round, step["ala-epochs"], step["ala-mean-weight"])
+        return model, tokenizer, server_round, step
 
     def metrics(self, values: Mapping[str, float], num_examples: int) -> MetricRecord:
         """The reply's metrics: who, on how many examples, what, and when it was busy."""
@@ -134,9 +158,9 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     @app.train()
     def train(message: Message, context: Context) -> Message:
         session = ClientSession(context, overrides)
-        model, tokenizer, server_round = session.load_model(message)
+        model, tokenizer, server_round, step = session.load_model(message, context)
         config = session.config
-        # Strategies declare client-side loss terms in the message (e.g. FedProx's μ).
+        # Strategies declare client-side loss terms in the message (FedProx's μ, FedAMP's λ).
         mu = float(message.content.config_records[protocol.CONFIG].get("proximal-mu", 0.0))
         result = train_adapter(
             model,
@@ -154,16 +178,19 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         log(INFO, "client %d (%s), round %d: %d steps in %.1f s, mean loss %.4f, last %.4f",
             session.partition_id, session.data.task, server_round, config.local_steps, result.seconds, result.loss, result.last_loss)
         metrics = session.metrics(
-            {"train-loss": result.loss, "train-last-loss": result.last_loss, "train-seconds": result.seconds},
+            {"train-loss": result.loss, "train-last-loss": result.last_loss, "train-seconds": result.seconds, **step},
             len(session.data.train),
         )
-        content = RecordDict({protocol.ARRAYS: protocol.adapter_to_record(get_adapter_arrays(model)), protocol.METRICS: metrics})
+        trained = get_adapter_arrays(model)
+        if AlaSettings.from_config(message.content.config_records[protocol.CONFIG]) is not None:
+            remember_local(context.state, trained)
+        content = RecordDict({protocol.ARRAYS: protocol.adapter_to_record(trained), protocol.METRICS: metrics})
         return Message(content, reply_to=message)
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
         session = ClientSession(context, overrides)
-        model, tokenizer, server_round = session.load_model(message)
+        model, tokenizer, server_round, _ = session.load_model(message, context)
         config = session.config
         scores = evaluate_adapter(
             model,

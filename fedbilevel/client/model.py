@@ -261,6 +261,20 @@ def get_adapter_arrays(model: PeftModel) -> dict[str, np.ndarray]:
     }
 
 
+def adapter_parameters(model: PeftModel) -> dict[str, torch.nn.Parameter]:
+    """The trainable adapter parameters keyed like :func:`get_adapter_arrays` (peft's saved names)."""
+    adapter_name = model.active_adapter
+    parameters = {
+        name.replace(f".{adapter_name}.", "."): parameter
+        for name, parameter in model.named_parameters()
+        if parameter.requires_grad
+    }
+    expected = list(get_peft_model_state_dict(model))
+    if list(parameters) != expected:
+        raise ValueError(f"adapter parameters {list(parameters)[:2]} do not match peft's saved names {expected[:2]}")
+    return parameters
+
+
 def set_adapter_arrays(model: PeftModel, arrays: Mapping[str, np.ndarray]) -> None:
     """Load adapter weights into a model, in place.
 

@@ -63,7 +63,8 @@ def encode_for_training(tokenizer, examples: Sequence[Example], max_seq_len: int
     return encoded
 
 
-def _collate(batch: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(batch: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input ids, labels and attention mask of encoded examples."""
     width = max(len(ids) for ids, _ in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
@@ -111,7 +112,7 @@ def train_adapter(
             if len(order) < batch_size:  # fewer examples than one batch: repeat the data
                 order += torch.randperm(len(encoded), generator=generator).tolist() * (batch_size // len(encoded) + 1)
         batch, order = order[:batch_size], order[batch_size:]
-        inputs = {k: v.to(device) for k, v in _collate([encoded[i] for i in batch], tokenizer.pad_token_id).items()}
+        inputs = {k: v.to(device) for k, v in collate([encoded[i] for i in batch], tokenizer.pad_token_id).items()}
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16_autocast):
             loss = model(**inputs).loss
             if extra_loss is not None:

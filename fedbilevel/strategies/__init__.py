@@ -86,3 +86,30 @@ def _fedprox(config: RunConfig, **common: Any) -> Strategy:
     from fedbilevel.strategies.fedprox import FedProx
 
     return FedProx(proximal_mu=config.proximal_mu, min_nodes=config.min_nodes, **common)
+
+
+@register("fedamp")
+def _fedamp(config: RunConfig, **common: Any) -> Strategy:
+    from fedbilevel.strategies.fedamp import FedAmp
+
+    return FedAmp(
+        proximal_lambda=config.fedamp_lambda,
+        sigma=config.fedamp_sigma,
+        self_weight=config.fedamp_self_weight,
+        min_nodes=config.min_nodes,
+        **common,
+    )
+
+
+@register("fedala")
+def _fedala(config: RunConfig, **common: Any) -> Strategy:
+    from fedbilevel.client.ala import AlaSettings
+    from fedbilevel.strategies.fedala import FedAla
+
+    settings = AlaSettings(
+        eta=config.fedala_eta,
+        data_fraction=config.fedala_data_fraction,
+        top_fraction=config.fedala_top_fraction,
+        start_epochs=config.fedala_start_epochs,
+    )
+    return FedAla(ala=settings, min_nodes=config.min_nodes, **common)

@@ -10,22 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
+from fedbilevel.mixing import weighted_average
 from fedbilevel.strategies.personalized import Adapter, PersonalizedStrategy
-
-
-def weighted_average(adapters: list[Adapter], weights: list[float]) -> Adapter:
-    """Σₖ wₖ θₖ / Σₖ wₖ per named array, in float64, cast back to each array's dtype."""
-    total = float(sum(weights))
-    if total <= 0:
-        raise ValueError(f"weights: sum {total} is not allowed; expected a positive total")
-    return {
-        name: (sum(w * np.asarray(a[name], np.float64) for a, w in zip(adapters, weights)) / total).astype(
-            adapters[0][name].dtype
-        )
-        for name in adapters[0]
-    }
 
 
 class FedAvg(PersonalizedStrategy):

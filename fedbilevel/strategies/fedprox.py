@@ -30,6 +30,6 @@ class FedProx(FedAvg):
             raise ValueError(f"proximal_mu: {proximal_mu} is not allowed; expected a number ≥ 0")
         self.proximal_mu = proximal_mu
 
-    def client_train_config(self) -> dict[str, Any]:
+    def client_config(self) -> dict[str, Any]:
         """Ask clients for the proximal term."""
         return {"proximal-mu": self.proximal_mu}

@@ -25,6 +25,8 @@ from fedbilevel import protocol
 Adapter = dict[str, np.ndarray]
 RoundCallback = Callable[[dict[str, Any]], None]
 QUERY_TIMEOUT_S = 300.0  # a node that cannot say which partition it holds within this is left out
+# Train metrics with their own place in the round record; any others are kept under their own key.
+_RECORDED_TRAIN_METRICS = {"train-loss", "train-seconds", protocol.PARTITION_ID, protocol.NUM_EXAMPLES, *protocol.BUSY_KEYS}
 
 
 def _covered(intervals: list[tuple[float, float]], start: float | None, end: float | None) -> float:
@@ -98,9 +100,10 @@ class PersonalizedStrategy(Strategy):
         """
         raise NotImplementedError
 
-    def client_train_config(self) -> dict[str, Any]:
-        """Values added to every train message's config, for client-side terms a strategy
-        declares (e.g. ``proximal-mu``); the shared training loop reads them."""
+    def client_config(self) -> dict[str, Any]:
+        """Values added to every train and evaluate message's config, for client-side steps
+        a strategy declares (e.g. FedProx's ``proximal-mu``, FedALA's mixing); the shared
+        client code reads them."""
         return {}
 
     def summary(self) -> None:
@@ -111,8 +114,16 @@ class PersonalizedStrategy(Strategy):
     # ------------------------------------------------------------------ state
 
     def adapter_for(self, partition_id: int) -> Adapter:
-        """θ̄ᵢ of a partition (θ⁰ until the client has been personalized)."""
+        """The adapter a partition trains from next (θ⁰ until the client has been personalized)."""
         return self.adapters.get(partition_id, self.initial_adapter)
+
+    def personalized_adapter(self, partition_id: int) -> Adapter:
+        """The client's personalized model: what it evaluates and what is saved at the end.
+
+        The same as :meth:`adapter_for` unless a strategy trains from one adapter and
+        personalizes another (FedAMP trains from the cloud model uᵢ, evaluates wᵢ).
+        """
+        return self.adapter_for(partition_id)
 
     # ------------------------------------------------------------------ Flower hooks
 
@@ -129,8 +140,7 @@ class PersonalizedStrategy(Strategy):
         }
         self._busy = {"train": [], "evaluate": []}
         self._discover_partitions(grid)
-        train_config = ConfigRecord({**dict(config), **self.client_train_config()})
-        messages = self._messages(server_round, train_config, MessageType.TRAIN)
+        messages = self._messages(server_round, config, MessageType.TRAIN)
         self._marks = {"train_sent": time.time()}
         return messages
 
@@ -154,6 +164,8 @@ class PersonalizedStrategy(Strategy):
                 "loss": float(metrics["train-loss"]),
                 "num_examples": num_examples[partition_id],
                 "seconds": float(metrics.get("train-seconds", 0.0)),
+                # e.g. the last step's loss, FedALA's weight learning
+                **{key: float(value) for key, value in metrics.items() if key not in _RECORDED_TRAIN_METRICS},
             }
             log(
                 INFO,
@@ -210,13 +222,14 @@ class PersonalizedStrategy(Strategy):
 
     def _messages(self, server_round: int, config: ConfigRecord, message_type: str) -> list[Message]:
         messages = []
+        adapter_of = self.adapter_for if message_type == MessageType.TRAIN else self.personalized_adapter
         for node_id, partition_id in sorted(self.node_partitions.items(), key=lambda item: item[1]):
-            round_config = ConfigRecord(dict(config))
+            round_config = ConfigRecord({**dict(config), **self.client_config()})
             round_config[protocol.SERVER_ROUND] = server_round
             round_config[protocol.PARTITION_ID] = partition_id
             content = RecordDict(
                 {
-                    protocol.ARRAYS: protocol.adapter_to_record(self.adapter_for(partition_id)),
+                    protocol.ARRAYS: protocol.adapter_to_record(adapter_of(partition_id)),
                     protocol.CONFIG: round_config,
                 }
             )

@@ -1,0 +1,271 @@
+"""Compare finished runs: tables (CSV, Markdown) and plots (PNG) across strategies and seeds.
+
+Reads what every run leaves behind (``config.json``, ``results.json``; see
+:mod:`fedbilevel.results`), so it works on runs from ``scripts/compare.py``, from
+``flwr run`` or from a deployment alike. Personalized score = the unweighted mean over
+clients of each client's own adapter on its own test split.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedbilevel.results import METRICS
+
+METRIC_LABELS = {"rouge1": "ROUGE-1", "rougeL": "ROUGE-L", "exact_match": "exact match"}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One finished run, as read from its folder."""
+
+    folder: Path
+    strategy: str
+    seed: int
+    primary_metric: str
+    clients: dict[str, dict[str, Any]]
+    rounds: list[dict[str, Any]]
+    seconds: float
+
+    @property
+    def evaluated(self) -> list[dict[str, Any]]:
+        """Rounds with a personalized evaluation."""
+        return [r for r in self.rounds if "personalized_mean" in r]
+
+    @property
+    def last(self) -> dict[str, Any]:
+        """The last evaluated round."""
+        return self.evaluated[-1]
+
+    @property
+    def best(self) -> dict[str, Any]:
+        """The evaluated round with the highest personalized primary metric (earliest on ties)."""
+        return max(self.evaluated, key=lambda r: r["personalized_mean"][self.primary_metric])
+
+
+def load_run(folder: str | Path) -> Run:
+    """Read a run folder; a run without any evaluated round is an error."""
+    folder = Path(folder)
+    for name in ("config.json", "results.json"):
+        if not (folder / name).is_file():
+            raise ValueError(f"run folder {str(folder)!r}: {name} is missing; expected a folder written by a fedbilevel run")
+    config = json.loads((folder / "config.json").read_text())
+    results = json.loads((folder / "results.json").read_text())
+    run = Run(
+        folder=folder,
+        strategy=results["strategy"],
+        seed=int(config["seed"]),
+        primary_metric=results["summary"].get("primary_metric", "rougeL"),
+        clients=results["clients"],
+        rounds=results["rounds"],
+        seconds=float(results["summary"].get("seconds", 0.0)),
+    )
+    if not run.evaluated:
+        raise ValueError(f"run folder {str(folder)!r}: no evaluated round in results.json")
+    return run
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (NaN for a single value)."""
+    array = np.asarray(values, dtype=np.float64)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else math.nan
+
+
+def _format(mean: float, std: float) -> str:
+    return f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
+
+
+def group_by_strategy(runs: Sequence[Run]) -> dict[str, list[Run]]:
+    """Runs per strategy, strategies in first-seen order, seeds ascending."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.strategy, []).append(run)
+    return {name: sorted(group, key=lambda r: r.seed) for name, group in groups.items()}
+
+
+def summary_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """Per strategy: mean and std over seeds of the personalized scores, last and best round."""
+    rows = []
+    for strategy, group in group_by_strategy(runs).items():
+        row: dict[str, Any] = {"strategy": strategy, "seeds": " ".join(str(r.seed) for r in group)}
+        for when in ("last", "best"):
+            for metric in METRICS:
+                mean, std = _mean_std([getattr(r, when)["personalized_mean"][metric] for r in group])
+                row[f"{when}_{metric}_mean"], row[f"{when}_{metric}_std"] = mean, std
+        row["best_round_mean"] = float(np.mean([r.best["round"] for r in group]))
+        row["minutes_mean"] = float(np.mean([r.seconds for r in group])) / 60
+        rows.append(row)
+    return rows
+
+
+def per_client_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """Per strategy and client: last-round scores, mean and std over seeds (failed evaluations skipped)."""
+    rows = []
+    for strategy, group in group_by_strategy(runs).items():
+        for client, info in group[0].clients.items():
+            scores = [r.last["eval"][client] for r in group if client in r.last["eval"]]
+            row: dict[str, Any] = {"strategy": strategy, "client": int(client), "task": info.get("task"), "seeds": len(scores)}
+            for metric in METRICS:
+                mean, std = _mean_std([s[metric] for s in scores]) if scores else (math.nan, math.nan)
+                row[f"{metric}_mean"], row[f"{metric}_std"] = mean, std
+            rows.append(row)
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def markdown(runs: Sequence[Run]) -> str:
+    """The comparison as Markdown: the summary table, then the per-client table (primary metric)."""
+    primary = runs[0].primary_metric
+    header = " | ".join(f"{METRIC_LABELS[m]} {when}" for when in ("last", "best") for m in METRICS)
+    lines = [
+        "Personalized score (mean over clients of each client's own adapter on its own test split),"
+        " mean ± std over seeds; *best* is each run's best round by "
+        f"{METRIC_LABELS[primary]}.",
+        "",
+        f"| strategy | seeds | {header} | best round | minutes |",
+        "|---|---|" + "---|" * (2 * len(METRICS)) + "---|---|",
+    ]
+    for row in summary_rows(runs):
+        cells = [_format(row[f"{when}_{m}_mean"], row[f"{when}_{m}_std"]) for when in ("last", "best") for m in METRICS]
+        lines.append(f"| {row['strategy']} | {row['seeds']} | " + " | ".join(cells) + f" | {row['best_round_mean']:.1f} | {row['minutes_mean']:.1f} |")
+    groups = group_by_strategy(runs)
+    clients = runs[0].clients
+    lines += [
+        "",
+        f"Per client, last round, {METRIC_LABELS[primary]} (mean ± std over seeds):",
+        "",
+        "| client | task | " + " | ".join(groups) + " |",
+        "|---|---|" + "---|" * len(groups),
+    ]
+    table = {(r["strategy"], str(r["client"])): r for r in per_client_rows(runs)}
+    for client, info in clients.items():
+        cells = [_format(table[(s, client)][f"{primary}_mean"], table[(s, client)][f"{primary}_std"]) for s in groups]
+        lines.append(f"| {client} | {info.get('task')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(runs: Sequence[Run], out: Path) -> list[Path]:
+    """comparison.csv (summary), per_client.csv and comparison.md in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "comparison.csv", out / "per_client.csv", out / "comparison.md"]
+    _write_csv(paths[0], summary_rows(runs))
+    _write_csv(paths[1], per_client_rows(runs))
+    paths[2].write_text(markdown(runs), encoding="utf-8")
+    return paths
+
+
+def _client_labels(run: Run) -> list[str]:
+    return [f"{client} {info.get('task')}" for client, info in run.clients.items()]
+
+
+def plot_scores_per_round(runs: Sequence[Run], path: Path) -> Path:
+    """Personalized primary metric per round, one line per strategy (band: ± std over seeds)."""
+    import matplotlib.pyplot as plt
+
+    primary = runs[0].primary_metric
+    figure, axes = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    for strategy, group in group_by_strategy(runs).items():
+        rounds = sorted({r["round"] for run in group for r in run.evaluated})
+        values = np.array([[_score_at(run, rnd, primary) for rnd in rounds] for run in group])
+        mean = np.nanmean(values, axis=0)
+        line, = axes.plot(rounds, mean, marker="o", label=f"{strategy} ({len(group)} seed{'s' * (len(group) > 1)})")
+        if len(group) > 1:
+            std = np.nanstd(values, axis=0, ddof=1)
+            axes.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+    axes.set_xlabel("server round")
+    axes.set_ylabel(f"personalized {METRIC_LABELS[primary]} (mean over clients)")
+    axes.set_title("Personalized score per round")
+    axes.set_ylim(0, 1)  # every metric is a fraction in [0, 1]
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    figure.savefig(path, dpi=130)
+    plt.close(figure)
+    return path
+
+
+def _score_at(run: Run, server_round: int, metric: str) -> float:
+    record = next((r for r in run.evaluated if r["round"] == server_round), None)
+    return record["personalized_mean"][metric] if record else math.nan
+
+
+def plot_per_client(runs: Sequence[Run], path: Path) -> Path:
+    """Last-round primary metric per client, grouped bars per strategy (error bars: std over seeds)."""
+    import matplotlib.pyplot as plt
+
+    primary = runs[0].primary_metric
+    groups = group_by_strategy(runs)
+    table = {(r["strategy"], r["client"]): r for r in per_client_rows(runs)}
+    clients = [int(c) for c in runs[0].clients]
+    width = 0.8 / len(groups)
+    figure, axes = plt.subplots(figsize=(max(7, 1.1 * len(clients) + 2), 4.5), constrained_layout=True)
+    for k, strategy in enumerate(groups):
+        means = [table[(strategy, c)][f"{primary}_mean"] for c in clients]
+        stds = [table[(strategy, c)][f"{primary}_std"] for c in clients]
+        positions = np.arange(len(clients)) + (k - (len(groups) - 1) / 2) * width
+        axes.bar(positions, means, width, yerr=None if all(map(math.isnan, stds)) else np.nan_to_num(stds), label=strategy, capsize=2)
+    axes.set_xticks(np.arange(len(clients)), _client_labels(runs[0]), rotation=30, ha="right")
+    axes.set_xlabel("client (task)")
+    axes.set_ylabel(f"{METRIC_LABELS[primary]}, last round")
+    axes.set_title("Final score of each client's own adapter")
+    axes.set_ylim(0, 1)
+    axes.grid(axis="y", alpha=0.3)
+    axes.legend(fontsize="small", ncols=min(len(groups), 4))
+    figure.savefig(path, dpi=130)
+    plt.close(figure)
+    return path
+
+
+def plot_similarity(run: Run, path: Path) -> Path:
+    """Similarity (top) and aggregation weights (bottom), first and last round, labelled by task."""
+    import matplotlib.pyplot as plt
+
+    recorded = [r for r in run.rounds if "similarity" in r]
+    shown = [recorded[0], recorded[-1]] if len(recorded) > 1 else recorded[:1]
+    labels = _client_labels(run)
+    size = 0.5 * len(labels) + 2.5
+    figure, axes = plt.subplots(2, len(shown), figsize=(size * len(shown), 2 * size), squeeze=False, constrained_layout=True)
+    for column, record in enumerate(shown):
+        index = [int(p) for p in record.get("participants", range(len(labels)))]
+        names = [labels[i] for i in index]
+        for row, (key, title, cmap, limits) in enumerate(
+            [("similarity", "cosine similarity", "RdBu_r", (-1, 1)), ("weights", "aggregation weight", "viridis", (0, 1))]
+        ):
+            matrix = np.asarray(record[key])
+            ax = axes[row, column]
+            image = ax.imshow(matrix, cmap=cmap, vmin=limits[0], vmax=limits[1])
+            for (i, j), value in np.ndenumerate(matrix):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if (abs(value) > 0.6 if key == "similarity" else value > 0.5) else "black")
+            ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+            ax.set_yticks(range(len(names)), names, fontsize=8)
+            ax.set_title(f"{title}, round {record['round']}", fontsize=10)
+            figure.colorbar(image, ax=ax, shrink=0.8)
+    figure.suptitle(f"{run.strategy}, seed {run.seed}: rows = receiving client, columns = contributing client")
+    figure.savefig(path, dpi=130)
+    plt.close(figure)
+    return path
+
+
+def write_plots(runs: Sequence[Run], out: Path) -> list[Path]:
+    """scores_per_round.png, per_client.png and similarity_<strategy>.png (first seed) in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [plot_scores_per_round(runs, out / "scores_per_round.png"), plot_per_client(runs, out / "per_client.png")]
+    for strategy, group in group_by_strategy(runs).items():
+        if any("similarity" in r for r in group[0].rounds):
+            paths.append(plot_similarity(group[0], out / f"similarity_{strategy}.png"))
+    return paths

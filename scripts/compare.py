@@ -1,0 +1,156 @@
+"""Compare strategies × seeds on one federation and budget, in simulation.
+
+Every run uses the same run config except ``strategy`` and ``seed``. Runs go one after
+another, each in a fresh process (``python -m fedbilevel.simulation``), into
+``<out>/runs/<strategy>-seed<k>/`` with its log beside it; a finished run with the same
+config is reused, so an interrupted comparison continues where it stopped. Then:
+
+    <out>/comparison.csv, per_client.csv, comparison.md     tables (mean ± std over seeds)
+    <out>/scores_per_round.png, per_client.png, similarity_<strategy>.png
+
+Example (the synthetic comparison in docs/BENCHMARKS.md):
+
+    .venv/bin/python scripts/compare.py --strategies fedavg,local,fedprox,fedamp,fedala,fedbip,fedbip-l \\
+        --seeds 0,1 --out outputs/compare-synthetic
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fedbilevel.comparison import load_run, markdown, write_plots, write_tables
+from fedbilevel.config import ConfigError, RunConfig
+from fedbilevel.simulation import parse_assignment, resolve
+from fedbilevel.strategies import strategy_names
+
+POLL_S = 2.0
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{seconds:02d}s"
+
+
+def _names(text: str, allowed: tuple[str, ...] | None, what: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [n for n in names if allowed is not None and n not in allowed]
+    if not names or unknown:
+        raise SystemExit(f"--{what}: {unknown[0] if unknown else text!r} is not allowed; choose from {', '.join(allowed or ())}")
+    return names
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--seeds: {text!r} is not allowed; expected distinct integers ≥ 0, e.g. 0,1,2")
+    return seeds
+
+
+def _rounds_done(run_dir: Path) -> list[dict]:
+    try:
+        return json.loads((run_dir / "results.json").read_text())["rounds"]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def _is_complete(run_dir: Path, config: dict) -> bool:
+    """A finished run of exactly this config (an unfinished one is removed, a different one is an error)."""
+    if not run_dir.exists():
+        return False
+    saved = json.loads((run_dir / "config.json").read_text())["run_config"] if (run_dir / "config.json").exists() else None
+    if saved is not None and saved != RunConfig.from_run_config(config).to_run_config():
+        raise SystemExit(f"{run_dir} holds a run with a different config; use another --out or --force")
+    if saved is not None and len(_rounds_done(run_dir)) == config["num-server-rounds"] and (run_dir / "clients").exists():
+        return True
+    print(f"removing the unfinished run {run_dir}", flush=True)
+    shutil.rmtree(run_dir)
+    return False
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--strategies", default=",".join(strategy_names()), help="comma-separated (default: all registered)")
+    parser.add_argument("--seeds", default="0", help="comma-separated run seeds (default: 0)")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--run-config", action="append", default=[], metavar="FILE.toml", help="run-config file(s) applied to every run")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run-config override for every run (repeatable)")
+    parser.add_argument("--num-clients", type=int, default=8, help="simulated SuperNodes = clients (default: 8)")
+    parser.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per client (default: 1)")
+    parser.add_argument("--force", action="store_true", help="rerun runs that already finished")
+    parser.add_argument("--report-only", action="store_true", help="only rebuild tables and plots from the finished runs")
+    args = parser.parse_args()
+
+    strategies = _names(args.strategies, strategy_names(), "strategies")
+    seeds = _seeds(args.seeds)
+    overrides = dict(parse_assignment(a) for a in args.set)
+    for key in ("strategy", "seed", "output-dir", "run-name"):
+        if key in overrides:
+            raise SystemExit(f"--set {key}: not allowed here; compare.py sets it for every run (use --strategies / --seeds / --out)")
+    out = args.out.resolve()
+    runs_dir = out / "runs"
+    plan = []
+    try:
+        for strategy in strategies:
+            for seed in seeds:
+                name = f"{strategy}-seed{seed}"
+                config = resolve({**overrides, "strategy": strategy, "seed": seed, "output-dir": str(runs_dir), "run-name": name}, args.run_config)
+                plan.append((name, config))
+    except ConfigError as error:
+        raise SystemExit(str(error)) from None
+    rounds = plan[0][1]["num-server-rounds"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps({"command": sys.argv, "strategies": strategies, "seeds": seeds,
+                                                  "num_clients": args.num_clients, "run_config": plan[0][1]}, indent=2))
+
+    started, round_seconds = time.time(), []
+    if not args.report_only:
+        todo = []
+        for name, config in plan:
+            if args.force and (runs_dir / name).exists():
+                shutil.rmtree(runs_dir / name)
+            if _is_complete(runs_dir / name, config):
+                print(f"{name}: finished earlier, reused", flush=True)
+            else:
+                todo.append((name, config))
+        print(f"{len(todo)} of {len(plan)} runs to do ({rounds} rounds each, {args.num_clients} clients); logs in {runs_dir}", flush=True)
+        for index, (name, config) in enumerate(todo, start=1):
+            runs_dir.mkdir(parents=True, exist_ok=True)
+            (runs_dir / f"{name}.config.json").write_text(json.dumps(config, indent=2))
+            command = [sys.executable, "-m", "fedbilevel.simulation", "--config-json", str(runs_dir / f"{name}.config.json"),
+                       "--num-supernodes", str(args.num_clients), "--cpus-per-client", str(args.cpus_per_client)]
+            run_started, seen = time.time(), 0
+            with (runs_dir / f"{name}.log").open("w") as log:
+                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+                while process.poll() is None or seen < len(_rounds_done(runs_dir / name)):
+                    time.sleep(POLL_S if process.poll() is None else 0)
+                    done = _rounds_done(runs_dir / name)
+                    for record in done[seen:]:
+                        round_seconds.append(record["seconds"])
+                        remaining = (len(todo) - index) * rounds + rounds - record["round"]
+                        mean = record.get("personalized_mean")
+                        score = ", ".join(f"{k} {v:.3f}" for k, v in mean.items()) if mean else "not evaluated"
+                        print(f"[{index}/{len(todo)}] {name}: round {record['round']}/{rounds} in {record['seconds']:.0f} s "
+                              f"({len(record['failures'])} failures); {score}; "
+                              f"ETA {_duration(remaining * sum(round_seconds) / len(round_seconds))}", flush=True)
+                    seen = len(done)
+            if process.returncode != 0 or seen != rounds:
+                raise SystemExit(f"{name} failed (exit code {process.returncode}, {seen}/{rounds} rounds); see {runs_dir / f'{name}.log'}")
+            print(f"[{index}/{len(todo)}] {name} finished in {_duration(time.time() - run_started)}", flush=True)
+
+    runs = [load_run(runs_dir / name) for name, _ in plan]
+    paths = write_tables(runs, out) + write_plots(runs, out)
+    print(markdown(runs))
+    print(f"{len(runs)} runs in {_duration(time.time() - started)}; wrote:\n  " + "\n  ".join(str(p) for p in paths))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Comparison tables and plots from run folders, with hand-computed means and stds."""
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedbilevel.comparison import load_run, markdown, per_client_rows, summary_rows, write_plots, write_tables
+from fedbilevel.config import ConfigError
+from fedbilevel.simulation import parse_assignment
+
+ROOT = Path(__file__).resolve().parents[1]
+CLIENTS = {"0": {"task": "reverse"}, "1": {"task": "count"}}
+
+
+def scores(exact: float) -> dict[str, float]:
+    return {"rouge1": exact + 0.1, "rougeL": exact + 0.05, "exact_match": exact}
+
+
+def write_run(folder: Path, strategy: str, seed: int, per_round: list[tuple[float, float]], similarity: bool = False) -> Path:
+    """A run folder whose round r evaluates client 0 and 1 at per_round[r-1]."""
+    rounds = []
+    for number, (first, second) in enumerate(per_round, start=1):
+        record = {"round": number, "eval": {"0": scores(first), "1": scores(second)}, "failures": []}
+        record["personalized_mean"] = {m: (record["eval"]["0"][m] + record["eval"]["1"][m]) / 2 for m in scores(0)}
+        if similarity:
+            record.update(participants=[0, 1], similarity=[[1, 0.2], [0.2, 1]], weights=[[0.8, 0.2], [0.2, 0.8]])
+        rounds.append(record)
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"seed": seed, "run_config": {}}))
+    summary = {"primary_metric": "exact_match", "seconds": 120.0}
+    (folder / "results.json").write_text(json.dumps({"strategy": strategy, "clients": CLIENTS, "rounds": rounds, "summary": summary}))
+    return folder
+
+
+@pytest.fixture
+def runs(tmp_path):
+    return [
+        load_run(write_run(tmp_path / "a0", "fedbip", 0, [(0.2, 0.4), (0.6, 0.4)], similarity=True)),
+        load_run(write_run(tmp_path / "a1", "fedbip", 1, [(0.6, 0.6), (0.4, 0.4)], similarity=True)),
+        load_run(write_run(tmp_path / "b0", "fedavg", 0, [(0.1, 0.1), (0.2, 0.0)])),
+    ]
+
+
+def test_summary_means_and_stds_by_hand(runs):
+    fedbip, fedavg = summary_rows(runs)
+    assert fedbip["strategy"] == "fedbip" and fedbip["seeds"] == "0 1"
+    # Last round: seed 0 mean 0.5, seed 1 mean 0.4 -> 0.45 ± sample std of (0.5, 0.4).
+    assert fedbip["last_exact_match_mean"] == pytest.approx(0.45)
+    assert fedbip["last_exact_match_std"] == pytest.approx(math.sqrt(0.005))
+    assert fedbip["last_rouge1_mean"] == pytest.approx(0.55)
+    # Best round by exact match: seed 0 round 2 (0.5), seed 1 round 1 (0.6).
+    assert fedbip["best_exact_match_mean"] == pytest.approx(0.55)
+    assert fedbip["best_round_mean"] == 1.5
+    assert fedbip["minutes_mean"] == 2.0
+    # One seed: no standard deviation rather than a made-up zero.
+    assert fedavg["last_exact_match_mean"] == pytest.approx(0.1) and math.isnan(fedavg["last_exact_match_std"])
+
+
+def test_per_client_rows_by_hand(runs):
+    rows = {(r["strategy"], r["client"]): r for r in per_client_rows(runs)}
+    assert rows[("fedbip", 0)]["exact_match_mean"] == pytest.approx(0.5)  # 0.6 and 0.4
+    assert rows[("fedbip", 0)]["exact_match_std"] == pytest.approx(math.sqrt(0.02))
+    assert rows[("fedbip", 1)]["task"] == "count" and rows[("fedbip", 1)]["seeds"] == 2
+    assert rows[("fedavg", 1)]["exact_match_mean"] == 0.0
+
+
+def test_tables_and_plots_are_written(runs, tmp_path):
+    out = tmp_path / "report"
+    paths = write_tables(runs, out) + write_plots(runs, out)
+    assert {p.name for p in paths} == {
+        "comparison.csv", "per_client.csv", "comparison.md", "scores_per_round.png", "per_client.png", "similarity_fedbip.png",
+    }
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    with (out / "comparison.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["strategy"] for r in rows] == ["fedbip", "fedavg"]
+    assert float(rows[0]["last_exact_match_mean"]) == pytest.approx(0.45)
+    text = (out / "comparison.md").read_text()
+    assert text == markdown(runs)
+    assert "| fedbip | 0 1 | 0.550 ± 0.071 | 0.500 ± 0.071 | 0.450 ± 0.071 |" in text
+    assert "| 0 | reverse | 0.500 ± 0.141 | 0.200 |" in text
+
+
+def test_a_folder_that_is_not_a_run_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="config.json is missing"):
+        load_run(tmp_path)
+
+
+def test_run_config_assignments_parse_like_flwr_run():
+    assert parse_assignment("learning-rate=3e-4") == ("learning-rate", 3e-4)
+    assert parse_assignment("strategy='fedamp'") == ("strategy", "fedamp")
+    assert parse_assignment("strategy=fedamp") == ("strategy", "fedamp")
+    assert parse_assignment("num-server-rounds = 5") == ("num-server-rounds", 5)
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_assignment("fedamp")
+
+
+def test_compare_refuses_bad_arguments_before_running(tmp_path):
+    def compare(*args):
+        return subprocess.run([sys.executable, str(ROOT / "scripts" / "compare.py"), "--out", str(tmp_path), *args],
+                              capture_output=True, text=True, cwd=ROOT)
+
+    result = compare("--strategies", "fedbip,fedsgd")
+    assert result.returncode != 0 and "--strategies: 'fedsgd' is not allowed; choose from fedbip" in result.stderr
+    result = compare("--set", "learning-rate=-1")
+    assert result.returncode != 0 and "run-config key 'learning-rate': value -1 is not allowed" in result.stderr
+    result = compare("--set", "seed=3")
+    assert result.returncode != 0 and "--set seed: not allowed here" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_compare_runs_strategies_and_reuses_finished_runs(tmp_path):
+    tiny = ["--set", "model-name='tiny-random-llama'", "--set", "num-server-rounds=1", "--set", "synthetic-tasks='reverse,count'",
+            "--set", "synthetic-train-examples=4", "--set", "synthetic-test-examples=2", "--set", "local-steps=1",
+            "--set", "eval-max-new-tokens=2"]
+    command = [sys.executable, str(ROOT / "scripts" / "compare.py"), "--strategies", "fedbip,local", "--seeds", "3",
+               "--num-clients", "2", "--out", str(tmp_path), *tiny]
+    first = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    assert "[1/2] fedbip-seed3: round 1/1" in first.stdout and "[2/2] local-seed3 finished" in first.stdout
+    for name in ("fedbip-seed3", "local-seed3"):
+        config = json.loads((tmp_path / "runs" / name / "config.json").read_text())
+        assert config["seed"] == 3 and config["run_config"]["local-steps"] == 1
+    with (tmp_path / "comparison.csv").open() as handle:
+        assert [row["strategy"] for row in csv.DictReader(handle)] == ["fedbip", "local"]
+    assert (tmp_path / "similarity_fedbip.png").exists() and not (tmp_path / "similarity_local.png").exists()
+    # A second invocation reuses both finished runs and rebuilds the report.
+    second = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert second.returncode == 0 and "0 of 2 runs to do" in second.stdout and "fedbip-seed3: finished earlier, reused" in second.stdout

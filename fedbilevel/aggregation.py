@@ -56,19 +56,17 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
-NEGATIVE_COSINE_MODES = ("clip", "keep")
+from fedbilevel.weighting import NEGATIVE_COSINE_MODES, Weighting, _check_choice, _weights_from_similarities, centered_gram
+
 TASK_VECTOR_MODES = ("round", "cumulative")
 LAYER_GROUPINGS = ("array", "block")
 SIMILARITY_MODES = ("flat", "lora-product")
-
-# Row sums at or below this cannot be normalised safely (see module docstring).
-_MIN_ROW_SUM = 1e-8
 
 # Largest N×width float32 temporary of one weighted-sum product: small enough to stay in
 # cache for the additions that follow, large enough to keep the BLAS product efficient.
@@ -204,9 +202,21 @@ def fedbip_aggregate_detailed(
     initial: Adapter | None = None,
     grouping: str = "array",
     similarity: str = "flat",
+    weighting: Weighting | None = None,
+    smooth: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> FedBipResult:
-    """Like :func:`fedbip_aggregate`, also returning the similarity and weight matrices."""
+    """Like :func:`fedbip_aggregate`, also returning the similarity and weight matrices.
+
+    ``weighting`` replaces the paper's rule (:class:`fedbilevel.weighting.Weighting`; its
+    ``negative`` then applies, and the ``negative`` argument must stay "clip"). ``smooth``
+    maps the G×N×N cosine stack to the one the weights are computed from (e.g. an
+    exponential moving average across rounds); the result reports the cosines used.
+    """
     _check_choice("negative", negative, NEGATIVE_COSINE_MODES)
+    if weighting is None:
+        weighting = Weighting(negative=negative)
+    elif negative != "clip":
+        raise ValueError(f"negative: {negative!r} is not allowed together with weighting; set Weighting(negative=...) instead")
     _check_choice("task_vector", task_vector, TASK_VECTOR_MODES)
     _check_choice("grouping", grouping, LAYER_GROUPINGS)
     _check_choice("similarity", similarity, SIMILARITY_MODES)
@@ -234,9 +244,13 @@ def fedbip_aggregate_detailed(
         grams = np.stack([_gram(tau, layout, members, modules, trained, starts) for members in groups.values()])
     if not np.all(np.isfinite(np.diagonal(grams, axis1=1, axis2=2))):
         _raise_non_finite(personalized, trained)
+    if weighting.centering == "mean":
+        grams = centered_gram(grams)
     # All groups at once: many small groups must not cost many small NumPy calls each.
     cosines = _cosines_from_grams(grams)
-    weights = _weights_from_similarities(cosines, negative)
+    if smooth is not None:
+        cosines = smooth(cosines)
+    weights = weighting.weights(cosines)
 
     adapters = layout.empty_adapters(len(trained), names)
     for members, group_weights in zip(groups.values(), weights):
@@ -262,17 +276,6 @@ def _cosines_from_grams(grams: np.ndarray) -> np.ndarray:
     diagonal = np.arange(grams.shape[1])
     cosine[:, diagonal, diagonal] = nonzero
     return cosine
-
-
-def _weights_from_similarities(similarity: np.ndarray, negative: str) -> np.ndarray:
-    """:func:`weight_matrix` of every matrix in a G×N×N float64 stack."""
-    scores = np.clip(similarity, 0.0, None) if negative == "clip" else similarity
-    row_sums = scores.sum(axis=2)
-    normalisable = row_sums > _MIN_ROW_SUM
-    weights = np.where(normalisable[:, :, None], scores / np.where(normalisable, row_sums, 1.0)[:, :, None], 0.0)
-    diagonal = np.arange(similarity.shape[1])
-    weights[:, diagonal, diagonal] = np.where(normalisable, weights[:, diagonal, diagonal], 1.0)
-    return weights
 
 
 class _LoraModule(NamedTuple):
@@ -460,11 +463,6 @@ def _keep_modules_whole(groups: Mapping[str, list[str]], modules: Mapping[str, _
         if plain or paired:
             result[key] = plain + paired
     return result
-
-
-def _check_choice(key: str, value: object, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{key}: {value!r} is not allowed; choose one of {', '.join(allowed)}")
 
 
 def _check_adapters(

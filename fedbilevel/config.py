@@ -16,7 +16,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from fedbilevel.aggregation import LAYER_GROUPINGS, NEGATIVE_COSINE_MODES, SIMILARITY_MODES, TASK_VECTOR_MODES
+from fedbilevel.aggregation import LAYER_GROUPINGS, SIMILARITY_MODES, TASK_VECTOR_MODES
+from fedbilevel.weighting import NEGATIVE_COSINE_MODES, SIMILARITY_CENTERINGS, WEIGHTING_RULES
 
 PRECISIONS = ("bf16-autocast", "fp32")
 SYNTHETIC_INSTRUCTIONS = ("shared", "per-task")
@@ -136,6 +137,15 @@ SCHEMA: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "task-vector": ("task_vector", _choice(TASK_VECTOR_MODES)),
     "layer-grouping": ("layer_grouping", _choice(LAYER_GROUPINGS)),
     "similarity-space": ("similarity_space", _choice(SIMILARITY_MODES)),
+    "weighting": ("weighting", _choice(WEIGHTING_RULES)),
+    "weighting-temperature": ("weighting_temperature", _float(0.0, low_open=True)),
+    "weighting-power": ("weighting_power", _float(1.0, low_open=False)),
+    "weighting-top-k": ("weighting_top_k", _int(1)),
+    "weighting-threshold": ("weighting_threshold", _float(-1.0, low_open=False, high=1.0, high_open=False)),
+    "weighting-z-temperature": ("weighting_z_temperature", _float(0.0, low_open=True)),
+    "similarity-centering": ("similarity_centering", _choice(SIMILARITY_CENTERINGS)),
+    "self-weight-floor": ("self_weight_floor", _float(0.0, low_open=False, high=1.0, high_open=False)),
+    "similarity-ema": ("similarity_ema", _float(0.0, low_open=False, high=1.0)),
     "output-dir": ("output_dir", _text(empty_ok=False)),
     "run-name": ("run_name", _text(empty_ok=True)),
 }
@@ -182,6 +192,15 @@ class RunConfig:
     task_vector: str
     layer_grouping: str
     similarity_space: str
+    weighting: str
+    weighting_temperature: float
+    weighting_power: float
+    weighting_top_k: int
+    weighting_threshold: float
+    weighting_z_temperature: float
+    similarity_centering: str
+    self_weight_floor: float
+    similarity_ema: float
     output_dir: str
     run_name: str
 
@@ -196,6 +215,11 @@ class RunConfig:
         if missing:
             raise ConfigError(f"run-config key '{missing[0]}': missing; add it to [tool.flwr.app.config] in pyproject.toml")
         values = {field: check(key, merged[key]) for key, (field, check) in SCHEMA.items()}
+        if values["negative_cosine"] == "keep" and values["weighting"] != "paper":
+            raise ConfigError(
+                f"run-config key 'negative-cosine': value 'keep' is not allowed with weighting={values['weighting']!r}; "
+                "only weighting='paper' keeps negative cosines"
+            )
         return cls(**values)
 
     def to_run_config(self) -> dict[str, Any]:

@@ -64,6 +64,13 @@ def flatten(adapters: Sequence[Adapter]) -> np.ndarray:
     return np.stack([np.concatenate([np.asarray(a[n], np.float32).ravel() for n in names]) for a in adapters])
 
 
+def group_weights(labels: Sequence[object]) -> np.ndarray:
+    """N×N weights averaging within groups: wᵢₖ = 1/|gᵢ| if labels i and k are equal, else 0."""
+    labels = list(labels)
+    same = np.array([[a == b for b in labels] for a in labels], dtype=np.float64)
+    return same / same.sum(axis=1, keepdims=True)
+
+
 def fedamp_attention(cosine: np.ndarray, *, sigma: float, self_weight: float) -> np.ndarray:
     """HeurFedAMP's attention weights ξ from the clients' model cosine similarities.
 

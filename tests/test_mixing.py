@@ -10,6 +10,7 @@ import pytest
 from fedbilevel.mixing import (
     fedamp_attention,
     fedamp_cloud_models,
+    group_weights,
     flatten,
     mix_adapters,
 )
@@ -82,3 +83,10 @@ def test_fedamp_cloud_models_by_hand():
 def test_mixing_imports_neither_torch_nor_flower():
     code = "import sys, fedbilevel.mixing; print('torch' in sys.modules, 'flwr' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split() == ["False", "False"]
+
+
+def test_group_weights_by_hand():
+    np.testing.assert_allclose(
+        group_weights(["a", "b", "a", "a"]),
+        [[1 / 3, 0, 1 / 3, 1 / 3], [0, 1, 0, 0], [1 / 3, 0, 1 / 3, 1 / 3], [1 / 3, 0, 1 / 3, 1 / 3]],
+    )

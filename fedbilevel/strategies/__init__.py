@@ -44,11 +44,25 @@ def build_strategy(config: RunConfig, **common: Any) -> Strategy:
 
 
 def _fedbip_options(config: RunConfig) -> dict[str, Any]:
+    from fedbilevel.weighting import Weighting
+
+    weighting = Weighting(
+        rule=config.weighting,
+        negative=config.negative_cosine,
+        temperature=config.weighting_temperature,
+        power=config.weighting_power,
+        top_k=config.weighting_top_k,
+        threshold=config.weighting_threshold,
+        z_temperature=config.weighting_z_temperature,
+        centering=config.similarity_centering,
+        self_floor=config.self_weight_floor,
+    )
     return {
-        "negative_cosine": config.negative_cosine,
         "task_vector": config.task_vector,
         "layer_grouping": config.layer_grouping,
         "similarity_space": config.similarity_space,
+        "weighting": weighting,
+        "similarity_ema": config.similarity_ema,
         "min_nodes": config.min_nodes,
     }
 
@@ -113,3 +127,10 @@ def _fedala(config: RunConfig, **common: Any) -> Strategy:
         start_epochs=config.fedala_start_epochs,
     )
     return FedAla(ala=settings, min_nodes=config.min_nodes, **common)
+
+
+@register("cluster-oracle")
+def _cluster_oracle(config: RunConfig, **common: Any) -> Strategy:
+    from fedbilevel.strategies.cluster_oracle import ClusterOracle
+
+    return ClusterOracle(min_nodes=config.min_nodes, **common)

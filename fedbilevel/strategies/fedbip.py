@@ -19,6 +19,7 @@ from flwr.supercore import log
 
 from fedbilevel.aggregation import fedbip_aggregate_detailed
 from fedbilevel.strategies.personalized import Adapter, PersonalizedStrategy
+from fedbilevel.weighting import Weighting, ema_similarity
 
 
 class FedBip(PersonalizedStrategy):
@@ -37,6 +38,12 @@ class FedBip(PersonalizedStrategy):
     similarity_space : {"flat", "lora-product"} (default: "flat")
         Cosine of the raw adapter parameters, or of the effective LoRA updates ΔW = B·A
         (computed through r×r products, never forming ΔW).
+    weighting : Weighting, optional
+        A weighting rule other than the paper's (:class:`fedbilevel.weighting.Weighting`);
+        then ``negative_cosine`` must be left at "clip" and set inside it.
+    similarity_ema : float (default: 0.0)
+        Decay in [0, 1) of an exponential moving average of each client pair's cosines
+        across rounds (0: this round's cosines only).
     **kwargs
         Passed to :class:`PersonalizedStrategy` (``initial_adapter``, ``min_nodes``, ...).
     """
@@ -49,14 +56,21 @@ class FedBip(PersonalizedStrategy):
         task_vector: str = "round",
         layer_grouping: str = "array",
         similarity_space: str = "flat",
+        weighting: Weighting | None = None,
+        similarity_ema: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.layerwise = layerwise
-        self.negative_cosine = negative_cosine
         self.task_vector = task_vector
         self.layer_grouping = layer_grouping
         self.similarity_space = similarity_space
+        if weighting is not None and negative_cosine != "clip":
+            raise ValueError(f"negative_cosine: {negative_cosine!r} is not allowed together with weighting; set Weighting(negative=...)")
+        self.weighting = weighting or Weighting(negative=negative_cosine)
+        ema_similarity(None, np.eye(1), similarity_ema)  # validates the decay now
+        self.similarity_ema = similarity_ema
+        self._smoothed: dict[tuple[int, int], np.ndarray] = {}  # (partition i, partition k) -> cosine per group
 
     def summary(self) -> None:
         """Log the FedBip options."""
@@ -65,10 +79,12 @@ class FedBip(PersonalizedStrategy):
             "\t├──> FedBip%s: similarity '%s', negative cosines '%s', task vector '%s'%s",
             "-L" if self.layerwise else "",
             self.similarity_space,
-            self.negative_cosine,
+            self.weighting.negative,
             self.task_vector,
             f", layer groups '{self.layer_grouping}'" if self.layerwise else "",
         )
+        if not self.weighting.is_paper or self.similarity_ema:
+            log(INFO, "\t├──> weights: %s, similarity EMA decay %g", self.weighting, self.similarity_ema)
         super().summary()
 
     def personalize(self, server_round: int, trained: dict[int, Adapter], num_examples: dict[int, int]) -> dict[str, Any]:
@@ -78,11 +94,12 @@ class FedBip(PersonalizedStrategy):
             [self.adapter_for(p) for p in partitions],
             [trained[p] for p in partitions],
             layerwise=self.layerwise,
-            negative=self.negative_cosine,
             task_vector=self.task_vector,
             initial=self.initial_adapter,
             grouping=self.layer_grouping,
             similarity=self.similarity_space,
+            weighting=self.weighting,
+            smooth=self._smoother(partitions) if self.similarity_ema else None,
         )
         for partition_id, adapter in zip(partitions, result.adapters):
             self.adapters[partition_id] = adapter
@@ -93,3 +110,19 @@ class FedBip(PersonalizedStrategy):
             "similarity": result.similarity.round(6).tolist(),
             "weights": result.weights.round(6).tolist(),
         }
+
+    def _smoother(self, partitions: list[int]):
+        """EMA of each client pair's cosines over the rounds both took part in (keyed by partition ids)."""
+
+        def smooth(cosines: np.ndarray) -> np.ndarray:
+            previous = cosines.copy()  # a pair seen for the first time starts from its current cosine
+            pairs = [(a, b, (i, k)) for a, i in enumerate(partitions) for b, k in enumerate(partitions)]
+            for a, b, pair in pairs:
+                if pair in self._smoothed:
+                    previous[:, a, b] = self._smoothed[pair]
+            smoothed = ema_similarity(previous, cosines, self.similarity_ema)
+            for a, b, pair in pairs:
+                self._smoothed[pair] = smoothed[:, a, b]
+            return smoothed
+
+        return smooth

@@ -41,6 +41,10 @@ Three choices the paper leaves open are options here:
 A row whose weights cannot be normalised (all clipped to zero, a signed sum ≤ 0, or a
 zero task vector) falls back to the client's own task vector: pᵢᵢ = 1. Nothing is NaN.
 
+Other ways from similarities to weights (sharper rules, removal of the common direction,
+a self-weight floor, smoothing across rounds) live in :mod:`fedbilevel.weighting` and
+enter through the ``weighting`` and ``smooth`` arguments; the default is the paper's.
+
 Cost: τ is written once, straight from the inputs, into one N×d float32 array (no stacked
 copies of θ or θ̄). Each group's Gram matrix is one BLAS product over a column slice of
 it (FedBip: the whole array), and the weighted sums are BLAS products over column

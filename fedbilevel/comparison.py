@@ -28,6 +28,7 @@ class Run:
     """One finished run, as read from its folder."""
 
     folder: Path
+    label: str
     strategy: str
     seed: int
     primary_metric: str
@@ -51,8 +52,11 @@ class Run:
         return max(self.evaluated, key=lambda r: r["personalized_mean"][self.primary_metric])
 
 
-def load_run(folder: str | Path) -> Run:
-    """Read a run folder; a run without any evaluated round is an error."""
+def load_run(folder: str | Path, label: str | None = None) -> Run:
+    """Read a run folder; ``label`` names it in tables and plots (default: its strategy).
+
+    A run without any evaluated round is an error.
+    """
     folder = Path(folder)
     for name in ("config.json", "results.json"):
         if not (folder / name).is_file():
@@ -61,6 +65,7 @@ def load_run(folder: str | Path) -> Run:
     results = json.loads((folder / "results.json").read_text())
     run = Run(
         folder=folder,
+        label=label or results["strategy"],
         strategy=results["strategy"],
         seed=int(config["seed"]),
         primary_metric=results["summary"].get("primary_metric", "rougeL"),
@@ -83,18 +88,18 @@ def _format(mean: float, std: float) -> str:
     return f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
 
 
-def group_by_strategy(runs: Sequence[Run]) -> dict[str, list[Run]]:
-    """Runs per strategy, strategies in first-seen order, seeds ascending."""
+def group_by_label(runs: Sequence[Run]) -> dict[str, list[Run]]:
+    """Runs per label (strategy or variant), labels in first-seen order, seeds ascending."""
     groups: dict[str, list[Run]] = {}
     for run in runs:
-        groups.setdefault(run.strategy, []).append(run)
+        groups.setdefault(run.label, []).append(run)
     return {name: sorted(group, key=lambda r: r.seed) for name, group in groups.items()}
 
 
 def summary_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
     """Per strategy: mean and std over seeds of the personalized scores, last and best round."""
     rows = []
-    for strategy, group in group_by_strategy(runs).items():
+    for strategy, group in group_by_label(runs).items():
         row: dict[str, Any] = {"strategy": strategy, "seeds": " ".join(str(r.seed) for r in group)}
         for when in ("last", "best"):
             for metric in METRICS:
@@ -109,7 +114,7 @@ def summary_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
 def per_client_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
     """Per strategy and client: last-round scores, mean and std over seeds (failed evaluations skipped)."""
     rows = []
-    for strategy, group in group_by_strategy(runs).items():
+    for strategy, group in group_by_label(runs).items():
         for client, info in group[0].clients.items():
             scores = [r.last["eval"][client] for r in group if client in r.last["eval"]]
             row: dict[str, Any] = {"strategy": strategy, "client": int(client), "task": info.get("task"), "seeds": len(scores)}
@@ -142,7 +147,7 @@ def markdown(runs: Sequence[Run]) -> str:
     for row in summary_rows(runs):
         cells = [_format(row[f"{when}_{m}_mean"], row[f"{when}_{m}_std"]) for when in ("last", "best") for m in METRICS]
         lines.append(f"| {row['strategy']} | {row['seeds']} | " + " | ".join(cells) + f" | {row['best_round_mean']:.1f} | {row['minutes_mean']:.1f} |")
-    groups = group_by_strategy(runs)
+    groups = group_by_label(runs)
     clients = runs[0].clients
     lines += [
         "",
@@ -178,7 +183,7 @@ def plot_scores_per_round(runs: Sequence[Run], path: Path) -> Path:
 
     primary = runs[0].primary_metric
     figure, axes = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
-    for strategy, group in group_by_strategy(runs).items():
+    for strategy, group in group_by_label(runs).items():
         rounds = sorted({r["round"] for run in group for r in run.evaluated})
         values = np.array([[_score_at(run, rnd, primary) for rnd in rounds] for run in group])
         mean = np.nanmean(values, axis=0)
@@ -208,7 +213,7 @@ def plot_per_client(runs: Sequence[Run], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     primary = runs[0].primary_metric
-    groups = group_by_strategy(runs)
+    groups = group_by_label(runs)
     table = {(r["strategy"], r["client"]): r for r in per_client_rows(runs)}
     clients = [int(c) for c in runs[0].clients]
     width = 0.8 / len(groups)
@@ -255,7 +260,7 @@ def plot_similarity(run: Run, path: Path) -> Path:
             ax.set_yticks(range(len(names)), names, fontsize=8)
             ax.set_title(f"{title}, round {record['round']}", fontsize=10)
             figure.colorbar(image, ax=ax, shrink=0.8)
-    figure.suptitle(f"{run.strategy}, seed {run.seed}: rows = receiving client, columns = contributing client")
+    figure.suptitle(f"{run.label}, seed {run.seed}: rows = receiving client, columns = contributing client")
     figure.savefig(path, dpi=130)
     plt.close(figure)
     return path
@@ -265,7 +270,7 @@ def write_plots(runs: Sequence[Run], out: Path) -> list[Path]:
     """scores_per_round.png, per_client.png and similarity_<strategy>.png (first seed) in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [plot_scores_per_round(runs, out / "scores_per_round.png"), plot_per_client(runs, out / "per_client.png")]
-    for strategy, group in group_by_strategy(runs).items():
+    for strategy, group in group_by_label(runs).items():
         if any("similarity" in r for r in group[0].rounds):
             paths.append(plot_similarity(group[0], out / f"similarity_{strategy}.png"))
     return paths

@@ -12,12 +12,18 @@ Example (the synthetic comparison in docs/BENCHMARKS.md):
 
     .venv/bin/python scripts/compare.py --strategies fedavg,local,fedprox,fedamp,fedala,fedbip,fedbip-l \\
         --seeds 0,1 --out outputs/compare-synthetic
+
+``--variants FILE.toml`` adds labelled variants, one TOML table each (a label and its
+run-config overrides, e.g. ``[softmax-t0.05]`` with ``strategy = "fedbip"``,
+``weighting = "softmax"``, ``weighting-temperature = 0.05``): an ablation is a
+comparison of variants (conf/ablation-weighting.toml).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -43,6 +49,22 @@ def _names(text: str, allowed: tuple[str, ...] | None, what: str) -> list[str]:
     if not names or unknown:
         raise SystemExit(f"--{what}: {unknown[0] if unknown else text!r} is not allowed; choose from {', '.join(allowed or ())}")
     return names
+
+
+def _variants(path: Path) -> list[tuple[str, dict]]:
+    import tomllib
+
+    with path.open("rb") as handle:
+        tables = tomllib.load(handle)
+    bad = [
+        label
+        for label, table in tables.items()
+        if not isinstance(table, dict) or any(isinstance(v, dict) for v in table.values()) or not re.fullmatch(r"[A-Za-z0-9_.+-]+", label)
+    ]
+    if not tables or bad:
+        raise SystemExit(f"--variants {path}: {bad[0] if bad else 'no tables'!r} is not allowed; expected [label] tables "
+                         '(letters, digits, . _ + -; quote a label with dots: ["t0.1"]) of run-config overrides')
+    return list(tables.items())
 
 
 def _seeds(text: str) -> list[int]:
@@ -78,7 +100,8 @@ def _is_complete(run_dir: Path, config: dict) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--strategies", default=",".join(strategy_names()), help="comma-separated (default: all registered)")
+    parser.add_argument("--strategies", help="comma-separated (default: all registered, or none when --variants is given)")
+    parser.add_argument("--variants", type=Path, metavar="FILE.toml", help="labelled variants: [label] tables of run-config overrides")
     parser.add_argument("--seeds", default="0", help="comma-separated run seeds (default: 0)")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--run-config", action="append", default=[], metavar="FILE.toml", help="run-config file(s) applied to every run")
@@ -89,32 +112,39 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="only rebuild tables and plots from the finished runs")
     args = parser.parse_args()
 
-    strategies = _names(args.strategies, strategy_names(), "strategies")
+    variants = [(name, {"strategy": name}) for name in _names(args.strategies, strategy_names(), "strategies")] if args.strategies else []
+    if args.variants:
+        variants += _variants(args.variants)
+    elif not args.strategies:
+        variants = [(name, {"strategy": name}) for name in strategy_names()]
+    labels = [label for label, _ in variants]
+    if len(set(labels)) != len(labels):
+        raise SystemExit(f"variant labels must be distinct; got {', '.join(labels)}")
     seeds = _seeds(args.seeds)
     overrides = dict(parse_assignment(a) for a in args.set)
     for key in ("strategy", "seed", "output-dir", "run-name"):
-        if key in overrides:
-            raise SystemExit(f"--set {key}: not allowed here; compare.py sets it for every run (use --strategies / --seeds / --out)")
+        if key in overrides or any(key in variant and key != "strategy" for _, variant in variants):
+            raise SystemExit(f"{key}: not allowed in --set or variants; compare.py sets it for every run (use --strategies / --seeds / --out)")
     out = args.out.resolve()
     runs_dir = out / "runs"
     plan = []
     try:
-        for strategy in strategies:
+        for label, variant in variants:
             for seed in seeds:
-                name = f"{strategy}-seed{seed}"
-                config = resolve({**overrides, "strategy": strategy, "seed": seed, "output-dir": str(runs_dir), "run-name": name}, args.run_config)
-                plan.append((name, config))
+                name = f"{label}-seed{seed}"
+                config = resolve({**overrides, **variant, "seed": seed, "output-dir": str(runs_dir), "run-name": name}, args.run_config)
+                plan.append((label, name, config))
     except ConfigError as error:
         raise SystemExit(str(error)) from None
-    rounds = plan[0][1]["num-server-rounds"]
+    rounds = plan[0][2]["num-server-rounds"]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps({"command": sys.argv, "strategies": strategies, "seeds": seeds,
-                                                  "num_clients": args.num_clients, "run_config": plan[0][1]}, indent=2))
+    (out / "compare.json").write_text(json.dumps({"command": sys.argv, "variants": dict(variants), "seeds": seeds,
+                                                  "num_clients": args.num_clients, "run_configs": {n: c for _, n, c in plan}}, indent=2))
 
     started, round_seconds = time.time(), []
     if not args.report_only:
         todo = []
-        for name, config in plan:
+        for _, name, config in plan:
             if args.force and (runs_dir / name).exists():
                 shutil.rmtree(runs_dir / name)
             if _is_complete(runs_dir / name, config):
@@ -146,7 +176,7 @@ def main() -> None:
                 raise SystemExit(f"{name} failed (exit code {process.returncode}, {seen}/{rounds} rounds); see {runs_dir / f'{name}.log'}")
             print(f"[{index}/{len(todo)}] {name} finished in {_duration(time.time() - run_started)}", flush=True)
 
-    runs = [load_run(runs_dir / name) for name, _ in plan]
+    runs = [load_run(runs_dir / name, label) for label, name, _ in plan]
     paths = write_tables(runs, out) + write_plots(runs, out)
     print(markdown(runs))
     print(f"{len(runs)} runs in {_duration(time.time() - started)}; wrote:\n  " + "\n  ".join(str(p) for p in paths))

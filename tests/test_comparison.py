@@ -111,7 +111,10 @@ def test_compare_refuses_bad_arguments_before_running(tmp_path):
     result = compare("--set", "learning-rate=-1")
     assert result.returncode != 0 and "run-config key 'learning-rate': value -1 is not allowed" in result.stderr
     result = compare("--set", "seed=3")
-    assert result.returncode != 0 and "--set seed: not allowed here" in result.stderr
+    assert result.returncode != 0 and "seed: not allowed in --set or variants" in result.stderr
+    (tmp_path / "variants.toml").write_text('[sharp]\nstrategy = "fedbip"\nweighting = "softmax"\nweighting-temperature = 0\n')
+    result = compare("--variants", str(tmp_path / "variants.toml"))
+    assert result.returncode != 0 and "run-config key 'weighting-temperature': value 0 is not allowed" in result.stderr
     assert not (tmp_path / "runs").exists()
 
 
@@ -119,17 +122,20 @@ def test_compare_runs_strategies_and_reuses_finished_runs(tmp_path):
     tiny = ["--set", "model-name='tiny-random-llama'", "--set", "num-server-rounds=1", "--set", "synthetic-tasks='reverse,count'",
             "--set", "synthetic-train-examples=4", "--set", "synthetic-test-examples=2", "--set", "local-steps=1",
             "--set", "eval-max-new-tokens=2"]
-    command = [sys.executable, str(ROOT / "scripts" / "compare.py"), "--strategies", "fedbip,local", "--seeds", "3",
-               "--num-clients", "2", "--out", str(tmp_path), *tiny]
+    variants = tmp_path / "variants.toml"
+    variants.write_text('[fedbip-softmax]\nstrategy = "fedbip"\nweighting = "softmax"\n')
+    command = [sys.executable, str(ROOT / "scripts" / "compare.py"), "--strategies", "fedbip", "--variants", str(variants),
+               "--seeds", "3", "--num-clients", "2", "--out", str(tmp_path / "out"), *tiny]
     first = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
-    assert "[1/2] fedbip-seed3: round 1/1" in first.stdout and "[2/2] local-seed3 finished" in first.stdout
-    for name in ("fedbip-seed3", "local-seed3"):
-        config = json.loads((tmp_path / "runs" / name / "config.json").read_text())
-        assert config["seed"] == 3 and config["run_config"]["local-steps"] == 1
-    with (tmp_path / "comparison.csv").open() as handle:
-        assert [row["strategy"] for row in csv.DictReader(handle)] == ["fedbip", "local"]
-    assert (tmp_path / "similarity_fedbip.png").exists() and not (tmp_path / "similarity_local.png").exists()
+    assert "[1/2] fedbip-seed3: round 1/1" in first.stdout and "[2/2] fedbip-softmax-seed3 finished" in first.stdout
+    out = tmp_path / "out"
+    for name, weighting in (("fedbip-seed3", "paper"), ("fedbip-softmax-seed3", "softmax")):
+        config = json.loads((out / "runs" / name / "config.json").read_text())
+        assert config["seed"] == 3 and config["run_config"]["local-steps"] == 1 and config["run_config"]["weighting"] == weighting
+    with (out / "comparison.csv").open() as handle:
+        assert [row["strategy"] for row in csv.DictReader(handle)] == ["fedbip", "fedbip-softmax"]
+    assert (out / "similarity_fedbip.png").exists() and (out / "similarity_fedbip-softmax.png").exists()
     # A second invocation reuses both finished runs and rebuilds the report.
     second = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert second.returncode == 0 and "0 of 2 runs to do" in second.stdout and "fedbip-seed3: finished earlier, reused" in second.stdout

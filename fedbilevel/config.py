@@ -105,6 +105,7 @@ SCHEMA: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "seed": ("seed", _int(0)),
     "min-nodes": ("min_nodes", _int(1)),
     "round-timeout": ("round_timeout", _float(0.0, low_open=True)),
+    "min-available-fraction": ("min_available_fraction", _float(0.0, low_open=True, high=1.0, high_open=False)),
     "model-name": ("model_name", _text(empty_ok=False)),
     "device": ("device", _device),
     "precision": ("precision", _choice(PRECISIONS)),
@@ -148,7 +149,14 @@ SCHEMA: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "similarity-ema": ("similarity_ema", _float(0.0, low_open=False, high=1.0)),
     "output-dir": ("output_dir", _text(empty_ok=False)),
     "run-name": ("run_name", _text(empty_ok=True)),
+    "resume-from": ("resume_from", _text(empty_ok=True)),
 }
+
+
+# Keys a resumed run may change: how it runs, not what it computes.
+RESUMABLE_KEYS = frozenset(
+    {"num-server-rounds", "resume-from", "round-timeout", "min-nodes", "min-available-fraction", "device", "client-threads", "output-dir", "run-name"}
+)
 
 
 @dataclass(frozen=True)
@@ -160,6 +168,7 @@ class RunConfig:
     seed: int
     min_nodes: int
     round_timeout: float
+    min_available_fraction: float
     model_name: str
     device: str
     precision: str
@@ -203,6 +212,7 @@ class RunConfig:
     similarity_ema: float
     output_dir: str
     run_name: str
+    resume_from: str
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> RunConfig:

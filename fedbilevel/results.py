@@ -58,8 +58,7 @@ def make_run_dir(config: RunConfig) -> Path:
     runs from a copy of the app elsewhere), else to the working directory.
     """
     name = config.run_name or f"{config.strategy}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    root = Path(os.environ.get("FEDBILEVEL_OUTPUT_ROOT", "."))
-    base = (root / Path(config.output_dir).expanduser()).resolve() / name
+    base = resolve_output_path(config.output_dir) / name
     candidate, suffix = base, 1
     while candidate.exists():
         suffix += 1
@@ -68,28 +67,44 @@ def make_run_dir(config: RunConfig) -> Path:
     return candidate
 
 
-class RunRecorder:
-    """Writes config.json at start, results.json after every round, adapters at the end."""
+def resolve_output_path(path: str) -> Path:
+    """A user path taken relative to ``$FEDBILEVEL_OUTPUT_ROOT`` when set, else to the working directory."""
+    return (Path(os.environ.get("FEDBILEVEL_OUTPUT_ROOT", ".")) / Path(path).expanduser()).resolve()
 
-    def __init__(self, config: RunConfig, run_dir: Path) -> None:
+
+class RunRecorder:
+    """Writes config.json at start, results.json after every round, adapters at the end.
+
+    With ``resumed_round`` the run continues an earlier one in the same folder: rounds
+    after that round (recorded but not checkpointed before a crash) are dropped from
+    results.json, and config.json keeps the original start and lists every resume.
+    """
+
+    def __init__(self, config: RunConfig, run_dir: Path, *, resumed_round: int | None = None) -> None:
         self.config = config
         self.run_dir = run_dir
         self.primary_metric = PRIMARY_METRIC.get(config.data, "rougeL")
         self.results: dict[str, Any] = {"strategy": config.strategy, "clients": {}, "rounds": [], "summary": {}}
         self._started = time.time()
-        write_json(
-            run_dir / "config.json",
-            {
-                "run_config": config.to_run_config(),
-                "seed": config.seed,
-                "run_dir": str(run_dir),
-                "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "versions": package_versions(),
-                "python": sys.version.split()[0],
-                "platform": platform.platform(),
-                "command": sys.argv,
-            },
-        )
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        record = {
+            "run_config": config.to_run_config(),
+            "seed": config.seed,
+            "run_dir": str(run_dir),
+            "started_utc": now,
+            "versions": package_versions(),
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            "command": sys.argv,
+        }
+        if resumed_round is not None:
+            previous = json.loads((run_dir / "config.json").read_text())
+            self.results = json.loads((run_dir / "results.json").read_text())
+            self.results["rounds"] = [r for r in self.results["rounds"] if r["round"] <= resumed_round]
+            self._started -= self.results["summary"].get("seconds", 0.0)
+            record["started_utc"] = previous["started_utc"]
+            record["resumes"] = [*previous.get("resumes", []), {"after_round": resumed_round, "utc": now, "command": sys.argv}]
+        write_json(run_dir / "config.json", record)
 
     def set_clients(self, clients: Mapping[int, Mapping[str, Any]]) -> None:
         """Partition id -> {task, num_train, num_test} from the clients' query replies."""

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +15,40 @@ from flwr.supercore import log
 
 from fedbilevel import protocol
 from fedbilevel.client.model import initial_adapter_arrays, lora_settings, save_adapter
-from fedbilevel.config import RunConfig
-from fedbilevel.results import RunRecorder, make_run_dir
+from fedbilevel.checkpoint import load_checkpoint, save_checkpoint
+from fedbilevel.config import RESUMABLE_KEYS, ConfigError, RunConfig
+from fedbilevel.results import RunRecorder, make_run_dir, resolve_output_path
 from fedbilevel.strategies import build_strategy
 
 
+def _resume_point(config: RunConfig) -> tuple[Path, dict, dict]:
+    """The run folder, checkpoint arrays and record to continue; the config must match the run's."""
+    run_dir = resolve_output_path(config.resume_from)
+    arrays, meta = load_checkpoint(run_dir)
+    saved = json.loads((run_dir / "config.json").read_text())["run_config"]
+    for key, value in config.to_run_config().items():
+        if key not in RESUMABLE_KEYS and saved.get(key) != value:
+            raise ConfigError(
+                f"run-config key '{key}': value {value!r} differs from the resumed run's {saved.get(key)!r}; "
+                f"a resumed run may only change {', '.join(sorted(RESUMABLE_KEYS))}"
+            )
+    if meta["round"] >= config.num_server_rounds:
+        raise ConfigError(
+            f"run-config key 'num-server-rounds': value {config.num_server_rounds} is not allowed; "
+            f"the run in {run_dir} already completed round {meta['round']} (raise it to continue)"
+        )
+    return run_dir, arrays, meta
+
+
 def run_server(grid: Grid, config: RunConfig) -> Path:
-    """Run ``config.num_server_rounds`` rounds of ``config.strategy``; return the run folder."""
-    run_dir = make_run_dir(config)
-    recorder = RunRecorder(config, run_dir)
+    """Run ``config.num_server_rounds`` rounds of ``config.strategy``; return the run folder.
+
+    With ``resume-from``, continue that run from its checkpoint, in its folder.
+    """
+    resumed = _resume_point(config) if config.resume_from else None
+    run_dir = resumed[0] if resumed else make_run_dir(config)
+    resumed_after = resumed[2]["round"] if resumed else 0
+    recorder = RunRecorder(config, run_dir, resumed_round=resumed_after if resumed else None)
     log(INFO, "fedbilevel: strategy %s, %d rounds, results in %s", config.strategy, config.num_server_rounds, run_dir)
     lora = lora_settings(config)
     initial = initial_adapter_arrays(config.model_name, lora, seed=config.seed)
@@ -31,8 +57,9 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
     def on_round_end(record: Mapping[str, Any]) -> None:
         recorder.set_clients(strategy.clients)
         recorder.record_round(record)
+        save_checkpoint(run_dir, *strategy.checkpoint())
         done = record["round"]
-        eta = (time.time() - started) / done * (config.num_server_rounds - done)
+        eta = (time.time() - started) / (done - resumed_after) * (config.num_server_rounds - done)
         mean = recorder.results["rounds"][-1].get("personalized_mean")
         scores = ", ".join(f"{k} {v:.3f}" for k, v in mean.items()) if mean else "not evaluated"
         split = record["time_split"]
@@ -47,10 +74,15 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
         on_round_end=on_round_end,
         evaluate_round=config.evaluates_in_round,
     )
+    if resumed:
+        strategy.restore(resumed[1], resumed[2])
+        log(INFO, "resuming %s after round %d (checkpoint in %s)", config.strategy, strategy.round_offset, run_dir)
+        if config.strategy == "fedala":
+            log(WARNING, "FedALA keeps each client's local model and mixing weights on the client; a resumed run starts them afresh")
     strategy.start(
         grid,
         protocol.adapter_to_record(initial),
-        num_rounds=config.num_server_rounds,
+        num_rounds=config.num_server_rounds - strategy.round_offset,
         timeout=config.round_timeout,
         train_config=ConfigRecord(),
         evaluate_config=ConfigRecord(),

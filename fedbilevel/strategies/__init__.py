@@ -1,7 +1,7 @@
 """Strategy registry: run-config ``strategy`` name -> factory.
 
 A factory takes the validated :class:`~fedbilevel.config.RunConfig` plus the keyword
-arguments every personalized strategy accepts (``initial_adapter``, ``on_round_end``, ...)
+arguments every personalized strategy accepts (``initial_adapter``, ``min_nodes``, ...)
 and returns a Flower ``Strategy``. New strategies register here; nothing else changes.
 """
 
@@ -40,6 +40,7 @@ def build_strategy(config: RunConfig, **common: Any) -> Strategy:
     """The strategy named by ``config.strategy``; unknown names list the valid ones."""
     if config.strategy not in _REGISTRY:
         raise ValueError(f"run-config key 'strategy': value {config.strategy!r} is not allowed; choose one of {', '.join(_REGISTRY)}")
+    common = {"min_nodes": config.min_nodes, "min_available_fraction": config.min_available_fraction, **common}
     return _REGISTRY[config.strategy](config, **common)
 
 
@@ -63,7 +64,6 @@ def _fedbip_options(config: RunConfig) -> dict[str, Any]:
         "similarity_space": config.similarity_space,
         "weighting": weighting,
         "similarity_ema": config.similarity_ema,
-        "min_nodes": config.min_nodes,
     }
 
 
@@ -85,21 +85,21 @@ def _fedbip_l(config: RunConfig, **common: Any) -> Strategy:
 def _local(config: RunConfig, **common: Any) -> Strategy:
     from fedbilevel.strategies.local import LocalOnly
 
-    return LocalOnly(min_nodes=config.min_nodes, **common)
+    return LocalOnly(**common)
 
 
 @register("fedavg")
 def _fedavg(config: RunConfig, **common: Any) -> Strategy:
     from fedbilevel.strategies.fedavg import FedAvg
 
-    return FedAvg(min_nodes=config.min_nodes, **common)
+    return FedAvg(**common)
 
 
 @register("fedprox")
 def _fedprox(config: RunConfig, **common: Any) -> Strategy:
     from fedbilevel.strategies.fedprox import FedProx
 
-    return FedProx(proximal_mu=config.proximal_mu, min_nodes=config.min_nodes, **common)
+    return FedProx(proximal_mu=config.proximal_mu, **common)
 
 
 @register("fedamp")
@@ -110,7 +110,6 @@ def _fedamp(config: RunConfig, **common: Any) -> Strategy:
         proximal_lambda=config.fedamp_lambda,
         sigma=config.fedamp_sigma,
         self_weight=config.fedamp_self_weight,
-        min_nodes=config.min_nodes,
         **common,
     )
 
@@ -126,11 +125,11 @@ def _fedala(config: RunConfig, **common: Any) -> Strategy:
         top_fraction=config.fedala_top_fraction,
         start_epochs=config.fedala_start_epochs,
     )
-    return FedAla(ala=settings, min_nodes=config.min_nodes, **common)
+    return FedAla(ala=settings, **common)
 
 
 @register("cluster-oracle")
 def _cluster_oracle(config: RunConfig, **common: Any) -> Strategy:
     from fedbilevel.strategies.cluster_oracle import ClusterOracle
 
-    return ClusterOracle(min_nodes=config.min_nodes, **common)
+    return ClusterOracle(**common)

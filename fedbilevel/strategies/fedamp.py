@@ -40,6 +40,8 @@ class FedAmp(PersonalizedStrategy):
         Passed to :class:`~fedbilevel.strategies.personalized.PersonalizedStrategy`.
     """
 
+    checkpointed = ("adapters", "personal")
+
     def __init__(self, *, proximal_lambda: float, sigma: float, self_weight: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if proximal_lambda < 0:

@@ -111,6 +111,18 @@ class FedBip(PersonalizedStrategy):
             "weights": result.weights.round(6).tolist(),
         }
 
+    def checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Also the smoothed cosine of every client pair (``ema/<i>-<k>``)."""
+        arrays, meta = super().checkpoint()
+        arrays.update({f"ema/{i}-{k}": values for (i, k), values in self._smoothed.items()})
+        return arrays, meta
+
+    def restore(self, arrays, meta) -> None:
+        """Also the smoothed cosines."""
+        super().restore(arrays, meta)
+        pairs = (key.removeprefix("ema/").split("-") for key in arrays if key.startswith("ema/"))
+        self._smoothed = {(int(i), int(k)): arrays[f"ema/{i}-{k}"] for i, k in pairs}
+
     def _smoother(self, partitions: list[int]):
         """EMA of each client pair's cosines over the rounds both took part in (keyed by partition ids)."""
 

@@ -9,6 +9,7 @@ refuse a misrouted message. Replies are validated before anything is aggregated.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
@@ -66,7 +67,13 @@ class PersonalizedStrategy(Strategy):
         write results.json after every round.
     evaluate_round : callable, optional
         ``server_round -> bool``: whether clients evaluate after this round (default: always).
+    min_available_fraction : float (default: 0.5)
+        A round aggregates only when at least this fraction of the clients sent a train
+        message replied validly; otherwise every adapter is kept unchanged.
     """
+
+    # Attributes holding partition id -> adapter that a checkpoint must keep.
+    checkpointed: tuple[str, ...] = ("adapters",)
 
     def __init__(
         self,
@@ -75,9 +82,14 @@ class PersonalizedStrategy(Strategy):
         min_nodes: int = 2,
         on_round_end: RoundCallback | None = None,
         evaluate_round: Callable[[int], bool] | None = None,
+        min_available_fraction: float = 0.5,
     ) -> None:
         if not initial_adapter:
             raise ValueError("initial_adapter: must contain at least one array")
+        if not 0 < min_available_fraction <= 1:
+            raise ValueError(f"min_available_fraction: {min_available_fraction} is not allowed; expected a number in (0, 1]")
+        self.min_available_fraction = min_available_fraction
+        self.round_offset = 0  # rounds completed before a resume: Flower counts from 1 again
         self.initial_adapter: Adapter = {k: np.asarray(v) for k, v in initial_adapter.items()}
         self.min_nodes = min_nodes
         self.on_round_end = on_round_end
@@ -90,6 +102,7 @@ class PersonalizedStrategy(Strategy):
         self._round_started = 0.0
         self._marks: dict[str, float] = {}  # phase timestamps of the current round
         self._busy: dict[str, list[tuple[float, float]]] = {}  # phase -> client busy intervals
+        self._sent: dict[str, dict[int, int]] = {}  # phase -> node id -> partition id messaged this round
 
     # ------------------------------------------------------------------ subclass API
 
@@ -113,6 +126,38 @@ class PersonalizedStrategy(Strategy):
 
     # ------------------------------------------------------------------ state
 
+    def checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The state a resumed run needs: named arrays and a JSON-able record.
+
+        Arrays are ``<attribute>/<partition id>/<adapter array name>`` for every
+        attribute in :attr:`checkpointed`; the record has the completed round and the
+        clients' info. Subclasses with more state extend both.
+        """
+        arrays = {
+            f"{attribute}/{partition_id}/{name}": array
+            for attribute in self.checkpointed
+            for partition_id, adapter in getattr(self, attribute).items()
+            for name, array in adapter.items()
+        }
+        completed = self.history[-1]["round"] if self.history else self.round_offset
+        return arrays, {"round": completed, "clients": {str(p): info for p, info in self.clients.items()}}
+
+    def restore(self, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+        """Load a :meth:`checkpoint`; the next round is ``meta["round"] + 1``."""
+        for attribute in self.checkpointed:
+            getattr(self, attribute).clear()
+        loaded: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+        for key, array in arrays.items():
+            attribute, partition_id, name = key.split("/", 2)
+            if attribute in self.checkpointed:
+                loaded.setdefault((attribute, int(partition_id)), {})[name] = array
+        for (attribute, partition_id), adapter in loaded.items():
+            if set(adapter) != set(self.initial_adapter):
+                raise ValueError(f"checkpoint: {attribute} of client {partition_id} has other arrays than this run's adapter")
+            getattr(self, attribute)[partition_id] = {name: adapter[name] for name in self.initial_adapter}
+        self.clients = {int(p): dict(info) for p, info in meta["clients"].items()}
+        self.round_offset = int(meta["round"])
+
     def adapter_for(self, partition_id: int) -> Adapter:
         """The adapter a partition trains from next (θ⁰ until the client has been personalized)."""
         return self.adapters.get(partition_id, self.initial_adapter)
@@ -129,6 +174,7 @@ class PersonalizedStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """One TRAIN message per known partition, carrying that partition's own adapter."""
+        server_round += self.round_offset
         self._round_started = time.time()
         self._round = {
             "round": server_round,
@@ -146,9 +192,12 @@ class PersonalizedStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         """Validate replies, then let the subclass personalize the clients that replied."""
+        server_round += self.round_offset
         self._marks["train_received"] = time.time()
         trained: dict[int, Adapter] = {}
         num_examples: dict[int, int] = {}
+        replies = list(replies)
+        self._note_missing("train", replies)
         for message in replies:
             self._round["bytes_up"] += protocol.count_bytes(message.content) if message.has_content() else 0
             try:
@@ -176,8 +225,11 @@ class PersonalizedStrategy(Strategy):
                 num_examples[partition_id],
                 float(metrics["train-loss"]),
             )
-        if not trained:
-            log(WARNING, "round %d: no valid train replies; every adapter is kept unchanged", server_round)
+        needed = math.ceil(self.min_available_fraction * len(self._sent["train"]))
+        if not trained or len(trained) < needed:
+            reason = f"{len(trained)} of {len(self._sent['train'])} clients replied validly, {needed} needed (min-available-fraction)"
+            log(WARNING, "round %d: %s; every adapter is kept unchanged", server_round, reason)
+            self._round["aggregation_skipped"] = reason
             return None, None
         started = time.time()
         self._round.update(self.personalize(server_round, trained, num_examples))
@@ -188,6 +240,7 @@ class PersonalizedStrategy(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """One EVALUATE message per partition with its (new) personalized adapter."""
+        server_round += self.round_offset
         if not self.evaluate_round(server_round):
             return []
         messages = self._messages(server_round, config, MessageType.EVALUATE)
@@ -198,6 +251,8 @@ class PersonalizedStrategy(Strategy):
         """Record each client's own scores; return their unweighted mean (personalized score)."""
         self._marks["evaluate_received"] = time.time()
         scores: dict[int, dict[str, float]] = {}
+        replies = list(replies)
+        self._note_missing("evaluate", replies)
         for message in replies:
             self._round["bytes_up"] += protocol.count_bytes(message.content) if message.has_content() else 0
             try:
@@ -235,6 +290,7 @@ class PersonalizedStrategy(Strategy):
             )
             self._round["bytes_down"] += protocol.count_bytes(content)
             messages.append(Message(content=content, message_type=message_type, dst_node_id=node_id))
+        self._sent["train" if message_type == MessageType.TRAIN else "evaluate"] = dict(self.node_partitions)
         return messages
 
     def _discover_partitions(self, grid: Grid) -> None:
@@ -308,6 +364,15 @@ class PersonalizedStrategy(Strategy):
             if not np.all(np.isfinite(array)):
                 raise RejectedReply(f"array '{name}': contains NaN or Inf")
         return adapter
+
+    def _note_missing(self, phase: str, replies: list[Message]) -> None:
+        """Record every client that was sent a message but did not answer at all."""
+        answered = {message.metadata.src_node_id for message in replies}
+        for node_id, partition_id in sorted(self._sent.get(phase, {}).items(), key=lambda item: item[1]):
+            if node_id not in answered:
+                reason = "no reply within round-timeout (node lost or too slow)"
+                log(WARNING, "round %d: %s reply from client %d (node %d) missing: %s", self._round["round"], phase, partition_id, node_id, reason)
+                self._round["failures"].append({"phase": phase, "partition_id": partition_id, "node_id": node_id, "reason": reason})
 
     def _reject(self, message: Message, phase: str, reason: str) -> None:
         node_id = message.metadata.src_node_id

@@ -54,6 +54,8 @@ class FakeClient:
         if message.metadata.message_type == MessageType.EVALUATE:
             metrics["exact_match"] = float(self.partition_id)
             return Message(RecordDict({protocol.METRICS: MetricRecord(metrics)}), reply_to=message)
+        if self.behaviour == "silent":  # never answers a train message (a lost node, a timeout)
+            return None
         if self.behaviour == "raise":
             return Message(Error(code=0, reason="CUDA out of memory"), reply_to=message)
         trained = {k: v + update_of(self.partition_id, server_round)[k] for k, v in adapter.items()}
@@ -94,4 +96,5 @@ class FakeGrid(Grid):
         raise NotImplementedError
 
     def send_and_receive(self, messages, *, timeout=None):
-        return [self.nodes[m.metadata.dst_node_id].handle(m) for m in messages]
+        replies = [self.nodes[m.metadata.dst_node_id].handle(m) for m in messages]
+        return [reply for reply in replies if reply is not None]

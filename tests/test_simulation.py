@@ -140,3 +140,25 @@ def test_fedala_keeps_client_state_across_rounds(tmp_path):
     assert {scores["ala-epochs"] for scores in second["train"].values()} == {2.0}  # the start phase
     assert all(0.0 <= scores["ala-mean-weight"] <= 1.0 for scores in second["train"].values())
     assert set(second["eval"]) == {str(p) for p in range(NUM_CLIENTS)} and first["eval"] == {}
+
+
+def test_a_run_resumed_from_its_checkpoint_matches_an_unbroken_run(tmp_path):
+    # "Killed after round 2": a 2-round run leaves the same checkpoint a crash in round 3 would.
+    _, unbroken = simulate(tmp_path / "unbroken", strategy="fedbip", **{"num-server-rounds": 3})
+    _, broken = simulate(tmp_path / "broken", strategy="fedbip", **{"num-server-rounds": 2})
+    simulate(tmp_path / "broken", strategy="fedbip", **{"num-server-rounds": 3, "resume-from": str(broken)})
+    expected = json.loads((unbroken / "results.json").read_text())
+    resumed = json.loads((broken / "results.json").read_text())
+    assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3]
+    for mine, theirs in zip(resumed["rounds"], expected["rounds"]):
+        assert {p: t["loss"] for p, t in mine["train"].items()} == {p: t["loss"] for p, t in theirs["train"].items()}
+        scores = lambda record: {p: {m: s[m] for m in ("rouge1", "rougeL", "exact_match")} for p, s in record["eval"].items()}  # noqa: E731
+        assert scores(mine) == scores(theirs) and mine["weights"] == theirs["weights"]
+    config = json.loads((broken / "config.json").read_text())
+    assert config["run_config"]["num-server-rounds"] == 3 and [r["after_round"] for r in config["resumes"]] == [2]
+    for p in range(NUM_CLIENTS):
+        for name in ("adapter_model.safetensors",):
+            assert (broken / "clients" / str(p) / name).read_bytes() == (unbroken / "clients" / str(p) / name).read_bytes()
+    # Changing what the run computes is refused, with the key named.
+    with pytest.raises(Exception, match="run-config key 'learning-rate': value 0.5 differs from the resumed run's 0.01"):
+        simulate(tmp_path / "broken", strategy="fedbip", **{"num-server-rounds": 4, "resume-from": str(broken), "learning-rate": 0.5})

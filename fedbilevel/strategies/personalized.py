@@ -148,8 +148,9 @@ class PersonalizedStrategy(Strategy):
             getattr(self, attribute).clear()
         loaded: dict[tuple[str, int], dict[str, np.ndarray]] = {}
         for key, array in arrays.items():
-            attribute, partition_id, name = key.split("/", 2)
-            if attribute in self.checkpointed:
+            attribute, _, rest = key.partition("/")
+            if attribute in self.checkpointed:  # other keys belong to a subclass
+                partition_id, name = rest.split("/", 1)
                 loaded.setdefault((attribute, int(partition_id)), {})[name] = array
         for (attribute, partition_id), adapter in loaded.items():
             if set(adapter) != set(self.initial_adapter):

@@ -1,0 +1,82 @@
+"""Rounds survive missing clients; a checkpointed strategy resumes to the same state."""
+
+import numpy as np
+import pytest
+from fakes import INITIAL, FakeClient, FakeGrid, update_of
+from flwr.app import ArrayRecord, MessageType
+
+from fedbilevel.aggregation import fedbip_aggregate
+from fedbilevel.checkpoint import load_checkpoint, save_checkpoint
+from fedbilevel.strategies.fedamp import FedAmp
+from fedbilevel.strategies.fedbip import FedBip
+
+pytestmark = pytest.mark.usefixtures("server_identity")
+
+
+def test_a_silent_client_is_recorded_and_keeps_its_adapter():
+    clients = {p: FakeClient(p, "silent" if p == 2 else "good") for p in range(4)}
+    records = []
+    strategy = FedBip(initial_adapter=INITIAL, min_nodes=4, on_round_end=records.append)
+    strategy.start(FakeGrid({10 + p: c for p, c in clients.items()}), ArrayRecord(), num_rounds=1)
+    failures = records[0]["failures"]
+    assert failures == [{"phase": "train", "partition_id": 2, "node_id": 12,
+                         "reason": "no reply within round-timeout (node lost or too slow)"}]
+    assert all(np.array_equal(strategy.adapter_for(2)[k], INITIAL[k]) for k in INITIAL)
+    # The others are aggregated among themselves.
+    trained = [{k: INITIAL[k] + update_of(p, 1)[k] for k in INITIAL} for p in (0, 1, 3)]
+    expected = fedbip_aggregate([INITIAL] * 3, trained)
+    for p, adapter in zip((0, 1, 3), expected):
+        np.testing.assert_allclose(strategy.adapter_for(p)["a"], adapter["a"], rtol=1e-6)
+
+
+def test_too_few_replies_skip_aggregation_and_keep_every_adapter():
+    clients = {p: FakeClient(p, "good" if p == 0 else "raise") for p in range(4)}
+    records = []
+    strategy = FedBip(initial_adapter=INITIAL, min_nodes=4, min_available_fraction=0.5, on_round_end=records.append)
+    strategy.start(FakeGrid({10 + p: c for p, c in clients.items()}), ArrayRecord(), num_rounds=2)
+    assert records[0]["aggregation_skipped"] == "1 of 4 clients replied validly, 2 needed (min-available-fraction)"
+    assert len(records[0]["failures"]) == 3
+    kind, server_round, received = clients[0].received[2]
+    assert (kind, server_round) == (MessageType.TRAIN, 2)
+    assert all(np.array_equal(received[k], INITIAL[k]) for k in INITIAL), "client 0's adapter changed although the round was skipped"
+    with pytest.raises(ValueError, match=r"min_available_fraction: 0 is not allowed; expected a number in \(0, 1\]"):
+        FedBip(initial_adapter=INITIAL, min_available_fraction=0)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: FedBip(initial_adapter=INITIAL, min_nodes=4, similarity_ema=0.5),
+        lambda: FedAmp(initial_adapter=INITIAL, min_nodes=4, proximal_lambda=0.1, sigma=5.0, self_weight=0.5),
+    ],
+    ids=["fedbip-ema", "fedamp"],
+)
+def test_resume_from_a_checkpoint_matches_an_unbroken_run(make, tmp_path):
+    def run(rounds, strategy):
+        clients = {p: FakeClient(p) for p in range(4)}
+        strategy.start(FakeGrid({20 + p: c for p, c in clients.items()}), ArrayRecord(), num_rounds=rounds)
+        return clients
+
+    unbroken = make()
+    run(3, unbroken)
+
+    first = make()
+    run(2, first)
+    save_checkpoint(tmp_path, *first.checkpoint())
+    resumed = make()
+    resumed.restore(*load_checkpoint(tmp_path))
+    assert resumed.round_offset == 2 and resumed.clients == first.clients
+    clients = run(1, resumed)
+    # The resumed round is numbered 3 (client seeds depend on it) and everything ends equal.
+    assert [r for _, r, _ in clients[0].received] == [3, 3]
+    assert resumed.history[-1]["round"] == 3
+    np.testing.assert_allclose(resumed.history[-1]["weights"], unbroken.history[-1]["weights"], rtol=1e-12)
+    for p in range(4):
+        for k in INITIAL:
+            np.testing.assert_array_equal(resumed.adapter_for(p)[k], unbroken.adapter_for(p)[k])
+            np.testing.assert_array_equal(resumed.personalized_adapter(p)[k], unbroken.personalized_adapter(p)[k])
+
+
+def test_a_folder_without_checkpoint_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="run-config key 'resume-from': .* has no checkpoint.npz"):
+        load_checkpoint(tmp_path)

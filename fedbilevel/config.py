@@ -9,18 +9,25 @@ line naming the key, the value and what is allowed.
 from __future__ import annotations
 
 import math
+import os
 import re
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import tomllib
+
 from fedbilevel.aggregation import LAYER_GROUPINGS, SIMILARITY_MODES, TASK_VECTOR_MODES
-from fedbilevel.weighting import NEGATIVE_COSINE_MODES, SIMILARITY_CENTERINGS, WEIGHTING_RULES
+from fedbilevel.weighting import (
+    NEGATIVE_COSINE_MODES,
+    SIMILARITY_CENTERINGS,
+    WEIGHTING_RULES,
+)
 
 PRECISIONS = ("bf16-autocast", "fp32")
 SYNTHETIC_INSTRUCTIONS = ("shared", "per-task")
+PARTITIONERS = ("natural", "dirichlet", "iid")
 
 
 class ConfigError(ValueError):
@@ -93,7 +100,9 @@ def _data_sources() -> tuple[str, ...]:
 
 
 def _strategy_names() -> tuple[str, ...]:
-    from fedbilevel.strategies import strategy_names  # late: strategies import this module
+    from fedbilevel.strategies import (
+        strategy_names,  # late: strategies import this module
+    )
 
     return strategy_names()
 
@@ -119,6 +128,21 @@ SCHEMA: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "synthetic-instruction": ("synthetic_instruction", _choice(SYNTHETIC_INSTRUCTIONS)),
     "synthetic-train-examples": ("synthetic_train_examples", _int(1)),
     "synthetic-test-examples": ("synthetic_test_examples", _int(1)),
+    "data-path": ("data_path", _text(empty_ok=True)),
+    "max-train-examples": ("max_train_examples", _int(0)),
+    "max-test-examples": ("max_test_examples", _int(0)),
+    "hub-dataset": ("hub_dataset", _text(empty_ok=True)),
+    "hub-subset": ("hub_subset", _text(empty_ok=True)),
+    "hub-train-split": ("hub_train_split", _text(empty_ok=False)),
+    "hub-test-split": ("hub_test_split", _text(empty_ok=True)),
+    "partitioner": ("partitioner", _choice(PARTITIONERS)),
+    "partition-by": ("partition_by", _text(empty_ok=True)),
+    "dirichlet-alpha": ("dirichlet_alpha", _float(0.0, low_open=True)),
+    "instruction-column": ("instruction_column", _text(empty_ok=False)),
+    "input-column": ("input_column", _text(empty_ok=True)),
+    "output-column": ("output_column", _text(empty_ok=False)),
+    "task-column": ("task_column", _text(empty_ok=True)),
+    "test-fraction": ("test_fraction", _float(0.0, low_open=True, high=1.0)),
     "local-steps": ("local_steps", _int(1)),
     "batch-size": ("batch_size", _int(1)),
     "learning-rate": ("learning_rate", _float(0.0, low_open=True)),
@@ -182,6 +206,21 @@ class RunConfig:
     synthetic_instruction: str
     synthetic_train_examples: int
     synthetic_test_examples: int
+    data_path: str
+    max_train_examples: int
+    max_test_examples: int
+    hub_dataset: str
+    hub_subset: str
+    hub_train_split: str
+    hub_test_split: str
+    partitioner: str
+    partition_by: str
+    dirichlet_alpha: float
+    instruction_column: str
+    input_column: str
+    output_column: str
+    task_column: str
+    test_fraction: float
     local_steps: int
     batch_size: int
     learning_rate: float
@@ -225,6 +264,11 @@ class RunConfig:
         if missing:
             raise ConfigError(f"run-config key '{missing[0]}': missing; add it to [tool.flwr.app.config] in pyproject.toml")
         values = {field: check(key, merged[key]) for key, (field, check) in SCHEMA.items()}
+        for source, key, field in (("flan-json", "data-path", "data_path"), ("hub", "hub-dataset", "hub_dataset")):
+            if values["data"] == source and not values[field]:
+                raise ConfigError(f"run-config key '{key}': value '' is not allowed with data='{source}'; name the {'folder' if source == 'flan-json' else 'dataset'}")
+        if values["data"] == "hub" and values["partitioner"] != "iid" and not values["partition_by"]:
+            raise ConfigError(f"run-config key 'partition-by': value '' is not allowed with partitioner='{values['partitioner']}'; name the column")
         if values["negative_cosine"] == "keep" and values["weighting"] != "paper":
             raise ConfigError(
                 f"run-config key 'negative-cosine': value 'keep' is not allowed with weighting={values['weighting']!r}; "
@@ -245,6 +289,13 @@ class RunConfig:
         if server_round == self.num_server_rounds:
             return True
         return self.eval_every > 0 and server_round % self.eval_every == 0
+
+
+def resolve_user_path(path: str) -> Path:
+    """A path from the run config: relative ones are taken relative to ``$FEDBILEVEL_OUTPUT_ROOT``
+    when set (scripts/flwr_run.sh sets it to the project folder: under ``flwr run`` the apps run
+    from a copy of the project elsewhere), else to the working directory."""
+    return (Path(os.environ.get("FEDBILEVEL_OUTPUT_ROOT", ".")) / Path(path).expanduser()).resolve()
 
 
 def load_app_config(pyproject: str | Path = "pyproject.toml") -> dict[str, Any]:

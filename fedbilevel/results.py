@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from fedbilevel.config import RunConfig
+from fedbilevel.config import RunConfig, resolve_user_path
 
 METRICS = ("rouge1", "rougeL", "exact_match")
 # The metric that picks the best round: exact match for the synthetic tasks (short,
@@ -58,18 +58,13 @@ def make_run_dir(config: RunConfig) -> Path:
     runs from a copy of the app elsewhere), else to the working directory.
     """
     name = config.run_name or f"{config.strategy}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    base = resolve_output_path(config.output_dir) / name
+    base = resolve_user_path(config.output_dir) / name
     candidate, suffix = base, 1
     while candidate.exists():
         suffix += 1
         candidate = base.with_name(f"{name}-{suffix}")
     candidate.mkdir(parents=True)
     return candidate
-
-
-def resolve_output_path(path: str) -> Path:
-    """A user path taken relative to ``$FEDBILEVEL_OUTPUT_ROOT`` when set, else to the working directory."""
-    return (Path(os.environ.get("FEDBILEVEL_OUTPUT_ROOT", ".")) / Path(path).expanduser()).resolve()
 
 
 class RunRecorder:

@@ -14,16 +14,16 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from fedbilevel import protocol
-from fedbilevel.client.model import initial_adapter_arrays, lora_settings, save_adapter
 from fedbilevel.checkpoint import load_checkpoint, save_checkpoint
-from fedbilevel.config import RESUMABLE_KEYS, ConfigError, RunConfig
-from fedbilevel.results import RunRecorder, make_run_dir, resolve_output_path
+from fedbilevel.client.model import initial_adapter_arrays, lora_settings, save_adapter
+from fedbilevel.config import RESUMABLE_KEYS, ConfigError, RunConfig, resolve_user_path
+from fedbilevel.results import RunRecorder, make_run_dir
 from fedbilevel.strategies import build_strategy
 
 
 def _resume_point(config: RunConfig) -> tuple[Path, dict, dict]:
     """The run folder, checkpoint arrays and record to continue; the config must match the run's."""
-    run_dir = resolve_output_path(config.resume_from)
+    run_dir = resolve_user_path(config.resume_from)
     arrays, meta = load_checkpoint(run_dir)
     saved = json.loads((run_dir / "config.json").read_text())["run_config"]
     for key, value in config.to_run_config().items():

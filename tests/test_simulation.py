@@ -162,3 +162,24 @@ def test_a_run_resumed_from_its_checkpoint_matches_an_unbroken_run(tmp_path):
     # Changing what the run computes is refused, with the key named.
     with pytest.raises(Exception, match="run-config key 'learning-rate': value 0.5 differs from the resumed run's 0.01"):
         simulate(tmp_path / "broken", strategy="fedbip", **{"num-server-rounds": 4, "resume-from": str(broken), "learning-rate": 0.5})
+
+
+FLAN8 = ROOT.parent / "shared" / "data" / "flan8"
+
+
+@pytest.mark.skipif(not FLAN8.is_dir(), reason=f"{FLAN8} (the shared Flan-8 federation) is not present")
+def test_flan_json_federation_end_to_end(tmp_path):
+    from flwr.simulation import run_simulation
+
+    config = {
+        **load_app_config(ROOT / "pyproject.toml"),
+        "model-name": TINY_MODEL, "data": "flan-json", "data-path": str(FLAN8), "max-train-examples": 4,
+        "max-test-examples": 2, "max-seq-len": 1024, "local-steps": 1, "batch-size": 2, "num-server-rounds": 1,
+        "eval-max-new-tokens": 4, "output-dir": str(tmp_path), "run-name": "flan",
+    }
+    run_simulation(server_app=make_server_app(config), client_app=make_client_app(config), num_supernodes=8,
+                   backend_config={"client_resources": {"num_cpus": 1}})
+    results = json.loads((tmp_path / "flan" / "results.json").read_text())
+    assert results["clients"]["0"] == {"task": "coreference", "num_train": 4, "num_test": 2}
+    assert results["clients"]["7"]["task"] == "word_disambiguation"
+    assert set(results["rounds"][0]["eval"]) == {str(p) for p in range(8)} and results["rounds"][0]["failures"] == []

@@ -36,7 +36,50 @@ def _synthetic(config: RunConfig, partition_id: int, num_partitions: int) -> Cli
     return ClientData(task_of_client(partition_id, num_partitions, config.synthetic_tasks), train, test)
 
 
-DATA_LOADERS: dict[str, Callable[[RunConfig, int, int], ClientData]] = {"synthetic": _synthetic}
+def _flan_json(config: RunConfig, partition_id: int, num_partitions: int) -> ClientData:
+    from fedbilevel.config import resolve_user_path
+    from fedbilevel.data.flan import load_flan_json
+
+    return load_flan_json(
+        resolve_user_path(config.data_path),
+        partition_id,
+        num_partitions,
+        max_train=config.max_train_examples or None,
+        max_test=config.max_test_examples or None,
+        seed=config.seed,
+    )
+
+
+def _hub(config: RunConfig, partition_id: int, num_partitions: int) -> ClientData:
+    from fedbilevel.data.hub import load_hub_client_data
+
+    return load_hub_client_data(
+        config.hub_dataset,
+        partition_id,
+        num_partitions,
+        subset=config.hub_subset or None,
+        split_train=config.hub_train_split,
+        split_test=config.hub_test_split or None,
+        partitioner=config.partitioner,
+        partition_by=config.partition_by or None,
+        alpha=config.dirichlet_alpha,
+        instruction_column=config.instruction_column,
+        input_column=config.input_column,
+        output_column=config.output_column,
+        task_column=config.task_column,
+        test_fraction=config.test_fraction,
+        max_train=config.max_train_examples or None,
+        max_test=config.max_test_examples or None,
+        seed=config.seed,
+    )
+
+
+# run-config ``data`` -> loader; the client app caches each client's data per process.
+DATA_LOADERS: dict[str, Callable[[RunConfig, int, int], ClientData]] = {
+    "synthetic": _synthetic,
+    "flan-json": _flan_json,
+    "hub": _hub,
+}
 
 
 def load_client_data(config: RunConfig, partition_id: int, num_partitions: int) -> ClientData:

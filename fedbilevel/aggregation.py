@@ -66,7 +66,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fedbilevel.weighting import NEGATIVE_COSINE_MODES, Weighting, _check_choice, _weights_from_similarities, centered_gram
+from fedbilevel.weighting import (
+    NEGATIVE_COSINE_MODES,
+    Weighting,
+    _check_choice,
+    _weights_from_similarities,
+    centered_gram,
+)
 
 TASK_VECTOR_MODES = ("round", "cumulative")
 LAYER_GROUPINGS = ("array", "block")

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from fedbilevel.config import ConfigError, RunConfig, load_app_config
 

@@ -14,7 +14,6 @@ from flwr.serverapp import Grid
 
 from fedbilevel import protocol
 
-
 INITIAL = {"a": np.zeros((2, 3), np.float32), "b": np.zeros(4, np.float32)}
 
 

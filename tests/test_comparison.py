@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from fedbilevel.comparison import load_run, markdown, per_client_rows, summary_rows, write_plots, write_tables
+from fedbilevel.comparison import (
+    load_run,
+    markdown,
+    per_client_rows,
+    summary_rows,
+    write_plots,
+    write_tables,
+)
 from fedbilevel.config import ConfigError
 from fedbilevel.simulation import parse_assignment
 

@@ -6,7 +6,13 @@ import torch
 from fakes import INITIAL, FakeClient, FakeGrid, update_of
 from flwr.app import ArrayRecord, MessageType
 
-from fedbilevel.client.model import TINY_MODEL, LoraSettings, build_lora_model, get_adapter_arrays, load_tokenizer
+from fedbilevel.client.model import (
+    TINY_MODEL,
+    LoraSettings,
+    build_lora_model,
+    get_adapter_arrays,
+    load_tokenizer,
+)
 from fedbilevel.client.train import proximal_term, train_adapter
 from fedbilevel.data.synthetic import make_client_data
 from fedbilevel.strategies.fedprox import FedProx

@@ -5,7 +5,12 @@ import math
 import numpy as np
 import pytest
 
-from fedbilevel.aggregation import cosine_similarity_matrix, fedbip_aggregate, fedbip_aggregate_detailed, weight_matrix
+from fedbilevel.aggregation import (
+    cosine_similarity_matrix,
+    fedbip_aggregate,
+    fedbip_aggregate_detailed,
+    weight_matrix,
+)
 
 PREFIX = "base_model.model.model.layers"
 

@@ -10,8 +10,8 @@ import pytest
 from fedbilevel.mixing import (
     fedamp_attention,
     fedamp_cloud_models,
-    group_weights,
     flatten,
+    group_weights,
     mix_adapters,
 )
 

@@ -3,7 +3,13 @@
 import numpy as np
 import pytest
 
-from fedbilevel.client.model import TINY_MODEL, LoraSettings, build_lora_model, get_adapter_arrays, load_tokenizer
+from fedbilevel.client.model import (
+    TINY_MODEL,
+    LoraSettings,
+    build_lora_model,
+    get_adapter_arrays,
+    load_tokenizer,
+)
 from fedbilevel.client.train import IGNORE_INDEX, encode_for_training, train_adapter
 from fedbilevel.data.prompts import Example, format_prompt
 from fedbilevel.data.synthetic import make_client_data

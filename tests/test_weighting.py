@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from fedbilevel.aggregation import cosine_from_gram, weight_matrix
-from fedbilevel.weighting import WEIGHTING_RULES, centered_gram, ema_similarity, self_weight_floor, similarity_weights
+from fedbilevel.weighting import (
+    WEIGHTING_RULES,
+    centered_gram,
+    ema_similarity,
+    self_weight_floor,
+    similarity_weights,
+)
 
 # Off-diagonal rows {0.8, 0.2}, {0.8, 0.5}, {0.2, 0.5}: each has one peer at z = +1 and one at z = −1.
 S3 = np.array([[1.0, 0.8, 0.2], [0.8, 1.0, 0.5], [0.2, 0.5, 1.0]])

@@ -20,7 +20,11 @@ from flwr.clientapp import ClientApp
 from flwr.supercore import log
 
 from fedbilevel import protocol
-from fedbilevel.client.ala import AlaSettings, adaptive_local_aggregation, remember_local
+from fedbilevel.client.ala import (
+    AlaSettings,
+    adaptive_local_aggregation,
+    remember_local,
+)
 from fedbilevel.client.evaluate import evaluate_adapter
 from fedbilevel.client.model import (
     LoraSettings,

@@ -39,6 +39,9 @@ from fedbilevel.config import RunConfig
 from fedbilevel.data import ClientData, load_client_data
 
 
+NODE_CONFIG_KEYS = ("device", "data-path")  # run-config keys a SuperNode's --node-config overrides
+
+
 def partition_of(context: Context) -> tuple[int, int]:
     """(partition id, number of partitions) from the SuperNode's node config."""
     values = []
@@ -90,7 +93,9 @@ class ClientSession:
 
     def __init__(self, context: Context, overrides: Mapping[str, Any] | None):
         self.started = time.time()
-        self.config = RunConfig.from_run_config(context.run_config, overrides)
+        # A SuperNode may set machine-specific keys for itself (its GPU, where its data lives).
+        own = {key: context.node_config[key] for key in NODE_CONFIG_KEYS if key in context.node_config}
+        self.config = RunConfig.from_run_config(context.run_config, {**(overrides or {}), **own})
         self.partition_id, self.num_partitions = partition_of(context)
         self.data = _data(self.config, self.partition_id, self.num_partitions)
 

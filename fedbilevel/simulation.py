@@ -47,16 +47,50 @@ def resolve(overrides: Mapping[str, Any], toml_files: Sequence[str | Path] = ())
     return config
 
 
-def simulate(run_config: Mapping[str, Any], *, num_supernodes: int, cpus_per_client: float = 1.0) -> None:
-    """One run of the fedbilevel ServerApp and ClientApp in Flower's simulation engine."""
+def random_updates(partitions: Sequence[int], scale: float, seed: int):
+    """A faulty-client harness: the listed clients send θ̄ + a random direction of ``scale``× their real update's norm.
+
+    The direction is drawn per client and round from ``seed``, so runs are reproducible.
+    """
+    import numpy as np
+
+    faulty = set(partitions)
+
+    def corrupt(partition_id: int, server_round: int, received: dict, trained: dict) -> dict:
+        if partition_id not in faulty:
+            return trained
+        rng = np.random.default_rng([seed, partition_id, server_round])
+        noise = {name: rng.standard_normal(array.shape) for name, array in received.items()}
+        update_norm = np.sqrt(sum(float(np.sum((trained[n].astype(np.float64) - received[n]) ** 2)) for n in received))
+        noise_norm = np.sqrt(sum(float(np.sum(v**2)) for v in noise.values()))
+        factor = scale * update_norm / noise_norm
+        return {name: (received[name] + factor * noise[name]).astype(received[name].dtype) for name in received}
+
+    return corrupt
+
+
+def simulate(
+    run_config: Mapping[str, Any],
+    *,
+    num_supernodes: int,
+    cpus_per_client: float = 1.0,
+    faulty_clients: Sequence[int] = (),
+    faulty_scale: float = 10.0,
+) -> None:
+    """One run of the fedbilevel ServerApp and ClientApp in Flower's simulation engine.
+
+    ``faulty_clients`` send scaled random updates instead of their trained adapters
+    (:func:`random_updates`), for robustness experiments.
+    """
     from flwr.simulation import run_simulation
 
     from fedbilevel.client.app import make_client_app
     from fedbilevel.server import make_server_app
 
+    corrupt = random_updates(faulty_clients, faulty_scale, int(run_config["seed"])) if faulty_clients else None
     run_simulation(
         server_app=make_server_app(run_config),
-        client_app=make_client_app(run_config),
+        client_app=make_client_app(run_config, corrupt=corrupt),
         num_supernodes=num_supernodes,
         backend_config={"client_resources": {"num_cpus": cpus_per_client}},
     )
@@ -69,13 +103,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--run-config", action="append", default=[], metavar="FILE.toml", help="run-config file(s), e.g. conf/smoke.toml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run-config override (repeatable)")
     parser.add_argument("--config-json", help="the complete run config as a JSON file (what scripts/compare.py passes)")
+    parser.add_argument("--faulty-clients", default="", metavar="IDS", help="robustness experiments: comma-separated partition ids "
+                        "that send random updates instead of their trained adapters")
+    parser.add_argument("--faulty-scale", type=float, default=10.0, help="norm of a faulty update, in multiples of the real one's (default: 10)")
     args = parser.parse_args(argv)
+    try:
+        faulty = [int(part) for part in args.faulty_clients.split(",") if part.strip()]
+    except ValueError:
+        parser.error(f"--faulty-clients: {args.faulty_clients!r} is not allowed; expected comma-separated partition ids")
     if args.config_json:
         config = json.loads(Path(args.config_json).read_text())
         RunConfig.from_run_config(config)
     else:
         config = resolve(dict(parse_assignment(a) for a in args.set), args.run_config)
-    simulate(config, num_supernodes=args.num_supernodes, cpus_per_client=args.cpus_per_client)
+    simulate(config, num_supernodes=args.num_supernodes, cpus_per_client=args.cpus_per_client, faulty_clients=faulty, faulty_scale=args.faulty_scale)
 
 
 if __name__ == "__main__":

@@ -108,6 +108,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run-config override for every run (repeatable)")
     parser.add_argument("--num-clients", type=int, default=8, help="simulated SuperNodes = clients (default: 8)")
     parser.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per client (default: 1)")
+    parser.add_argument("--faulty-clients", default="", metavar="IDS",
+                        help="robustness: these partition ids send random updates (see python -m fedbilevel.simulation -h)")
+    parser.add_argument("--faulty-scale", type=float, default=10.0, help="norm of a faulty update / the real one's (default: 10)")
     parser.add_argument("--force", action="store_true", help="rerun runs that already finished")
     parser.add_argument("--report-only", action="store_true", help="only rebuild tables and plots from the finished runs")
     args = parser.parse_args()
@@ -156,7 +159,8 @@ def main() -> None:
             runs_dir.mkdir(parents=True, exist_ok=True)
             (runs_dir / f"{name}.config.json").write_text(json.dumps(config, indent=2))
             command = [sys.executable, "-m", "fedbilevel.simulation", "--config-json", str(runs_dir / f"{name}.config.json"),
-                       "--num-supernodes", str(args.num_clients), "--cpus-per-client", str(args.cpus_per_client)]
+                       "--num-supernodes", str(args.num_clients), "--cpus-per-client", str(args.cpus_per_client),
+                       "--faulty-clients", args.faulty_clients, "--faulty-scale", str(args.faulty_scale)]
             run_started, seen = time.time(), 0
             with (runs_dir / f"{name}.log").open("w") as log:
                 process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)

@@ -80,3 +80,18 @@ def test_resume_from_a_checkpoint_matches_an_unbroken_run(make, tmp_path):
 def test_a_folder_without_checkpoint_is_refused(tmp_path):
     with pytest.raises(ValueError, match="run-config key 'resume-from': .* has no checkpoint.npz"):
         load_checkpoint(tmp_path)
+
+
+def test_faulty_client_harness_sends_a_scaled_random_update():
+    from fedbilevel.simulation import random_updates
+
+    received = {"a": np.zeros((2, 3), np.float32), "b": np.ones(4, np.float32)}
+    trained = {"a": np.full((2, 3), 0.5, np.float32), "b": np.ones(4, np.float32)}  # update norm √(6·0.25)
+    corrupt = random_updates([2], scale=10.0, seed=0)
+    assert corrupt(1, 1, received, trained) is trained  # not a faulty client
+    sent = corrupt(2, 1, received, trained)
+    norm = np.sqrt(sum(np.sum((sent[k].astype(np.float64) - received[k]) ** 2) for k in received))
+    assert norm == pytest.approx(10 * np.sqrt(6 * 0.25), rel=1e-5)
+    again = corrupt(2, 1, received, trained)
+    assert all(np.array_equal(sent[k], again[k]) for k in sent) and sent["a"].dtype == np.float32
+    assert not np.allclose(corrupt(2, 2, received, trained)["a"], sent["a"])  # a new direction every round

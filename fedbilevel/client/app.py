@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from logging import INFO
 from typing import Any
 
@@ -146,8 +146,16 @@ class ClientSession:
         )
 
 
-def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
-    """The fedbilevel ClientApp; ``overrides`` replace run-config values (for tests and scripts)."""
+UpdateCorruption = Callable[[int, int, dict, dict], dict]
+
+
+def make_client_app(overrides: Mapping[str, Any] | None = None, *, corrupt: UpdateCorruption | None = None) -> ClientApp:
+    """The fedbilevel ClientApp.
+
+    ``overrides`` replace run-config values (for tests and scripts). ``corrupt`` is a test
+    harness for robustness experiments (``python -m fedbilevel.simulation --faulty-clients``):
+    ``(partition id, round, received, trained) -> adapter to send``.
+    """
     app = ClientApp()
 
     @app.query()
@@ -193,6 +201,9 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         trained = get_adapter_arrays(model)
         if AlaSettings.from_config(message.content.config_records[protocol.CONFIG]) is not None:
             remember_local(context.state, trained)
+        if corrupt is not None:
+            received = protocol.record_to_adapter(message.content.array_records[protocol.ARRAYS])
+            trained = corrupt(session.partition_id, server_round, received, trained)
         content = RecordDict({protocol.ARRAYS: protocol.adapter_to_record(trained), protocol.METRICS: metrics})
         return Message(content, reply_to=message)
 

@@ -95,3 +95,17 @@ def test_faulty_client_harness_sends_a_scaled_random_update():
     again = corrupt(2, 1, received, trained)
     assert all(np.array_equal(sent[k], again[k]) for k in sent) and sent["a"].dtype == np.float32
     assert not np.allclose(corrupt(2, 2, received, trained)["a"], sent["a"])  # a new direction every round
+
+
+def test_a_run_where_no_client_can_start_stops_with_the_reason():
+    class Broken(FakeClient):
+        def handle(self, message):
+            if message.metadata.message_type == MessageType.QUERY:
+                from flwr.app import Error, Message
+
+                return Message(Error(code=0, reason="data folder /nowhere: not found"), reply_to=message)
+            return super().handle(message)
+
+    strategy = FedBip(initial_adapter=INITIAL, min_nodes=2)
+    with pytest.raises(RuntimeError, match="no client could start; the first error: data folder /nowhere: not found"):
+        strategy.start(FakeGrid({1: Broken(0), 2: Broken(1)}), ArrayRecord(), num_rounds=1)

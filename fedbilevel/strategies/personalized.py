@@ -308,10 +308,12 @@ class PersonalizedStrategy(Strategy):
             Message(content=RecordDict({protocol.CONFIG: ConfigRecord({"query": "partition"})}), message_type=MessageType.QUERY, dst_node_id=node_id)
             for node_id in new
         ]
+        reasons = []
         for reply in grid.send_and_receive(queries, timeout=QUERY_TIMEOUT_S):
             node_id = reply.metadata.src_node_id
             if reply.has_error() or protocol.INFO not in reply.content.config_records:
                 reason = reply.error.reason if reply.has_error() else "reply has no 'info' record"
+                reasons.append(reason)
                 log(WARNING, "node %d did not report its partition (%s); it is left out", node_id, reason)
                 continue
             info = dict(reply.content.config_records[protocol.INFO])
@@ -326,6 +328,9 @@ class PersonalizedStrategy(Strategy):
             self.node_partitions[node_id] = partition_id
             self.clients[partition_id] = info
             log(INFO, "node %d is client %d (%s)", node_id, partition_id, info.get("task", "?"))
+        if not self.node_partitions:
+            # Every client failed to start (e.g. a bad data-path): stop with the reason, not train nothing.
+            raise RuntimeError(f"no client could start; the first error: {reasons[0] if reasons else 'no reply to the partition query'}")
 
     def _check_reply(self, message: Message, phase: str) -> tuple[int, dict[str, Any]]:
         """The partition id and metrics of a reply that may be used, else RejectedReply."""

@@ -69,6 +69,12 @@ def _choice(allowed: tuple[str, ...] | Callable[[], tuple[str, ...]]) -> Callabl
     return check
 
 
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"run-config key '{key}': value {value!r} is not allowed; expected true or false")
+    return value
+
+
 def _text(*, empty_ok: bool) -> Callable[[str, Any], str]:
     def check(key: str, value: Any) -> str:
         if not isinstance(value, str) or (not empty_ok and not value.strip()):
@@ -150,6 +156,7 @@ SCHEMA: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "eval-every": ("eval_every", _int(0)),
     "eval-batch-size": ("eval_batch_size", _int(1)),
     "eval-max-new-tokens": ("eval_max_new_tokens", _int(1)),
+    "eval-option-scoring": ("eval_option_scoring", _bool),
     "proximal-mu": ("proximal_mu", _float(0.0, low_open=False)),
     "fedamp-lambda": ("fedamp_lambda", _float(0.0, low_open=False)),
     "fedamp-sigma": ("fedamp_sigma", _float(0.0, low_open=False)),
@@ -228,6 +235,7 @@ class RunConfig:
     eval_every: int
     eval_batch_size: int
     eval_max_new_tokens: int
+    eval_option_scoring: bool
     proximal_mu: float
     fedamp_lambda: float
     fedamp_sigma: float

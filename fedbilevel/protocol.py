@@ -23,6 +23,8 @@ PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 NUM_EXAMPLES = "num-examples"
 SERVER_ROUND = "server-round"
+# Evaluation metrics with this prefix are per-test-item lists (e.g. "items-exact_match").
+ITEMS_PREFIX = "items-"
 # Wall-clock time (time.time()) when a client started and finished handling a message;
 # the server uses them to split round time into client work and Flower overhead.
 BUSY_KEYS = ("client-started", "client-ended")

@@ -182,4 +182,10 @@ def test_flan_json_federation_end_to_end(tmp_path):
     results = json.loads((tmp_path / "flan" / "results.json").read_text())
     assert results["clients"]["0"] == {"task": "coreference", "num_train": 4, "num_test": 2}
     assert results["clients"]["7"]["task"] == "word_disambiguation"
-    assert set(results["rounds"][0]["eval"]) == {str(p) for p in range(8)} and results["rounds"][0]["failures"] == []
+    record = results["rounds"][0]
+    assert set(record["eval"]) == {str(p) for p in range(8)} and record["failures"] == []
+    # Option-likelihood scoring where the instructions list options (all but text_formatting, structure_to_text).
+    assert record["eval"]["0"]["option_items"] == 2 and 0.0 <= record["eval"]["0"]["option_accuracy"] <= 1.0
+    assert "option_items" not in record["eval"]["6"]
+    assert len(record["eval_items"]["0"]["exact_match"]) == 2 and len(record["eval_items"]["0"]["option_correct"]) == 2
+    assert np.mean(record["eval_items"]["3"]["rouge1"]) == pytest.approx(record["eval"]["3"]["rouge1"])

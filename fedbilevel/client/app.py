@@ -132,7 +132,7 @@ class ClientSession:
                     self.partition_id, server_round, step["ala-epochs"], step["ala-mean-weight"])
         return model, tokenizer, server_round, step
 
-    def metrics(self, values: Mapping[str, float], num_examples: int) -> MetricRecord:
+    def metrics(self, values: Mapping[str, float | int | list[float]], num_examples: int) -> MetricRecord:
         """The reply's metrics: who, on how many examples, what, and when it was busy."""
         started, ended = protocol.BUSY_KEYS
         return MetricRecord(
@@ -220,6 +220,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, *, corrupt: Upda
             max_new_tokens=config.eval_max_new_tokens,
             bf16_autocast=config.precision == "bf16-autocast",
             device=model.device,
+            score_options=config.eval_option_scoring,
         )
         log(INFO, "client %d (%s), round %d: evaluated %d items in %.1f s, exact match %.3f, ROUGE-L %.3f",
             session.partition_id, session.data.task, server_round, len(session.data.test), scores["eval-seconds"],

@@ -1,14 +1,40 @@
-"""The one evaluation loop every strategy shares: batched greedy generation, then scores."""
+"""The one evaluation loop every strategy shares: batched greedy generation, option scoring, then scores.
+
+Every test item is answered by greedy generation and scored by ROUGE and exact match. Items whose
+instruction lists answer options (Flan's ``OPTIONS:`` lists, see :func:`fedbilevel.data.flan.answer_options`)
+are also classified by option likelihood, the standard Flan/T0 rank-classification evaluation: the
+predicted option is the one whose tokens (and the EOS token) the model finds most likely after the prompt.
+"""
 
 from __future__ import annotations
 
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import TypeVar
 
 import torch
 
-from fedbilevel.client.metrics import clean_answer, score_answers
+from fedbilevel import protocol
+from fedbilevel.client.metrics import clean_answer, exact_match, mean_scores, score_items
+from fedbilevel.client.train import IGNORE_INDEX, collate, encode_for_training
+from fedbilevel.data.flan import answer_options
 from fedbilevel.data.prompts import Example, format_prompt
+
+T = TypeVar("T")
+
+
+def _batches(items: Sequence[T], batch_size: int) -> Iterator[Sequence[T]]:
+    """Consecutive slices of ``items`` with at most ``batch_size`` items each."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size: {batch_size}; expected an integer >= 1")
+    for start in range(0, len(items), batch_size):
+        yield items[start : start + batch_size]
+
+
+def _autocast(device: torch.device | str, enabled: bool) -> torch.autocast:
+    """bf16 autocast on ``device``'s type when ``enabled``, else a no-op context."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
 
 
 @torch.no_grad()
@@ -26,15 +52,42 @@ def generate_answers(
 
     Prompts are left-padded (the tokenizer's padding side must be "left") so that every
     sequence in a batch continues from its own last prompt token.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A causal LM (e.g. the LoRA-wrapped model) on ``device``; it is put in eval mode.
+    tokenizer : transformers.PreTrainedTokenizerBase
+        Its tokenizer, with ``padding_side="left"`` and a pad token.
+    instructions : sequence of str
+        Instructions without the template (:func:`format_prompt` is applied).
+    batch_size : int
+        Prompts per ``generate`` call.
+    max_new_tokens : int
+        Longest continuation.
+    bf16_autocast : bool
+        Run the model under bfloat16 autocast.
+    device : torch.device or str, default "cpu"
+        Where the model is.
+
+    Returns
+    -------
+    list of str
+        One cleaned answer (see :func:`clean_answer`) per instruction, in order.
+
+    Raises
+    ------
+    ValueError
+        If the tokenizer pads on the right.
     """
     if tokenizer.padding_side != "left":
         raise ValueError(f"tokenizer.padding_side: {tokenizer.padding_side!r}; batched generation needs 'left'")
     model.eval()
     answers: list[str] = []
-    for start in range(0, len(instructions), batch_size):
-        prompts = [format_prompt(text) for text in instructions[start : start + batch_size]]
+    for batch in _batches(instructions, batch_size):
+        prompts = [format_prompt(text) for text in batch]
         inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16_autocast):
+        with _autocast(device, bf16_autocast):
             output = model.generate(
                 **inputs,
                 max_new_tokens=max_new_tokens,
@@ -47,6 +100,143 @@ def generate_answers(
     return answers
 
 
+def _answer_log_probs(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    *,
+    bf16_autocast: bool,
+    device: torch.device | str,
+    length_normalised: bool,
+) -> list[float]:
+    """Log-probability of each row's labelled (answer) tokens given the tokens before them.
+
+    ``batch`` is :func:`fedbilevel.client.train.collate`'s output: right-padded input ids, an
+    attention mask and labels that are :data:`IGNORE_INDEX` except at the answer tokens. The
+    log-softmax is taken in float32, and only at the answer positions (not over the whole
+    ``(rows, length, vocabulary)`` logits), to bound memory.
+    """
+    input_ids = batch["input_ids"].to(device)
+    with _autocast(device, bf16_autocast):
+        logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device)).logits
+    targets = batch["labels"][:, 1:].to(device)  # position t predicts token t + 1
+    answer = targets != IGNORE_INDEX
+    picked = logits[:, :-1][answer].float().log_softmax(dim=-1)  # (answer tokens, vocabulary)
+    token_log_probs = torch.zeros(answer.shape, dtype=torch.float32, device=picked.device)
+    token_log_probs[answer] = picked.gather(-1, targets[answer].unsqueeze(-1)).squeeze(-1)
+    totals = token_log_probs.sum(dim=1)
+    if length_normalised:
+        totals = totals / answer.sum(dim=1)
+    return totals.tolist()
+
+
+@torch.no_grad()
+def option_scores(
+    model: torch.nn.Module,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    batch_size: int,
+    bf16_autocast: bool,
+    device: torch.device | str = "cpu",
+    length_normalised: bool = False,
+) -> list[list[float] | None]:
+    """Log-likelihood of each answer option of each example, given its prompt.
+
+    An option is scored as if it were the example's answer: the prompt
+    (``format_prompt(instruction)``) and the option followed by the EOS token, tokenized
+    exactly as in training (:func:`fedbilevel.client.train.encode_for_training`, without
+    truncation), and its score is the sum of the log-probabilities of the option's tokens and
+    the EOS token. The EOS token makes an option that is only a prefix of the model's answer
+    (e.g. ``"no"`` against ``"not"``) less likely than the complete one.
+
+    The sum (the default) is the option's log-probability as a whole, the standard scoring of
+    Flan/T0 rank classification; it favours short options. ``length_normalised=True`` divides
+    by the number of scored tokens (option tokens + 1), the mean per-token log-probability,
+    which removes that bias but mis-ranks options that share a long likely prefix.
+
+    All options of ``batch_size`` examples (those with options; the others are skipped) go
+    through the model in one right-padded forward pass with an attention mask.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A causal LM on ``device``; it is put in eval mode.
+    tokenizer : transformers.PreTrainedTokenizerBase
+        Its tokenizer, with an EOS and a pad token (its padding side does not matter).
+    examples : sequence of Example
+        Items to score; only their instructions are used.
+    batch_size : int
+        Examples per forward pass (a pass holds all their options).
+    bf16_autocast : bool
+        Run the model under bfloat16 autocast (log-softmax is taken in float32).
+    device : torch.device or str, default "cpu"
+        Where the model is.
+    length_normalised : bool, default False
+        Divide each sum by its number of scored tokens.
+
+    Returns
+    -------
+    list of (list of float or None)
+        Per example, the scores of the options that
+        :func:`fedbilevel.data.flan.answer_options` reads from its instruction (in that order),
+        or ``None`` if the instruction lists no options.
+    """
+    options = [answer_options(example.instruction) for example in examples]
+    with_options = [index for index, listed in enumerate(options) if listed]
+    scores: list[list[float] | None] = [None] * len(examples)
+    model.eval()
+    for chunk in _batches(with_options, batch_size):
+        pairs = [Example(examples[i].instruction, option, examples[i].task) for i in chunk for option in options[i]]
+        # No truncation: every option is scored in full (max_seq_len = no limit).
+        batch = collate(encode_for_training(tokenizer, pairs, max_seq_len=sys.maxsize), tokenizer.pad_token_id)
+        totals = _answer_log_probs(model, batch, bf16_autocast=bf16_autocast, device=device, length_normalised=length_normalised)
+        for i in chunk:
+            scores[i], totals = totals[: len(options[i])], totals[len(options[i]) :]
+    return scores
+
+
+def option_predictions(
+    model: torch.nn.Module,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    batch_size: int,
+    bf16_autocast: bool,
+    device: torch.device | str = "cpu",
+    length_normalised: bool = False,
+) -> list[str | None]:
+    """The most likely answer option of each example (rank classification).
+
+    Parameters
+    ----------
+    model, tokenizer, examples, batch_size, bf16_autocast, device, length_normalised
+        As for :func:`option_scores`, which scores the options.
+
+    Returns
+    -------
+    list of (str or None)
+        Per example, the option with the highest score (ties: the first listed), or ``None``
+        if its instruction lists no options.
+    """
+    predictions: list[str | None] = []
+    scored = option_scores(
+        model,
+        tokenizer,
+        examples,
+        batch_size=batch_size,
+        bf16_autocast=bf16_autocast,
+        device=device,
+        length_normalised=length_normalised,
+    )
+    for example, scores in zip(examples, scored):
+        if scores is None:
+            predictions.append(None)
+            continue
+        best = max(range(len(scores)), key=scores.__getitem__)  # max keeps the first of equal keys
+        predictions.append(answer_options(example.instruction)[best])
+    return predictions
+
+
 def evaluate_adapter(
     model: torch.nn.Module,
     tokenizer,
@@ -56,9 +246,60 @@ def evaluate_adapter(
     max_new_tokens: int,
     bf16_autocast: bool,
     device: torch.device | str = "cpu",
-) -> dict[str, float]:
-    """ROUGE-1, ROUGE-L and exact match of the model's greedy answers on ``examples``."""
+    score_options: bool = True,
+    option_length_normalised: bool = False,
+) -> dict[str, float | int | list[float]]:
+    """Scores of the model's greedy answers on ``examples``, and its option accuracy.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model to evaluate (the LoRA-wrapped model with the adapter loaded), on ``device``.
+    tokenizer : transformers.PreTrainedTokenizerBase
+        Its tokenizer (``padding_side="left"``, see :func:`generate_answers`).
+    examples : sequence of Example
+        The test items, at least one.
+    batch_size : int
+        Items per generation batch and per option-scoring forward pass.
+    max_new_tokens : int
+        Longest generated answer.
+    bf16_autocast : bool
+        Run the model under bfloat16 autocast.
+    device : torch.device or str, default "cpu"
+        Where the model is.
+    score_options : bool, default True
+        Also classify the items that list answer options by option likelihood
+        (:func:`option_predictions`); one extra forward pass per batch of such items.
+    option_length_normalised : bool, default False
+        Rank options by mean instead of summed token log-probability (see :func:`option_scores`).
+
+    Returns
+    -------
+    dict
+        Values fit a Flower ``MetricRecord`` (int, float or a list of floats; no NaN):
+
+        * ``"rouge1"``, ``"rougeL"``, ``"exact_match"`` (float): means over all items of the
+          generated answers' scores (:func:`fedbilevel.client.metrics.score_items`).
+        * ``"items-rouge1"``, ``"items-rougeL"``, ``"items-exact_match"`` (list of float): the
+          per-item scores, one per example in the order of ``examples``; their means are the
+          three values above.
+        * ``"option_accuracy"`` (float), ``"option_items"`` (int), ``"items-option_correct"``
+          (list of float): only if ``score_options`` and at least one item lists options
+          (otherwise the keys are absent). ``items-option_correct`` has one entry per item
+          *with options* (1.0 if its most likely option exactly matches the reference, see
+          :func:`fedbilevel.client.metrics.exact_match`, else 0.0), in the order of ``examples``,
+          skipping items without options; ``option_items`` is its length and
+          ``option_accuracy`` its mean.
+        * ``"eval-seconds"`` (float): wall-clock time of the whole evaluation (generation and
+          option scoring).
+
+    Raises
+    ------
+    ValueError
+        If ``examples`` is empty.
+    """
     started = time.time()
+    references = [example.output for example in examples]
     predictions = generate_answers(
         model,
         tokenizer,
@@ -68,6 +309,23 @@ def evaluate_adapter(
         bf16_autocast=bf16_autocast,
         device=device,
     )
-    scores = score_answers(predictions, [example.output for example in examples])
+    items = score_items(predictions, references)
+    scores: dict[str, float | int | list[float]] = dict(mean_scores(items))
+    if score_options:
+        chosen = option_predictions(
+            model,
+            tokenizer,
+            examples,
+            batch_size=batch_size,
+            bf16_autocast=bf16_autocast,
+            device=device,
+            length_normalised=option_length_normalised,
+        )
+        correct = [exact_match(option, reference) for option, reference in zip(chosen, references) if option is not None]
+        if correct:
+            scores["option_accuracy"] = mean_scores({"option_correct": correct})["option_correct"]
+            scores["option_items"] = len(correct)
+            items["option_correct"] = correct
+    scores.update({f"{protocol.ITEMS_PREFIX}{name}": values for name, values in items.items()})
     scores["eval-seconds"] = time.time() - started
     return scores

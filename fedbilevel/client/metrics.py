@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Mapping, Sequence
 
 from rouge_score import rouge_scorer
 
@@ -66,14 +66,86 @@ def exact_match(prediction: str, reference: str) -> float:
     return float(_normalise(prediction) == _normalise(reference))
 
 
+METRIC_NAMES = ("rouge1", "rougeL", "exact_match")
+
+
+def score_items(
+    predictions: Sequence[str], references: Sequence[str]
+) -> dict[str, list[float]]:
+    """ROUGE-1, ROUGE-L and exact match of each paired answer.
+
+    ROUGE scores are the F-measures of ``rouge_score`` without stemming. Note
+    that ``rouge_score`` lowercases its input, so ROUGE ignores case while
+    exact match does not. The per-item lists let the server bootstrap over test
+    items; :func:`score_answers` gives their means.
+
+    Parameters
+    ----------
+    predictions : sequence of str
+        Generated answers (already cleaned, see :func:`clean_answer`).
+    references : sequence of str
+        Reference answers, paired with ``predictions`` by position.
+
+    Returns
+    -------
+    dict of str to list of float
+        ``{"rouge1": [...], "rougeL": [...], "exact_match": [...]}`` (the keys of
+        :data:`METRIC_NAMES`), each a list of Python floats in [0, 1] with one
+        entry per answer, in the order of ``predictions``.
+
+    Raises
+    ------
+    ValueError
+        If the sequences are empty or their lengths differ.
+    """
+    if len(predictions) != len(references):
+        raise ValueError(
+            f"predictions and references differ in length: "
+            f"{len(predictions)} predictions, {len(references)} references"
+        )
+    if not predictions:
+        raise ValueError("no answers to score: predictions and references are empty")
+    scorer = _scorer()
+    items: dict[str, list[float]] = {name: [] for name in METRIC_NAMES}
+    for prediction, reference in zip(predictions, references):
+        # rouge_score takes (target, prediction) in that order.
+        scores = scorer.score(reference, prediction)
+        items["rouge1"].append(float(scores["rouge1"].fmeasure))
+        items["rougeL"].append(float(scores["rougeL"].fmeasure))
+        items["exact_match"].append(exact_match(prediction, reference))
+    return items
+
+
+def mean_scores(items: Mapping[str, Sequence[float]]) -> dict[str, float]:
+    """The mean of each list of per-item scores.
+
+    Parameters
+    ----------
+    items : mapping of str to sequence of float
+        Per-item scores, e.g. from :func:`score_items`; every list non-empty.
+
+    Returns
+    -------
+    dict of str to float
+        The same keys, each mapped to the mean of its list.
+
+    Raises
+    ------
+    ValueError
+        If a list is empty.
+    """
+    empty = [name for name, values in items.items() if not values]
+    if empty:
+        raise ValueError(f"no scores to average for {', '.join(empty)}")
+    return {name: sum(values) / len(values) for name, values in items.items()}
+
+
 def score_answers(
     predictions: Sequence[str], references: Sequence[str]
 ) -> dict[str, float]:
     """Mean ROUGE-1, ROUGE-L and exact match over paired answers.
 
-    ROUGE scores are the F-measures of ``rouge_score`` without stemming. Note
-    that ``rouge_score`` lowercases its input, so ROUGE ignores case while
-    exact match does not.
+    The means of :func:`score_items` (see there for how items are scored).
 
     Parameters
     ----------
@@ -92,19 +164,4 @@ def score_answers(
     ValueError
         If the sequences are empty or their lengths differ.
     """
-    if len(predictions) != len(references):
-        raise ValueError(
-            f"predictions and references differ in length: "
-            f"{len(predictions)} predictions, {len(references)} references"
-        )
-    if not predictions:
-        raise ValueError("no answers to score: predictions and references are empty")
-    scorer = _scorer()
-    totals = {"rouge1": 0.0, "rougeL": 0.0, "exact_match": 0.0}
-    for prediction, reference in zip(predictions, references):
-        # rouge_score takes (target, prediction) in that order.
-        scores = scorer.score(reference, prediction)
-        totals["rouge1"] += scores["rouge1"].fmeasure
-        totals["rougeL"] += scores["rougeL"].fmeasure
-        totals["exact_match"] += exact_match(prediction, reference)
-    return {name: total / len(predictions) for name, total in totals.items()}
+    return mean_scores(score_items(predictions, references))

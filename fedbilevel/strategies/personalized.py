@@ -263,8 +263,12 @@ class PersonalizedStrategy(Strategy):
                 continue
             self._note_busy("evaluate", metrics)
             scores[partition_id] = {
-                k: float(v) for k, v in metrics.items() if k not in (protocol.PARTITION_ID, *protocol.BUSY_KEYS)
+                k: float(v) for k, v in metrics.items() if k not in (protocol.PARTITION_ID, *protocol.BUSY_KEYS) and not isinstance(v, list)
             }
+            # Per-test-item scores (lists), kept apart for intervals over test items.
+            items = {k.removeprefix(protocol.ITEMS_PREFIX): [float(x) for x in v] for k, v in metrics.items() if isinstance(v, list)}
+            if items:
+                self._round.setdefault("eval_items", {})[str(partition_id)] = items
         for partition_id in sorted(scores):
             self._round["eval"][str(partition_id)] = scores[partition_id]
         mean = None

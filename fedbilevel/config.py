@@ -28,6 +28,7 @@ from fedbilevel.weighting import (
 PRECISIONS = ("bf16-autocast", "fp32")
 SYNTHETIC_INSTRUCTIONS = ("shared", "per-task")
 PARTITIONERS = ("natural", "dirichlet", "iid")
+SYNTHETIC_SPLITS = ("task", "iid")
 
 
 class ConfigError(ValueError):
@@ -132,6 +133,7 @@ SCHEMA: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "data": ("data", _choice(_data_sources)),
     "synthetic-tasks": ("synthetic_tasks", _name_list),
     "synthetic-instruction": ("synthetic_instruction", _choice(SYNTHETIC_INSTRUCTIONS)),
+    "synthetic-split": ("synthetic_split", _choice(SYNTHETIC_SPLITS)),
     "synthetic-train-examples": ("synthetic_train_examples", _int(1)),
     "synthetic-test-examples": ("synthetic_test_examples", _int(1)),
     "data-path": ("data_path", _text(empty_ok=True)),
@@ -211,6 +213,7 @@ class RunConfig:
     data: str
     synthetic_tasks: tuple[str, ...]
     synthetic_instruction: str
+    synthetic_split: str
     synthetic_train_examples: int
     synthetic_test_examples: int
     data_path: str
@@ -277,6 +280,11 @@ class RunConfig:
                 raise ConfigError(f"run-config key '{key}': value '' is not allowed with data='{source}'; name the {'folder' if source == 'flan-json' else 'dataset'}")
         if values["data"] == "hub" and values["partitioner"] != "iid" and not values["partition_by"]:
             raise ConfigError(f"run-config key 'partition-by': value '' is not allowed with partitioner='{values['partitioner']}'; name the column")
+        if values["data"] == "synthetic" and values["synthetic_split"] == "iid" and values["synthetic_instruction"] != "per-task":
+            raise ConfigError(
+                "run-config key 'synthetic-split': value 'iid' is not allowed with synthetic-instruction='shared'; "
+                "use 'per-task' (with one instruction for all tasks they cannot be told apart)"
+            )
         if values["negative_cosine"] == "keep" and values["weighting"] != "paper":
             raise ConfigError(
                 f"run-config key 'negative-cosine': value 'keep' is not allowed with weighting={values['weighting']!r}; "

@@ -7,6 +7,7 @@ from fedbilevel.data.prompts import Example, format_prompt
 from fedbilevel.data.synthetic import (
     MAX_WORDS,
     MIN_WORDS,
+    PER_TASK_INSTRUCTIONS,
     TASK_NAMES,
     TASKS,
     WORDS,
@@ -177,3 +178,15 @@ def test_no_overlap_when_collisions_are_likely(monkeypatch):
     train, test = _data(num_train=40, num_test=20)
     inputs = [e.instruction for e in train + test]
     assert len(set(inputs)) == len(inputs) == 60
+
+
+def test_iid_split_cycles_tasks_and_needs_per_task_instructions():
+    train, test = make_client_data(1, 8, seed=0, num_train=8, num_test=4, instruction="per-task", split="iid")
+    assert [e.task for e in train[:5]] == ["uppercase", "count", "initials", "reverse", "uppercase"]
+    assert all(e.instruction.startswith(PER_TASK_INSTRUCTIONS[e.task].split("{")[0]) for e in train + test)
+    same_inputs, _ = make_client_data(1, 8, seed=0, num_train=8, num_test=4, instruction="per-task")
+    assert [e.instruction.split(": ", 1)[1] for e in train] == [e.instruction.split(": ", 1)[1] for e in same_inputs]
+    with pytest.raises(ValueError, match="synthetic-split: 'iid' needs synthetic-instruction 'per-task'"):
+        make_client_data(1, 8, seed=0, num_train=8, num_test=4, split="iid")
+    with pytest.raises(ValueError, match="synthetic-split: 'mixed'; allowed: task, iid"):
+        make_client_data(1, 8, seed=0, num_train=8, num_test=4, split="mixed")

@@ -32,8 +32,10 @@ def _synthetic(config: RunConfig, partition_id: int, num_partitions: int) -> Cli
         num_test=config.synthetic_test_examples,
         tasks=config.synthetic_tasks,
         instruction=config.synthetic_instruction,
+        split=config.synthetic_split,
     )
-    return ClientData(task_of_client(partition_id, num_partitions, config.synthetic_tasks), train, test)
+    task = task_of_client(partition_id, num_partitions, config.synthetic_tasks) if config.synthetic_split == "task" else "mixed"
+    return ClientData(task, train, test)
 
 
 def _flan_json(config: RunConfig, partition_id: int, num_partitions: int) -> ClientData:

@@ -83,6 +83,9 @@ PER_TASK_INSTRUCTIONS: dict[str, str] = {
 }
 
 
+SPLITS = ("task", "iid")
+
+
 def _check_int(key: str, value: object, minimum: int) -> int:
     """Return ``value`` as an ``int`` or raise a one-line ``ValueError``."""
     # bool is an Integral, but True as a count is always a config mistake.
@@ -229,6 +232,7 @@ def make_client_data(
     num_test: int,
     tasks: Sequence[str] | str = TASK_NAMES,
     instruction: str = "shared",
+    split: str = "task",
 ) -> tuple[list[Example], list[Example]]:
     """Generate one client's train and test examples.
 
@@ -253,11 +257,16 @@ def make_client_data(
         defaults to all of :data:`TASK_NAMES`.
     instruction : {"shared", "per-task"}, optional
         Instruction mode, see :func:`make_instruction`.
+    split : {"task", "iid"}, optional
+        ``"task"``: every example has the client's task (:func:`task_of_client`).
+        ``"iid"``: the client's examples cycle through all tasks (no task structure across
+        clients); needs ``instruction="per-task"``, since with one shared instruction the
+        tasks could not be told apart.
 
     Returns
     -------
     tuple of (list of Example, list of Example)
-        The train and test examples, all of the client's task.
+        The train and test examples.
 
     Raises
     ------
@@ -268,7 +277,12 @@ def make_client_data(
     num_test = _check_int("synthetic-test-examples", num_test, 1)
     seed = _check_int("seed", seed, 0)
     instruction = _check_instruction(instruction)
-    task = task_of_client(partition_id, num_partitions, tasks)
+    if split not in SPLITS:
+        raise ValueError(f"synthetic-split: {split!r}; allowed: {', '.join(SPLITS)}")
+    if split == "iid" and instruction != "per-task":
+        raise ValueError("synthetic-split: 'iid' needs synthetic-instruction 'per-task'; with one shared instruction the tasks cannot be told apart")
+    names = _check_tasks(tasks)
+    task = task_of_client(partition_id, num_partitions, names)
 
     rng = np.random.default_rng([seed, int(partition_id)])
     seen: set[tuple[str, ...]] = set()
@@ -282,5 +296,9 @@ def make_client_data(
             seen.add(words)
             inputs.append(words)
 
-    examples = [make_example(words, task, instruction) for words in inputs]
+    if split == "iid":  # cycle through the tasks, starting at a per-client offset
+        chosen = [names[(k + int(partition_id)) % len(names)] for k in range(len(inputs))]
+    else:
+        chosen = [task] * len(inputs)
+    examples = [make_example(words, name, instruction) for words, name in zip(inputs, chosen)]
     return examples[:num_train], examples[num_train:]

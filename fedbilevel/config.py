@@ -159,6 +159,7 @@ SCHEMA: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "eval-batch-size": ("eval_batch_size", _int(1)),
     "eval-max-new-tokens": ("eval_max_new_tokens", _int(1)),
     "eval-option-scoring": ("eval_option_scoring", _bool),
+    "eval-global": ("eval_global", _bool),
     "proximal-mu": ("proximal_mu", _float(0.0, low_open=False)),
     "fedamp-lambda": ("fedamp_lambda", _float(0.0, low_open=False)),
     "fedamp-sigma": ("fedamp_sigma", _float(0.0, low_open=False)),
@@ -239,6 +240,7 @@ class RunConfig:
     eval_batch_size: int
     eval_max_new_tokens: int
     eval_option_scoring: bool
+    eval_global: bool
     proximal_mu: float
     fedamp_lambda: float
     fedamp_sigma: float

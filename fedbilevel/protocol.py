@@ -2,7 +2,8 @@
 
 Server -> client (train / evaluate): ``arrays`` (the client's own adapter) and ``config``
 (``server-round`` and ``partition-id``, the partition the adapter belongs to; the client
-refuses a message addressed to another partition). Client -> server: ``arrays`` (train
+refuses a message addressed to another partition); evaluate messages may also carry
+``global`` (the mean adapter, whose scores come back prefixed ``global-``). Client -> server: ``arrays`` (train
 only) and ``metrics`` (``partition-id``, ``num-examples``, losses or scores). Query
 (partition discovery): the reply's ``info`` ConfigRecord describes the client's partition.
 """
@@ -15,6 +16,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 
 ARRAYS = "arrays"
+GLOBAL = "global"  # evaluate messages with eval-global: the mean adapter, scored as well
+GLOBAL_PREFIX = "global-"  # its scores in the reply's metrics
 CONFIG = "config"
 METRICS = "metrics"
 INFO = "info"

@@ -115,6 +115,9 @@ class RunRecorder:
             entry["personalized_mean"] = {
                 m: float(np.mean([scores[m] for scores in entry["eval"].values()])) for m in METRICS
             }
+            global_scores = [scores for scores in entry["eval"].values() if f"global-{METRICS[0]}" in scores]
+            if global_scores:  # eval-global: the mean adapter on every client's split
+                entry["global_mean"] = {m: float(np.mean([scores[f"global-{m}"] for scores in global_scores])) for m in METRICS}
         self.results["rounds"].append(entry)
         self.results["summary"] = self._summary()
         write_json(self.run_dir / "results.json", self.results)

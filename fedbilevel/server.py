@@ -73,6 +73,7 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
         initial_adapter=initial,
         on_round_end=on_round_end,
         evaluate_round=config.evaluates_in_round,
+        evaluate_global=config.eval_global,
     )
     if resumed:
         strategy.restore(resumed[1], resumed[2])

@@ -31,6 +31,7 @@ class FakeClient:
         self.behaviour = behaviour
         self.received: list[tuple[str, int, dict[str, np.ndarray]]] = []
         self.configs: list[dict] = []
+        self.globals: list[dict[str, np.ndarray]] = []  # global adapters of evaluate messages (eval-global)
 
     def handle(self, message: Message) -> Message:
         if message.metadata.message_type == MessageType.QUERY:
@@ -42,6 +43,8 @@ class FakeClient:
         adapter = protocol.record_to_adapter(message.content.array_records[protocol.ARRAYS])
         server_round = int(config[protocol.SERVER_ROUND])
         self.received.append((message.metadata.message_type, server_round, adapter))
+        if protocol.GLOBAL in message.content.array_records:
+            self.globals.append(protocol.record_to_adapter(message.content.array_records[protocol.GLOBAL]))
         started = time.time()
         time.sleep(0.005)  # some client work, so busy intervals have a length
         metrics = {

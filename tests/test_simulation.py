@@ -189,3 +189,12 @@ def test_flan_json_federation_end_to_end(tmp_path):
     assert "option_items" not in record["eval"]["6"]
     assert len(record["eval_items"]["0"]["exact_match"]) == 2 and len(record["eval_items"]["0"]["option_correct"]) == 2
     assert np.mean(record["eval_items"]["3"]["rouge1"]) == pytest.approx(record["eval"]["3"]["rouge1"])
+
+
+def test_eval_global_of_fedavg_equals_its_personalized_score(tmp_path):
+    # Under FedAvg every client holds the global adapter, so both scores must agree exactly.
+    _, run_dir = simulate(tmp_path, strategy="fedavg", **{"num-server-rounds": 1, "eval-global": True})
+    record = json.loads((run_dir / "results.json").read_text())["rounds"][0]
+    for scores in record["eval"].values():
+        assert scores["global-exact_match"] == scores["exact_match"] and scores["global-rougeL"] == scores["rougeL"]
+    assert record["global_mean"] == record["personalized_mean"]

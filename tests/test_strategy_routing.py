@@ -162,3 +162,16 @@ def test_fedbip_passes_its_similarity_space_to_the_math():
         for k in lora:
             np.testing.assert_allclose(strategy.adapter_for(p)[k], expected[p][k], rtol=1e-6)
     assert not np.allclose(expected[0]["m.layers.0.q.lora_A.weight"], flat[0]["m.layers.0.q.lora_A.weight"])
+
+
+def test_eval_global_sends_the_mean_personalized_adapter_with_evaluate_messages():
+    clients = {p: FakeClient(p) for p in range(4)}
+    strategy = FedBip(initial_adapter=INITIAL, min_nodes=4, evaluate_global=True)
+    run_rounds(strategy, FakeGrid({60 + p: c for p, c in clients.items()}), 1)
+    # The fakes report no training-set size, so every client weighs 1.
+    mean = {k: np.mean([strategy.personalized_adapter(p)[k] for p in range(4)], axis=0) for k in INITIAL}
+    for client in clients.values():
+        assert len(client.globals) == 1  # evaluate messages only
+        for k in INITIAL:
+            np.testing.assert_allclose(client.globals[0][k], mean[k], rtol=1e-5, atol=1e-7)
+    assert not FakeClient(0).globals

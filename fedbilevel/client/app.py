@@ -212,19 +212,26 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, *, corrupt: Upda
         session = ClientSession(context, overrides)
         model, tokenizer, server_round, _ = session.load_model(message, context)
         config = session.config
-        scores = evaluate_adapter(
-            model,
-            tokenizer,
-            session.data.test,
-            batch_size=config.eval_batch_size,
-            max_new_tokens=config.eval_max_new_tokens,
-            bf16_autocast=config.precision == "bf16-autocast",
-            device=model.device,
-            score_options=config.eval_option_scoring,
-        )
+        def score() -> dict:
+            return evaluate_adapter(
+                model,
+                tokenizer,
+                session.data.test,
+                batch_size=config.eval_batch_size,
+                max_new_tokens=config.eval_max_new_tokens,
+                bf16_autocast=config.precision == "bf16-autocast",
+                device=model.device,
+                score_options=config.eval_option_scoring,
+            )
+
+        scores = score()
         log(INFO, "client %d (%s), round %d: evaluated %d items in %.1f s, exact match %.3f, ROUGE-L %.3f",
             session.partition_id, session.data.task, server_round, len(session.data.test), scores["eval-seconds"],
             scores["exact_match"], scores["rougeL"])
+        if protocol.GLOBAL in message.content.array_records:  # also score the mean adapter (eval-global)
+            set_adapter_arrays(model, protocol.record_to_adapter(message.content.array_records[protocol.GLOBAL]))
+            shared = score()
+            scores.update({f"{protocol.GLOBAL_PREFIX}{k}": v for k, v in shared.items() if not isinstance(v, list)})
         return Message(RecordDict({protocol.METRICS: session.metrics(scores, len(session.data.test))}), reply_to=message)
 
     return app

@@ -22,6 +22,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from fedbilevel import protocol
+from fedbilevel.mixing import weighted_average
 
 Adapter = dict[str, np.ndarray]
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -70,6 +71,10 @@ class PersonalizedStrategy(Strategy):
     min_available_fraction : float (default: 0.5)
         A round aggregates only when at least this fraction of the clients sent a train
         message replied validly; otherwise every adapter is kept unchanged.
+    evaluate_global : bool (default: False)
+        Evaluate messages also carry the global adapter (the training-set-size weighted
+        mean of all personalized adapters, what FedAvg would deploy), which every client
+        scores on its own test split too.
     """
 
     # Attributes holding partition id -> adapter that a checkpoint must keep.
@@ -83,12 +88,14 @@ class PersonalizedStrategy(Strategy):
         on_round_end: RoundCallback | None = None,
         evaluate_round: Callable[[int], bool] | None = None,
         min_available_fraction: float = 0.5,
+        evaluate_global: bool = False,
     ) -> None:
         if not initial_adapter:
             raise ValueError("initial_adapter: must contain at least one array")
         if not 0 < min_available_fraction <= 1:
             raise ValueError(f"min_available_fraction: {min_available_fraction} is not allowed; expected a number in (0, 1]")
         self.min_available_fraction = min_available_fraction
+        self.evaluate_global = evaluate_global
         self.round_offset = 0  # rounds completed before a resume: Flower counts from 1 again
         self.initial_adapter: Adapter = {k: np.asarray(v) for k, v in initial_adapter.items()}
         self.min_nodes = min_nodes
@@ -158,6 +165,12 @@ class PersonalizedStrategy(Strategy):
             getattr(self, attribute)[partition_id] = {name: adapter[name] for name in self.initial_adapter}
         self.clients = {int(p): dict(info) for p, info in meta["clients"].items()}
         self.round_offset = int(meta["round"])
+
+    def global_adapter(self) -> Adapter:
+        """Σᵢ nᵢ θᵢ / Σᵢ nᵢ over the known clients' personalized adapters (nᵢ: training examples)."""
+        partitions = sorted(self.clients)
+        sizes = [max(int(self.clients[p].get("num-train") or 1), 1) for p in partitions]
+        return weighted_average([self.personalized_adapter(p) for p in partitions], sizes)
 
     def adapter_for(self, partition_id: int) -> Adapter:
         """The adapter a partition trains from next (θ⁰ until the client has been personalized)."""
@@ -283,6 +296,7 @@ class PersonalizedStrategy(Strategy):
     def _messages(self, server_round: int, config: ConfigRecord, message_type: str) -> list[Message]:
         messages = []
         adapter_of = self.adapter_for if message_type == MessageType.TRAIN else self.personalized_adapter
+        shared = self.global_adapter() if message_type == MessageType.EVALUATE and self.evaluate_global else None
         for node_id, partition_id in sorted(self.node_partitions.items(), key=lambda item: item[1]):
             round_config = ConfigRecord({**dict(config), **self.client_config()})
             round_config[protocol.SERVER_ROUND] = server_round
@@ -293,6 +307,8 @@ class PersonalizedStrategy(Strategy):
                     protocol.CONFIG: round_config,
                 }
             )
+            if shared is not None:
+                content[protocol.GLOBAL] = protocol.adapter_to_record(shared)
             self._round["bytes_down"] += protocol.count_bytes(content)
             messages.append(Message(content=content, message_type=message_type, dst_node_id=node_id))
         self._sent["train" if message_type == MessageType.TRAIN else "evaluate"] = dict(self.node_partitions)

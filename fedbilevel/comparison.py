@@ -117,7 +117,13 @@ def per_client_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
     for strategy, group in group_by_label(runs).items():
         for client, info in group[0].clients.items():
             scores = [r.last["eval"][client] for r in group if client in r.last["eval"]]
-            row: dict[str, Any] = {"strategy": strategy, "client": int(client), "task": info.get("task"), "seeds": len(scores)}
+            row: dict[str, Any] = {
+                "strategy": strategy,
+                "client": int(client),
+                "task": info.get("task"),
+                "majority_exact_match": info.get("majority_exact_match"),
+                "seeds": len(scores),
+            }
             for metric in METRICS:
                 mean, std = _mean_std([s[metric] for s in scores]) if scores else (math.nan, math.nan)
                 row[f"{metric}_mean"], row[f"{metric}_std"] = mean, std
@@ -151,15 +157,17 @@ def markdown(runs: Sequence[Run]) -> str:
     clients = runs[0].clients
     lines += [
         "",
-        f"Per client, last round, {METRIC_LABELS[primary]} (mean ± std over seeds):",
+        f"Per client, last round, {METRIC_LABELS[primary]} (mean ± std over seeds); *majority*: the exact match of"
+        " always giving the client's most common training answer:",
         "",
-        "| client | task | " + " | ".join(groups) + " |",
-        "|---|---|" + "---|" * len(groups),
+        "| client | task | majority | " + " | ".join(groups) + " |",
+        "|---|---|---|" + "---|" * len(groups),
     ]
     table = {(r["strategy"], str(r["client"])): r for r in per_client_rows(runs)}
     for client, info in clients.items():
         cells = [_format(table[(s, client)][f"{primary}_mean"], table[(s, client)][f"{primary}_std"]) for s in groups]
-        lines.append(f"| {client} | {info.get('task')} | " + " | ".join(cells) + " |")
+        majority = info.get("majority_exact_match")
+        lines.append(f"| {client} | {info.get('task')} | {'–' if majority is None else f'{majority:.3f}'} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -102,9 +102,14 @@ class RunRecorder:
         write_json(run_dir / "config.json", record)
 
     def set_clients(self, clients: Mapping[int, Mapping[str, Any]]) -> None:
-        """Partition id -> {task, num_train, num_test} from the clients' query replies."""
+        """Partition id -> {task, num_train, num_test, majority_exact_match} from the clients' query replies."""
         self.results["clients"] = {
-            str(p): {"task": info.get("task"), "num_train": info.get("num-train"), "num_test": info.get("num-test")}
+            str(p): {
+                "task": info.get("task"),
+                "num_train": info.get("num-train"),
+                "num_test": info.get("num-test"),
+                "majority_exact_match": info.get("majority-exact-match"),
+            }
             for p, info in sorted(clients.items())
         }
 

@@ -21,7 +21,7 @@ from fedbilevel.config import ConfigError
 from fedbilevel.simulation import parse_assignment
 
 ROOT = Path(__file__).resolve().parents[1]
-CLIENTS = {"0": {"task": "reverse"}, "1": {"task": "count"}}
+CLIENTS = {"0": {"task": "reverse", "majority_exact_match": 0.0}, "1": {"task": "count", "majority_exact_match": 0.25}}
 
 
 def scores(exact: float) -> dict[str, float]:
@@ -91,7 +91,7 @@ def test_tables_and_plots_are_written(runs, tmp_path):
     text = (out / "comparison.md").read_text()
     assert text == markdown(runs)
     assert "| fedbip | 0 1 | 0.550 ± 0.071 | 0.500 ± 0.071 | 0.450 ± 0.071 |" in text
-    assert "| 0 | reverse | 0.500 ± 0.141 | 0.200 |" in text
+    assert "| 0 | reverse | 0.000 | 0.500 ± 0.141 | 0.200 |" in text and "| 1 | count | 0.250 |" in text
 
 
 def test_a_folder_that_is_not_a_run_is_refused(tmp_path):

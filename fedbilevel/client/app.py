@@ -26,6 +26,7 @@ from fedbilevel.client.ala import (
     remember_local,
 )
 from fedbilevel.client.evaluate import evaluate_adapter
+from fedbilevel.client.metrics import score_answers
 from fedbilevel.client.model import (
     LoraSettings,
     build_lora_model,
@@ -37,6 +38,7 @@ from fedbilevel.client.model import (
 from fedbilevel.client.train import proximal_term, train_adapter
 from fedbilevel.config import RunConfig
 from fedbilevel.data import ClientData, load_client_data
+from fedbilevel.data.flan import most_common_answer
 
 
 NODE_CONFIG_KEYS = ("device", "data-path")  # run-config keys a SuperNode's --node-config overrides
@@ -161,6 +163,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, *, corrupt: Upda
     @app.query()
     def query(message: Message, context: Context) -> Message:
         session = ClientSession(context, overrides)
+        majority, _ = most_common_answer(session.data.train)
         info = ConfigRecord(
             {
                 protocol.PARTITION_ID: session.partition_id,
@@ -168,6 +171,9 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, *, corrupt: Upda
                 "task": session.data.task,
                 "num-train": len(session.data.train),
                 "num-test": len(session.data.test),
+                # The score of always giving the most common training answer: what the model
+                # must beat to have learned more than the label prior.
+                "majority-exact-match": score_answers([majority] * len(session.data.test), [e.output for e in session.data.test])["exact_match"],
             }
         )
         return Message(RecordDict({protocol.INFO: info}), reply_to=message)

@@ -142,6 +142,8 @@ def test_fedala_keeps_client_state_across_rounds(tmp_path):
     assert {scores["ala-epochs"] for scores in second["train"].values()} == {2.0}  # the start phase
     assert all(0.0 <= scores["ala-mean-weight"] <= 1.0 for scores in second["train"].values())
     assert set(second["eval"]) == {str(p) for p in range(NUM_CLIENTS)} and first["eval"] == {}
+    # The evaluate message brings the new global model: W is learned again, for one epoch.
+    assert {scores["ala-epochs"] for scores in second["eval"].values()} == {1.0}
 
 
 def test_a_run_resumed_from_its_checkpoint_matches_an_unbroken_run(tmp_path):

@@ -216,8 +216,9 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, *, corrupt: Upda
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
         session = ClientSession(context, overrides)
-        model, tokenizer, server_round, _ = session.load_model(message, context)
+        model, tokenizer, server_round, step = session.load_model(message, context)
         config = session.config
+
         def score() -> dict:
             return evaluate_adapter(
                 model,
@@ -238,6 +239,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, *, corrupt: Upda
             set_adapter_arrays(model, protocol.record_to_adapter(message.content.array_records[protocol.GLOBAL]))
             shared = score()
             scores.update({f"{protocol.GLOBAL_PREFIX}{k}": v for k, v in shared.items() if not isinstance(v, list)})
+        scores.update(step)  # e.g. FedALA's weight learning for this global model
         return Message(RecordDict({protocol.METRICS: session.metrics(scores, len(session.data.test))}), reply_to=message)
 
     return app

@@ -112,7 +112,7 @@ def main() -> None:
                         help="robustness: these partition ids send random updates (see python -m fedbilevel.simulation -h)")
     parser.add_argument("--faulty-scale", type=float, default=10.0, help="norm of a faulty update / the real one's (default: 10)")
     parser.add_argument("--force", action="store_true", help="rerun runs that already finished")
-    parser.add_argument("--report-only", action="store_true", help="only rebuild tables and plots from the finished runs")
+    parser.add_argument("--report-only", action="store_true", help="only rebuild tables and plots from the runs of the plan that finished")
     args = parser.parse_args()
 
     variants = [(name, {"strategy": name}) for name in _names(args.strategies, strategy_names(), "strategies")] if args.strategies else []
@@ -180,7 +180,13 @@ def main() -> None:
                 raise SystemExit(f"{name} failed (exit code {process.returncode}, {seen}/{rounds} rounds); see {runs_dir / f'{name}.log'}")
             print(f"[{index}/{len(todo)}] {name} finished in {_duration(time.time() - run_started)}", flush=True)
 
-    runs = [load_run(runs_dir / name, label) for label, name, _ in plan]
+    finished = [(label, name) for label, name, config in plan if len(_rounds_done(runs_dir / name)) == config["num-server-rounds"]]
+    missing = [name for _, name, _ in plan if name not in {n for _, n in finished}]
+    if missing:  # only with --report-only: a run that fails stops the comparison above
+        print(f"not finished, left out of the report: {', '.join(missing)}", flush=True)
+    if not finished:
+        raise SystemExit(f"no finished runs in {runs_dir}")
+    runs = [load_run(runs_dir / name, label) for label, name in finished]
     paths = write_tables(runs, out) + write_plots(runs, out)
     print(markdown(runs))
     print(f"{len(runs)} runs in {_duration(time.time() - started)}; wrote:\n  " + "\n  ".join(str(p) for p in paths))

@@ -96,8 +96,33 @@ def group_by_label(runs: Sequence[Run]) -> dict[str, list[Run]]:
     return {name: sorted(group, key=lambda r: r.seed) for name, group in groups.items()}
 
 
+def bootstrap_interval(runs: Sequence[Run], metric: str, *, samples: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the last-round personalized ``metric``, over seeds and test items.
+
+    Each resample draws the runs (seeds) with replacement and, inside every drawn run, each
+    client's test items with replacement; its value is the mean over seeds of the mean over
+    clients of the client's mean item score (the personalized score). None when a run did
+    not record per-item scores (``eval_items``, runs before they were recorded).
+    """
+    per_run = []
+    for run in runs:
+        items = run.last.get("eval_items")
+        if not items or any(metric not in scores for scores in items.values()):
+            return None
+        per_run.append([np.asarray(scores[metric], dtype=np.float64) for scores in items.values()])
+    rng = np.random.default_rng(seed)
+    values = np.empty(samples)
+    for k in range(samples):
+        drawn = [per_run[i] for i in rng.integers(len(per_run), size=len(per_run))]
+        values[k] = np.mean([np.mean([client[rng.integers(len(client), size=len(client))].mean() for client in run]) for run in drawn])
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def summary_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
-    """Per strategy: mean and std over seeds of the personalized scores, last and best round."""
+    """Per strategy: mean and std over seeds of the personalized scores, last and best round,
+    and a 95% bootstrap interval (seeds and test items) of the last round's primary metric."""
     rows = []
     for strategy, group in group_by_label(runs).items():
         row: dict[str, Any] = {"strategy": strategy, "seeds": " ".join(str(r.seed) for r in group)}
@@ -105,6 +130,8 @@ def summary_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
             for metric in METRICS:
                 mean, std = _mean_std([getattr(r, when)["personalized_mean"][metric] for r in group])
                 row[f"{when}_{metric}_mean"], row[f"{when}_{metric}_std"] = mean, std
+        interval = bootstrap_interval(group, group[0].primary_metric)
+        row["last_primary_ci_low"], row["last_primary_ci_high"] = interval if interval else (math.nan, math.nan)
         row["best_round_mean"] = float(np.mean([r.best["round"] for r in group]))
         row["minutes_mean"] = float(np.mean([r.seconds for r in group])) / 60
         rows.append(row)
@@ -147,12 +174,19 @@ def markdown(runs: Sequence[Run]) -> str:
         " mean ± std over seeds; *best* is each run's best round by "
         f"{METRIC_LABELS[primary]}.",
         "",
-        f"| strategy | seeds | {header} | best round | minutes |",
-        "|---|---|" + "---|" * (2 * len(METRICS)) + "---|---|",
+        f"*95% CI*: percentile bootstrap of the last round's {METRIC_LABELS[primary]} over seeds and test items"
+        " (– where a run recorded no per-item scores).",
+        "",
+        f"| strategy | seeds | {header} | {METRIC_LABELS[primary]} last, 95% CI | best round | minutes |",
+        "|---|---|" + "---|" * (2 * len(METRICS)) + "---|---|---|",
     ]
     for row in summary_rows(runs):
         cells = [_format(row[f"{when}_{m}_mean"], row[f"{when}_{m}_std"]) for when in ("last", "best") for m in METRICS]
-        lines.append(f"| {row['strategy']} | {row['seeds']} | " + " | ".join(cells) + f" | {row['best_round_mean']:.1f} | {row['minutes_mean']:.1f} |")
+        low, high = row["last_primary_ci_low"], row["last_primary_ci_high"]
+        ci = "–" if math.isnan(low) else f"[{low:.3f}, {high:.3f}]"
+        lines.append(
+            f"| {row['strategy']} | {row['seeds']} | " + " | ".join(cells) + f" | {ci} | {row['best_round_mean']:.1f} | {row['minutes_mean']:.1f} |"
+        )
     groups = group_by_label(runs)
     clients = runs[0].clients
     lines += [

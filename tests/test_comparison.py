@@ -146,3 +146,23 @@ def test_compare_runs_strategies_and_reuses_finished_runs(tmp_path):
     # A second invocation reuses both finished runs and rebuilds the report.
     second = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert second.returncode == 0 and "0 of 2 runs to do" in second.stdout and "fedbip-seed3: finished earlier, reused" in second.stdout
+
+
+def test_bootstrap_interval_by_construction(tmp_path):
+    from fedbilevel.comparison import bootstrap_interval
+
+    def with_items(name, seed, items):
+        run = load_run(write_run(tmp_path / name, "fedbip", seed, [(0.5, 0.5)]))
+        run.last["eval_items"] = {"0": {"exact_match": items[0]}, "1": {"exact_match": items[1]}}
+        return run
+
+    # Constant item scores: every resample gives the same mean, so the interval is a point.
+    constant = [with_items("c0", 0, ([1.0, 1.0], [0.0, 0.0])), with_items("c1", 1, ([1.0, 1.0], [0.0, 0.0]))]
+    assert bootstrap_interval(constant, "exact_match") == (0.5, 0.5)
+    # Varying items (observed mean 0.375): the interval holds it and has width.
+    varied = [with_items("v0", 0, ([1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 0.0])), with_items("v1", 1, ([1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]))]
+    low, high = bootstrap_interval(varied, "exact_match")
+    assert 0.0 <= low < 0.375 < high <= 1.0
+    assert bootstrap_interval(varied, "exact_match") == (low, high)  # seeded
+    # Runs without per-item scores give no interval rather than a made-up one.
+    assert bootstrap_interval([load_run(write_run(tmp_path / "n0", "fedbip", 0, [(0.5, 0.5)]))], "exact_match") is None

@@ -12,10 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.simulation import run_simulation
 from peft import PeftModel
 
-from fedbilevel.client.app import make_client_app
 from fedbilevel.client.model import (
     TINY_MODEL,
     get_adapter_arrays,
@@ -24,7 +22,7 @@ from fedbilevel.client.model import (
     lora_settings,
 )
 from fedbilevel.config import RunConfig, load_app_config
-from fedbilevel.server import make_server_app
+from fedbilevel.simulation import simulate as run_in_simulation
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLIENTS = 4
@@ -47,12 +45,7 @@ def simulate(tmp_path: Path, **overrides) -> tuple[dict, Path]:
         "run-name": "e2e",
         **overrides,
     }
-    run_simulation(
-        server_app=make_server_app(config),
-        client_app=make_client_app(config),
-        num_supernodes=NUM_CLIENTS,
-        backend_config={"client_resources": {"num_cpus": 1}},
-    )
+    run_in_simulation(config, num_supernodes=NUM_CLIENTS)
     return config, tmp_path / "e2e"
 
 
@@ -173,16 +166,13 @@ FLAN8 = ROOT.parent / "shared" / "data" / "flan8"
 
 @pytest.mark.skipif(not FLAN8.is_dir(), reason=f"{FLAN8} (the shared Flan-8 federation) is not present")
 def test_flan_json_federation_end_to_end(tmp_path):
-    from flwr.simulation import run_simulation
-
     config = {
         **load_app_config(ROOT / "pyproject.toml"),
         "model-name": TINY_MODEL, "data": "flan-json", "data-path": str(FLAN8), "max-train-examples": 4,
         "max-test-examples": 2, "max-seq-len": 1024, "local-steps": 1, "batch-size": 2, "num-server-rounds": 1,
         "eval-max-new-tokens": 4, "output-dir": str(tmp_path), "run-name": "flan",
     }
-    run_simulation(server_app=make_server_app(config), client_app=make_client_app(config), num_supernodes=8,
-                   backend_config={"client_resources": {"num_cpus": 1}})
+    run_in_simulation(config, num_supernodes=8)
     results = json.loads((tmp_path / "flan" / "results.json").read_text())
     assert {k: results["clients"]["0"][k] for k in ("task", "num_train", "num_test")} == {"task": "coreference", "num_train": 4, "num_test": 2}
     assert all(0.0 <= c["majority_exact_match"] <= 1.0 for c in results["clients"].values())

@@ -111,6 +111,8 @@ def main() -> None:
     parser.add_argument("--faulty-clients", default="", metavar="IDS",
                         help="robustness: these partition ids send random updates (see python -m fedbilevel.simulation -h)")
     parser.add_argument("--faulty-scale", type=float, default=10.0, help="norm of a faulty update / the real one's (default: 10)")
+    parser.add_argument("--absent-clients", default="", metavar="IDS",
+                        help="robustness: these partition ids fail every training round (the reference for --faulty-clients)")
     parser.add_argument("--force", action="store_true", help="rerun runs that already finished")
     parser.add_argument("--report-only", action="store_true", help="only rebuild tables and plots from the runs of the plan that finished")
     args = parser.parse_args()
@@ -160,7 +162,8 @@ def main() -> None:
             (runs_dir / f"{name}.config.json").write_text(json.dumps(config, indent=2))
             command = [sys.executable, "-m", "fedbilevel.simulation", "--config-json", str(runs_dir / f"{name}.config.json"),
                        "--num-supernodes", str(args.num_clients), "--cpus-per-client", str(args.cpus_per_client),
-                       "--faulty-clients", args.faulty_clients, "--faulty-scale", str(args.faulty_scale)]
+                       "--faulty-clients", args.faulty_clients, "--faulty-scale", str(args.faulty_scale),
+                       "--absent-clients", args.absent_clients]
             run_started, seen = time.time(), 0
             with (runs_dir / f"{name}.log").open("w") as log:
                 process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)

@@ -59,7 +59,9 @@ class FakeClient:
         if self.behaviour == "silent":  # never answers a train message (a lost node, a timeout)
             return None
         if self.behaviour == "raise":
-            return Message(Error(code=0, reason="CUDA out of memory"), reply_to=message)
+            # Shaped like the error Flower relays from a ClientApp that raised: a traceback, message last.
+            trace = "Traceback (most recent call last):\n  File \"client_app.py\", line 161, in __call__\nRuntimeError: CUDA out of memory'>"
+            return Message(Error(code=0, reason=trace), reply_to=message)
         trained = {k: v + update_of(self.partition_id, server_round)[k] for k, v in adapter.items()}
         if self.behaviour == "nan":
             trained["b"][0] = np.nan

@@ -109,3 +109,20 @@ def test_a_run_where_no_client_can_start_stops_with_the_reason():
     strategy = FedBip(initial_adapter=INITIAL, min_nodes=2)
     with pytest.raises(RuntimeError, match="no client could start; the first error: data folder /nowhere: not found"):
         strategy.start(FakeGrid({1: Broken(0), 2: Broken(1)}), ArrayRecord(), num_rounds=1)
+
+
+def test_fault_harness_absent_clients_fail_every_round_and_others_pass_through():
+    from fedbilevel.config import ConfigError
+    from fedbilevel.simulation import fault_harness
+
+    received = {"a": np.zeros((2, 3), np.float32)}
+    trained = {"a": np.full((2, 3), 0.5, np.float32)}
+    assert fault_harness({"seed": 0}) is None  # everyone honest: no harness at all
+    corrupt = fault_harness({"seed": 0}, faulty_clients=[1], absent_clients=[3])
+    assert corrupt(0, 1, received, trained) is trained
+    assert not np.allclose(corrupt(1, 1, received, trained)["a"], trained["a"])
+    for server_round in (1, 2):
+        with pytest.raises(RuntimeError, match=f"client 3 is absent .* round {server_round}"):
+            corrupt(3, server_round, received, trained)
+    with pytest.raises(ConfigError, match=r"clients \[2\] are both faulty and absent"):
+        fault_harness({"seed": 0}, faulty_clients=[1, 2], absent_clients=[2])

@@ -67,7 +67,7 @@ def test_round_record_lists_matrices_in_partition_order():
 
 
 @pytest.mark.parametrize("behaviour, reason", [
-    ("raise", "client error: CUDA out of memory"),
+    ("raise", "client error: RuntimeError: CUDA out of memory"),
     ("nan", "contains NaN or Inf"),
     ("shape", "array 'b': shape (5,), expected (4,)"),
     ("impostor", "partition-id 0 in reply; the message was for 3"),
@@ -82,6 +82,9 @@ def test_bad_reply_is_excluded_and_its_adapter_kept(behaviour, reason):
     assert records[0]["participants"] == [0, 1, 2]
     assert [f["partition_id"] for f in records[0]["failures"]] == [3]
     assert reason in records[0]["failures"][0]["reason"]
+    if behaviour == "raise":  # the log and results say the exception in one line; the traceback is kept as detail
+        assert records[0]["failures"][0]["reason"] == "client error: RuntimeError: CUDA out of memory"
+        assert records[0]["failures"][0]["detail"].startswith("Traceback")
     for k in INITIAL:
         np.testing.assert_array_equal(strategy.adapter_for(3)[k], INITIAL[k])
         assert np.all(np.isfinite(strategy.adapter_for(0)[k]))

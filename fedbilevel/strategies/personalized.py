@@ -50,8 +50,20 @@ def _covered(intervals: list[tuple[float, float]], start: float | None, end: flo
 
 
 class RejectedReply(ValueError):
-    """A reply that must not be aggregated; the message says why, in one line."""
+    """A reply that must not be aggregated; the message says why, in one line.
 
+    ``detail`` keeps a client's full error text (e.g. a traceback) for results.json.
+    """
+
+    def __init__(self, reason: str, *, detail: str = "") -> None:
+        super().__init__(reason)
+        self.detail = detail
+
+
+def _last_line(text: str) -> str:
+    """The last non-blank line of a client's error text: the exception message, not the traceback."""
+    lines = [line.strip().rstrip("'>").strip() for line in text.splitlines() if line.strip().rstrip("'>").strip()]
+    return lines[-1] if lines else text
 
 class PersonalizedStrategy(Strategy):
     """Per-client adapters, routed by partition id; subclasses implement :meth:`personalize`.
@@ -218,7 +230,7 @@ class PersonalizedStrategy(Strategy):
                 partition_id, metrics = self._check_reply(message, "train")
                 adapter = self._check_adapter(message.content)
             except RejectedReply as error:
-                self._reject(message, "train", str(error))
+                self._reject(message, "train", error)
                 continue
             self._note_busy("train", metrics)
             trained[partition_id] = adapter
@@ -272,7 +284,7 @@ class PersonalizedStrategy(Strategy):
             try:
                 partition_id, metrics = self._check_reply(message, "evaluate")
             except RejectedReply as error:
-                self._reject(message, "evaluate", str(error))
+                self._reject(message, "evaluate", error)
                 continue
             self._note_busy("evaluate", metrics)
             scores[partition_id] = {
@@ -355,7 +367,7 @@ class PersonalizedStrategy(Strategy):
     def _check_reply(self, message: Message, phase: str) -> tuple[int, dict[str, Any]]:
         """The partition id and metrics of a reply that may be used, else RejectedReply."""
         if message.has_error():
-            raise RejectedReply(f"client error: {message.error.reason}")
+            raise RejectedReply(f"client error: {_last_line(message.error.reason)}", detail=message.error.reason)
         expected = self.node_partitions.get(message.metadata.src_node_id)
         if expected is None:
             raise RejectedReply("reply from a node that was not sent a message")
@@ -400,12 +412,15 @@ class PersonalizedStrategy(Strategy):
                 log(WARNING, "round %d: %s reply from client %d (node %d) missing: %s", self._round["round"], phase, partition_id, node_id, reason)
                 self._round["failures"].append({"phase": phase, "partition_id": partition_id, "node_id": node_id, "reason": reason})
 
-    def _reject(self, message: Message, phase: str, reason: str) -> None:
+    def _reject(self, message: Message, phase: str, error: RejectedReply) -> None:
         node_id = message.metadata.src_node_id
         partition_id = self.node_partitions.get(node_id)
         who = f"client {partition_id} (node {node_id})" if partition_id is not None else f"node {node_id}"
-        log(WARNING, "round %d: %s reply from %s rejected: %s", self._round["round"], phase, who, reason)
-        self._round["failures"].append({"phase": phase, "partition_id": partition_id, "node_id": node_id, "reason": reason})
+        log(WARNING, "round %d: %s reply from %s rejected: %s", self._round["round"], phase, who, error)
+        failure = {"phase": phase, "partition_id": partition_id, "node_id": node_id, "reason": str(error)}
+        if error.detail:
+            failure["detail"] = error.detail
+        self._round["failures"].append(failure)
 
     def _note_busy(self, phase: str, metrics: Mapping[str, Any]) -> None:
         started, ended = (metrics.get(key) for key in protocol.BUSY_KEYS)

@@ -25,7 +25,7 @@ from fedbilevel.weighting import (
     WEIGHTING_RULES,
 )
 
-PRECISIONS = ("bf16-autocast", "fp32")
+PRECISIONS = ("fp32", "bf16-autocast", "bf16", "4bit")
 SYNTHETIC_INSTRUCTIONS = ("shared", "per-task")
 PARTITIONERS = ("natural", "dirichlet", "iid")
 SYNTHETIC_SPLITS = ("task", "iid")
@@ -301,6 +301,11 @@ class RunConfig:
             value = getattr(self, field)
             out[key] = ",".join(value) if isinstance(value, tuple) else value
         return out
+
+    @property
+    def bf16_compute(self) -> bool:
+        """Whether forward passes run under bf16 autocast (every precision but ``fp32``)."""
+        return self.precision != "fp32"
 
     def evaluates_in_round(self, server_round: int) -> bool:
         """Evaluate every ``eval-every`` rounds, and always after the last round."""

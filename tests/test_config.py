@@ -38,7 +38,7 @@ def test_overrides_win():
         ("layer-grouping", "head", "choose one of array, block"),
         ("similarity-space", "dense", "choose one of flat, lora-product"),
         ("device", "tpu", "expected auto, cpu, cuda or cuda:N"),
-        ("precision", "fp8", "choose one of bf16-autocast, fp32"),
+        ("precision", "fp8", "choose one of fp32, bf16-autocast, bf16, 4bit"),
         ("data", "imagenet", "choose one of synthetic"),
         ("synthetic-instruction", "mixed", "choose one of shared, per-task"),
         ("lora-target-modules", "q_proj,,v_proj", "expected distinct comma-separated names"),

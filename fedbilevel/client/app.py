@@ -73,10 +73,10 @@ def resolve_device(device: str) -> torch.device:
 
 
 @functools.lru_cache(maxsize=1)
-def _model(model_name: str, lora: LoraSettings, threads: int, device: str):
+def _model(model_name: str, lora: LoraSettings, threads: int, device: str, precision: str):
     if threads > 0:
         torch.set_num_threads(threads)
-    return build_lora_model(model_name, lora).to(resolve_device(device)), load_tokenizer(model_name)
+    return build_lora_model(model_name, lora, precision=precision, device=resolve_device(device)), load_tokenizer(model_name)
 
 
 @functools.lru_cache(maxsize=16)
@@ -112,7 +112,7 @@ class ClientSession:
         addressed_to = config.get(protocol.PARTITION_ID)
         if addressed_to != self.partition_id:
             raise ValueError(f"message for partition {addressed_to!r} reached client {self.partition_id}; refusing another client's adapter")
-        model, tokenizer = _model(self.config.model_name, lora_settings(self.config), self.config.client_threads, self.config.device)
+        model, tokenizer = _model(self.config.model_name, lora_settings(self.config), self.config.client_threads, self.config.device, self.config.precision)
         set_adapter_arrays(model, protocol.record_to_adapter(message.content.array_records[protocol.ARRAYS]))
         server_round = int(config[protocol.SERVER_ROUND])
         step: dict[str, float] = {}
@@ -193,7 +193,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, *, corrupt: Upda
             batch_size=config.batch_size,
             learning_rate=config.learning_rate,
             max_seq_len=config.max_seq_len,
-            bf16_autocast=config.precision == "bf16-autocast",
+            bf16_autocast=config.bf16_compute,
             device=model.device,
             seed=_seed(config, session.partition_id, server_round),
             extra_loss=proximal_term(model, mu) if mu > 0 else None,
@@ -226,7 +226,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, *, corrupt: Upda
                 session.data.test,
                 batch_size=config.eval_batch_size,
                 max_new_tokens=config.eval_max_new_tokens,
-                bf16_autocast=config.precision == "bf16-autocast",
+                bf16_autocast=config.bf16_compute,
                 device=model.device,
                 score_options=config.eval_option_scoring,
             )

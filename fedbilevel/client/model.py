@@ -47,6 +47,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    BitsAndBytesConfig,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
@@ -167,8 +168,10 @@ def load_tokenizer(model_name: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_base_model(model_name: str, *, seed: int = 0) -> PreTrainedModel:
-    """Load the frozen base model in float32 on the CPU, in eval mode.
+def load_base_model(
+    model_name: str, *, seed: int = 0, precision: str = "fp32", device: str | torch.device = "cpu"
+) -> PreTrainedModel:
+    """Load the frozen base model on ``device``, in eval mode.
 
     Parameters
     ----------
@@ -177,16 +180,50 @@ def load_base_model(model_name: str, *, seed: int = 0) -> PreTrainedModel:
     seed : int, default 0
         Seeds torch while loading, so that any weight the checkpoint lacks is
         initialised reproducibly. The caller's random state is left untouched.
+    precision : {"fp32", "bf16-autocast", "bf16", "4bit"}, default "fp32"
+        How the base weights are stored: float32 (``fp32``, ``bf16-autocast``),
+        bfloat16 (``bf16``: half the memory) or NF4 through bitsandbytes (``4bit``,
+        QLoRA-style: a quarter; CUDA only). Adapters stay float32 in every mode.
+    device : str or torch.device, default "cpu"
 
     Returns
     -------
     transformers.PreTrainedModel
+
+    Raises
+    ------
+    ValueError
+        For ``4bit`` without a CUDA device or without the bitsandbytes package.
     """
     source = resolve_model_source(model_name)
+    device = torch.device(device)
+    options = _precision_options(precision, device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(source, **options)
+    if "quantization_config" not in options:  # a quantized model is placed by device_map and cannot move
+        model = model.to(device)
     return model.eval()
+
+
+def _precision_options(precision: str, device: torch.device) -> dict:
+    """``from_pretrained`` keyword arguments for a ``precision`` run-config value."""
+    if precision in ("fp32", "bf16-autocast"):
+        return {"dtype": torch.float32}
+    if precision == "bf16":
+        return {"dtype": torch.bfloat16}
+    if precision != "4bit":
+        raise ValueError(f"run-config key 'precision': value {precision!r} is not allowed; expected one of fp32, bf16-autocast, bf16, 4bit")
+    if device.type != "cuda":
+        raise ValueError(f"run-config key 'precision': value '4bit' is not allowed on device {str(device)!r}; "
+                         "4-bit weights need a CUDA GPU (use 'bf16' or 'fp32')")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("run-config key 'precision': value '4bit' needs the bitsandbytes package (pip install bitsandbytes), "
+                         "which is not installed")
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
+    )
+    return {"quantization_config": quantization, "dtype": torch.bfloat16, "device_map": {"": device}}
 
 
 def lora_config(model_name: str, lora: LoraSettings) -> LoraConfig:
@@ -214,7 +251,9 @@ def lora_config(model_name: str, lora: LoraSettings) -> LoraConfig:
     )
 
 
-def build_lora_model(model_name: str, lora: LoraSettings, *, seed: int = 0) -> PeftModel:
+def build_lora_model(
+    model_name: str, lora: LoraSettings, *, seed: int = 0, precision: str = "fp32", device: str | torch.device = "cpu"
+) -> PeftModel:
     """Load the base model and attach freshly initialised LoRA adapters.
 
     Parameters
@@ -225,6 +264,8 @@ def build_lora_model(model_name: str, lora: LoraSettings, *, seed: int = 0) -> P
     seed : int, default 0
         Seed of the adapter initialisation. The adapters equal
         ``initial_adapter_arrays(model_name, lora, seed=seed)``.
+    precision, device
+        Of the base model: see :func:`load_base_model`. The adapters are float32 on ``device``.
 
     Returns
     -------
@@ -232,7 +273,7 @@ def build_lora_model(model_name: str, lora: LoraSettings, *, seed: int = 0) -> P
         In eval mode (call ``.train()`` to train); only adapter weights
         require gradients.
     """
-    base = load_base_model(model_name, seed=seed)
+    base = load_base_model(model_name, seed=seed, precision=precision, device=device)
     # peft draws its own (discarded) initial values from the global generator;
     # fork it so building a model does not shift the caller's random stream.
     with torch.random.fork_rng(devices=[]):

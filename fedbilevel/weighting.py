@@ -76,7 +76,9 @@ class Weighting:
 
     def __post_init__(self) -> None:
         _check_choice("centering", self.centering, SIMILARITY_CENTERINGS)
-        self.weights(np.eye(2))  # validates every hyper-parameter now, not in round 1
+        check_weighting_options(rule=self.rule, negative=self.negative, temperature=self.temperature, power=self.power,
+                                top_k=self.top_k, threshold=self.threshold, z_temperature=self.z_temperature)
+        _check_real("self_floor", self.self_floor, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
     @property
     def is_paper(self) -> bool:
@@ -128,6 +130,37 @@ def centered_gram(gram: np.ndarray) -> np.ndarray:
     grams, single = _as_stack("gram", gram)
     centered = grams - grams.mean(axis=2, keepdims=True) - grams.mean(axis=1, keepdims=True) + grams.mean(axis=(1, 2), keepdims=True)
     return centered[0] if single else centered
+
+
+def check_weighting_options(
+    *,
+    rule: str = "paper",
+    negative: str = "clip",
+    temperature: float = 0.1,
+    power: float = 2.0,
+    top_k: int = 1,
+    threshold: float = 0.5,
+    z_temperature: float = 1.0,
+    std_floor: float = 0.05,
+) -> None:
+    """Raise ValueError (naming the option, its value and what is allowed) unless every option of
+    :func:`similarity_weights` is valid, whichever rule is chosen, so a bad run config fails at once."""
+    _check_choice("rule", rule, WEIGHTING_RULES)
+    _check_choice("negative", negative, NEGATIVE_COSINE_MODES)
+    if negative == "keep" and rule != "paper":
+        raise ValueError(f"negative: 'keep' is not allowed with rule={rule!r}; only rule='paper' keeps negative similarities")
+    _check_real("temperature", temperature, lambda v: v > 0, "a number > 0")
+    _check_real("power", power, lambda v: v >= 1, "a number >= 1")
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
+        raise ValueError(f"top_k: value {top_k!r} is not allowed; expected an integer >= 1")
+    _check_real("threshold", threshold, lambda v: True, "a finite number")
+    _check_real("z_temperature", z_temperature, lambda v: v > 0, "a number > 0")
+    _check_real("std_floor", std_floor, lambda v: v > 0, "a number > 0")
+
+
+def check_ema_decay(decay: float) -> None:
+    """Raise ValueError unless ``decay`` is a valid :func:`ema_similarity` decay, in [0, 1)."""
+    _check_real("decay", decay, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
 def similarity_weights(
@@ -202,25 +235,16 @@ def similarity_weights(
         Lower bound > 0 on the per-row standard deviation of ``"zscore-softmax"``, in
         similarity units: differences much smaller than it are treated as noise.
 
-    Every hyper-parameter is validated whichever rule is chosen, so that a bad run
-    config fails at once.
+    Every hyper-parameter is validated whichever rule is chosen
+    (:func:`check_weighting_options`).
 
     Returns
     -------
     np.ndarray
         float64 weights, same shape as ``similarity``, rows summing to 1.
     """
-    _check_choice("rule", rule, WEIGHTING_RULES)
-    _check_choice("negative", negative, NEGATIVE_COSINE_MODES)
-    if negative == "keep" and rule != "paper":
-        raise ValueError(f"negative: 'keep' is not allowed with rule={rule!r}; only rule='paper' keeps negative similarities")
-    _check_real("temperature", temperature, lambda v: v > 0, "a number > 0")
-    _check_real("power", power, lambda v: v >= 1, "a number >= 1")
-    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
-        raise ValueError(f"top_k: value {top_k!r} is not allowed; expected an integer >= 1")
-    _check_real("threshold", threshold, lambda v: True, "a finite number")
-    _check_real("z_temperature", z_temperature, lambda v: v > 0, "a number > 0")
-    _check_real("std_floor", std_floor, lambda v: v > 0, "a number > 0")
+    check_weighting_options(rule=rule, negative=negative, temperature=temperature, power=power, top_k=top_k,
+                            threshold=threshold, z_temperature=z_temperature, std_floor=std_floor)
     scores, single = _as_stack("similarity", similarity)
 
     n = scores.shape[1]
@@ -297,7 +321,7 @@ def ema_similarity(previous: np.ndarray | None, current: np.ndarray, decay: floa
     np.ndarray
         float64 smoothed similarity, same shape as ``current``.
     """
-    _check_real("decay", decay, lambda v: 0 <= v < 1, "a number in [0, 1)")
+    check_ema_decay(decay)
     stack, single = _as_stack("current", current)
     if previous is not None:
         past, _ = _as_stack("previous", previous)

@@ -1,6 +1,7 @@
 """FedBip with the weighting options (issue 7): hand-computed aggregation, EMA across rounds, config."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -49,6 +50,17 @@ def test_self_weight_floor_in_aggregation():
     trained = adapters([1, 0], [1, 0])  # identical updates: paper weights 1/2 each
     result = fedbip_aggregate_detailed(start, trained, weighting=Weighting(self_floor=0.8))
     np.testing.assert_allclose(result.weights, [[0.8, 0.2], [0.2, 0.8]])
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"self_floor": -0.1}, "self_floor: value -0.1 is not allowed; expected a number in [0, 1]"),
+    ({"self_floor": 1.5}, "self_floor: value 1.5 is not allowed"),
+    ({"rule": "softmax", "temperature": 0.0}, "temperature: value 0.0 is not allowed; expected a number > 0"),
+    ({"top_k": 0}, "top_k: value 0 is not allowed; expected an integer >= 1"),  # checked whatever the rule
+])
+def test_a_bad_weighting_option_fails_when_built(options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Weighting(**options)
 
 
 def test_negative_keep_is_only_allowed_with_the_paper_rule():

@@ -100,6 +100,7 @@ class ClientSession:
         self.config = RunConfig.from_run_config(context.run_config, {**(overrides or {}), **own})
         self.partition_id, self.num_partitions = partition_of(context)
         self.data = _data(self.config, self.partition_id, self.num_partitions)
+        self.ala: AlaSettings | None = None  # FedALA's client-side step, when the message asks for it (load_model)
 
     def load_model(self, message: Message, context: Context):
         """The shared model with this client's adapter for the message (refusing a misrouted one).
@@ -116,7 +117,7 @@ class ClientSession:
         set_adapter_arrays(model, protocol.record_to_adapter(message.content.array_records[protocol.ARRAYS]))
         server_round = int(config[protocol.SERVER_ROUND])
         step: dict[str, float] = {}
-        ala = AlaSettings.from_config(config)
+        self.ala = ala = AlaSettings.from_config(config)
         if ala is not None:
             step = adaptive_local_aggregation(
                 model,
@@ -205,7 +206,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, *, corrupt: Upda
             len(session.data.train),
         )
         trained = get_adapter_arrays(model)
-        if AlaSettings.from_config(message.content.config_records[protocol.CONFIG]) is not None:
+        if session.ala is not None:
             remember_local(context.state, trained)
         if corrupt is not None:
             received = protocol.record_to_adapter(message.content.array_records[protocol.ARRAYS])

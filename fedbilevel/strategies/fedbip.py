@@ -19,7 +19,7 @@ from flwr.supercore import log
 
 from fedbilevel.aggregation import fedbip_aggregate_detailed
 from fedbilevel.strategies.personalized import Adapter, PersonalizedStrategy
-from fedbilevel.weighting import Weighting, ema_similarity
+from fedbilevel.weighting import Weighting, check_ema_decay, ema_similarity
 
 
 class FedBip(PersonalizedStrategy):
@@ -68,7 +68,7 @@ class FedBip(PersonalizedStrategy):
         if weighting is not None and negative_cosine != "clip":
             raise ValueError(f"negative_cosine: {negative_cosine!r} is not allowed together with weighting; set Weighting(negative=...)")
         self.weighting = weighting or Weighting(negative=negative_cosine)
-        ema_similarity(None, np.eye(1), similarity_ema)  # validates the decay now
+        check_ema_decay(similarity_ema)
         self.similarity_ema = similarity_ema
         self._smoothed: dict[tuple[int, int], np.ndarray] = {}  # (partition i, partition k) -> cosine per group
 

@@ -30,6 +30,28 @@ SYNTHETIC_INSTRUCTIONS = ("shared", "per-task")
 PARTITIONERS = ("natural", "dirichlet", "iid")
 SYNTHETIC_SPLITS = ("task", "iid")
 
+# The weighting keys at the paper's rule: pyproject.toml's defaults (a test keeps them equal).
+PAPER_WEIGHTING: dict[str, Any] = {
+    "negative-cosine": "clip",
+    "weighting": "paper",
+    "weighting-temperature": 0.1,
+    "weighting-power": 2.0,
+    "weighting-top-k": 1,
+    "weighting-threshold": 0.5,
+    "weighting-z-temperature": 1.0,
+    "similarity-centering": "none",
+    "self-weight-floor": 0.0,
+    "similarity-ema": 0.0,
+}
+
+# Named FedBip presets (issue 7): strategy -> (the FedBip strategy it runs, the weighting keys
+# it sets). The values were chosen from the weighting ablation in docs/BENCHMARKS.md.
+_PLUS = {"weighting": "zscore-softmax", "weighting-z-temperature": 1.0}
+FEDBIP_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "fedbip-plus": ("fedbip", _PLUS),
+    "fedbip-plus-l": ("fedbip-l", _PLUS),
+}
+
 
 class ConfigError(ValueError):
     """A run-config value that is not allowed (message: one line with key, value, allowed)."""
@@ -277,6 +299,7 @@ class RunConfig:
         if missing:
             raise ConfigError(f"run-config key '{missing[0]}': missing; add it to [tool.flwr.app.config] in pyproject.toml")
         values = {field: check(key, merged[key]) for key, (field, check) in SCHEMA.items()}
+        _apply_preset(values)
         for source, key, field in (("flan-json", "data-path", "data_path"), ("hub", "hub-dataset", "hub_dataset")):
             if values["data"] == source and not values[field]:
                 raise ConfigError(f"run-config key '{key}': value '' is not allowed with data='{source}'; name the {'folder' if source == 'flan-json' else 'dataset'}")
@@ -312,6 +335,25 @@ class RunConfig:
         if server_round == self.num_server_rounds:
             return True
         return self.eval_every > 0 and server_round % self.eval_every == 0
+
+
+def _apply_preset(values: dict[str, Any]) -> None:
+    """Set a preset strategy's weighting keys in ``values`` (RunConfig fields), refusing other choices.
+
+    A key may be left at the paper's value (it is then replaced) or set to the preset's own;
+    anything else would be silently overridden, so it is an error.
+    """
+    if values["strategy"] not in FEDBIP_PRESETS:
+        return
+    base, preset = FEDBIP_PRESETS[values["strategy"]]
+    for key, value in preset.items():
+        field = SCHEMA[key][0]
+        if values[field] != value and values[field] != PAPER_WEIGHTING[key]:
+            raise ConfigError(
+                f"run-config key '{key}': value {values[field]!r} is not allowed with strategy='{values['strategy']}', "
+                f"which sets {key}={value!r}; use strategy='{base}' to choose the weighting yourself"
+            )
+        values[field] = value
 
 
 def resolve_user_path(path: str) -> Path:

@@ -90,3 +90,40 @@ def test_similarity_ema_smooths_each_pair_across_rounds():
     np.testing.assert_allclose(records[1]["similarity"], 0.25 * raw(1) + 0.75 * raw(2), atol=1e-5)
     with pytest.raises(ValueError, match="decay: value 1.0 is not allowed"):
         FedBip(initial_adapter=INITIAL, similarity_ema=1.0)
+
+
+def test_paper_weighting_values_are_the_pyproject_defaults():
+    from fedbilevel.config import PAPER_WEIGHTING
+
+    defaults = load_app_config()
+    assert {key: defaults[key] for key in PAPER_WEIGHTING} == PAPER_WEIGHTING
+
+
+@pytest.mark.parametrize("name, layerwise", [("fedbip-plus", False), ("fedbip-plus-l", True)])
+def test_a_preset_sets_its_weighting_and_runs_fedbip(name, layerwise):
+    from fedbilevel.config import FEDBIP_PRESETS
+    from fedbilevel.strategies import build_strategy
+    from fedbilevel.strategies.fedbip import FedBip
+
+    base, preset = FEDBIP_PRESETS[name]
+    assert base == ("fedbip-l" if layerwise else "fedbip")
+    config = RunConfig.from_run_config({**load_app_config(), "strategy": name})
+    resolved = config.to_run_config()
+    assert {key: resolved[key] for key in preset} == preset and resolved["strategy"] == name
+    assert RunConfig.from_run_config(resolved) == config  # config.json reloads to the same run
+    strategy = build_strategy(config, initial_adapter=INITIAL)
+    assert isinstance(strategy, FedBip) and strategy.layerwise is layerwise
+    assert strategy.weighting.rule == resolved["weighting"] and not strategy.weighting.is_paper
+
+
+def test_a_preset_refuses_a_weighting_key_set_otherwise_and_accepts_its_own_value():
+    from fedbilevel.config import FEDBIP_PRESETS
+
+    _, preset = FEDBIP_PRESETS["fedbip-plus"]
+    key, value = next(iter(preset.items()))
+    RunConfig.from_run_config({**load_app_config(), "strategy": "fedbip-plus", key: value})
+    other = "softmax" if value != "softmax" else "power"
+    with pytest.raises(ConfigError, match=re.escape(
+            f"run-config key '{key}': value {other!r} is not allowed with strategy='fedbip-plus', "
+            f"which sets {key}={value!r}; use strategy='fedbip' to choose the weighting yourself")):
+        RunConfig.from_run_config({**load_app_config(), "strategy": "fedbip-plus", key: other})

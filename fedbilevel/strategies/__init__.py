@@ -133,3 +133,14 @@ def _cluster_oracle(config: RunConfig, **common: Any) -> Strategy:
     from fedbilevel.strategies.cluster_oracle import ClusterOracle
 
     return ClusterOracle(**common)
+
+
+def _register_presets() -> None:
+    """FedBip presets run their base strategy; RunConfig has already set their weighting keys."""
+    from fedbilevel.config import FEDBIP_PRESETS
+
+    for name, (base, _) in FEDBIP_PRESETS.items():
+        register(name)(_REGISTRY[base])
+
+
+_register_presets()

@@ -23,9 +23,14 @@ from pathlib import Path
 import torch
 
 from fedbilevel.client.evaluate import evaluate_adapter
-from fedbilevel.client.model import DEFAULT_MODEL, LoraSettings, build_lora_model, load_tokenizer
-from fedbilevel.client.train import train_adapter
 from fedbilevel.client.metrics import score_answers
+from fedbilevel.client.model import (
+    DEFAULT_MODEL,
+    LoraSettings,
+    build_lora_model,
+    load_tokenizer,
+)
+from fedbilevel.client.train import train_adapter
 from fedbilevel.data.flan import load_flan_json, most_common_answer
 
 

@@ -7,9 +7,18 @@ import torch
 from flwr.app import MetricRecord
 
 from fedbilevel.client import evaluate
-from fedbilevel.client.evaluate import evaluate_adapter, option_predictions, option_scores
+from fedbilevel.client.evaluate import (
+    evaluate_adapter,
+    option_predictions,
+    option_scores,
+)
 from fedbilevel.client.metrics import score_answers, score_items
-from fedbilevel.client.model import TINY_MODEL, LoraSettings, build_lora_model, load_tokenizer
+from fedbilevel.client.model import (
+    TINY_MODEL,
+    LoraSettings,
+    build_lora_model,
+    load_tokenizer,
+)
 from fedbilevel.data.prompts import Example, format_prompt
 
 NLI = Example(

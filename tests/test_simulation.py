@@ -149,7 +149,7 @@ def test_a_run_resumed_from_its_checkpoint_matches_an_unbroken_run(tmp_path):
     assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3]
     for mine, theirs in zip(resumed["rounds"], expected["rounds"]):
         assert {p: t["loss"] for p, t in mine["train"].items()} == {p: t["loss"] for p, t in theirs["train"].items()}
-        scores = lambda record: {p: {m: s[m] for m in ("rouge1", "rougeL", "exact_match")} for p, s in record["eval"].items()}  # noqa: E731
+        scores = lambda record: {p: {m: s[m] for m in ("rouge1", "rougeL", "exact_match")} for p, s in record["eval"].items()}
         assert scores(mine) == scores(theirs) and mine["weights"] == theirs["weights"]
     config = json.loads((broken / "config.json").read_text())
     assert config["run_config"]["num-server-rounds"] == 3 and [r["after_round"] for r in config["resumes"]] == [2]

@@ -40,7 +40,6 @@ from fedbilevel.config import RunConfig
 from fedbilevel.data import ClientData, load_client_data
 from fedbilevel.data.flan import most_common_answer
 
-
 NODE_CONFIG_KEYS = ("device", "data-path")  # run-config keys a SuperNode's --node-config overrides
 
 

@@ -16,7 +16,12 @@ from typing import TypeVar
 import torch
 
 from fedbilevel import protocol
-from fedbilevel.client.metrics import clean_answer, exact_match, mean_scores, score_items
+from fedbilevel.client.metrics import (
+    clean_answer,
+    exact_match,
+    mean_scores,
+    score_items,
+)
 from fedbilevel.client.train import IGNORE_INDEX, collate, encode_for_training
 from fedbilevel.data.flan import answer_options
 from fedbilevel.data.prompts import Example, format_prompt

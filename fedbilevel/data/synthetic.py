@@ -12,8 +12,8 @@ need no network access or dataset download.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from numbers import Integral
-from typing import Callable, Sequence
 
 import numpy as np
 

@@ -158,6 +158,49 @@ def per_client_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
     return rows
 
 
+def clients_mean(run: Run, clients: Sequence[int], metric: str) -> float:
+    """Mean last-round ``metric`` over ``clients`` (partition ids); each must have been evaluated."""
+    evaluated = run.last["eval"]
+    missing = [c for c in clients if str(c) not in evaluated]
+    if missing:
+        raise ValueError(f"run {str(run.folder)!r}: clients {missing} were not evaluated in round {run.last['round']}")
+    return sum(evaluated[str(c)][metric] for c in clients) / len(clients)
+
+
+def robustness_rows(conditions: dict[str, Sequence[Run]], faulty: Sequence[int], metric: str) -> list[dict[str, Any]]:
+    """The other clients' final score per strategy and seed under each condition (e.g. honest, faulty, absent).
+
+    "others": every client but ``faulty``; "others, other tasks": also without the faulty
+    clients' task partners, whose loss of a same-task partner is not the faulty update's doing.
+    Rows hold one value per condition (None where that run is missing) and, per strategy, the
+    seed-mean row ``seed = "mean"``.
+    """
+    runs = {(label, r.strategy, r.seed): r for label, group in conditions.items() for r in group}
+    keys = sorted({(strategy, seed) for _, strategy, seed in runs})
+    rows: list[dict[str, Any]] = []
+    for strategy in dict.fromkeys(strategy for strategy, _ in keys):
+        strategy_rows = []
+        for _, seed in [k for k in keys if k[0] == strategy]:
+            some = next(r for (_, s, sd), r in runs.items() if s == strategy and sd == seed)
+            faulty_tasks = {some.clients[str(c)].get("task") for c in faulty}
+            others = [int(c) for c in some.clients if int(c) not in faulty]
+            unrelated = [c for c in others if some.clients[str(c)].get("task") not in faulty_tasks]
+            for group_name, members in (("others", others), ("others, other tasks", unrelated)):
+                row: dict[str, Any] = {"strategy": strategy, "seed": seed, "clients": group_name}
+                for label in conditions:
+                    run = runs.get((label, strategy, seed))
+                    row[label] = clients_mean(run, members, metric) if run is not None else None
+                strategy_rows.append(row)
+        for group_name in ("others", "others, other tasks"):
+            mean_row: dict[str, Any] = {"strategy": strategy, "seed": "mean", "clients": group_name}
+            for label in conditions:
+                values = [r[label] for r in strategy_rows if r["clients"] == group_name]
+                mean_row[label] = sum(values) / len(values) if values and None not in values else None
+            strategy_rows.append(mean_row)
+        rows += strategy_rows
+    return rows
+
+
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))

@@ -18,9 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from fedbilevel.results import METRICS
-
-METRIC_LABELS = {"rouge1": "ROUGE-1", "rougeL": "ROUGE-L", "exact_match": "exact match"}
+from fedbilevel.results import METRIC_LABELS, METRICS
 
 
 @dataclass(frozen=True)
@@ -35,6 +33,7 @@ class Run:
     clients: dict[str, dict[str, Any]]
     rounds: list[dict[str, Any]]
     seconds: float
+    metrics: tuple[str, ...] = METRICS
 
     @property
     def evaluated(self) -> list[dict[str, Any]]:
@@ -72,6 +71,7 @@ def load_run(folder: str | Path, label: str | None = None) -> Run:
         clients=results["clients"],
         rounds=results["rounds"],
         seconds=float(results["summary"].get("seconds", 0.0)),
+        metrics=tuple(results["summary"].get("metrics", METRICS)),
     )
     if not run.evaluated:
         raise ValueError(f"run folder {str(folder)!r}: no evaluated round in results.json")
@@ -127,7 +127,7 @@ def summary_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
     for strategy, group in group_by_label(runs).items():
         row: dict[str, Any] = {"strategy": strategy, "seeds": " ".join(str(r.seed) for r in group)}
         for when in ("last", "best"):
-            for metric in METRICS:
+            for metric in group[0].metrics:
                 mean, std = _mean_std([getattr(r, when)["personalized_mean"][metric] for r in group])
                 row[f"{when}_{metric}_mean"], row[f"{when}_{metric}_std"] = mean, std
         interval = bootstrap_interval(group, group[0].primary_metric)
@@ -151,7 +151,7 @@ def per_client_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
                 "majority_exact_match": info.get("majority_exact_match"),
                 "seeds": len(scores),
             }
-            for metric in METRICS:
+            for metric in group[0].metrics:
                 mean, std = _mean_std([s[metric] for s in scores]) if scores else (math.nan, math.nan)
                 row[f"{metric}_mean"], row[f"{metric}_std"] = mean, std
             rows.append(row)
@@ -210,8 +210,8 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def markdown(runs: Sequence[Run]) -> str:
     """The comparison as Markdown: the summary table, then the per-client table (primary metric)."""
-    primary = runs[0].primary_metric
-    header = " | ".join(f"{METRIC_LABELS[m]} {when}" for when in ("last", "best") for m in METRICS)
+    primary, metrics = runs[0].primary_metric, runs[0].metrics
+    header = " | ".join(f"{METRIC_LABELS[m]} {when}" for when in ("last", "best") for m in metrics)
     lines = [
         "Personalized score (mean over clients of each client's own adapter on its own test split),"
         " mean ± std over seeds; *best* is each run's best round by "
@@ -221,10 +221,10 @@ def markdown(runs: Sequence[Run]) -> str:
         " (– where a run recorded no per-item scores).",
         "",
         f"| strategy | seeds | {header} | {METRIC_LABELS[primary]} last, 95% CI | best round | minutes |",
-        "|---|---|" + "---|" * (2 * len(METRICS)) + "---|---|---|",
+        "|---|---|" + "---|" * (2 * len(metrics)) + "---|---|---|",
     ]
     for row in summary_rows(runs):
-        cells = [_format(row[f"{when}_{m}_mean"], row[f"{when}_{m}_std"]) for when in ("last", "best") for m in METRICS]
+        cells = [_format(row[f"{when}_{m}_mean"], row[f"{when}_{m}_std"]) for when in ("last", "best") for m in metrics]
         low, high = row["last_primary_ci_low"], row["last_primary_ci_high"]
         ci = "–" if math.isnan(low) else f"[{low:.3f}, {high:.3f}]"
         lines.append(

@@ -23,11 +23,15 @@ from typing import Any
 import numpy as np
 
 from fedbilevel.config import RunConfig, resolve_user_path
+from fedbilevel.data import IMAGE_DATA
 
-METRICS = ("rouge1", "rougeL", "exact_match")
+METRICS = ("rouge1", "rougeL", "exact_match")  # text federations
+IMAGE_METRICS = ("accuracy", "macro_f1")
+METRIC_LABELS = {"rouge1": "ROUGE-1", "rougeL": "ROUGE-L", "exact_match": "exact match", "accuracy": "accuracy", "macro_f1": "macro F1"}
 # The metric that picks the best round: exact match for the synthetic tasks (short,
-# deterministic answers, where ROUGE's lowercasing hides the uppercase task), ROUGE-L otherwise.
-PRIMARY_METRIC = {"synthetic": "exact_match"}
+# deterministic answers, where ROUGE's lowercasing hides the uppercase task), accuracy for
+# images, ROUGE-L otherwise.
+PRIMARY_METRIC = {"synthetic": "exact_match", "digits": "accuracy"}
 _PACKAGES = ("fedbilevel", "flwr", "torch", "transformers", "peft", "numpy", "rouge-score", "flwr-datasets")
 
 
@@ -79,6 +83,7 @@ class RunRecorder:
         self.config = config
         self.run_dir = run_dir
         self.primary_metric = PRIMARY_METRIC.get(config.data, "rougeL")
+        self.metrics = IMAGE_METRICS if config.data in IMAGE_DATA else METRICS
         self.results: dict[str, Any] = {"strategy": config.strategy, "clients": {}, "rounds": [], "summary": {}}
         self._started = time.time()
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -118,11 +123,11 @@ class RunRecorder:
         entry = dict(record)
         if entry["eval"]:
             entry["personalized_mean"] = {
-                m: float(np.mean([scores[m] for scores in entry["eval"].values()])) for m in METRICS
+                m: float(np.mean([scores[m] for scores in entry["eval"].values()])) for m in self.metrics
             }
-            global_scores = [scores for scores in entry["eval"].values() if f"global-{METRICS[0]}" in scores]
+            global_scores = [scores for scores in entry["eval"].values() if f"global-{self.metrics[0]}" in scores]
             if global_scores:  # eval-global: the mean adapter on every client's split
-                entry["global_mean"] = {m: float(np.mean([scores[f"global-{m}"] for scores in global_scores])) for m in METRICS}
+                entry["global_mean"] = {m: float(np.mean([scores[f"global-{m}"] for scores in global_scores])) for m in self.metrics}
         self.results["rounds"].append(entry)
         self.results["summary"] = self._summary()
         write_json(self.run_dir / "results.json", self.results)
@@ -131,6 +136,7 @@ class RunRecorder:
         evaluated = [r for r in self.results["rounds"] if "personalized_mean" in r]
         summary: dict[str, Any] = {
             "primary_metric": self.primary_metric,
+            "metrics": list(self.metrics),
             "rounds_completed": len(self.results["rounds"]),
             "seconds": time.time() - self._started,
             "failures": sum(len(r["failures"]) for r in self.results["rounds"]),
@@ -155,11 +161,12 @@ class RunRecorder:
         last = next((r for r in reversed(self.results["rounds"]) if r["eval"]), None)
         if last is None:
             return "no evaluation was recorded"
-        lines = ["| client | task | train | test | ROUGE-1 | ROUGE-L | exact match |", "|---|---|---|---|---|---|---|"]
+        lines = ["| client | task | train | test | " + " | ".join(METRIC_LABELS[m] for m in self.metrics) + " |",
+                 "|---|---|---|---|" + "---|" * len(self.metrics)]
         for pid, info in self.results["clients"].items():
             scores = last["eval"].get(pid)
-            cells = [f"{scores[m]:.3f}" for m in METRICS] if scores else ["failed"] * 3
+            cells = [f"{scores[m]:.3f}" for m in self.metrics] if scores else ["failed"] * len(self.metrics)
             lines.append(f"| {pid} | {info['task']} | {info['num_train']} | {info['num_test']} | " + " | ".join(cells) + " |")
         mean = last["personalized_mean"]
-        lines.append("| mean | | | | " + " | ".join(f"{mean[m]:.3f}" for m in METRICS) + " |")
+        lines.append("| mean | | | | " + " | ".join(f"{mean[m]:.3f}" for m in self.metrics) + " |")
         return "\n".join(lines)

@@ -30,7 +30,7 @@ from fedbilevel.client.model import (
     build_lora_model,
     load_tokenizer,
 )
-from fedbilevel.client.train import train_adapter
+from fedbilevel.client.train import TextCodec, train_adapter
 from fedbilevel.data.flan import load_flan_json, most_common_answer
 
 
@@ -51,8 +51,8 @@ def study_client(data, lr: float, checkpoints: list[int], args, device: torch.de
     rows, done = [], 0
     for checkpoint in checkpoints:
         started = time.perf_counter()
-        train_adapter(model, tokenizer, data.train, steps=checkpoint - done, batch_size=args.batch_size, learning_rate=lr,
-                      max_seq_len=args.max_seq_len, bf16_autocast=args.precision != "fp32", seed=args.seed + checkpoint,
+        train_adapter(model, TextCodec(tokenizer, args.max_seq_len), data.train, steps=checkpoint - done,
+                      batch_size=args.batch_size, learning_rate=lr, bf16_autocast=args.precision != "fp32", seed=args.seed + checkpoint,
                       device=device)
         train_seconds = time.perf_counter() - started
         done = checkpoint

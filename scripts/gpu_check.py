@@ -41,7 +41,7 @@ from fedbilevel.client.model import (
     load_tokenizer,
     resolve_model_source,
 )
-from fedbilevel.client.train import train_adapter
+from fedbilevel.client.train import TextCodec, train_adapter
 from fedbilevel.config import PRECISIONS
 from fedbilevel.data.synthetic import make_client_data
 
@@ -71,10 +71,11 @@ def check_mode(model_path: str, precision: str, *, steps: int, initial: dict[str
     tokenizer = load_tokenizer(model_path)
     train, test = make_client_data(0, 8, seed=0, num_train=64, num_test=16)
     before = get_adapter_arrays(model)
-    common = {"batch_size": 8, "learning_rate": 1e-3, "max_seq_len": 128, "bf16_autocast": precision != "fp32", "device": device}
-    train_adapter(model, tokenizer, train, steps=2, seed=0, **common)  # warm-up: kernels, allocator
+    common = {"batch_size": 8, "learning_rate": 1e-3, "bf16_autocast": precision != "fp32", "device": device}
+    codec = TextCodec(tokenizer, max_seq_len=128)
+    train_adapter(model, codec, train, steps=2, seed=0, **common)  # warm-up: kernels, allocator
     torch.cuda.synchronize()
-    timed = train_adapter(model, tokenizer, train, steps=steps, seed=1, **common)
+    timed = train_adapter(model, codec, train, steps=steps, seed=1, **common)
     torch.cuda.synchronize()
     scores = evaluate_adapter(model, tokenizer, test, batch_size=8, max_new_tokens=8, bf16_autocast=common["bf16_autocast"], device=device)
     after = get_adapter_arrays(model)

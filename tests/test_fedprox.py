@@ -13,7 +13,7 @@ from fedbilevel.client.model import (
     get_adapter_arrays,
     load_tokenizer,
 )
-from fedbilevel.client.train import proximal_term, train_adapter
+from fedbilevel.client.train import TextCodec, proximal_term, train_adapter
 from fedbilevel.data.synthetic import make_client_data
 from fedbilevel.strategies.fedprox import FedProx
 
@@ -38,7 +38,7 @@ def test_large_mu_keeps_the_adapter_near_the_received_one():
         model = build_lora_model(TINY_MODEL, LoraSettings(), seed=0)
         start = get_adapter_arrays(model)
         train_adapter(
-            model, tokenizer, train, steps=5, batch_size=4, learning_rate=0.01, max_seq_len=128,
+            model, TextCodec(tokenizer, 128), train, steps=5, batch_size=4, learning_rate=0.01,
             bf16_autocast=False, seed=0, extra_loss=proximal_term(model, mu) if mu else None,
         )
         end = get_adapter_arrays(model)

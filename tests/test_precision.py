@@ -14,7 +14,7 @@ from fedbilevel.client.model import (
     initial_adapter_arrays,
     load_tokenizer,
 )
-from fedbilevel.client.train import train_adapter
+from fedbilevel.client.train import TextCodec, train_adapter
 from fedbilevel.data.synthetic import make_client_data
 
 
@@ -27,8 +27,8 @@ def test_bf16_weights_keep_float32_adapters_that_train():
     initial = initial_adapter_arrays(TINY_MODEL, LoraSettings(), seed=3)
     assert all(np.array_equal(before[name], initial[name]) for name in initial)  # same start as fp32 clients
     train, _ = make_client_data(0, 2, seed=0, num_train=4, num_test=1)
-    outcome = train_adapter(model, load_tokenizer(TINY_MODEL), train, steps=2, batch_size=2, learning_rate=0.01,
-                            max_seq_len=128, bf16_autocast=True, seed=0)
+    outcome = train_adapter(model, TextCodec(load_tokenizer(TINY_MODEL), 128), train, steps=2, batch_size=2, learning_rate=0.01,
+                            bf16_autocast=True, seed=0)
     after = get_adapter_arrays(model)
     assert np.isfinite(outcome.loss)
     assert all(after[name].dtype == np.float32 and np.all(np.isfinite(after[name])) for name in after)

@@ -10,7 +10,7 @@ from fedbilevel.client.model import (
     get_adapter_arrays,
     load_tokenizer,
 )
-from fedbilevel.client.train import IGNORE_INDEX, encode_for_training, train_adapter
+from fedbilevel.client.train import IGNORE_INDEX, TextCodec, encode_for_training, train_adapter
 from fedbilevel.data.prompts import Example, format_prompt
 from fedbilevel.data.synthetic import make_client_data
 
@@ -38,8 +38,8 @@ def test_same_seed_same_adapter():
     results = []
     for _ in range(2):
         model = build_lora_model(TINY_MODEL, LoraSettings(), seed=0)
-        outcome = train_adapter(model, tokenizer, train, steps=3, batch_size=4, learning_rate=0.01,
-                                max_seq_len=128, bf16_autocast=False, seed=5)
+        outcome = train_adapter(model, TextCodec(tokenizer, 128), train, steps=3, batch_size=4, learning_rate=0.01,
+                                bf16_autocast=False, seed=5)
         assert np.isfinite(outcome.loss)
         results.append(get_adapter_arrays(model))
     for name in results[0]:

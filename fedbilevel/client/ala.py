@@ -26,6 +26,7 @@ import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,8 +39,7 @@ from fedbilevel.client.model import (
     get_adapter_arrays,
     set_adapter_arrays,
 )
-from fedbilevel.client.train import collate, encode_for_training
-from fedbilevel.data.prompts import Example
+from fedbilevel.client.train import Codec
 
 # context.state records
 LOCAL = "fedala-local"  # θᵢ, the adapter this client trained last
@@ -121,13 +121,12 @@ def digest(adapter: Mapping[str, np.ndarray]) -> str:
 
 def adaptive_local_aggregation(
     model: torch.nn.Module,
-    tokenizer,
-    examples: Sequence[Example],
+    codec: Codec,
+    examples: Sequence[Any],
     state: RecordDict,
     settings: AlaSettings,
     *,
     batch_size: int,
-    max_seq_len: int,
     seed: int,
     device: torch.device | str = "cpu",
 ) -> dict[str, float]:
@@ -161,7 +160,7 @@ def adaptive_local_aggregation(
             for name in top:
                 parameters[name].copy_(local_t[name] + delta[name] * weights[name])
 
-    encoded = encode_for_training(tokenizer, examples, max_seq_len)
+    encoded = codec.encode(examples)
     generator = torch.Generator().manual_seed(seed)
     sample = torch.randperm(len(encoded), generator=generator)[: max(1, round(settings.data_fraction * len(encoded)))].tolist()
     epochs = settings.start_epochs if start else 1
@@ -175,7 +174,7 @@ def adaptive_local_aggregation(
         mix()
         for _ in range(epochs):
             for first in range(0, len(sample), batch_size):
-                batch = collate([encoded[i] for i in sample[first : first + batch_size]], tokenizer.pad_token_id)
+                batch = codec.collate([encoded[i] for i in sample[first : first + batch_size]])
                 model.zero_grad(set_to_none=True)
                 loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
                 loss.backward()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from logging import INFO
 from typing import Any
@@ -31,13 +32,16 @@ from fedbilevel.client.model import (
     LoraSettings,
     build_lora_model,
     get_adapter_arrays,
+    is_image_classifier,
     load_tokenizer,
     lora_settings,
     set_adapter_arrays,
 )
-from fedbilevel.client.train import proximal_term, train_adapter
+from fedbilevel.client.train import Codec, TextCodec, proximal_term, train_adapter
+from fedbilevel.client.vision import ImageCodec, evaluate_classifier
 from fedbilevel.config import RunConfig
 from fedbilevel.data import ClientData, load_client_data
+from fedbilevel.data.digits import ImageExample
 from fedbilevel.data.flan import most_common_answer
 
 NODE_CONFIG_KEYS = ("device", "data-path")  # run-config keys a SuperNode's --node-config overrides
@@ -75,7 +79,8 @@ def resolve_device(device: str) -> torch.device:
 def _model(model_name: str, lora: LoraSettings, threads: int, device: str, precision: str):
     if threads > 0:
         torch.set_num_threads(threads)
-    return build_lora_model(model_name, lora, precision=precision, device=resolve_device(device)), load_tokenizer(model_name)
+    model = build_lora_model(model_name, lora, precision=precision, device=resolve_device(device))
+    return model, None if is_image_classifier(model_name) else load_tokenizer(model_name)
 
 
 @functools.lru_cache(maxsize=16)
@@ -100,6 +105,34 @@ class ClientSession:
         self.partition_id, self.num_partitions = partition_of(context)
         self.data = _data(self.config, self.partition_id, self.num_partitions)
         self.ala: AlaSettings | None = None  # FedALA's client-side step, when the message asks for it (load_model)
+        self.images = isinstance(self.data.train[0], ImageExample)
+        if self.images != is_image_classifier(self.config.model_name):
+            kind, model_kind = ("images", "a causal language model") if self.images else ("text", "an image classifier")
+            raise ValueError(f"run-config key 'model-name': value {self.config.model_name!r} is {model_kind}, "
+                             f"but data={self.config.data!r} holds {kind}; choose a model for that data")
+
+    def codec(self, tokenizer) -> Codec:
+        """How this client's examples become batches for the shared train loop."""
+        return ImageCodec() if self.images else TextCodec(tokenizer, self.config.max_seq_len)
+
+    def score(self, model, tokenizer) -> dict:
+        """The model's scores on this client's test split (the family's eval loop)."""
+        config = self.config
+        if self.images:
+            return evaluate_classifier(model, self.data.test, batch_size=config.eval_batch_size,
+                                       bf16_autocast=config.bf16_compute, device=model.device)
+        return evaluate_adapter(model, tokenizer, self.data.test, batch_size=config.eval_batch_size,
+                                max_new_tokens=config.eval_max_new_tokens, bf16_autocast=config.bf16_compute,
+                                device=model.device, score_options=config.eval_option_scoring)
+
+    def majority_score(self) -> float:
+        """Exact match of always giving the most common training answer (label): the prior to beat."""
+        if self.images:
+            counts = Counter(example.label for example in self.data.train)
+            majority = min(counts, key=lambda label: (-counts[label], label))
+            return sum(example.label == majority for example in self.data.test) / len(self.data.test)
+        answer, _ = most_common_answer(self.data.train)
+        return score_answers([answer] * len(self.data.test), [e.output for e in self.data.test])["exact_match"]
 
     def load_model(self, message: Message, context: Context):
         """The shared model with this client's adapter for the message (refusing a misrouted one).
@@ -120,12 +153,11 @@ class ClientSession:
         if ala is not None:
             step = adaptive_local_aggregation(
                 model,
-                tokenizer,
+                self.codec(tokenizer),
                 self.data.train,
                 context.state,
                 ala,
                 batch_size=self.config.batch_size,
-                max_seq_len=self.config.max_seq_len,
                 seed=_seed(self.config, self.partition_id, server_round),
                 device=model.device,
             )
@@ -163,7 +195,6 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, *, corrupt: Upda
     @app.query()
     def query(message: Message, context: Context) -> Message:
         session = ClientSession(context, overrides)
-        majority, _ = most_common_answer(session.data.train)
         info = ConfigRecord(
             {
                 protocol.PARTITION_ID: session.partition_id,
@@ -173,7 +204,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, *, corrupt: Upda
                 "num-test": len(session.data.test),
                 # The score of always giving the most common training answer: what the model
                 # must beat to have learned more than the label prior.
-                "majority-exact-match": score_answers([majority] * len(session.data.test), [e.output for e in session.data.test])["exact_match"],
+                "majority-exact-match": session.majority_score(),
             }
         )
         return Message(RecordDict({protocol.INFO: info}), reply_to=message)
@@ -187,12 +218,11 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, *, corrupt: Upda
         mu = float(message.content.config_records[protocol.CONFIG].get("proximal-mu", 0.0))
         result = train_adapter(
             model,
-            tokenizer,
+            session.codec(tokenizer),
             session.data.train,
             steps=config.local_steps,
             batch_size=config.batch_size,
             learning_rate=config.learning_rate,
-            max_seq_len=config.max_seq_len,
             bf16_autocast=config.bf16_compute,
             device=model.device,
             seed=_seed(config, session.partition_id, server_round),
@@ -217,27 +247,13 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, *, corrupt: Upda
     def evaluate(message: Message, context: Context) -> Message:
         session = ClientSession(context, overrides)
         model, tokenizer, server_round, step = session.load_model(message, context)
-        config = session.config
-
-        def score() -> dict:
-            return evaluate_adapter(
-                model,
-                tokenizer,
-                session.data.test,
-                batch_size=config.eval_batch_size,
-                max_new_tokens=config.eval_max_new_tokens,
-                bf16_autocast=config.bf16_compute,
-                device=model.device,
-                score_options=config.eval_option_scoring,
-            )
-
-        scores = score()
-        log(INFO, "client %d (%s), round %d: evaluated %d items in %.1f s, exact match %.3f, ROUGE-L %.3f",
-            session.partition_id, session.data.task, server_round, len(session.data.test), scores["eval-seconds"],
-            scores["exact_match"], scores["rougeL"])
+        scores = session.score(model, tokenizer)
+        summary = ", ".join(f"{key} {scores[key]:.3f}" for key in ("exact_match", "rougeL", "accuracy", "macro_f1") if key in scores)
+        log(INFO, "client %d (%s), round %d: evaluated %d items in %.1f s, %s",
+            session.partition_id, session.data.task, server_round, len(session.data.test), scores["eval-seconds"], summary)
         if protocol.GLOBAL in message.content.array_records:  # also score the mean adapter (eval-global)
             set_adapter_arrays(model, protocol.record_to_adapter(message.content.array_records[protocol.GLOBAL]))
-            shared = score()
+            shared = session.score(model, tokenizer)
             scores.update({f"{protocol.GLOBAL_PREFIX}{k}": v for k, v in shared.items() if not isinstance(v, list)})
         scores.update(step)  # e.g. FedALA's weight learning for this global model
         return Message(RecordDict({protocol.METRICS: session.metrics(scores, len(session.data.test))}), reply_to=message)

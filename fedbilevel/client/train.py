@@ -1,7 +1,9 @@
-"""The one local training loop every strategy shares.
+"""The one local training loop every strategy and model family shares.
 
-Causal-LM fine-tuning of the LoRA parameters on prompt + answer, with the loss on the
-answer tokens only. Strategies that change the client's objective (e.g. a proximal term)
+The loop fine-tunes the trainable (LoRA, and an image classifier's head) parameters on
+batches that a *codec* builds from examples: :class:`TextCodec` for causal LMs (prompt +
+answer, loss on the answer tokens only), :class:`fedbilevel.client.vision.ImageCodec` for
+image classifiers. Strategies that change the client's objective (e.g. a proximal term)
 pass ``extra_loss``; nothing else differs between strategies.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
@@ -76,15 +79,36 @@ def collate(batch: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[s
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
 
 
+class Codec(Protocol):
+    """Turns a client's examples into model inputs: ``encode`` once, ``collate`` per batch."""
+
+    def encode(self, examples: Sequence[Any]) -> list[Any]: ...
+
+    def collate(self, items: Sequence[Any]) -> dict[str, torch.Tensor]: ...
+
+
+class TextCodec:
+    """Causal-LM batches: :func:`encode_for_training` then right-padded :func:`collate`."""
+
+    def __init__(self, tokenizer, max_seq_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_seq_len = max_seq_len
+
+    def encode(self, examples: Sequence[Example]) -> list[tuple[list[int], list[int]]]:
+        return encode_for_training(self.tokenizer, examples, self.max_seq_len)
+
+    def collate(self, items: Sequence[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+        return collate(items, self.tokenizer.pad_token_id)
+
+
 def train_adapter(
     model: torch.nn.Module,
-    tokenizer,
-    examples: Sequence[Example],
+    codec: Codec,
+    examples: Sequence[Any],
     *,
     steps: int,
     batch_size: int,
     learning_rate: float,
-    max_seq_len: int,
     bf16_autocast: bool,
     seed: int,
     device: torch.device | str = "cpu",
@@ -98,7 +122,7 @@ def train_adapter(
     if not examples:
         raise ValueError("examples: a client needs at least one training example")
     started = time.time()
-    encoded = encode_for_training(tokenizer, examples, max_seq_len)
+    encoded = codec.encode(examples)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # LoRA dropout draws from the global generator
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -112,7 +136,7 @@ def train_adapter(
             if len(order) < batch_size:  # fewer examples than one batch: repeat the data
                 order += torch.randperm(len(encoded), generator=generator).tolist() * (batch_size // len(encoded) + 1)
         batch, order = order[:batch_size], order[batch_size:]
-        inputs = {k: v.to(device) for k, v in collate([encoded[i] for i in batch], tokenizer.pad_token_id).items()}
+        inputs = {k: v.to(device) for k, v in codec.collate([encoded[i] for i in batch]).items()}
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16_autocast):
             loss = model(**inputs).loss
             if extra_loss is not None:

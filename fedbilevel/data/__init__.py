@@ -10,15 +10,20 @@ from fedbilevel.data.prompts import Example
 
 if TYPE_CHECKING:
     from fedbilevel.config import RunConfig
+    from fedbilevel.data.digits import ImageExample
 
 
 @dataclass(frozen=True)
 class ClientData:
-    """One client's partition: its task label and its own train and test examples."""
+    """One client's partition: its task label and its own train and test examples.
+
+    Examples are :class:`~fedbilevel.data.prompts.Example` (text) or
+    :class:`~fedbilevel.data.digits.ImageExample` (images), one kind per federation.
+    """
 
     task: str
-    train: list[Example]
-    test: list[Example]
+    train: list[Example] | list[ImageExample]
+    test: list[Example] | list[ImageExample]
 
 
 def _synthetic(config: RunConfig, partition_id: int, num_partitions: int) -> ClientData:
@@ -76,12 +81,21 @@ def _hub(config: RunConfig, partition_id: int, num_partitions: int) -> ClientDat
     )
 
 
+def _digits(config: RunConfig, partition_id: int, num_partitions: int) -> ClientData:
+    from fedbilevel.data.digits import make_digits_client_data
+
+    return make_digits_client_data(partition_id, num_partitions, seed=config.seed, test_fraction=config.test_fraction)
+
+
 # run-config ``data`` -> loader; the client app caches each client's data per process.
 DATA_LOADERS: dict[str, Callable[[RunConfig, int, int], ClientData]] = {
     "synthetic": _synthetic,
     "flan-json": _flan_json,
     "hub": _hub,
+    "digits": _digits,
 }
+# Federations of images (scored by accuracy and macro F1); the others hold text.
+IMAGE_DATA = frozenset({"digits"})
 
 
 def load_client_data(config: RunConfig, partition_id: int, num_partitions: int) -> ClientData:

@@ -21,26 +21,7 @@ from fedbilevel.data.prompts import Example
 
 # Short common lowercase ASCII words (3-6 letters): nouns, verbs, adjectives.
 WORDS: tuple[str, ...] = tuple(
-    """
-    ant apple arm baby back ball band bank bath bear bed bell belt bird boat
-    body bone book boot bowl box boy bread brick bus cake call camp car card
-    cat chair city clock cloud coat corn cow cup desk dog door dream drum duck
-    egg farm fish flag floor flower food foot fork frog game gate girl glass
-    goat gold grass hand hat head heart hill home horse house ice iron jam key
-    king kite lake lamp leaf leg lion map milk moon mouse nest night nose oil
-    owl page park pen pig pipe plant queen rain ring river road rock roof room
-    rose salt sand ship shoe shop sky snow sock song star stone sun table tent
-    tiger tooth town toy train tree truck wall water wind window wolf wood
-    ask bake build buy carry catch clean climb cook cut dance draw drink drive
-    eat fall fly give grow help hold jump kick laugh learn lift look make move
-    open paint play pull push read ride run sail sing sit sleep smile swim talk
-    throw walk wash write
-    big blue bold brave bright busy calm cold cool dark deep dry early easy
-    fast fine fresh funny glad good great green happy hard heavy high hot kind
-    large late light long loud new nice old pink quick quiet red rich round sad
-    safe sharp short slow small soft sweet tall thin tiny warm wet white wild
-    wise young
-    """.split()
+    ["ant", "apple", "arm", "baby", "back", "ball", "band", "bank", "bath", "bear", "bed", "bell", "belt", "bird", "boat", "body", "bone", "book", "boot", "bowl", "box", "boy", "bread", "brick", "bus", "cake", "call", "camp", "car", "card", "cat", "chair", "city", "clock", "cloud", "coat", "corn", "cow", "cup", "desk", "dog", "door", "dream", "drum", "duck", "egg", "farm", "fish", "flag", "floor", "flower", "food", "foot", "fork", "frog", "game", "gate", "girl", "glass", "goat", "gold", "grass", "hand", "hat", "head", "heart", "hill", "home", "horse", "house", "ice", "iron", "jam", "key", "king", "kite", "lake", "lamp", "leaf", "leg", "lion", "map", "milk", "moon", "mouse", "nest", "night", "nose", "oil", "owl", "page", "park", "pen", "pig", "pipe", "plant", "queen", "rain", "ring", "river", "road", "rock", "roof", "room", "rose", "salt", "sand", "ship", "shoe", "shop", "sky", "snow", "sock", "song", "star", "stone", "sun", "table", "tent", "tiger", "tooth", "town", "toy", "train", "tree", "truck", "wall", "water", "wind", "window", "wolf", "wood", "ask", "bake", "build", "buy", "carry", "catch", "clean", "climb", "cook", "cut", "dance", "draw", "drink", "drive", "eat", "fall", "fly", "give", "grow", "help", "hold", "jump", "kick", "laugh", "learn", "lift", "look", "make", "move", "open", "paint", "play", "pull", "push", "read", "ride", "run", "sail", "sing", "sit", "sleep", "smile", "swim", "talk", "throw", "walk", "wash", "write", "big", "blue", "bold", "brave", "bright", "busy", "calm", "cold", "cool", "dark", "deep", "dry", "early", "easy", "fast", "fine", "fresh", "funny", "glad", "good", "great", "green", "happy", "hard", "heavy", "high", "hot", "kind", "large", "late", "light", "long", "loud", "new", "nice", "old", "pink", "quick", "quiet", "red", "rich", "round", "sad", "safe", "sharp", "short", "slow", "small", "soft", "sweet", "tall", "thin", "tiny", "warm", "wet", "white", "wild", "wise", "young"]
 )
 
 MIN_WORDS = 3

@@ -172,6 +172,8 @@ SCHEMA: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "input-column": ("input_column", _text(empty_ok=True)),
     "output-column": ("output_column", _text(empty_ok=False)),
     "task-column": ("task_column", _text(empty_ok=True)),
+    "image-column": ("image_column", _text(empty_ok=True)),
+    "label-column": ("label_column", _text(empty_ok=False)),
     "test-fraction": ("test_fraction", _float(0.0, low_open=True, high=1.0)),
     "local-steps": ("local_steps", _int(1)),
     "batch-size": ("batch_size", _int(1)),
@@ -253,6 +255,8 @@ class RunConfig:
     input_column: str
     output_column: str
     task_column: str
+    image_column: str
+    label_column: str
     test_fraction: float
     local_steps: int
     batch_size: int

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from fedbilevel.config import RunConfig, resolve_user_path
-from fedbilevel.data import IMAGE_DATA
+from fedbilevel.data import is_image_data
 
 METRICS = ("rouge1", "rougeL", "exact_match")  # text federations
 IMAGE_METRICS = ("accuracy", "macro_f1")
@@ -31,7 +31,7 @@ METRIC_LABELS = {"rouge1": "ROUGE-1", "rougeL": "ROUGE-L", "exact_match": "exact
 # The metric that picks the best round: exact match for the synthetic tasks (short,
 # deterministic answers, where ROUGE's lowercasing hides the uppercase task), accuracy for
 # images, ROUGE-L otherwise.
-PRIMARY_METRIC = {"synthetic": "exact_match", "digits": "accuracy"}
+PRIMARY_METRIC = {"synthetic": "exact_match"}
 _PACKAGES = ("fedbilevel", "flwr", "torch", "transformers", "peft", "numpy", "rouge-score", "flwr-datasets")
 
 
@@ -82,8 +82,9 @@ class RunRecorder:
     def __init__(self, config: RunConfig, run_dir: Path, *, resumed_round: int | None = None) -> None:
         self.config = config
         self.run_dir = run_dir
-        self.primary_metric = PRIMARY_METRIC.get(config.data, "rougeL")
-        self.metrics = IMAGE_METRICS if config.data in IMAGE_DATA else METRICS
+        images = is_image_data(config)
+        self.primary_metric = "accuracy" if images else PRIMARY_METRIC.get(config.data, "rougeL")
+        self.metrics = IMAGE_METRICS if images else METRICS
         self.results: dict[str, Any] = {"strategy": config.strategy, "clients": {}, "rounds": [], "summary": {}}
         self._started = time.time()
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")

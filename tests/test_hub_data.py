@@ -225,3 +225,39 @@ def test_load_hub_client_data_through_federated_dataset(monkeypatch):
     assert client.task == "reverse"
     assert (len(client.train), len(client.test)) == (10, 2)
     assert all(e.instruction.startswith("v reverse") for e in client.test)
+
+
+def test_natural_with_k_clients_an_id_splits_each_id_iid():
+    data = _dataset(rows_per_task=10)
+    parts = [partition_dataset(data, k, 6, partitioner="natural", partition_by="task", alpha=1.0, seed=0) for k in range(6)]
+    assert [sorted(set(p["task"])) for p in parts] == [["count"]] * 2 + [["reverse"]] * 2 + [["uppercase"]] * 2
+    assert [len(p) for p in parts] == [5] * 6
+    assert not set(parts[0]["instruction"]) & set(parts[1]["instruction"])  # the two shards of an id are disjoint
+
+
+def _image_dataset(per_domain=6):
+    """Tiny RGB images in two domains (dark, bright) with labels 0..2."""
+    from PIL import Image
+
+    rows = [(domain, i) for domain in ("dark", "bright") for i in range(per_domain)]
+    images = [Image.new("RGB", (4, 4), color=(10 * i, 10, 10) if d == "dark" else (200, 200, 10 * i)) for d, i in rows]
+    return datasets.Dataset.from_dict({"image": images, "label": [i % 3 for _, i in rows], "domain": [d for d, _ in rows]})
+
+
+def test_image_rows_become_preprocessed_image_examples_two_clients_a_domain():
+    from fedbilevel.client.vision import image_preprocessor
+    from fedbilevel.data.digits import ImageExample
+
+    preprocess = image_preprocessor("digits-vit")  # no image processor: resized to 8×8 grey in [0, 1]
+    options = {**OPTIONS, "partition_by": "domain", "test_fraction": 0.34}
+    clients = [client_data_from_dataset(_image_dataset(), None, k, 4, **options, image_column="image", label_column="label",
+                                        preprocess=preprocess) for k in range(4)]
+    assert [c.task for c in clients] == ["bright", "bright", "dark", "dark"]
+    example = clients[2].train[0]
+    assert isinstance(example, ImageExample) and example.pixels.shape == (1, 8, 8) and example.pixels.dtype.name == "float32"
+    assert example.pixels.max() < 0.2 and clients[0].train[0].pixels.min() > 0.4  # dark and bright stay so
+    assert all(len(c.train) == 2 and len(c.test) == 1 for c in clients) and {e.label for c in clients for e in c.train} <= {0, 1, 2}
+    with pytest.raises(ValueError, match="image-column: 'picture' is not a column of split 'train'"):
+        client_data_from_dataset(_image_dataset(), None, 0, 4, **options, image_column="picture", preprocess=preprocess)
+    with pytest.raises(ValueError, match="preprocess: None"):
+        client_data_from_dataset(_image_dataset(), None, 0, 4, **options, image_column="image")

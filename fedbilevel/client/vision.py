@@ -9,8 +9,9 @@ same similarity weights — FedBip-L with the head's own — FedAvg averages it,
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -100,3 +101,34 @@ def evaluate_classifier(
     correct = [float(p == y) for p, y in zip(predictions, labels)]
     return {"accuracy": sum(correct) / len(correct), "macro_f1": macro_f1(labels, predictions), "items-accuracy": correct,
             "eval-seconds": time.time() - started}
+
+
+def image_preprocessor(model_name: str) -> Callable[[Any], np.ndarray]:
+    """A function from a PIL image to the ``(channels, height, width)`` float32 pixels ``model_name`` expects.
+
+    The model's own image processor (resizing, normalisation) where it ships one; otherwise,
+    as for :data:`~fedbilevel.client.model.DIGITS_VIT`, the image resized to the model's
+    ``image_size``, in its number of channels, scaled to [0, 1].
+    """
+    from transformers import AutoConfig, AutoImageProcessor
+
+    from fedbilevel.client.model import resolve_model_source
+
+    source = resolve_model_source(model_name)
+    try:
+        processor = AutoImageProcessor.from_pretrained(source)
+    except (OSError, ValueError):  # no preprocessor_config.json: the plain conversion below
+        processor = None
+    if processor is not None:
+        return lambda image: processor(images=image.convert("RGB"), return_tensors="np")["pixel_values"][0].astype(np.float32)
+    config = AutoConfig.from_pretrained(source)
+    size, channels = int(config.image_size), int(config.num_channels)
+    if channels not in (1, 3):
+        raise ValueError(f"run-config key 'model-name': value {model_name!r} takes {channels} channels and ships no image "
+                         "processor; allowed: 1 or 3 channels, or a model with a preprocessor_config.json")
+
+    def convert(image) -> np.ndarray:
+        pixels = np.asarray(image.convert("L" if channels == 1 else "RGB").resize((size, size)), dtype=np.float32) / 255.0
+        return pixels[None] if channels == 1 else np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+    return convert

@@ -60,6 +60,11 @@ def _flan_json(config: RunConfig, partition_id: int, num_partitions: int) -> Cli
 def _hub(config: RunConfig, partition_id: int, num_partitions: int) -> ClientData:
     from fedbilevel.data.hub import load_hub_client_data
 
+    preprocess = None
+    if config.image_column:  # images, prepared as the model expects them
+        from fedbilevel.client.vision import image_preprocessor
+
+        preprocess = image_preprocessor(config.model_name)
     return load_hub_client_data(
         config.hub_dataset,
         partition_id,
@@ -74,6 +79,9 @@ def _hub(config: RunConfig, partition_id: int, num_partitions: int) -> ClientDat
         input_column=config.input_column,
         output_column=config.output_column,
         task_column=config.task_column,
+        image_column=config.image_column,
+        label_column=config.label_column,
+        preprocess=preprocess,
         test_fraction=config.test_fraction,
         max_train=config.max_train_examples or None,
         max_test=config.max_test_examples or None,
@@ -94,8 +102,14 @@ DATA_LOADERS: dict[str, Callable[[RunConfig, int, int], ClientData]] = {
     "hub": _hub,
     "digits": _digits,
 }
-# Federations of images (scored by accuracy and macro F1); the others hold text.
+# Federations of images (scored by accuracy and macro F1); the others hold text, except
+# ``hub`` with an ``image-column`` (see is_image_data).
 IMAGE_DATA = frozenset({"digits"})
+
+
+def is_image_data(config: RunConfig) -> bool:
+    """Whether the federation ``config`` names holds images."""
+    return config.data in IMAGE_DATA or (config.data == "hub" and bool(config.image_column))
 
 
 def load_client_data(config: RunConfig, partition_id: int, num_partitions: int) -> ClientData:

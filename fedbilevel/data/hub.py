@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import datasets
 import numpy as np
@@ -24,6 +26,9 @@ from fedbilevel.data import ClientData
 from fedbilevel.data.flan import seeded_subset
 from fedbilevel.data.prompts import Example
 from fedbilevel.data.synthetic import _check_int, _check_partition
+
+if TYPE_CHECKING:
+    from fedbilevel.data.digits import ImageExample
 
 PARTITIONERS = ("natural", "dirichlet", "iid")
 # Task label of examples when neither a task column nor a partition-by column is given.
@@ -79,7 +84,8 @@ def partition_dataset(
         Number of partitions.
     partitioner : {"natural", "dirichlet", "iid"}
         ``"natural"``: one partition per distinct ``partition_by`` value, partition K holding the
-        K-th value in sorted order (their count must equal ``num_partitions``);
+        K-th value in sorted order; with k times as many partitions as values, partitions
+        K·k … K·k + k − 1 split the K-th value's rows into k IID shards (e.g. 2 clients a domain);
         ``"dirichlet"``: per-class proportions drawn from Dirichlet(``alpha``) over the
         ``partition_by`` classes; ``"iid"``: equal random shards (``partition_by`` unused).
     partition_by : str or None
@@ -106,11 +112,16 @@ def partition_dataset(
     if partitioner != "iid":
         _check_columns(dataset, "dataset", {"partition-by": partition_by})
     chosen.dataset = dataset.shuffle(seed=seed)
-    if partitioner == "natural" and chosen.num_partitions != num_partitions:
-        raise ValueError(
-            f"partition-by {partition_by!r} has {chosen.num_partitions} distinct values but num-partitions is {num_partitions}; "
-            "allowed: num-partitions equal to the number of distinct values (one natural id per client)"
-        )
+    if partitioner == "natural":
+        ids = chosen.num_partitions
+        if num_partitions % ids:
+            raise ValueError(
+                f"partition-by {partition_by!r} has {ids} distinct values but num-partitions is {num_partitions}; "
+                "allowed: a multiple of the number of distinct values (one natural id per client, or k clients an id)"
+            )
+        per_id = num_partitions // ids  # clients p·k … p·k + k − 1 share natural id p, IID shards of it
+        rows = chosen.load_partition(partition_id // per_id)
+        return rows.shard(num_shards=per_id, index=partition_id % per_id, contiguous=True) if per_id > 1 else rows
     return chosen.load_partition(partition_id)
 
 
@@ -135,6 +146,22 @@ def _examples(
     return examples
 
 
+def _image_examples(
+    rows: datasets.Dataset, where: str, image_column: str, label_column: str, task_column: str | None, preprocess: Callable
+) -> list[ImageExample]:
+    """Image rows as examples: ``preprocess(image)`` pixels, an integer label, the task (e.g. domain)."""
+    from fedbilevel.data.digits import ImageExample
+
+    labels = rows[label_column]
+    tasks = rows[task_column] if task_column else [DEFAULT_TASK] * len(rows)
+    examples = []
+    for index, (image, label, task) in enumerate(zip(rows[image_column], labels, tasks)):
+        if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or label < 0:
+            raise ValueError(f"{where} row {index}: column {label_column!r} is {label!r}; allowed: a class index >= 0")
+        examples.append(ImageExample(preprocess(image), int(label), str(task)))
+    return examples
+
+
 def client_data_from_dataset(
     dataset_train: datasets.Dataset,
     dataset_test: datasets.Dataset | None,
@@ -152,6 +179,9 @@ def client_data_from_dataset(
     max_train: int | None,
     max_test: int | None,
     seed: int,
+    image_column: str = "",
+    label_column: str = "label",
+    preprocess: Callable | None = None,
 ) -> ClientData:
     """Client ``partition_id``'s train and test examples from loaded splits.
 
@@ -183,6 +213,10 @@ def client_data_from_dataset(
         Keep at most this many train / test examples (:func:`~fedbilevel.data.flan.seeded_subset`).
     seed : int
         Seed of the partitioning, the train/test split and the subsets.
+    image_column, label_column, preprocess : str, str, callable
+        An image dataset: with ``image_column`` set, rows become
+        :class:`~fedbilevel.data.digits.ImageExample` with ``preprocess(image)`` pixels and the
+        integer class in ``label_column`` (the text columns are then unused).
 
     Returns
     -------
@@ -200,13 +234,9 @@ def client_data_from_dataset(
     partition_id, num_partitions = _check_partition(partition_id, num_partitions)
     max_train = None if max_train is None else _check_int("max-train-examples", max_train, 1)
     max_test = None if max_test is None else _check_int("max-test-examples", max_test, 1)
-    columns = {
-        "instruction-column": instruction_column,
-        "input-column": input_column,
-        "output-column": output_column,
-        "task-column": task_column,
-        "partition-by": partition_by,
-    }
+    text_columns = {"instruction-column": instruction_column, "input-column": input_column, "output-column": output_column}
+    image_columns = {"image-column": image_column, "label-column": label_column}
+    columns = {**(image_columns if image_column else text_columns), "task-column": task_column, "partition-by": partition_by}
     for split, dataset in (("train", dataset_train), ("test", dataset_test)):
         if dataset is not None:
             _check_columns(dataset, split, columns)
@@ -239,9 +269,15 @@ def client_data_from_dataset(
     if len(test_rows) == 0:
         raise ValueError(f"{where}: no test rows; allowed: a larger alpha, fewer partitions or more test data")
 
-    label_column = task_column or partition_by
-    train = _examples(train_rows, f"train {where}", instruction_column, input_column, output_column, label_column)
-    test = _examples(test_rows, f"test {where}", instruction_column, input_column, output_column, label_column)
+    task_of_row = task_column or partition_by
+    if image_column:
+        if preprocess is None:
+            raise ValueError("preprocess: None; allowed: a function from an image to its pixel array (image datasets need one)")
+        train = _image_examples(train_rows, f"train {where}", image_column, label_column, task_of_row, preprocess)
+        test = _image_examples(test_rows, f"test {where}", image_column, label_column, task_of_row, preprocess)
+    else:
+        train = _examples(train_rows, f"train {where}", instruction_column, input_column, output_column, task_of_row)
+        test = _examples(test_rows, f"test {where}", instruction_column, input_column, output_column, task_of_row)
     counts = Counter(example.task for example in train)
     task = min(counts, key=lambda label: (-counts[label], label))
     return ClientData(task, seeded_subset(train, max_train, seed), seeded_subset(test, max_test, seed))
@@ -266,6 +302,9 @@ def load_hub_client_data(
     max_train: int | None,
     max_test: int | None,
     seed: int,
+    image_column: str = "",
+    label_column: str = "label",
+    preprocess: Callable | None = None,
 ) -> ClientData:
     """Client ``partition_id``'s data from a Hugging Face hub dataset.
 
@@ -282,7 +321,7 @@ def load_hub_client_data(
     split_test : str or None
         Separate test split, or ``None`` to hold out ``test_fraction`` of each client's rows.
     partitioner, partition_by, alpha, instruction_column, input_column, output_column, task_column,
-    test_fraction, max_train, max_test, seed :
+    test_fraction, max_train, max_test, seed, image_column, label_column, preprocess :
         See :func:`client_data_from_dataset`.
 
     Returns
@@ -313,4 +352,7 @@ def load_hub_client_data(
         max_train=max_train,
         max_test=max_test,
         seed=seed,
+        image_column=image_column,
+        label_column=label_column,
+        preprocess=preprocess,
     )

@@ -173,6 +173,7 @@ SCHEMA: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "output-column": ("output_column", _text(empty_ok=False)),
     "task-column": ("task_column", _text(empty_ok=True)),
     "image-column": ("image_column", _text(empty_ok=True)),
+    "num-labels": ("num_labels", _int(0)),
     "label-column": ("label_column", _text(empty_ok=False)),
     "test-fraction": ("test_fraction", _float(0.0, low_open=True, high=1.0)),
     "local-steps": ("local_steps", _int(1)),
@@ -256,6 +257,7 @@ class RunConfig:
     output_column: str
     task_column: str
     image_column: str
+    num_labels: int
     label_column: str
     test_fraction: float
     local_steps: int

@@ -133,3 +133,13 @@ def test_image_federation_end_to_end(tmp_path, strategy):
         np.fill_diagonal(similarity, -np.inf)  # the strongest shifts: the partner is the nearest
         assert [int(np.argmax(row)) for row in similarity[:4]] == [1, 0, 3, 2]
     assert (tmp_path / "digits" / "clients" / "0" / "adapter_model.safetensors").is_file()
+
+
+def test_num_labels_gives_a_new_head_that_server_and_clients_agree_on():
+    settings = LoraSettings(num_labels=3)
+    initial = initial_adapter_arrays(DIGITS_VIT, settings, seed=0)
+    assert initial["base_model.model.classifier.weight"].shape == (3, 64) and initial["base_model.model.classifier.bias"].shape == (3,)
+    built = get_adapter_arrays(build_lora_model(DIGITS_VIT, settings, seed=0))
+    np.testing.assert_array_equal(built["base_model.model.classifier.weight"], initial["base_model.model.classifier.weight"])
+    own = initial_adapter_arrays(DIGITS_VIT, LoraSettings(num_labels=10), seed=0)  # the model's own size: its trained head
+    np.testing.assert_array_equal(own["base_model.model.classifier.weight"], load_base_model(DIGITS_VIT).classifier.weight.detach().numpy())

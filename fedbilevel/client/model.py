@@ -100,18 +100,24 @@ class LoraSettings:
         Dropout applied to the adapter input during training.
     target_modules : tuple of str
         Names of the linear layers that receive an adapter.
+    num_labels : int
+        Image classifiers: classes of the head trained with the adapter; 0 keeps the
+        model's own head, another number gives a new head (initialised from the seed of
+        :func:`load_base_model`, so every client and the server agree).
     """
 
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    num_labels: int = 0
 
 
 def lora_settings(config) -> LoraSettings:
     """The LoRA hyper-parameters of a :class:`~fedbilevel.config.RunConfig`."""
     return LoraSettings(
-        r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, target_modules=config.lora_target_modules
+        r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, target_modules=config.lora_target_modules,
+        num_labels=config.num_labels,
     )
 
 
@@ -163,8 +169,9 @@ def resolve_model_source(model_name: str) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _model_config(model_name: str):
-    return AutoConfig.from_pretrained(resolve_model_source(model_name))
+def _model_config(model_name: str, num_labels: int = 0):
+    """The model's configuration; ``num_labels`` > 0 replaces an image classifier's number of classes."""
+    return AutoConfig.from_pretrained(resolve_model_source(model_name), **({"num_labels": num_labels} if num_labels else {}))
 
 
 def is_image_classifier(model_name: str) -> bool:
@@ -177,9 +184,9 @@ def _auto_class(model_name: str):
 
 
 @functools.lru_cache(maxsize=8)
-def classifier_head(model_name: str) -> str:
+def classifier_head(model_name: str, num_labels: int = 0) -> str:
     """The name of an image classifier's head: its top-level linear layer onto the labels."""
-    config = _model_config(model_name)
+    config = _model_config(model_name, num_labels)
     with torch.device("meta"):
         skeleton = AutoModelForImageClassification.from_config(config)
     heads = [name for name, module in skeleton.named_children()
@@ -213,7 +220,7 @@ def load_tokenizer(model_name: str) -> PreTrainedTokenizerBase:
 
 
 def load_base_model(
-    model_name: str, *, seed: int = 0, precision: str = "fp32", device: str | torch.device = "cpu"
+    model_name: str, *, seed: int = 0, precision: str = "fp32", device: str | torch.device = "cpu", num_labels: int = 0
 ) -> PreTrainedModel:
     """Load the frozen base model on ``device``, in eval mode.
 
@@ -229,6 +236,9 @@ def load_base_model(
         bfloat16 (``bf16``: half the memory) or NF4 through bitsandbytes (``4bit``,
         QLoRA-style: a quarter; CUDA only). Adapters stay float32 in every mode.
     device : str or torch.device, default "cpu"
+    num_labels : int, default 0
+        Image classifiers: > 0 gives a head with that many classes (new weights drawn
+        under ``seed`` where the checkpoint's head has another size); 0 keeps the model's.
 
     Returns
     -------
@@ -242,6 +252,8 @@ def load_base_model(
     source = resolve_model_source(model_name)
     device = torch.device(device)
     options = _precision_options(precision, device)
+    if num_labels and is_image_classifier(model_name):
+        options.update(num_labels=num_labels, ignore_mismatched_sizes=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = _auto_class(model_name).from_pretrained(source, **options)
@@ -294,7 +306,7 @@ def lora_config(model_name: str, lora: LoraSettings) -> LoraConfig:
         target_modules=list(lora.target_modules),
         bias="none",
         task_type=None if image else TaskType.CAUSAL_LM,
-        modules_to_save=[classifier_head(model_name)] if image else None,
+        modules_to_save=[classifier_head(model_name, lora.num_labels)] if image else None,
         base_model_name_or_path=resolve_model_source(model_name),
     )
 
@@ -321,7 +333,7 @@ def build_lora_model(
         In eval mode (call ``.train()`` to train); only adapter weights
         require gradients.
     """
-    base = load_base_model(model_name, seed=seed, precision=precision, device=device)
+    base = load_base_model(model_name, seed=seed, precision=precision, device=device, num_labels=lora.num_labels)
     # peft draws its own (discarded) initial values from the global generator;
     # fork it so building a model does not shift the caller's random stream.
     with torch.random.fork_rng(devices=[]):
@@ -421,7 +433,7 @@ def initial_adapter_arrays(model_name: str, lora: LoraSettings, *, seed: int) ->
     shapes = _expected_shapes(model_name, lora)
     pretrained = {}
     if any(not _is_lora(name) for name in shapes):
-        weights = load_base_model(model_name).state_dict()
+        weights = load_base_model(model_name, num_labels=lora.num_labels).state_dict()
         pretrained = {name: weights[name.removeprefix("base_model.model.")].numpy() for name in shapes if not _is_lora(name)}
     return _initialise_adapter(shapes, seed, pretrained)
 
@@ -474,7 +486,7 @@ def _adapter_shapes(model: PeftModel) -> dict[str, tuple[int, ...]]:
 
 def _expected_shapes(model_name: str, lora: LoraSettings) -> dict[str, tuple[int, ...]]:
     """Adapter names and shapes of ``model_name``, found on a weightless skeleton."""
-    config = AutoConfig.from_pretrained(resolve_model_source(model_name))
+    config = _model_config(model_name, lora.num_labels)
     with torch.device("meta"):
         skeleton = _get_peft_model(_auto_class(model_name).from_config(config), lora_config(model_name, lora))
     return _adapter_shapes(skeleton)

@@ -105,7 +105,7 @@ class ClientSession:
         self.partition_id, self.num_partitions = partition_of(context)
         self.data = _data(self.config, self.partition_id, self.num_partitions)
         self.ala: AlaSettings | None = None  # FedALA's client-side step, when the message asks for it (load_model)
-        self.images = isinstance(self.data.train[0], ImageExample)
+        self.images = isinstance(next(iter(self.data.train), None), ImageExample)
         if self.images != is_image_classifier(self.config.model_name):
             kind, model_kind = ("images", "a causal language model") if self.images else ("text", "an image classifier")
             raise ValueError(f"run-config key 'model-name': value {self.config.model_name!r} is {model_kind}, "

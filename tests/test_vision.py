@@ -113,8 +113,8 @@ def test_a_text_model_on_image_data_is_refused_with_the_key():
         ClientSession(context, overrides=None)
 
 
-def test_image_federation_end_to_end(tmp_path, strategy="fedbip"):
-    config = {**load_app_config(ROOT / "pyproject.toml"), "model-name": DIGITS_VIT, "data": "digits", "strategy": strategy,
+def test_image_federation_end_to_end(tmp_path):
+    config = {**load_app_config(ROOT / "pyproject.toml"), "model-name": DIGITS_VIT, "data": "digits", "strategy": "fedbip",
               "num-server-rounds": 2, "local-steps": 5, "batch-size": 32, "learning-rate": 0.01,
               "output-dir": str(tmp_path), "run-name": "digits"}
     simulate(config, num_supernodes=8)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datasets
+import numpy as np
 import pytest
 
 from fedbilevel.data.hub import (
@@ -261,3 +262,21 @@ def test_image_rows_become_preprocessed_image_examples_two_clients_a_domain():
         client_data_from_dataset(_image_dataset(), None, 0, 4, **options, image_column="picture", preprocess=preprocess)
     with pytest.raises(ValueError, match="preprocess: None"):
         client_data_from_dataset(_image_dataset(), None, 0, 4, **options, image_column="image")
+
+
+def test_a_model_with_an_image_processor_gets_its_preprocessing(tmp_path):
+    import shutil
+
+    from PIL import Image
+    from transformers import ViTImageProcessor
+
+    from fedbilevel.client.model import resolve_model_source
+    from fedbilevel.client.vision import image_preprocessor
+
+    folder = tmp_path / "vit-with-processor"
+    shutil.copytree(resolve_model_source("digits-vit"), folder)
+    ViTImageProcessor(size={"height": 8, "width": 8}, image_mean=[0.5], image_std=[0.5]).save_pretrained(folder)
+    pixels = image_preprocessor(str(folder))(Image.new("RGB", (16, 16), color=(204, 204, 204)))
+    # Resized to 8×8, one channel, normalised as the processor says: (0.8 − 0.5) / 0.5 = 0.6.
+    assert pixels.shape == (1, 8, 8) and pixels.dtype.name == "float32"
+    np.testing.assert_allclose(pixels, 0.6, atol=0.01)

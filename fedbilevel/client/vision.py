@@ -115,20 +115,21 @@ def image_preprocessor(model_name: str) -> Callable[[Any], np.ndarray]:
     from fedbilevel.client.model import resolve_model_source
 
     source = resolve_model_source(model_name)
+    config = AutoConfig.from_pretrained(source)
+    channels = int(config.num_channels)
+    if channels not in (1, 3):
+        raise ValueError(f"run-config key 'model-name': value {model_name!r} takes {channels} channels; allowed: 1 or 3")
+    mode = "L" if channels == 1 else "RGB"
     try:
         processor = AutoImageProcessor.from_pretrained(source)
     except (OSError, ValueError):  # no preprocessor_config.json: the plain conversion below
         processor = None
     if processor is not None:
-        return lambda image: processor(images=image.convert("RGB"), return_tensors="np")["pixel_values"][0].astype(np.float32)
-    config = AutoConfig.from_pretrained(source)
-    size, channels = int(config.image_size), int(config.num_channels)
-    if channels not in (1, 3):
-        raise ValueError(f"run-config key 'model-name': value {model_name!r} takes {channels} channels and ships no image "
-                         "processor; allowed: 1 or 3 channels, or a model with a preprocessor_config.json")
+        return lambda image: processor(images=image.convert(mode), return_tensors="np")["pixel_values"][0].astype(np.float32)
+    size = int(config.image_size)
 
     def convert(image) -> np.ndarray:
-        pixels = np.asarray(image.convert("L" if channels == 1 else "RGB").resize((size, size)), dtype=np.float32) / 255.0
+        pixels = np.asarray(image.convert(mode).resize((size, size)), dtype=np.float32) / 255.0
         return pixels[None] if channels == 1 else np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
     return convert

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping
 from logging import INFO
 from typing import Any
@@ -42,7 +41,7 @@ from fedbilevel.client.vision import ImageCodec, evaluate_classifier
 from fedbilevel.config import RunConfig
 from fedbilevel.data import ClientData, load_client_data
 from fedbilevel.data.digits import ImageExample
-from fedbilevel.data.flan import most_common_answer
+from fedbilevel.data.flan import most_common, most_common_answer
 
 NODE_CONFIG_KEYS = ("device", "data-path")  # run-config keys a SuperNode's --node-config overrides
 
@@ -128,8 +127,7 @@ class ClientSession:
     def majority_score(self) -> float:
         """Exact match of always giving the most common training answer (label): the prior to beat."""
         if self.images:
-            counts = Counter(example.label for example in self.data.train)
-            majority = min(counts, key=lambda label: (-counts[label], label))
+            majority, _ = most_common(example.label for example in self.data.train)
             return sum(example.label == majority for example in self.data.test) / len(self.data.test)
         answer, _ = most_common_answer(self.data.train)
         return score_answers([answer] * len(self.data.test), [e.output for e in self.data.test])["exact_match"]

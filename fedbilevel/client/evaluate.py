@@ -29,7 +29,7 @@ from fedbilevel.data.prompts import Example, format_prompt
 T = TypeVar("T")
 
 
-def _batches(items: Sequence[T], batch_size: int) -> Iterator[Sequence[T]]:
+def batches(items: Sequence[T], batch_size: int) -> Iterator[Sequence[T]]:
     """Consecutive slices of ``items`` with at most ``batch_size`` items each."""
     if batch_size < 1:
         raise ValueError(f"batch_size: {batch_size}; expected an integer >= 1")
@@ -37,7 +37,7 @@ def _batches(items: Sequence[T], batch_size: int) -> Iterator[Sequence[T]]:
         yield items[start : start + batch_size]
 
 
-def _autocast(device: torch.device | str, enabled: bool) -> torch.autocast:
+def autocast_bf16(device: torch.device | str, enabled: bool) -> torch.autocast:
     """bf16 autocast on ``device``'s type when ``enabled``, else a no-op context."""
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
 
@@ -89,10 +89,10 @@ def generate_answers(
         raise ValueError(f"tokenizer.padding_side: {tokenizer.padding_side!r}; batched generation needs 'left'")
     model.eval()
     answers: list[str] = []
-    for batch in _batches(instructions, batch_size):
+    for batch in batches(instructions, batch_size):
         prompts = [format_prompt(text) for text in batch]
         inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        with _autocast(device, bf16_autocast):
+        with autocast_bf16(device, bf16_autocast):
             output = model.generate(
                 **inputs,
                 max_new_tokens=max_new_tokens,
@@ -121,7 +121,7 @@ def _answer_log_probs(
     ``(rows, length, vocabulary)`` logits), to bound memory.
     """
     input_ids = batch["input_ids"].to(device)
-    with _autocast(device, bf16_autocast):
+    with autocast_bf16(device, bf16_autocast):
         logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device)).logits
     targets = batch["labels"][:, 1:].to(device)  # position t predicts token t + 1
     answer = targets != IGNORE_INDEX
@@ -190,7 +190,7 @@ def option_scores(
     with_options = [index for index, listed in enumerate(options) if listed]
     scores: list[list[float] | None] = [None] * len(examples)
     model.eval()
-    for chunk in _batches(with_options, batch_size):
+    for chunk in batches(with_options, batch_size):
         pairs = [Example(examples[i].instruction, option, examples[i].task) for i in chunk for option in options[i]]
         # No truncation: every option is scored in full (max_seq_len = no limit).
         batch = collate(encode_for_training(tokenizer, pairs, max_seq_len=sys.maxsize), tokenizer.pad_token_id)

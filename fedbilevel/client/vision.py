@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedbilevel.client.evaluate import autocast_bf16, batches
 from fedbilevel.client.metrics import macro_f1
 from fedbilevel.data.digits import NUM_CLASSES, ImageExample, pretraining_set
 
@@ -92,9 +93,9 @@ def evaluate_classifier(
     codec = ImageCodec()
     predictions: list[int] = []
     model.eval()
-    for start in range(0, len(examples), batch_size):
-        batch = codec.collate(codec.encode(examples[start : start + batch_size]))
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16_autocast):
+    for chunk in batches(examples, batch_size):
+        batch = codec.collate(codec.encode(chunk))
+        with autocast_bf16(device, bf16_autocast):
             logits = model(pixel_values=batch["pixel_values"].to(device)).logits
         predictions += logits.argmax(dim=-1).tolist()
     labels = [example.label for example in examples]

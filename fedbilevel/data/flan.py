@@ -12,7 +12,7 @@ import functools
 import json
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -29,6 +29,7 @@ _CLIENT_FILE = re.compile(r"client_(\d+)\.json")
 _OPTIONS_HEADING = re.compile(r"^[ \t]*options:[ \t]*$", re.IGNORECASE | re.MULTILINE)
 
 T = TypeVar("T")
+V = TypeVar("V")
 
 
 def seeded_subset(items: Sequence[T], n: int | None, seed: int) -> list[T]:
@@ -218,9 +219,14 @@ def most_common_answer(examples: Sequence[Example]) -> tuple[str, float]:
     """
     if not examples:
         raise ValueError("most_common_answer: no examples; allowed: at least one example")
-    counts = Counter(example.output for example in examples)
-    answer = min(counts, key=lambda output: (-counts[output], output))
-    return answer, counts[answer] / len(examples)
+    return most_common(example.output for example in examples)
+
+
+def most_common(values: Iterable[V]) -> tuple[V, float]:
+    """The most frequent of ``values`` (ties: the smallest) and its share; at least one value."""
+    counts = Counter(values)
+    value = min(counts, key=lambda v: (-counts[v], v))
+    return value, counts[value] / sum(counts.values())
 
 
 def answer_options(instruction: str) -> list[str] | None:

@@ -9,7 +9,6 @@ so it is testable offline.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -23,7 +22,7 @@ from flwr_datasets.partitioner import (
 )
 
 from fedbilevel.data import ClientData
-from fedbilevel.data.flan import seeded_subset
+from fedbilevel.data.flan import most_common, seeded_subset
 from fedbilevel.data.prompts import Example
 from fedbilevel.data.synthetic import _check_int, _check_partition
 
@@ -278,8 +277,7 @@ def client_data_from_dataset(
     else:
         train = _examples(train_rows, f"train {where}", instruction_column, input_column, output_column, task_of_row)
         test = _examples(test_rows, f"test {where}", instruction_column, input_column, output_column, task_of_row)
-    counts = Counter(example.task for example in train)
-    task = min(counts, key=lambda label: (-counts[label], label))
+    task, _ = most_common(example.task for example in train)
     return ClientData(task, seeded_subset(train, max_train, seed), seeded_subset(test, max_test, seed))
 
 

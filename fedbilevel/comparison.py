@@ -285,9 +285,11 @@ def markdown(runs: Sequence[Run]) -> str:
     if options:
         lines += [
             "",
-            f"Option accuracy (the listed option the model finds most likely, scored like exact match) on the"
-            f" {options[0]['clients']} clients whose tasks list options, last round, mean ± std over seeds;"
-            " *95% CI* as above, over those clients' items:",
+            (
+                "Option accuracy (the listed option the model finds most likely, scored like exact match) on the"
+                f" {options[0]['clients']} clients whose tasks list options, last round, mean ± std over seeds;"
+                " *95% CI* as above, over those clients' items:"
+            ),
             "",
             "| strategy | seeds | option accuracy | 95% CI |",
             "|---|---|---|---|",

@@ -8,7 +8,7 @@ predicted option is the one whose tokens (and the EOS token) the model finds mos
 
 from __future__ import annotations
 
-import sys
+import inspect
 import time
 from collections.abc import Iterator, Sequence
 from typing import TypeVar
@@ -22,7 +22,7 @@ from fedbilevel.client.metrics import (
     mean_scores,
     score_items,
 )
-from fedbilevel.client.train import IGNORE_INDEX, collate, encode_for_training
+from fedbilevel.client.train import encode_answer, encode_prompt
 from fedbilevel.data.flan import answer_options
 from fedbilevel.data.prompts import Example, format_prompt
 
@@ -105,33 +105,83 @@ def generate_answers(
     return answers
 
 
-def _answer_log_probs(
+def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _left_padded(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows aligned to the right edge: (input ids, attention mask)."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        input_ids[r, width - len(row) :] = torch.tensor(row)
+        mask[r, width - len(row) :] = 1
+    return input_ids, mask
+
+
+def _options_log_probs(
     model: torch.nn.Module,
-    batch: dict[str, torch.Tensor],
+    prompts: Sequence[list[int]],
+    answers: Sequence[Sequence[list[int]]],
     *,
+    pad_id: int,
     bf16_autocast: bool,
     device: torch.device | str,
     length_normalised: bool,
-) -> list[float]:
-    """Log-probability of each row's labelled (answer) tokens given the tokens before them.
+) -> list[list[float]]:
+    """Per prompt, the log-probability of each of its answers (token ids) following it.
 
-    ``batch`` is :func:`fedbilevel.client.train.collate`'s output: right-padded input ids, an
-    attention mask and labels that are :data:`IGNORE_INDEX` except at the answer tokens. The
-    log-softmax is taken in float32, and only at the answer positions (not over the whole
-    ``(rows, length, vocabulary)`` logits), to bound memory.
+    The prompts go through the model once (left-padded, positions counted from each row's
+    first token) and their key/value cache is repeated for each of their answers, which then
+    go through in one right-padded pass: the shared prompt is not recomputed per option, and
+    logits are computed at the answer tokens only. Log-softmax in float32.
     """
-    input_ids = batch["input_ids"].to(device)
+    prompt_ids, prompt_mask = _left_padded(prompts, pad_id)
     with autocast_bf16(device, bf16_autocast):
-        logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device)).logits
-    targets = batch["labels"][:, 1:].to(device)  # position t predicts token t + 1
-    answer = targets != IGNORE_INDEX
-    picked = logits[:, :-1][answer].float().log_softmax(dim=-1)  # (answer tokens, vocabulary)
-    token_log_probs = torch.zeros(answer.shape, dtype=torch.float32, device=picked.device)
-    token_log_probs[answer] = picked.gather(-1, targets[answer].unsqueeze(-1)).squeeze(-1)
+        prompt_out = model(
+            input_ids=prompt_ids.to(device),
+            attention_mask=prompt_mask.to(device),
+            position_ids=(prompt_mask.cumsum(dim=1) - 1).clamp(min=0).to(device),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+    owner = torch.tensor([p for p, listed in enumerate(answers) for _ in listed])
+    rows = [answer for listed in answers for answer in listed]
+    width = max(len(answer) for answer in rows)
+    answer_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    answer_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, answer in enumerate(rows):
+        answer_ids[r, : len(answer)] = torch.tensor(answer)
+        answer_mask[r, : len(answer)] = 1
+    # transformers renamed past_key_values to cache (5.2x); accept both spellings.
+    keyword = "cache" if "cache" in inspect.signature(_causal_lm(model).forward).parameters else "past_key_values"
+    cache = prompt_out[keyword]
+    cache.batch_select_indices(owner.to(device))  # each prompt's cache, once per answer
+    positions = prompt_mask.sum(dim=1)[owner].unsqueeze(1) + torch.arange(width).unsqueeze(0)
+    with autocast_bf16(device, bf16_autocast):
+        logits = model(
+            input_ids=answer_ids.to(device),
+            attention_mask=torch.cat([prompt_mask[owner], answer_mask], dim=1).to(device),
+            position_ids=positions.to(device),
+            **{keyword: cache},
+        ).logits  # (rows, width, vocabulary): column t predicts answer token t + 1
+    # Answer token 0 is predicted by the prompt's last position, token t by answer column t - 1.
+    predicting = torch.cat([prompt_out.logits[owner.to(device), -1:], logits[:, :-1]], dim=1)
+    scored = answer_mask.bool().to(device)
+    picked = predicting[scored].float().log_softmax(dim=-1)  # (answer tokens, vocabulary)
+    token_log_probs = torch.zeros(scored.shape, dtype=torch.float32, device=picked.device)
+    token_log_probs[scored] = picked.gather(-1, answer_ids.to(device)[scored].unsqueeze(-1)).squeeze(-1)
     totals = token_log_probs.sum(dim=1)
     if length_normalised:
-        totals = totals / answer.sum(dim=1)
-    return totals.tolist()
+        totals = totals / scored.sum(dim=1)
+    totals = totals.tolist()
+    out, first = [], 0
+    for listed in answers:
+        out.append(totals[first : first + len(listed)])
+        first += len(listed)
+    return out
 
 
 @torch.no_grad()
@@ -149,18 +199,18 @@ def option_scores(
 
     An option is scored as if it were the example's answer: the prompt
     (``format_prompt(instruction)``) and the option followed by the EOS token, tokenized
-    exactly as in training (:func:`fedbilevel.client.train.encode_for_training`, without
-    truncation), and its score is the sum of the log-probabilities of the option's tokens and
-    the EOS token. The EOS token makes an option that is only a prefix of the model's answer
-    (e.g. ``"no"`` against ``"not"``) less likely than the complete one.
+    exactly as in training (:func:`fedbilevel.client.train.encode_for_training`: prompt and
+    answer apart, no truncation), and its score is the sum of the log-probabilities of the
+    option's tokens and the EOS token. The EOS token makes an option that is only a prefix of
+    the model's answer (e.g. ``"no"`` against ``"not"``) less likely than the complete one.
 
     The sum (the default) is the option's log-probability as a whole, the standard scoring of
     Flan/T0 rank classification; it favours short options. ``length_normalised=True`` divides
     by the number of scored tokens (option tokens + 1), the mean per-token log-probability,
     which removes that bias but mis-ranks options that share a long likely prefix.
 
-    All options of ``batch_size`` examples (those with options; the others are skipped) go
-    through the model in one right-padded forward pass with an attention mask.
+    ``batch_size`` examples (those with options; the others are skipped) go through the model
+    together: their prompts once, then all their options on the prompts' cache.
 
     Parameters
     ----------
@@ -171,7 +221,7 @@ def option_scores(
     examples : sequence of Example
         Items to score; only their instructions are used.
     batch_size : int
-        Examples per forward pass (a pass holds all their options).
+        Examples per batch (a batch holds all their options).
     bf16_autocast : bool
         Run the model under bfloat16 autocast (log-softmax is taken in float32).
     device : torch.device or str, default "cpu"
@@ -191,12 +241,12 @@ def option_scores(
     scores: list[list[float] | None] = [None] * len(examples)
     model.eval()
     for chunk in batches(with_options, batch_size):
-        pairs = [Example(examples[i].instruction, option, examples[i].task) for i in chunk for option in options[i]]
-        # No truncation: every option is scored in full (max_seq_len = no limit).
-        batch = collate(encode_for_training(tokenizer, pairs, max_seq_len=sys.maxsize), tokenizer.pad_token_id)
-        totals = _answer_log_probs(model, batch, bf16_autocast=bf16_autocast, device=device, length_normalised=length_normalised)
-        for i in chunk:
-            scores[i], totals = totals[: len(options[i])], totals[len(options[i]) :]
+        prompts = [encode_prompt(tokenizer, examples[i].instruction) for i in chunk]
+        answers = [[encode_answer(tokenizer, option) for option in options[i]] for i in chunk]
+        totals = _options_log_probs(model, prompts, answers, pad_id=tokenizer.pad_token_id, bf16_autocast=bf16_autocast,
+                                    device=device, length_normalised=length_normalised)
+        for i, item_scores in zip(chunk, totals):
+            scores[i] = item_scores
     return scores
 
 

@@ -40,6 +40,16 @@ class TrainResult:
     seconds: float
 
 
+def encode_prompt(tokenizer, instruction: str) -> list[int]:
+    """Token ids of the prompt template around ``instruction``."""
+    return tokenizer(format_prompt(instruction), add_special_tokens=False)["input_ids"]
+
+
+def encode_answer(tokenizer, answer: str) -> list[int]:
+    """Token ids of ``answer`` as the model learns to give it: tokenized alone, then EOS."""
+    return tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
 def encode_for_training(tokenizer, examples: Sequence[Example], max_seq_len: int) -> list[tuple[list[int], list[int]]]:
     """(input ids, labels) per example; prompt tokens are masked out of the labels.
 
@@ -51,8 +61,8 @@ def encode_for_training(tokenizer, examples: Sequence[Example], max_seq_len: int
     answerless = 0
     longest_prompt = 0
     for example in examples:
-        prompt_ids = tokenizer(format_prompt(example.instruction), add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(example.output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        prompt_ids = encode_prompt(tokenizer, example.instruction)
+        answer_ids = encode_answer(tokenizer, example.output)
         input_ids = (prompt_ids + answer_ids)[:max_seq_len]
         labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_seq_len]
         answerless += all(label == IGNORE_INDEX for label in labels)

@@ -27,12 +27,11 @@ from pathlib import Path
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 
 from fedbilevel import protocol
 from fedbilevel.config import RunConfig
 from fedbilevel.results import METRICS
-from fedbilevel.simulation import resolve
+from fedbilevel.simulation import InProcessGrid, resolve
 
 NUM_CLIENTS = 8
 
@@ -64,35 +63,6 @@ class _Client:
         return Message(content, reply_to=message)
 
 
-class _Grid(Grid):
-    """In-process grid: every message goes straight to its client."""
-
-    def __init__(self):
-        self.clients = {100 + p: _Client(p) for p in range(NUM_CLIENTS)}
-
-    def set_run(self, run_id):
-        pass
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return Message(content=content, message_type=message_type, dst_node_id=dst_node_id)
-
-    def get_node_ids(self):
-        return list(self.clients)
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):
-        return [self.clients[m.metadata.dst_node_id].handle(m) for m in messages]
-
-
 def run_one(strategy: str, rounds: int, model_name: str) -> list[dict]:
     """This process runs ``strategy`` for ``rounds`` rounds; its memory after each round."""
     from flwr.supercore.task_identity import TaskIdentity
@@ -107,7 +77,7 @@ def run_one(strategy: str, rounds: int, model_name: str) -> list[dict]:
             "strategy": strategy, "num-server-rounds": rounds, "model-name": model_name, "min-nodes": NUM_CLIENTS,
             "output-dir": folder, "run-name": strategy,
         }))
-        run_dir = run_server(_Grid(), config)
+        run_dir = run_server(InProcessGrid({100 + p: _Client(p) for p in range(NUM_CLIENTS)}), config)
         rounds_recorded = json.loads((run_dir / "results.json").read_text())["rounds"]
     # tracemalloc's figure is read here for the last round only; RSS comes from every round.
     heap_mb = tracemalloc.get_traced_memory()[0] / 2**20

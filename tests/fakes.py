@@ -10,9 +10,9 @@ import time
 
 import numpy as np
 from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 
 from fedbilevel import protocol
+from fedbilevel.simulation import InProcessGrid
 
 INITIAL = {"a": np.zeros((2, 3), np.float32), "b": np.zeros(4, np.float32)}
 
@@ -74,31 +74,5 @@ class FakeClient:
         return Message(content, reply_to=message)
 
 
-class FakeGrid(Grid):
+class FakeGrid(InProcessGrid):
     """In-process grid: node id -> FakeClient; node ids can be reassigned (a restart)."""
-
-    def __init__(self, nodes: dict[int, FakeClient]):
-        self.nodes = nodes
-
-    def set_run(self, run):
-        pass
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return Message(content=content, message_type=message_type, dst_node_id=dst_node_id)
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = [self.nodes[m.metadata.dst_node_id].handle(m) for m in messages]
-        return [reply for reply in replies if reply is not None]

@@ -22,6 +22,7 @@ from fedbilevel.results import METRIC_LABELS, METRICS
 
 OPTION_METRIC = "option_accuracy"  # a client's eval score where its task lists options
 OPTION_ITEMS = "option_correct"  # its per-item scores
+REFERENCE = "local"  # personalization is measured against training alone
 
 
 @dataclass(frozen=True)
@@ -116,13 +117,47 @@ def bootstrap_interval(
     the mean to those clients (default: all). None when a run did not record per-item scores
     (``eval_items``, runs before they were recorded) for one of the clients.
     """
+    per_run = [_item_scores(run, metric, clients) for run in runs]
+    if any(scores is None for scores in per_run):
+        return None
+    return _bootstrap(per_run, samples=samples, seed=seed, level=level)
+
+
+def paired_difference_interval(
+    runs: Sequence[Run], reference: Sequence[Run], metric: str, *, samples: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float] | None:
+    """The last-round personalized ``metric`` of ``runs`` minus that of ``reference``, paired.
+
+    Runs are paired by seed (same seeds, so the same test items): each resample draws seeds
+    and test items once and scores both strategies on them, so item difficulty cancels.
+    Returns (observed difference, low, high), or None when the two do not share their seeds
+    and test items or lack per-item scores.
+    """
+    by_seed = {run.seed: run for run in reference}
+    if sorted(by_seed) != sorted(run.seed for run in runs):
+        return None
     per_run = []
     for run in runs:
-        items = run.last.get("eval_items") or {}
-        wanted = list(items) if clients is None else list(clients)
-        if not wanted or any(client not in items or metric not in items[client] for client in wanted):
+        mine, theirs = _item_scores(run, metric), _item_scores(by_seed[run.seed], metric)
+        if mine is None or theirs is None or [len(a) for a in mine] != [len(b) for b in theirs]:
             return None
-        per_run.append([np.asarray(items[client][metric], dtype=np.float64) for client in wanted])
+        per_run.append([a - b for a, b in zip(mine, theirs)])
+    observed = float(np.mean([np.mean([client.mean() for client in run]) for run in per_run]))
+    return (observed, *_bootstrap(per_run, samples=samples, seed=seed, level=level))
+
+
+def _item_scores(run: Run, metric: str, clients: Sequence[str] | None = None) -> list[np.ndarray] | None:
+    """Per client (in order), the last round's per-item ``metric`` scores; None if any is missing."""
+    items = run.last.get("eval_items") or {}
+    wanted = sorted(items, key=int) if clients is None else list(clients)
+    if not wanted or any(client not in items or metric not in items[client] for client in wanted):
+        return None
+    return [np.asarray(items[client][metric], dtype=np.float64) for client in wanted]
+
+
+def _bootstrap(per_run: list[list[np.ndarray]], *, samples: int, seed: int, level: float) -> tuple[float, float]:
+    """Percentile interval of the mean over runs of the mean over clients of item means,
+    resampling runs, then each client's items, with replacement."""
     rng = np.random.default_rng(seed)
     values = np.empty(samples)
     for k in range(samples):
@@ -268,6 +303,15 @@ def markdown(runs: Sequence[Run]) -> str:
             f"| {row['strategy']} | {row['seeds']} | " + " | ".join(cells) + f" | {ci} | {row['best_round_mean']:.1f} | {row['minutes_mean']:.1f} |"
         )
     groups = group_by_label(runs)
+    if REFERENCE in groups:
+        lines += ["", f"Difference to {REFERENCE} training, {METRIC_LABELS[primary]} last, paired (same seeds and test items"
+                  " resampled for both; an interval that excludes 0 is an ordering):", "",
+                  "| strategy | seeds | difference | 95% CI |", "|---|---|---|---|"]
+        for label, group in groups.items():
+            paired = None if label == REFERENCE else paired_difference_interval(group, groups[REFERENCE], primary)
+            if paired is not None:
+                seeds = " ".join(str(r.seed) for r in group)
+                lines.append(f"| {label} | {seeds} | {paired[0]:+.3f} | [{paired[1]:+.3f}, {paired[2]:+.3f}] |")
     clients = runs[0].clients
     lines += [
         "",

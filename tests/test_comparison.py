@@ -191,3 +191,26 @@ def test_option_accuracy_on_the_clients_that_list_options(tmp_path):
     text = markdown(runs)
     assert "| fedbip | 0 1 | 0.500 ± 0.354 | [" in text and "| local | 0 | 1.000 | [1.000, 1.000] |" in text
     assert "| 1 | count | 0.250 | 0.500 ± 0.354 | 1.000 |" in text
+
+
+def test_paired_difference_cancels_item_difficulty(tmp_path):
+    from fedbilevel.comparison import bootstrap_interval, paired_difference_interval
+
+    def with_items(name, strategy, seed, first, second):
+        run = load_run(write_run(tmp_path / name, strategy, seed, [(0.5, 0.5)]))
+        run.last["eval_items"] = {"0": {"exact_match": first}, "1": {"exact_match": second}}
+        return run
+
+    # B scores every item 0.25 above A (ROUGE-like item scores): every resample of the same
+    # items gives +0.25, so the paired interval is a point while A's own interval is wide.
+    first, second = [0.0, 0.5, 0.7, 0.1], [0.2, 0.6, 0.0, 0.75]
+    a = [with_items("a0", "local", 0, first, second)]
+    b = [with_items("b0", "fedbip", 0, [x + 0.25 for x in first], [x + 0.25 for x in second])]
+    observed, low, high = paired_difference_interval(b, a, "exact_match")
+    assert observed == pytest.approx(0.25) and (low, high) == pytest.approx((0.25, 0.25))
+    a_low, a_high = bootstrap_interval(a, "exact_match")
+    assert a_high - a_low > 0.2
+    # Different seeds (so different test items) cannot be paired.
+    assert paired_difference_interval([with_items("b1", "fedbip", 1, [1.0] * 4, [1.0] * 4)], a, "exact_match") is None
+    text = markdown(a + b)
+    assert "| fedbip | 0 | +0.250 | [" in text

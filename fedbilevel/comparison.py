@@ -173,7 +173,7 @@ def summary_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
     and a 95% bootstrap interval (seeds and test items) of the last round's primary metric."""
     rows = []
     for strategy, group in group_by_label(runs).items():
-        row: dict[str, Any] = {"strategy": strategy, "seeds": " ".join(str(r.seed) for r in group)}
+        row: dict[str, Any] = {"strategy": strategy, "seeds": _seeds(group)}
         for when in ("last", "best"):
             for metric in group[0].metrics:
                 mean, std = _mean_std([getattr(r, when)["personalized_mean"][metric] for r in group])
@@ -225,7 +225,7 @@ def option_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
         mean, std = _mean_std([np.mean([run.last["eval"][c][OPTION_METRIC] for c in clients]) for run in group])
         interval = bootstrap_interval(group, OPTION_ITEMS, clients=clients)
         low, high = interval if interval else (math.nan, math.nan)
-        rows.append({"strategy": strategy, "seeds": " ".join(str(r.seed) for r in group), "clients": len(clients),
+        rows.append({"strategy": strategy, "seeds": _seeds(group), "clients": len(clients),
                      "mean": mean, "std": std, "ci_low": low, "ci_high": high})
     return rows
 
@@ -304,14 +304,13 @@ def markdown(runs: Sequence[Run]) -> str:
         )
     groups = group_by_label(runs)
     if REFERENCE in groups:
-        lines += ["", f"Difference to {REFERENCE} training, {METRIC_LABELS[primary]} last, paired (same seeds and test items"
-                  " resampled for both; an interval that excludes 0 is an ordering):", "",
-                  "| strategy | seeds | difference | 95% CI |", "|---|---|---|---|"]
+        header = (f"Difference to {REFERENCE} training, {METRIC_LABELS[primary]} last, paired (same seeds and test items"
+                  " resampled for both; an interval that excludes 0 is an ordering):")
+        lines += ["", header, "", "| strategy | seeds | difference | 95% CI |", "|---|---|---|---|"]
         for label, group in groups.items():
             paired = None if label == REFERENCE else paired_difference_interval(group, groups[REFERENCE], primary)
             if paired is not None:
-                seeds = " ".join(str(r.seed) for r in group)
-                lines.append(f"| {label} | {seeds} | {paired[0]:+.3f} | [{paired[1]:+.3f}, {paired[2]:+.3f}] |")
+                lines.append(f"| {label} | {_seeds(group)} | {paired[0]:+.3f} | [{paired[1]:+.3f}, {paired[2]:+.3f}] |")
     clients = runs[0].clients
     lines += [
         "",
@@ -348,6 +347,10 @@ def markdown(runs: Sequence[Run]) -> str:
             cells = ["–" if math.isnan(r[f"{OPTION_METRIC}_mean"]) else _format(r[f"{OPTION_METRIC}_mean"], r[f"{OPTION_METRIC}_std"]) for r in rows]
             lines.append(f"| {client} | {clients[client].get('task')} | {_majority(clients[client])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _seeds(group: Sequence[Run]) -> str:
+    return " ".join(str(run.seed) for run in group)
 
 
 def _majority(info: dict[str, Any]) -> str:

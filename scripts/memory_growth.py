@@ -63,8 +63,9 @@ class _Client:
         return Message(content, reply_to=message)
 
 
-def run_one(strategy: str, rounds: int, model_name: str) -> list[dict]:
-    """This process runs ``strategy`` for ``rounds`` rounds; its memory after each round."""
+def run_one(strategy: str, rounds: int, model_name: str) -> dict:
+    """This process runs ``strategy`` for ``rounds`` rounds: its memory after each round
+    (``rounds``) and its Python heap at the end (``heap-mb-at-end``)."""
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedbilevel.server import run_server
@@ -81,7 +82,8 @@ def run_one(strategy: str, rounds: int, model_name: str) -> list[dict]:
         rounds_recorded = json.loads((run_dir / "results.json").read_text())["rounds"]
     # tracemalloc's figure is read here for the last round only; RSS comes from every round.
     heap_mb = tracemalloc.get_traced_memory()[0] / 2**20
-    return [{"round": r["round"], **r["server_memory_mb"], "seconds": r["seconds"]} for r in rounds_recorded] + [{"heap-mb-at-end": heap_mb}]
+    return {"rounds": [{"round": r["round"], **r["server_memory_mb"], "seconds": r["seconds"]} for r in rounds_recorded],
+            "heap-mb-at-end": heap_mb}
 
 
 def growth(rows: list[dict]) -> float:
@@ -112,11 +114,12 @@ def main() -> int:
         line = next((ln for ln in done.stdout.splitlines() if ln.startswith("MEMORY ")), None)
         if done.returncode != 0 or line is None:
             raise SystemExit(f"{strategy}: failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
-        *rows, end = json.loads(line.removeprefix("MEMORY "))
-        results[strategy] = {"rounds": rows, **end, "growth-mb-per-round": growth(rows)}
+        measured = json.loads(line.removeprefix("MEMORY "))
+        rows = measured["rounds"]
+        results[strategy] = {**measured, "growth-mb-per-round": growth(rows)}
         print(f"{strategy}: {args.rounds} rounds in {time.time() - started:.0f} s; RSS round 1 {rows[0]['rss-mb']:.0f} MB, "
               f"last {rows[-1]['rss-mb']:.0f} MB, peak {rows[-1]['peak-rss-mb']:.0f} MB; "
-              f"growth {results[strategy]['growth-mb-per-round']:+.2f} MB/round; Python heap at end {end['heap-mb-at-end']:.0f} MB", flush=True)
+              f"growth {results[strategy]['growth-mb-per-round']:+.2f} MB/round; Python heap at end {measured['heap-mb-at-end']:.0f} MB", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "memory.json").write_text(json.dumps({"command": sys.argv, "settings": vars(args) | {"out": str(args.out)},
                                                       "results": results}, indent=1))

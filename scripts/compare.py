@@ -31,8 +31,8 @@ import time
 from pathlib import Path
 
 from fedbilevel.comparison import load_run, markdown, write_plots, write_tables
-from fedbilevel.config import ConfigError, RunConfig
-from fedbilevel.simulation import parse_assignment, resolve
+from fedbilevel.config import ConfigError, RunConfig, load_app_config
+from fedbilevel.simulation import PYPROJECT, parse_assignment, resolve
 from fedbilevel.strategies import strategy_names
 
 POLL_S = 2.0
@@ -84,13 +84,27 @@ def _rounds_done(run_dir: Path) -> list[dict]:
         return []
 
 
+def _config_differences(saved: dict, wanted: dict, defaults: dict) -> list[str]:
+    """The keys on which a saved run's config and the wanted one disagree.
+
+    A key the saved run lacks was added to the project after it ran; a new key's default keeps
+    the old behaviour, so the run matches when the wanted value is that default.
+    """
+    return sorted(key for key in saved.keys() | wanted.keys() if saved.get(key, defaults.get(key)) != wanted.get(key))
+
+
 def _is_complete(run_dir: Path, config: dict) -> bool:
     """A finished run of exactly this config (an unfinished one is removed, a different one is an error)."""
     if not run_dir.exists():
         return False
     saved = json.loads((run_dir / "config.json").read_text())["run_config"] if (run_dir / "config.json").exists() else None
-    if saved is not None and saved != RunConfig.from_run_config(config).to_run_config():
-        raise SystemExit(f"{run_dir} holds a run with a different config; use another --out or --force")
+    if saved is not None:
+        wanted = RunConfig.from_run_config(config).to_run_config()
+        differences = _config_differences(saved, wanted, RunConfig.from_run_config(load_app_config(PYPROJECT)).to_run_config())
+        if differences:
+            key = differences[0]
+            raise SystemExit(f"{run_dir} holds a run with a different config ({len(differences)} key(s), e.g. {key!r}: "
+                             f"{saved.get(key, '(absent)')!r} there, {wanted.get(key, '(absent)')!r} now); use another --out or --force")
     if saved is not None and len(_rounds_done(run_dir)) == config["num-server-rounds"] and (run_dir / "clients").exists():
         return True
     print(f"removing the unfinished run {run_dir}", flush=True)

@@ -146,6 +146,18 @@ def test_compare_runs_strategies_and_reuses_finished_runs(tmp_path):
     # A second invocation reuses both finished runs and rebuilds the report.
     second = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert second.returncode == 0 and "0 of 2 runs to do" in second.stdout and "fedbip-seed3: finished earlier, reused" in second.stdout
+    # A run saved before a key existed (its default keeps the old behaviour) is still reused ...
+    saved_path = out / "runs" / "fedbip-seed3" / "config.json"
+    saved = json.loads(saved_path.read_text())
+    assert saved["run_config"].pop("similarity-ema") == 0.0
+    saved_path.write_text(json.dumps(saved))
+    third = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert third.returncode == 0 and "0 of 2 runs to do" in third.stdout, third.stderr[-2000:]
+    # ... but a run whose saved value differs is refused, naming the key.
+    saved["run_config"]["local-steps"] = 2
+    saved_path.write_text(json.dumps(saved))
+    fourth = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert fourth.returncode != 0 and "'local-steps': 2 there, 1 now" in fourth.stderr
 
 
 def test_bootstrap_interval_by_construction(tmp_path):

@@ -128,16 +128,17 @@ def paired_difference_interval(
 ) -> tuple[float, float, float] | None:
     """The last-round personalized ``metric`` of ``runs`` minus that of ``reference``, paired.
 
-    Runs are paired by seed (same seeds, so the same test items): each resample draws seeds
-    and test items once and scores both strategies on them, so item difficulty cancels.
-    Returns (observed difference, low, high), or None when the two do not share their seeds
-    and test items or lack per-item scores.
+    Runs are paired by seed (same seed, so the same test items), over the seeds both have:
+    each resample draws seeds and test items once and scores both strategies on them, so item
+    difficulty cancels. Returns (observed difference, low, high), or None when they share no
+    seed or lack per-item scores.
     """
     by_seed = {run.seed: run for run in reference}
-    if sorted(by_seed) != sorted(run.seed for run in runs):
+    shared = [run for run in runs if run.seed in by_seed]
+    if not shared:
         return None
     per_run = []
-    for run in runs:
+    for run in shared:
         mine, theirs = _item_scores(run, metric), _item_scores(by_seed[run.seed], metric)
         if mine is None or theirs is None or [len(a) for a in mine] != [len(b) for b in theirs]:
             return None
@@ -304,13 +305,14 @@ def markdown(runs: Sequence[Run]) -> str:
         )
     groups = group_by_label(runs)
     if REFERENCE in groups:
-        header = (f"Difference to {REFERENCE} training, {METRIC_LABELS[primary]} last, paired (same seeds and test items"
-                  " resampled for both; an interval that excludes 0 is an ordering):")
+        header = (f"Difference to {REFERENCE} training, {METRIC_LABELS[primary]} last, paired over the seeds both ran (same seeds"
+                  " and test items resampled for both; an interval that excludes 0 is an ordering):")
         lines += ["", header, "", "| strategy | seeds | difference | 95% CI |", "|---|---|---|---|"]
         for label, group in groups.items():
             paired = None if label == REFERENCE else paired_difference_interval(group, groups[REFERENCE], primary)
             if paired is not None:
-                lines.append(f"| {label} | {_seeds(group)} | {paired[0]:+.3f} | [{paired[1]:+.3f}, {paired[2]:+.3f}] |")
+                shared = [run for run in group if run.seed in {ref.seed for ref in groups[REFERENCE]}]
+                lines.append(f"| {label} | {_seeds(shared)} | {paired[0]:+.3f} | [{paired[1]:+.3f}, {paired[2]:+.3f}] |")
     clients = runs[0].clients
     lines += [
         "",

@@ -224,5 +224,8 @@ def test_paired_difference_cancels_item_difficulty(tmp_path):
     assert a_high - a_low > 0.2
     # Different seeds (so different test items) cannot be paired.
     assert paired_difference_interval([with_items("b1", "fedbip", 1, [1.0] * 4, [1.0] * 4)], a, "exact_match") is None
-    text = markdown(a + b)
+    # A reference with more seeds is paired on the seeds both ran (seed 0 here).
+    a_more = a + [with_items("a1", "local", 1, [0.0] * 4, [0.0] * 4)]
+    assert paired_difference_interval(b, a_more, "exact_match") == pytest.approx((0.25, 0.25, 0.25))
+    text = markdown(a_more + b)
     assert "| fedbip | 0 | +0.250 | [" in text

@@ -374,20 +374,29 @@ def _client_labels(run: Run) -> list[str]:
     return [f"{client} {info.get('task')}" for client, info in run.clients.items()]
 
 
+def strategy_colours(count: int) -> list[tuple[float, float, float, float]]:
+    """One distinct colour per strategy: matplotlib's default cycle (tab10) repeats after 10."""
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab10" if count <= 10 else "tab20"]
+    return [palette(index % palette.N) for index in range(count)]
+
+
 def plot_scores_per_round(runs: Sequence[Run], path: Path) -> Path:
     """Personalized primary metric per round, one line per strategy (band: ± std over seeds)."""
     import matplotlib.pyplot as plt
 
     primary = runs[0].primary_metric
     figure, axes = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
-    for strategy, group in group_by_label(runs).items():
+    groups = group_by_label(runs)
+    for (strategy, group), colour in zip(groups.items(), strategy_colours(len(groups))):
         rounds = sorted({r["round"] for run in group for r in run.evaluated})
         values = np.array([[_score_at(run, rnd, primary) for rnd in rounds] for run in group])
         mean = np.nanmean(values, axis=0)
-        line, = axes.plot(rounds, mean, marker="o", label=f"{strategy} ({len(group)} seed{'s' * (len(group) > 1)})")
+        axes.plot(rounds, mean, marker="o", color=colour, label=f"{strategy} ({len(group)} seed{'s' * (len(group) > 1)})")
         if len(group) > 1:
             std = np.nanstd(values, axis=0, ddof=1)
-            axes.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+            axes.fill_between(rounds, mean - std, mean + std, color=colour, alpha=0.15)
     axes.set_xlabel("server round")
     axes.set_ylabel(f"personalized {METRIC_LABELS[primary]} (mean over clients)")
     axes.set_title("Personalized score per round")
@@ -415,11 +424,11 @@ def plot_per_client(runs: Sequence[Run], path: Path) -> Path:
     clients = [int(c) for c in runs[0].clients]
     width = 0.8 / len(groups)
     figure, axes = plt.subplots(figsize=(max(7, 1.1 * len(clients) + 2), 4.5), constrained_layout=True)
-    for k, strategy in enumerate(groups):
+    for k, (strategy, colour) in enumerate(zip(groups, strategy_colours(len(groups)))):
         means = [table[(strategy, c)][f"{primary}_mean"] for c in clients]
         stds = [table[(strategy, c)][f"{primary}_std"] for c in clients]
         positions = np.arange(len(clients)) + (k - (len(groups) - 1) / 2) * width
-        axes.bar(positions, means, width, yerr=None if all(map(math.isnan, stds)) else np.nan_to_num(stds), label=strategy, capsize=2)
+        axes.bar(positions, means, width, yerr=None if all(map(math.isnan, stds)) else np.nan_to_num(stds), label=strategy, color=colour, capsize=2)
     axes.set_xticks(np.arange(len(clients)), _client_labels(runs[0]), rotation=30, ha="right")
     axes.set_xlabel("client (task)")
     axes.set_ylabel(f"{METRIC_LABELS[primary]}, last round")

@@ -229,3 +229,12 @@ def test_paired_difference_cancels_item_difficulty(tmp_path):
     assert paired_difference_interval(b, a_more, "exact_match") == pytest.approx((0.25, 0.25, 0.25))
     text = markdown(a_more + b)
     assert "| fedbip | 0 | +0.250 | [" in text
+
+
+def test_strategy_colours_stay_distinct_past_the_default_cycle():
+    from fedbilevel.comparison import strategy_colours
+
+    # matplotlib's default cycle has 10 colours; an 11-variant ablation must not reuse one.
+    for count in (3, 10, 11, 20):
+        colours = strategy_colours(count)
+        assert len(colours) == count and len(set(colours)) == count

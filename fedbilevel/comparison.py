@@ -308,10 +308,11 @@ def markdown(runs: Sequence[Run]) -> str:
         header = (f"Difference to {REFERENCE} training, {METRIC_LABELS[primary]} last, paired over the seeds both ran (same seeds"
                   " and test items resampled for both; an interval that excludes 0 is an ordering):")
         lines += ["", header, "", "| strategy | seeds | difference | 95% CI |", "|---|---|---|---|"]
+        reference_seeds = {run.seed for run in groups[REFERENCE]}
         for label, group in groups.items():
             paired = None if label == REFERENCE else paired_difference_interval(group, groups[REFERENCE], primary)
             if paired is not None:
-                shared = [run for run in group if run.seed in {ref.seed for ref in groups[REFERENCE]}]
+                shared = [run for run in group if run.seed in reference_seeds]
                 lines.append(f"| {label} | {_seeds(shared)} | {paired[0]:+.3f} | [{paired[1]:+.3f}, {paired[2]:+.3f}] |")
     clients = runs[0].clients
     lines += [

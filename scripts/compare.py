@@ -93,14 +93,17 @@ def _config_differences(saved: dict, wanted: dict, defaults: dict) -> list[str]:
     return sorted(key for key in saved.keys() | wanted.keys() if saved.get(key, defaults.get(key)) != wanted.get(key))
 
 
-def _is_complete(run_dir: Path, config: dict) -> bool:
-    """A finished run of exactly this config (an unfinished one is removed, a different one is an error)."""
+def _is_complete(run_dir: Path, config: dict, defaults: dict) -> bool:
+    """A finished run of exactly this config (an unfinished one is removed, a different one is an error).
+
+    ``defaults``: the project's default run config, which a run saved before a key existed had.
+    """
     if not run_dir.exists():
         return False
     saved = json.loads((run_dir / "config.json").read_text())["run_config"] if (run_dir / "config.json").exists() else None
     if saved is not None:
         wanted = RunConfig.from_run_config(config).to_run_config()
-        differences = _config_differences(saved, wanted, RunConfig.from_run_config(load_app_config(PYPROJECT)).to_run_config())
+        differences = _config_differences(saved, wanted, defaults)
         if differences:
             key = differences[0]
             raise SystemExit(f"{run_dir} holds a run with a different config ({len(differences)} key(s), e.g. {key!r}: "
@@ -163,10 +166,11 @@ def main() -> None:
     started, round_seconds = time.time(), []
     if not args.report_only:
         todo = []
+        defaults = RunConfig.from_run_config(load_app_config(PYPROJECT)).to_run_config()
         for _, name, config in plan:
             if args.force and (runs_dir / name).exists():
                 shutil.rmtree(runs_dir / name)
-            if _is_complete(runs_dir / name, config):
+            if _is_complete(runs_dir / name, config, defaults):
                 print(f"{name}: finished earlier, reused", flush=True)
             else:
                 todo.append((name, config))

@@ -1,19 +1,31 @@
-"""What travels between ServerApp and ClientApp: record keys and adapter <-> ArrayRecord.
+"""What travels between ServerApp and ClientApp: every record and value key, and adapter <-> ArrayRecord.
 
-Server -> client (train / evaluate): ``arrays`` (the client's own adapter) and ``config``
-(``server-round`` and ``partition-id``, the partition the adapter belongs to; the client
-refuses a message addressed to another partition); evaluate messages may also carry
-``global`` (the mean adapter, whose scores come back prefixed ``global-``). Client -> server: ``arrays`` (train
-only) and ``metrics`` (``partition-id``, ``num-examples``, losses or scores). Query
-(partition discovery): the reply's ``info`` ConfigRecord describes the client's partition.
+Query (partition discovery), server -> client: ``config`` with ``query`` = ``partition``. Its reply
+carries the ``info`` ConfigRecord: ``partition-id``, ``num-partitions``, ``task``, ``num-train``,
+``num-test`` and ``majority-exact-match`` (the score of always giving the most common training answer).
+
+Train / evaluate, server -> client: ``arrays`` (the client's own adapter) and ``config``
+(``server-round`` and ``partition-id``, the partition the adapter belongs to; the client refuses a
+message addressed to another partition), plus what the strategy asks of the client: FedProx's and
+FedAMP's ``proximal-mu``, FedALA's ``fedala-*`` values (:class:`AlaSettings`). Evaluate messages may
+also carry ``global`` (the mean adapter, whose scores come back prefixed ``global-``).
+
+Client -> server: ``arrays`` (train only) and ``metrics``: ``partition-id``, ``num-examples``,
+``client-started`` and ``client-ended``; train replies add ``train-loss``, ``train-last-loss``,
+``train-seconds`` and the client process's ``rss-mb`` and ``peak-rss-mb``; evaluate replies add
+``eval-seconds``, the scores and their per-test-item lists (``items-<score>``). With FedALA both add
+``ala-epochs`` and, when the mixing weights were learned, ``ala-loss`` and ``ala-mean-weight``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, fields
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
+
+from fedbilevel.options import integer, number, option, validate
 
 ARRAYS = "arrays"
 GLOBAL = "global"  # evaluate messages with eval-global: the mean adapter, scored as well
@@ -31,6 +43,78 @@ ITEMS_PREFIX = "items-"
 # Wall-clock time (time.time()) when a client started and finished handling a message;
 # the server uses them to split round time into client work and Flower overhead.
 BUSY_KEYS = ("client-started", "client-ended")
+
+# Query: the message's config asks for the partition; the reply's info describes it.
+QUERY = "query"
+QUERY_PARTITION = "partition"
+TASK = "task"
+NUM_TRAIN = "num-train"
+NUM_TEST = "num-test"
+MAJORITY_EXACT_MATCH = "majority-exact-match"
+
+# Client-side steps a strategy declares in the train / evaluate config.
+PROXIMAL_MU = "proximal-mu"  # μ of the proximal term μ/2 ‖θ − θ_received‖² (FedProx; FedAMP's λ)
+
+# Reply metrics besides the scores.
+TRAIN_LOSS = "train-loss"  # mean over the local steps
+TRAIN_LAST_LOSS = "train-last-loss"
+TRAIN_SECONDS = "train-seconds"
+EVAL_SECONDS = "eval-seconds"
+RSS_MB = "rss-mb"  # the client process's resident memory now
+PEAK_RSS_MB = "peak-rss-mb"  # and at its peak
+ALA_EPOCHS = "ala-epochs"  # FedALA's weight learning for the received global adapter
+ALA_LOSS = "ala-loss"
+ALA_MEAN_WEIGHT = "ala-mean-weight"
+
+
+@dataclass(frozen=True)
+class AlaSettings:
+    """FedALA's client hyper-parameters: run-config options the strategy declares in each message.
+
+    Attributes
+    ----------
+    eta : float
+        η, the learning rate of the weights W.
+    data_fraction : float
+        s, the fraction of the training data W is learned on (at least one example).
+    top_fraction : float
+        Fraction of the transformer blocks, from the top, whose adapters are mixed by W
+        (the paper's p higher layers); lower blocks take the global adapter. Arrays in
+        no block (e.g. a classifier head) count as top.
+    start_epochs : int
+        Epochs of W learning the first time; later rounds use one.
+    """
+
+    eta: float = option("fedala-eta", 1.0, number(0.0, low_open=True), "FedALA: learning rate η of the weights W")
+    data_fraction: float = option(
+        "fedala-data-fraction", 0.8, number(0.0, low_open=True, high=1.0, high_open=False),
+        "FedALA: fraction s of the training data W is learned on",
+    )
+    top_fraction: float = option(
+        "fedala-top-fraction", 1.0, number(0.0, low_open=True, high=1.0, high_open=False),
+        "FedALA: fraction of the transformer blocks (from the top) mixed by W; lower blocks take the global adapter",
+    )
+    start_epochs: int = option(
+        "fedala-start-epochs", 2, integer(1), "FedALA: epochs of W learning the first time (later rounds use one)"
+    )
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def to_config(self) -> dict[str, float | int]:
+        """The message config entries that switch ALA on at the client."""
+        return {key: getattr(self, field) for field, key in _MESSAGE_KEYS.items()}
+
+    @classmethod
+    def from_config(cls, config: Mapping) -> AlaSettings | None:
+        """The settings a message declares, or None when the strategy does not use ALA."""
+        if _MESSAGE_KEYS["eta"] not in config:
+            return None
+        return cls(**{field: config[key] for field, key in _MESSAGE_KEYS.items()})
+
+
+# AlaSettings field -> message config key: the run-config keys of the same names.
+_MESSAGE_KEYS = {declared.name: declared.metadata["key"] for declared in fields(AlaSettings)}
 
 
 def adapter_to_record(adapter: Mapping[str, np.ndarray]) -> ArrayRecord:

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from fedbilevel import protocol
 from fedbilevel.config import RunConfig, resolve_user_path
 from fedbilevel.data import is_image_data
 
@@ -50,7 +51,7 @@ def process_memory_mb() -> dict[str, float]:
     Recorded per round for the server (``server_memory_mb``) and with every client's train
     reply (``rss-mb``, ``peak-rss-mb``), so memory growth over a run shows in results.json.
     """
-    fields = {"VmRSS": "rss-mb", "VmHWM": "peak-rss-mb"}  # Linux: current and high-water mark
+    fields = {"VmRSS": protocol.RSS_MB, "VmHWM": protocol.PEAK_RSS_MB}  # Linux: current and high-water mark
     try:
         with open("/proc/self/status", encoding="ascii") as handle:
             lines = handle.read().splitlines()
@@ -131,10 +132,10 @@ class RunRecorder:
         """Partition id -> {task, num_train, num_test, majority_exact_match} from the clients' query replies."""
         self.results["clients"] = {
             str(p): {
-                "task": info.get("task"),
-                "num_train": info.get("num-train"),
-                "num_test": info.get("num-test"),
-                "majority_exact_match": info.get("majority-exact-match"),
+                "task": info.get(protocol.TASK),
+                "num_train": info.get(protocol.NUM_TRAIN),
+                "num_test": info.get(protocol.NUM_TEST),
+                "majority_exact_match": info.get(protocol.MAJORITY_EXACT_MATCH),
             }
             for p, info in sorted(clients.items())
         }
@@ -147,9 +148,9 @@ class RunRecorder:
             entry["personalized_mean"] = {
                 m: float(np.mean([scores[m] for scores in entry["eval"].values()])) for m in self.metrics
             }
-            global_scores = [scores for scores in entry["eval"].values() if f"global-{self.metrics[0]}" in scores]
+            global_scores = [scores for scores in entry["eval"].values() if f"{protocol.GLOBAL_PREFIX}{self.metrics[0]}" in scores]
             if global_scores:  # eval-global: the mean adapter on every client's split
-                entry["global_mean"] = {m: float(np.mean([scores[f"global-{m}"] for scores in global_scores])) for m in self.metrics}
+                entry["global_mean"] = {m: float(np.mean([scores[f"{protocol.GLOBAL_PREFIX}{m}"] for scores in global_scores])) for m in self.metrics}
         self.results["rounds"].append(entry)
         self.results["summary"] = self._summary()
         write_json(self.run_dir / "results.json", self.results)

@@ -8,7 +8,6 @@ from flwr.app import RecordDict
 from fedbilevel import protocol
 from fedbilevel.client import ala
 from fedbilevel.client.ala import (
-    AlaSettings,
     adaptive_local_aggregation,
     ala_weight_step,
     remember_local,
@@ -24,6 +23,7 @@ from fedbilevel.client.model import (
 )
 from fedbilevel.client.train import TextCodec
 from fedbilevel.data.synthetic import make_client_data
+from fedbilevel.protocol import AlaSettings
 
 
 def test_weight_step_by_hand():

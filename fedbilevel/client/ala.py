@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -46,50 +45,6 @@ LOCAL = "fedala-local"  # θᵢ, the adapter this client trained last
 WEIGHTS = "fedala-weights"  # Wᵢ of the top arrays
 MIXED = "fedala-mixed"  # θ̂ᵢ for the global model named in META
 META = "fedala-meta"
-
-
-@dataclass(frozen=True)
-class AlaSettings:
-    """FedALA's client hyper-parameters, as the strategy declares them in each message.
-
-    Attributes
-    ----------
-    eta : float
-        η, the learning rate of the weights W.
-    data_fraction : float
-        s, the fraction of the training data W is learned on (at least one example).
-    top_fraction : float
-        Fraction of the transformer blocks, from the top, whose adapters are mixed by W
-        (the paper's p higher layers); lower blocks take the global adapter. Arrays in
-        no block (e.g. a classifier head) count as top.
-    start_epochs : int
-        Epochs of W learning the first time; later rounds use one.
-    """
-
-    eta: float
-    data_fraction: float
-    top_fraction: float
-    start_epochs: int
-
-    def to_config(self) -> dict[str, float | int]:
-        """The message config entries that switch ALA on at the client."""
-        return {key: getattr(self, field) for field, key in _MESSAGE_KEYS.items()}
-
-    @classmethod
-    def from_config(cls, config: Mapping) -> AlaSettings | None:
-        """The settings a message declares, or None when the strategy does not use ALA."""
-        if _MESSAGE_KEYS["eta"] not in config:
-            return None
-        return cls(**{field: config[key] for field, key in _MESSAGE_KEYS.items()})
-
-
-# AlaSettings field -> message config key (the run-config keys of the same names).
-_MESSAGE_KEYS = {
-    "eta": "fedala-eta",
-    "data_fraction": "fedala-data-fraction",
-    "top_fraction": "fedala-top-fraction",
-    "start_epochs": "fedala-start-epochs",
-}
 
 
 def top_arrays(names: Sequence[str], top_fraction: float) -> list[str]:
@@ -124,7 +79,7 @@ def adaptive_local_aggregation(
     codec: Codec,
     examples: Sequence[Any],
     state: RecordDict,
-    settings: AlaSettings,
+    settings: protocol.AlaSettings,
     *,
     batch_size: int,
     seed: int,
@@ -140,9 +95,9 @@ def adaptive_local_aggregation(
     received_digest = digest(received)
     if META in state.config_records and state.config_records[META].get("global-digest") == received_digest:
         set_adapter_arrays(model, protocol.record_to_adapter(state.array_records[MIXED]))
-        return {"ala-epochs": 0}
+        return {protocol.ALA_EPOCHS: 0}
     if LOCAL not in state.array_records:  # first round: nothing local to keep
-        return {"ala-epochs": 0}
+        return {protocol.ALA_EPOCHS: 0}
     local = protocol.record_to_adapter(state.array_records[LOCAL])
     start = WEIGHTS not in state.array_records
     parameters = adapter_parameters(model)
@@ -191,9 +146,9 @@ def adaptive_local_aggregation(
     state[META] = ConfigRecord({"global-digest": received_digest})
     total = sum(w.numel() for w in weights.values())
     return {
-        "ala-epochs": epochs,
-        "ala-loss": loss.item(),
-        "ala-mean-weight": float(sum(w.sum() for w in weights.values()) / total),
+        protocol.ALA_EPOCHS: epochs,
+        protocol.ALA_LOSS: loss.item(),
+        protocol.ALA_MEAN_WEIGHT: float(sum(w.sum() for w in weights.values()) / total),
     }
 
 

@@ -21,7 +21,6 @@ from flwr.supercore import log
 
 from fedbilevel import protocol
 from fedbilevel.client.ala import (
-    AlaSettings,
     adaptive_local_aggregation,
     remember_local,
 )
@@ -104,7 +103,7 @@ class ClientSession:
         self.config = RunConfig.from_run_config(context.run_config, {**(overrides or {}), **own})
         self.partition_id, self.num_partitions = partition_of(context)
         self.data = _data(self.config, self.partition_id, self.num_partitions)
-        self.ala: AlaSettings | None = None  # FedALA's client-side step, when the message asks for it (load_model)
+        self.ala: protocol.AlaSettings | None = None  # FedALA's client-side step, when the message asks for it (load_model)
         self.images = isinstance(next(iter(self.data.train), None), ImageExample)
         if self.images != is_image_classifier(self.config.model_name):
             kind, model_kind = ("images", "a causal language model") if self.images else ("text", "an image classifier")
@@ -148,7 +147,7 @@ class ClientSession:
         set_adapter_arrays(model, protocol.record_to_adapter(message.content.array_records[protocol.ARRAYS]))
         server_round = int(config[protocol.SERVER_ROUND])
         step: dict[str, float] = {}
-        self.ala = ala = AlaSettings.from_config(config)
+        self.ala = ala = protocol.AlaSettings.from_config(config)
         if ala is not None:
             step = adaptive_local_aggregation(
                 model,
@@ -160,9 +159,9 @@ class ClientSession:
                 seed=_seed(self.config, self.partition_id, server_round),
                 device=model.device,
             )
-            if step["ala-epochs"]:
+            if step[protocol.ALA_EPOCHS]:
                 log(INFO, "client %d, round %d: FedALA learned its mixing weights in %d epochs (mean weight %.3f)",
-                    self.partition_id, server_round, step["ala-epochs"], step["ala-mean-weight"])
+                    self.partition_id, server_round, step[protocol.ALA_EPOCHS], step[protocol.ALA_MEAN_WEIGHT])
         return model, tokenizer, server_round, step
 
     def metrics(self, values: Mapping[str, float | int | list[float]], num_examples: int) -> MetricRecord:
@@ -198,12 +197,12 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, *, corrupt: Upda
             {
                 protocol.PARTITION_ID: session.partition_id,
                 protocol.NUM_PARTITIONS: session.num_partitions,
-                "task": session.data.task,
-                "num-train": len(session.data.train),
-                "num-test": len(session.data.test),
+                protocol.TASK: session.data.task,
+                protocol.NUM_TRAIN: len(session.data.train),
+                protocol.NUM_TEST: len(session.data.test),
                 # The score of always giving the most common training answer: what the model
                 # must beat to have learned more than the label prior.
-                "majority-exact-match": session.majority_score(),
+                protocol.MAJORITY_EXACT_MATCH: session.majority_score(),
             }
         )
         return Message(RecordDict({protocol.INFO: info}), reply_to=message)
@@ -214,7 +213,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, *, corrupt: Upda
         model, tokenizer, server_round, step = session.load_model(message, context)
         config = session.config
         # Strategies declare client-side loss terms in the message (FedProx's μ, FedAMP's λ).
-        mu = float(message.content.config_records[protocol.CONFIG].get("proximal-mu", 0.0))
+        mu = float(message.content.config_records[protocol.CONFIG].get(protocol.PROXIMAL_MU, 0.0))
         result = train_adapter(
             model,
             session.codec(tokenizer),
@@ -230,7 +229,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, *, corrupt: Upda
         log(INFO, "client %d (%s), round %d: %d steps in %.1f s, mean loss %.4f, last %.4f",
             session.partition_id, session.data.task, server_round, config.local_steps, result.seconds, result.loss, result.last_loss)
         metrics = session.metrics(
-            {"train-loss": result.loss, "train-last-loss": result.last_loss, "train-seconds": result.seconds, **step, **process_memory_mb()},
+            {protocol.TRAIN_LOSS: result.loss, protocol.TRAIN_LAST_LOSS: result.last_loss, protocol.TRAIN_SECONDS: result.seconds, **step, **process_memory_mb()},
             len(session.data.train),
         )
         trained = get_adapter_arrays(model)
@@ -249,7 +248,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, *, corrupt: Upda
         scores = session.score(model, tokenizer)
         summary = ", ".join(f"{key} {scores[key]:.3f}" for key in ("exact_match", "rougeL", "accuracy", "macro_f1") if key in scores)
         log(INFO, "client %d (%s), round %d: evaluated %d items in %.1f s, %s",
-            session.partition_id, session.data.task, server_round, len(session.data.test), scores["eval-seconds"], summary)
+            session.partition_id, session.data.task, server_round, len(session.data.test), scores[protocol.EVAL_SECONDS], summary)
         if protocol.GLOBAL in message.content.array_records:  # also score the mean adapter (eval-global)
             set_adapter_arrays(model, protocol.record_to_adapter(message.content.array_records[protocol.GLOBAL]))
             shared = session.score(model, tokenizer)

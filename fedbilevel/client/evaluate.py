@@ -382,5 +382,5 @@ def evaluate_adapter(
             scores["option_items"] = len(correct)
             items["option_correct"] = correct
     scores.update({f"{protocol.ITEMS_PREFIX}{name}": values for name, values in items.items()})
-    scores["eval-seconds"] = time.time() - started
+    scores[protocol.EVAL_SECONDS] = time.time() - started
     return scores

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedbilevel import protocol
 from fedbilevel.client.evaluate import autocast_bf16, batches
 from fedbilevel.client.metrics import macro_f1
 from fedbilevel.data.digits import NUM_CLASSES, ImageExample, pretraining_set
@@ -100,8 +101,8 @@ def evaluate_classifier(
         predictions += logits.argmax(dim=-1).tolist()
     labels = [example.label for example in examples]
     correct = [float(p == y) for p, y in zip(predictions, labels)]
-    return {"accuracy": sum(correct) / len(correct), "macro_f1": macro_f1(labels, predictions), "items-accuracy": correct,
-            "eval-seconds": time.time() - started}
+    return {"accuracy": sum(correct) / len(correct), "macro_f1": macro_f1(labels, predictions), f"{protocol.ITEMS_PREFIX}accuracy": correct,
+            protocol.EVAL_SECONDS: time.time() - started}
 
 
 def image_preprocessor(model_name: str) -> Callable[[Any], np.ndarray]:

@@ -116,7 +116,7 @@ def _fedamp(config: RunConfig, **common: Any) -> Strategy:
 
 @register("fedala")
 def _fedala(config: RunConfig, **common: Any) -> Strategy:
-    from fedbilevel.client.ala import AlaSettings
+    from fedbilevel.protocol import AlaSettings
     from fedbilevel.strategies.fedala import FedAla
 
     settings = AlaSettings(

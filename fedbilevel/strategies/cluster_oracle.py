@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fedbilevel import protocol
 from fedbilevel.mixing import group_weights, mix_adapters
 from fedbilevel.strategies.personalized import Adapter, PersonalizedStrategy
 
@@ -20,7 +21,7 @@ class ClusterOracle(PersonalizedStrategy):
     def personalize(self, server_round: int, trained: dict[int, Adapter], num_examples: dict[int, int]) -> dict[str, Any]:
         """θ̄ᵢ ← θ̄ᵢ + mean of τₖ over the replying clients with client i's task."""
         partitions = sorted(trained)
-        labels = [self.clients.get(p, {}).get("task") for p in partitions]
+        labels = [self.clients.get(p, {}).get(protocol.TASK) for p in partitions]
         unlabelled = [p for p, label in zip(partitions, labels) if label is None]
         if unlabelled:
             raise ValueError(f"strategy 'cluster-oracle': client {unlabelled[0]} reported no task label; it needs data with tasks")

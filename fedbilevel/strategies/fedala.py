@@ -16,7 +16,7 @@ from typing import Any
 
 from flwr.supercore import log
 
-from fedbilevel.client.ala import AlaSettings
+from fedbilevel.protocol import AlaSettings
 from fedbilevel.strategies.fedavg import FedAvg
 
 

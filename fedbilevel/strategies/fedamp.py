@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from flwr.supercore import log
 
+from fedbilevel import protocol
 from fedbilevel.mixing import fedamp_cloud_models
 from fedbilevel.strategies.personalized import Adapter, PersonalizedStrategy
 
@@ -58,7 +59,7 @@ class FedAmp(PersonalizedStrategy):
 
     def client_config(self) -> dict[str, Any]:
         """Ask clients for the proximal term around the received cloud model."""
-        return {"proximal-mu": self.proximal_lambda}
+        return {protocol.PROXIMAL_MU: self.proximal_lambda}
 
     def personalized_adapter(self, partition_id: int) -> Adapter:
         """wᵢ, the client's own trained model (θ⁰ before it first trained)."""

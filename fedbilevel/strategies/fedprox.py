@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fedbilevel import protocol
 from fedbilevel.strategies.fedavg import FedAvg
 
 
@@ -32,4 +33,4 @@ class FedProx(FedAvg):
 
     def client_config(self) -> dict[str, Any]:
         """Ask clients for the proximal term."""
-        return {"proximal-mu": self.proximal_mu}
+        return {protocol.PROXIMAL_MU: self.proximal_mu}

@@ -28,7 +28,7 @@ Adapter = dict[str, np.ndarray]
 RoundCallback = Callable[[dict[str, Any]], None]
 QUERY_TIMEOUT_S = 300.0  # a node that cannot say which partition it holds within this is left out
 # Train metrics with their own place in the round record; any others are kept under their own key.
-_RECORDED_TRAIN_METRICS = {"train-loss", "train-seconds", protocol.PARTITION_ID, protocol.NUM_EXAMPLES, *protocol.BUSY_KEYS}
+_RECORDED_TRAIN_METRICS = {protocol.TRAIN_LOSS, protocol.TRAIN_SECONDS, protocol.PARTITION_ID, protocol.NUM_EXAMPLES, *protocol.BUSY_KEYS}
 
 
 def _covered(intervals: list[tuple[float, float]], start: float | None, end: float | None) -> float:
@@ -181,7 +181,7 @@ class PersonalizedStrategy(Strategy):
     def global_adapter(self) -> Adapter:
         """Σᵢ nᵢ θᵢ / Σᵢ nᵢ over the known clients' personalized adapters (nᵢ: training examples)."""
         partitions = sorted(self.clients)
-        sizes = [max(int(self.clients[p].get("num-train") or 1), 1) for p in partitions]
+        sizes = [max(int(self.clients[p].get(protocol.NUM_TRAIN) or 1), 1) for p in partitions]
         return weighted_average([self.personalized_adapter(p) for p in partitions], sizes)
 
     def adapter_for(self, partition_id: int) -> Adapter:
@@ -236,9 +236,9 @@ class PersonalizedStrategy(Strategy):
             trained[partition_id] = adapter
             num_examples[partition_id] = int(metrics[protocol.NUM_EXAMPLES])
             self._round["train"][str(partition_id)] = {
-                "loss": float(metrics["train-loss"]),
+                "loss": float(metrics[protocol.TRAIN_LOSS]),
                 "num_examples": num_examples[partition_id],
-                "seconds": float(metrics.get("train-seconds", 0.0)),
+                "seconds": float(metrics.get(protocol.TRAIN_SECONDS, 0.0)),
                 # e.g. the last step's loss, FedALA's weight learning
                 **{key: float(value) for key, value in metrics.items() if key not in _RECORDED_TRAIN_METRICS},
             }
@@ -247,9 +247,9 @@ class PersonalizedStrategy(Strategy):
                 "round %d: client %d (%s) trained on %d examples, loss %.4f",
                 server_round,
                 partition_id,
-                self.clients.get(partition_id, {}).get("task", "?"),
+                self.clients.get(partition_id, {}).get(protocol.TASK, "?"),
                 num_examples[partition_id],
-                float(metrics["train-loss"]),
+                float(metrics[protocol.TRAIN_LOSS]),
             )
         needed = math.ceil(self.min_available_fraction * len(self._sent["train"]))
         if not trained or len(trained) < needed:
@@ -262,7 +262,7 @@ class PersonalizedStrategy(Strategy):
         self._round["seconds_aggregation"] = time.time() - started
         total = sum(num_examples.values())
         mean_loss = sum(self._round["train"][str(p)]["loss"] * n for p, n in num_examples.items()) / total
-        return None, MetricRecord({"train-loss": mean_loss, protocol.NUM_EXAMPLES: total})
+        return None, MetricRecord({protocol.TRAIN_LOSS: mean_loss, protocol.NUM_EXAMPLES: total})
 
     def configure_evaluate(self, server_round: int, arrays, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """One EVALUATE message per partition with its (new) personalized adapter."""
@@ -337,7 +337,7 @@ class PersonalizedStrategy(Strategy):
         if not new:
             return
         queries = [
-            Message(content=RecordDict({protocol.CONFIG: ConfigRecord({"query": "partition"})}), message_type=MessageType.QUERY, dst_node_id=node_id)
+            Message(content=RecordDict({protocol.CONFIG: ConfigRecord({protocol.QUERY: protocol.QUERY_PARTITION})}), message_type=MessageType.QUERY, dst_node_id=node_id)
             for node_id in new
         ]
         reasons = []
@@ -359,7 +359,7 @@ class PersonalizedStrategy(Strategy):
                 continue
             self.node_partitions[node_id] = partition_id
             self.clients[partition_id] = info
-            log(INFO, "node %d is client %d (%s)", node_id, partition_id, info.get("task", "?"))
+            log(INFO, "node %d is client %d (%s)", node_id, partition_id, info.get(protocol.TASK, "?"))
         if not self.node_partitions:
             # Every client failed to start (e.g. a bad data-path): stop with the reason, not train nothing.
             raise RuntimeError(f"no client could start; the first error: {reasons[0] if reasons else 'no reply to the partition query'}")
@@ -380,8 +380,8 @@ class PersonalizedStrategy(Strategy):
         count = metrics.get(protocol.NUM_EXAMPLES)
         if not isinstance(count, (int, float)) or not count > 0:
             raise RejectedReply(f"num-examples {count!r}; expected a number > 0")
-        if phase == "train" and not np.isfinite(metrics.get("train-loss", np.nan)):
-            raise RejectedReply(f"train-loss {metrics.get('train-loss')!r}; expected a finite number")
+        if phase == "train" and not np.isfinite(metrics.get(protocol.TRAIN_LOSS, np.nan)):
+            raise RejectedReply(f"train-loss {metrics.get(protocol.TRAIN_LOSS)!r}; expected a finite number")
         return expected, metrics
 
     def _check_adapter(self, content: RecordDict) -> Adapter:

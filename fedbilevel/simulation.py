@@ -17,48 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import tomllib
-from flwr.app import Message
-from flwr.serverapp import Grid
 
 from fedbilevel.config import ConfigError, RunConfig, load_app_config
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
-
-
-class InProcessGrid(Grid):
-    """A Grid that hands every message to an in-process client: no Ray, no SuperLink.
-
-    ``nodes`` maps node ids to objects with ``handle(message) -> reply or None`` (None: the
-    node never answers). It runs a strategy's real server loop for strategy tests and for
-    server-side measurements (``scripts/memory_growth.py``); ``nodes`` may be reassigned
-    (a restarted SuperNode comes back under a new id).
-    """
-
-    def __init__(self, nodes: dict[int, Any]):
-        self.nodes = nodes
-
-    def set_run(self, run_id: int) -> None:
-        pass
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        return Message(content=content, message_type=message_type, dst_node_id=dst_node_id)
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
-        replies = [self.nodes[m.metadata.dst_node_id].handle(m) for m in messages]
-        return [reply for reply in replies if reply is not None]
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:

@@ -31,7 +31,8 @@ from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDic
 from fedbilevel import protocol
 from fedbilevel.config import RunConfig
 from fedbilevel.results import METRICS
-from fedbilevel.simulation import InProcessGrid, resolve
+from fedbilevel.simulation import resolve
+from fedbilevel.testing import InProcessGrid
 
 NUM_CLIENTS = 8
 
@@ -45,7 +46,8 @@ class _Client:
     def handle(self, message: Message) -> Message:
         if message.metadata.message_type == MessageType.QUERY:
             info = ConfigRecord({protocol.PARTITION_ID: self.partition_id, protocol.NUM_PARTITIONS: NUM_CLIENTS,
-                                 "task": f"task{self.partition_id // 2}", "num-train": 48, "num-test": 32})
+                                 protocol.TASK: f"task{self.partition_id // 2}", protocol.NUM_TRAIN: 48,
+                                 protocol.NUM_TEST: 32})
             return Message(RecordDict({protocol.INFO: info}), reply_to=message)
         config = message.content.config_records[protocol.CONFIG]
         server_round = int(config[protocol.SERVER_ROUND])
@@ -58,7 +60,7 @@ class _Client:
         adapter = protocol.record_to_adapter(message.content.array_records[protocol.ARRAYS])
         rng = np.random.default_rng(1000 * self.partition_id + server_round)
         trained = {name: (value + 1e-3 * rng.standard_normal(value.shape)).astype(np.float32) for name, value in adapter.items()}
-        metrics["train-loss"] = 1.0
+        metrics[protocol.TRAIN_LOSS] = 1.0
         content = RecordDict({protocol.ARRAYS: protocol.adapter_to_record(trained), protocol.METRICS: MetricRecord(metrics)})
         return Message(content, reply_to=message)
 

@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-from fakes import INITIAL, FakeClient, FakeGrid, update_of
 from flwr.app import ArrayRecord
 
 from fedbilevel.strategies.cluster_oracle import ClusterOracle
+from fedbilevel.testing import INITIAL, FakeClient, FakeGrid, update_of
 
 
 @pytest.mark.usefixtures("server_identity")

@@ -2,13 +2,13 @@
 
 import numpy as np
 import pytest
-from fakes import INITIAL, FakeClient, FakeGrid, update_of
 from flwr.app import ArrayRecord, MessageType
 
 from fedbilevel.aggregation import fedbip_aggregate
 from fedbilevel.checkpoint import load_checkpoint, save_checkpoint
 from fedbilevel.strategies.fedamp import FedAmp
 from fedbilevel.strategies.fedbip import FedBip
+from fedbilevel.testing import INITIAL, FakeClient, FakeGrid, update_of
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 

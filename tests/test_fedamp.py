@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-from fakes import INITIAL, FakeClient, FakeGrid, update_of
 from flwr.app import ArrayRecord, MessageType
 
 from fedbilevel.strategies.fedamp import FedAmp
+from fedbilevel.testing import INITIAL, FakeClient, FakeGrid, update_of
 
 SIGMA, SELF_WEIGHT, LAMBDA = 3.0, 0.4, 0.05
 

@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
-from fakes import INITIAL, FakeClient, FakeGrid, update_of
 from flwr.app import ArrayRecord
 
 from fedbilevel.mixing import weighted_average
 from fedbilevel.strategies.fedavg import FedAvg
+from fedbilevel.testing import INITIAL, FakeClient, FakeGrid, update_of
 
 
 def test_weighted_average_by_hand():

@@ -5,12 +5,12 @@ import re
 
 import numpy as np
 import pytest
-from fakes import INITIAL, FakeClient, FakeGrid, update_of
 from flwr.app import ArrayRecord
 
 from fedbilevel.aggregation import cosine_similarity_matrix, fedbip_aggregate_detailed
 from fedbilevel.config import ConfigError, RunConfig, load_app_config
 from fedbilevel.strategies.fedbip import FedBip
+from fedbilevel.testing import INITIAL, FakeClient, FakeGrid, update_of
 from fedbilevel.weighting import Weighting
 
 R2 = math.sqrt(2.0)

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from fakes import INITIAL, FakeClient, FakeGrid, update_of
 from flwr.app import ArrayRecord, MessageType
 
 from fedbilevel.client.model import (
@@ -16,6 +15,7 @@ from fedbilevel.client.model import (
 from fedbilevel.client.train import TextCodec, proximal_term, train_adapter
 from fedbilevel.data.synthetic import make_client_data
 from fedbilevel.strategies.fedprox import FedProx
+from fedbilevel.testing import INITIAL, FakeClient, FakeGrid, update_of
 
 
 def test_proximal_term_value_and_gradient_by_hand():

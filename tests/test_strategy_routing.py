@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fakes import INITIAL, FakeClient, FakeGrid, update_of
 from flwr.app import ArrayRecord, MessageType
 
 from fedbilevel.aggregation import fedbip_aggregate
 from fedbilevel.strategies.fedbip import FedBip
+from fedbilevel.testing import INITIAL, FakeClient, FakeGrid, update_of
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 

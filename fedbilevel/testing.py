@@ -1,0 +1,166 @@
+"""Test doubles for strategy tests and server-side measurements.
+
+:class:`InProcessGrid` runs a strategy's real server loop against in-process clients: no
+Ray, no SuperLink. :class:`FakeClient` answers QUERY/TRAIN/EVALUATE messages like the real
+ClientApp (with a distinct, seeded update per client and round, :func:`update_of`) and
+remembers every adapter it was sent; :class:`FakeGrid` serves fake clients.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from fedbilevel import protocol
+
+INITIAL = {"a": np.zeros((2, 3), np.float32), "b": np.zeros(4, np.float32)}
+
+
+class InProcessGrid(Grid):
+    """A Grid that hands every message to an in-process client: no Ray, no SuperLink.
+
+    ``nodes`` maps node ids to objects with ``handle(message) -> reply or None`` (None: the
+    node never answers). It runs a strategy's real server loop for strategy tests and for
+    server-side measurements (``scripts/memory_growth.py``); ``nodes`` may be reassigned
+    (a restarted SuperNode comes back under a new id).
+
+    Parameters
+    ----------
+    nodes : dict[int, Any]
+        Node id -> client with a ``handle`` method.
+    """
+
+    def __init__(self, nodes: dict[int, Any]):
+        self.nodes = nodes
+
+    def set_run(self, run_id: int) -> None:
+        pass
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content=content, message_type=message_type, dst_node_id=dst_node_id)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def push_messages(self, messages):
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError
+
+    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
+        replies = [self.nodes[m.metadata.dst_node_id].handle(m) for m in messages]
+        return [reply for reply in replies if reply is not None]
+
+
+def update_of(partition_id: int, server_round: int) -> dict[str, np.ndarray]:
+    """A distinct task vector per client and round (clients 0,1 and 2,3 point alike).
+
+    Parameters
+    ----------
+    partition_id : int
+        The client.
+    server_round : int
+        The round.
+
+    Returns
+    -------
+    dict[str, np.ndarray]
+        An update shaped like :data:`INITIAL`.
+    """
+    rng = np.random.default_rng(1000 * partition_id + server_round)
+    direction = np.ones(10) if partition_id < 2 else np.r_[np.ones(5), -np.ones(5)]
+    flat = (direction + 0.3 * rng.normal(size=10)).astype(np.float32)
+    return {"a": flat[:6].reshape(2, 3), "b": flat[6:]}
+
+
+class FakeClient:
+    """A client that answers like the real ClientApp and remembers what it was sent.
+
+    It reports task ``task<partition_id // 2>``, trains by adding :func:`update_of` to the
+    adapter it received and scores ``exact_match`` = its partition id.
+
+    Parameters
+    ----------
+    partition_id : int
+        The partition it holds.
+    behaviour : {"good", "silent", "raise", "nan", "shape", "impostor"} (default: "good")
+        How it answers train messages: normally; never; with a client error; with a NaN
+        value; with an array of the wrong shape; claiming partition 0.
+
+    Attributes
+    ----------
+    received : list[tuple[str, int, dict[str, np.ndarray]]]
+        (message type, server round, adapter) of every train and evaluate message.
+    configs : list[dict]
+        Their configs.
+    globals : list[dict[str, np.ndarray]]
+        The global adapters of evaluate messages (eval-global).
+    """
+
+    def __init__(self, partition_id: int, behaviour: str = "good"):
+        self.partition_id = partition_id
+        self.behaviour = behaviour
+        self.received: list[tuple[str, int, dict[str, np.ndarray]]] = []
+        self.configs: list[dict] = []
+        self.globals: list[dict[str, np.ndarray]] = []
+
+    def handle(self, message: Message) -> Message | None:
+        """The reply to ``message``, or None (a ``silent`` client's train reply)."""
+        if message.metadata.message_type == MessageType.QUERY:
+            task = f"task{self.partition_id // 2}"
+            info = ConfigRecord({protocol.PARTITION_ID: self.partition_id, protocol.TASK: task})
+            return Message(RecordDict({protocol.INFO: info}), reply_to=message)
+        config = message.content.config_records[protocol.CONFIG]
+        self.configs.append(dict(config))
+        assert config[protocol.PARTITION_ID] == self.partition_id, "message routed to the wrong client"
+        adapter = protocol.record_to_adapter(message.content.array_records[protocol.ARRAYS])
+        server_round = int(config[protocol.SERVER_ROUND])
+        self.received.append((message.metadata.message_type, server_round, adapter))
+        if protocol.GLOBAL in message.content.array_records:
+            self.globals.append(protocol.record_to_adapter(message.content.array_records[protocol.GLOBAL]))
+        started = time.time()
+        time.sleep(0.005)  # some client work, so busy intervals have a length
+        metrics = {
+            protocol.PARTITION_ID: self.partition_id,
+            protocol.NUM_EXAMPLES: 10,
+            protocol.BUSY_KEYS[0]: started,
+            protocol.BUSY_KEYS[1]: time.time(),
+        }
+        if message.metadata.message_type == MessageType.EVALUATE:
+            metrics["exact_match"] = float(self.partition_id)
+            return Message(RecordDict({protocol.METRICS: MetricRecord(metrics)}), reply_to=message)
+        if self.behaviour == "silent":  # never answers a train message (a lost node, a timeout)
+            return None
+        if self.behaviour == "raise":
+            # Shaped like the error Flower relays from a ClientApp that raised: a traceback, message last.
+            trace = (
+                "Traceback (most recent call last):\n"
+                '  File "client_app.py", line 161, in __call__\n'
+                "RuntimeError: CUDA out of memory'>"
+            )
+            return Message(Error(code=0, reason=trace), reply_to=message)
+        trained = {k: v + update_of(self.partition_id, server_round)[k] for k, v in adapter.items()}
+        if self.behaviour == "nan":
+            trained["b"][0] = np.nan
+        if self.behaviour == "shape":
+            trained["b"] = np.zeros(5, np.float32)
+        if self.behaviour == "impostor":
+            metrics[protocol.PARTITION_ID] = 0
+        metrics[protocol.TRAIN_LOSS] = 1.0
+        content = RecordDict(
+            {protocol.ARRAYS: protocol.adapter_to_record(trained), protocol.METRICS: MetricRecord(metrics)}
+        )
+        return Message(content, reply_to=message)
+
+
+class FakeGrid(InProcessGrid):
+    """In-process grid: node id -> FakeClient; node ids can be reassigned (a restart)."""

@@ -124,7 +124,7 @@ def test_rounds_without_evaluation_send_no_evaluate_messages():
 
 
 def test_covered_time_counts_parallel_clients_once():
-    from fedbilevel.strategies.personalized import _covered
+    from fedbilevel.strategies.rounds import _covered
 
     intervals = [(1.0, 3.0), (2.0, 4.0), (6.0, 7.0), (9.0, 12.0)]
     assert _covered(intervals, 0.0, 10.0) == pytest.approx(3.0 + 1.0 + 1.0)

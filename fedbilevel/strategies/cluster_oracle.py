@@ -12,7 +12,7 @@ from typing import Any
 
 from fedbilevel import protocol
 from fedbilevel.mixing import group_weights, mix_adapters
-from fedbilevel.strategies.personalized import Adapter, PersonalizedStrategy
+from fedbilevel.strategies.base import Adapter, PersonalizedStrategy
 
 
 class ClusterOracle(PersonalizedStrategy):

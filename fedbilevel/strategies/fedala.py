@@ -29,7 +29,7 @@ class FedAla(FedAvg):
         η, the data fraction s, the fraction of top blocks mixed, and the epochs of the
         first weight learning.
     **kwargs
-        Passed to :class:`~fedbilevel.strategies.personalized.PersonalizedStrategy`.
+        Passed to :class:`~fedbilevel.strategies.base.PersonalizedStrategy`.
     """
 
     def __init__(self, *, ala: AlaSettings, **kwargs: Any) -> None:

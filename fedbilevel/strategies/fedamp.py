@@ -23,7 +23,7 @@ from flwr.supercore import log
 
 from fedbilevel import protocol
 from fedbilevel.mixing import fedamp_cloud_models
-from fedbilevel.strategies.personalized import Adapter, PersonalizedStrategy
+from fedbilevel.strategies.base import Adapter, PersonalizedStrategy
 
 
 class FedAmp(PersonalizedStrategy):
@@ -38,7 +38,7 @@ class FedAmp(PersonalizedStrategy):
     self_weight : float
         ξᵢᵢ in [0, 1], the weight of a client's own model in its cloud model.
     **kwargs
-        Passed to :class:`~fedbilevel.strategies.personalized.PersonalizedStrategy`.
+        Passed to :class:`~fedbilevel.strategies.base.PersonalizedStrategy`.
     """
 
     checkpointed = ("adapters", "personal")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from fedbilevel.mixing import weighted_average
-from fedbilevel.strategies.personalized import Adapter, PersonalizedStrategy
+from fedbilevel.strategies.base import Adapter, PersonalizedStrategy
 
 
 class FedAvg(PersonalizedStrategy):

@@ -18,7 +18,7 @@ import numpy as np
 from flwr.supercore import log
 
 from fedbilevel.aggregation import fedbip_aggregate_detailed
-from fedbilevel.strategies.personalized import Adapter, PersonalizedStrategy
+from fedbilevel.strategies.base import Adapter, PersonalizedStrategy
 from fedbilevel.weighting import Weighting, check_ema_decay, ema_similarity
 
 

@@ -22,7 +22,7 @@ class FedProx(FedAvg):
     proximal_mu : float
         μ ≥ 0; 0 makes this FedAvg.
     **kwargs
-        Passed to :class:`~fedbilevel.strategies.personalized.PersonalizedStrategy`.
+        Passed to :class:`~fedbilevel.strategies.base.PersonalizedStrategy`.
     """
 
     def __init__(self, *, proximal_mu: float, **kwargs: Any) -> None:

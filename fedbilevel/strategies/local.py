@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedbilevel.strategies.personalized import Adapter, PersonalizedStrategy
+from fedbilevel.strategies.base import Adapter, PersonalizedStrategy
 
 
 class LocalOnly(PersonalizedStrategy):

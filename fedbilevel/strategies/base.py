@@ -4,14 +4,16 @@ State is keyed by each client's stable partition id, never by the transport node
 (node ids change when a SuperNode restarts). Partition ids are discovered with a QUERY
 message the first time a node id is seen. Every train/evaluate message carries only the
 adapter of the partition it is addressed to, and names that partition so the client can
-refuse a misrouted message. Replies are validated before anything is aggregated.
+refuse a misrouted message. Replies are validated before anything is aggregated
+(:mod:`fedbilevel.strategies.replies`); the round's record is kept by
+:class:`~fedbilevel.strategies.rounds.RoundLog`.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from logging import INFO, WARNING
 from typing import Any
 
@@ -23,47 +25,13 @@ from flwr.supercore import log
 
 from fedbilevel import protocol
 from fedbilevel.mixing import weighted_average
+from fedbilevel.strategies.replies import RejectedReply, check_adapter, check_reply
+from fedbilevel.strategies.rounds import RoundLog
 
 Adapter = dict[str, np.ndarray]
 RoundCallback = Callable[[dict[str, Any]], None]
 QUERY_TIMEOUT_S = 300.0  # a node that cannot say which partition it holds within this is left out
-# Train metrics with their own place in the round record; any others are kept under their own key.
-_RECORDED_TRAIN_METRICS = {protocol.TRAIN_LOSS, protocol.TRAIN_SECONDS, protocol.PARTITION_ID, protocol.NUM_EXAMPLES, *protocol.BUSY_KEYS}
 
-
-def _covered(intervals: list[tuple[float, float]], start: float | None, end: float | None) -> float:
-    """Length of the union of ``intervals`` clipped to [start, end] (0 if the phase did not run)."""
-    if start is None or end is None:
-        return 0.0
-    clipped = sorted((max(a, start), min(b, end)) for a, b in intervals if b > start and a < end)
-    total, current_start, current_end = 0.0, None, None
-    for a, b in clipped:
-        if current_end is None or a > current_end:
-            if current_end is not None:
-                total += current_end - current_start
-            current_start, current_end = a, b
-        else:
-            current_end = max(current_end, b)
-    if current_end is not None:
-        total += current_end - current_start
-    return total
-
-
-class RejectedReply(ValueError):
-    """A reply that must not be aggregated; the message says why, in one line.
-
-    ``detail`` keeps a client's full error text (e.g. a traceback) for results.json.
-    """
-
-    def __init__(self, reason: str, *, detail: str = "") -> None:
-        super().__init__(reason)
-        self.detail = detail
-
-
-def _last_line(text: str) -> str:
-    """The last non-blank line of a client's error text: the exception message, not the traceback."""
-    lines = [line.strip().rstrip("'>").strip() for line in text.splitlines() if line.strip().rstrip("'>").strip()]
-    return lines[-1] if lines else text
 
 class PersonalizedStrategy(Strategy):
     """Per-client adapters, routed by partition id; subclasses implement :meth:`personalize`.
@@ -76,8 +44,8 @@ class PersonalizedStrategy(Strategy):
     min_nodes : int (default: 2)
         Wait until at least this many nodes are connected before a round starts.
     on_round_end : callable, optional
-        Called with the finished round's record (see :meth:`round_record`), e.g. to
-        write results.json after every round.
+        Called with the finished round's record (see :class:`~fedbilevel.strategies.rounds.RoundLog`),
+        e.g. to write results.json after every round.
     evaluate_round : callable, optional
         ``server_round -> bool``: whether clients evaluate after this round (default: always).
     min_available_fraction : float (default: 0.5)
@@ -105,7 +73,9 @@ class PersonalizedStrategy(Strategy):
         if not initial_adapter:
             raise ValueError("initial_adapter: must contain at least one array")
         if not 0 < min_available_fraction <= 1:
-            raise ValueError(f"min_available_fraction: {min_available_fraction} is not allowed; expected a number in (0, 1]")
+            raise ValueError(
+                f"min_available_fraction: {min_available_fraction} is not allowed; expected a number in (0, 1]"
+            )
         self.min_available_fraction = min_available_fraction
         self.evaluate_global = evaluate_global
         self.round_offset = 0  # rounds completed before a resume: Flower counts from 1 again
@@ -117,15 +87,14 @@ class PersonalizedStrategy(Strategy):
         self.node_partitions: dict[int, int] = {}  # node id -> partition id
         self.clients: dict[int, dict[str, Any]] = {}  # partition id -> info from its query reply
         self.history: list[dict[str, Any]] = []
-        self._round: dict[str, Any] = {}
-        self._round_started = 0.0
-        self._marks: dict[str, float] = {}  # phase timestamps of the current round
-        self._busy: dict[str, list[tuple[float, float]]] = {}  # phase -> client busy intervals
-        self._sent: dict[str, dict[int, int]] = {}  # phase -> node id -> partition id messaged this round
+        self._round: RoundLog | None = None  # the round in progress, from configure_train on
+        self._sent: dict[str, dict[int, int]] = {}  # phase -> node id -> partition id messaged
 
     # ------------------------------------------------------------------ subclass API
 
-    def personalize(self, server_round: int, trained: dict[int, Adapter], num_examples: dict[int, int]) -> dict[str, Any]:
+    def personalize(
+        self, server_round: int, trained: dict[int, Adapter], num_examples: dict[int, int]
+    ) -> dict[str, Any]:
         """Update ``self.adapters`` for the clients in ``trained`` (partition id -> θᵢ).
 
         Returns extra fields for this round's record (e.g. similarity matrices).
@@ -173,7 +142,9 @@ class PersonalizedStrategy(Strategy):
                 loaded.setdefault((attribute, int(partition_id)), {})[name] = array
         for (attribute, partition_id), adapter in loaded.items():
             if set(adapter) != set(self.initial_adapter):
-                raise ValueError(f"checkpoint: {attribute} of client {partition_id} has other arrays than this run's adapter")
+                raise ValueError(
+                    f"checkpoint: {attribute} of client {partition_id} has other arrays than this run's adapter"
+                )
             getattr(self, attribute)[partition_id] = {name: adapter[name] for name in self.initial_adapter}
         self.clients = {int(p): dict(info) for p, info in meta["clients"].items()}
         self.round_offset = int(meta["round"])
@@ -201,47 +172,22 @@ class PersonalizedStrategy(Strategy):
     def configure_train(self, server_round: int, arrays, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """One TRAIN message per known partition, carrying that partition's own adapter."""
         server_round += self.round_offset
-        self._round_started = time.time()
-        self._round = {
-            "round": server_round,
-            "train": {},
-            "eval": {},
-            "failures": [],
-            "bytes_down": 0,
-            "bytes_up": 0,
-        }
-        self._busy = {"train": [], "evaluate": []}
+        self._round = RoundLog(server_round)
         self._discover_partitions(grid)
         messages = self._messages(server_round, config, MessageType.TRAIN)
-        self._marks = {"train_sent": time.time()}
+        self._round.mark("train_sent")
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         """Validate replies, then let the subclass personalize the clients that replied."""
         server_round += self.round_offset
-        self._marks["train_received"] = time.time()
+        self._round.mark("train_received")
         trained: dict[int, Adapter] = {}
         num_examples: dict[int, int] = {}
-        replies = list(replies)
-        self._note_missing("train", replies)
-        for message in replies:
-            self._round["bytes_up"] += protocol.count_bytes(message.content) if message.has_content() else 0
-            try:
-                partition_id, metrics = self._check_reply(message, "train")
-                adapter = self._check_adapter(message.content)
-            except RejectedReply as error:
-                self._reject(message, "train", error)
-                continue
-            self._note_busy("train", metrics)
+        for partition_id, metrics, adapter in self._valid_replies("train", replies):
             trained[partition_id] = adapter
             num_examples[partition_id] = int(metrics[protocol.NUM_EXAMPLES])
-            self._round["train"][str(partition_id)] = {
-                "loss": float(metrics[protocol.TRAIN_LOSS]),
-                "num_examples": num_examples[partition_id],
-                "seconds": float(metrics.get(protocol.TRAIN_SECONDS, 0.0)),
-                # e.g. the last step's loss, FedALA's weight learning
-                **{key: float(value) for key, value in metrics.items() if key not in _RECORDED_TRAIN_METRICS},
-            }
+            self._round.note_train(partition_id, metrics)
             log(
                 INFO,
                 "round %d: client %d (%s) trained on %d examples, loss %.4f",
@@ -251,17 +197,19 @@ class PersonalizedStrategy(Strategy):
                 num_examples[partition_id],
                 float(metrics[protocol.TRAIN_LOSS]),
             )
-        needed = math.ceil(self.min_available_fraction * len(self._sent["train"]))
+        messaged = len(self._sent["train"])
+        needed = math.ceil(self.min_available_fraction * messaged)
         if not trained or len(trained) < needed:
-            reason = f"{len(trained)} of {len(self._sent['train'])} clients replied validly, {needed} needed (min-available-fraction)"
+            reason = f"{len(trained)} of {messaged} clients replied validly, {needed} needed (min-available-fraction)"
             log(WARNING, "round %d: %s; every adapter is kept unchanged", server_round, reason)
-            self._round["aggregation_skipped"] = reason
+            self._round.note_skipped(reason)
             return None, None
         started = time.time()
-        self._round.update(self.personalize(server_round, trained, num_examples))
-        self._round["seconds_aggregation"] = time.time() - started
+        fields = self.personalize(server_round, trained, num_examples)
+        self._round.note_aggregation(fields, time.time() - started)
         total = sum(num_examples.values())
-        mean_loss = sum(self._round["train"][str(p)]["loss"] * n for p, n in num_examples.items()) / total
+        losses = self._round.record["train"]
+        mean_loss = sum(losses[str(p)]["loss"] * n for p, n in num_examples.items()) / total
         return None, MetricRecord({protocol.TRAIN_LOSS: mean_loss, protocol.NUM_EXAMPLES: total})
 
     def configure_evaluate(self, server_round: int, arrays, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -270,32 +218,14 @@ class PersonalizedStrategy(Strategy):
         if not self.evaluate_round(server_round):
             return []
         messages = self._messages(server_round, config, MessageType.EVALUATE)
-        self._marks["evaluate_sent"] = time.time()
+        self._round.mark("evaluate_sent")
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Record each client's own scores; return their unweighted mean (personalized score)."""
-        self._marks["evaluate_received"] = time.time()
-        scores: dict[int, dict[str, float]] = {}
-        replies = list(replies)
-        self._note_missing("evaluate", replies)
-        for message in replies:
-            self._round["bytes_up"] += protocol.count_bytes(message.content) if message.has_content() else 0
-            try:
-                partition_id, metrics = self._check_reply(message, "evaluate")
-            except RejectedReply as error:
-                self._reject(message, "evaluate", error)
-                continue
-            self._note_busy("evaluate", metrics)
-            scores[partition_id] = {
-                k: float(v) for k, v in metrics.items() if k not in (protocol.PARTITION_ID, *protocol.BUSY_KEYS) and not isinstance(v, list)
-            }
-            # Per-test-item scores (lists), kept apart for intervals over test items.
-            items = {k.removeprefix(protocol.ITEMS_PREFIX): [float(x) for x in v] for k, v in metrics.items() if isinstance(v, list)}
-            if items:
-                self._round.setdefault("eval_items", {})[str(partition_id)] = items
-        for partition_id in sorted(scores):
-            self._round["eval"][str(partition_id)] = scores[partition_id]
+        self._round.mark("evaluate_received")
+        replied = {partition_id: metrics for partition_id, metrics, _ in self._valid_replies("evaluate", replies)}
+        scores = self._round.note_eval(replied)
         mean = None
         if scores:
             names = sorted(set.intersection(*(set(s) for s in scores.values())) - {protocol.NUM_EXAMPLES})
@@ -321,10 +251,32 @@ class PersonalizedStrategy(Strategy):
             )
             if shared is not None:
                 content[protocol.GLOBAL] = protocol.adapter_to_record(shared)
-            self._round["bytes_down"] += protocol.count_bytes(content)
+            self._round.note_sent(content)
             messages.append(Message(content=content, message_type=message_type, dst_node_id=node_id))
         self._sent["train" if message_type == MessageType.TRAIN else "evaluate"] = dict(self.node_partitions)
         return messages
+
+    def _valid_replies(
+        self, phase: str, replies: Iterable[Message]
+    ) -> Iterator[tuple[int, dict[str, Any], Adapter | None]]:
+        """(partition id, metrics, adapter: train replies only) of each reply that may be used.
+
+        Every reply's bytes are counted; clients that did not answer and rejected replies
+        are logged and recorded as failures. Lazy, so each reply's log lines stay in order.
+        """
+        replies = list(replies)
+        self._round.note_missing(phase, self._sent.get(phase, {}), replies)
+        for message in replies:
+            self._round.note_received(message)
+            node_id = message.metadata.src_node_id
+            try:
+                partition_id, metrics = check_reply(message, self.node_partitions.get(node_id), phase)
+                adapter = check_adapter(message.content, self.initial_adapter) if phase == "train" else None
+            except RejectedReply as error:
+                self._round.note_rejected(phase, node_id, self.node_partitions.get(node_id), error)
+                continue
+            self._round.note_busy(phase, metrics)
+            yield partition_id, metrics, adapter
 
     def _discover_partitions(self, grid: Grid) -> None:
         """Map node ids to partition ids, asking only nodes not seen before."""
@@ -337,7 +289,11 @@ class PersonalizedStrategy(Strategy):
         if not new:
             return
         queries = [
-            Message(content=RecordDict({protocol.CONFIG: ConfigRecord({protocol.QUERY: protocol.QUERY_PARTITION})}), message_type=MessageType.QUERY, dst_node_id=node_id)
+            Message(
+                content=RecordDict({protocol.CONFIG: ConfigRecord({protocol.QUERY: protocol.QUERY_PARTITION})}),
+                message_type=MessageType.QUERY,
+                dst_node_id=node_id,
+            )
             for node_id in new
         ]
         reasons = []
@@ -351,103 +307,24 @@ class PersonalizedStrategy(Strategy):
             info = dict(reply.content.config_records[protocol.INFO])
             partition_id = info.get(protocol.PARTITION_ID)
             if not isinstance(partition_id, int) or partition_id < 0:
-                log(WARNING, "node %d reported partition-id %r; expected an integer ≥ 0; it is left out", node_id, partition_id)
+                log(WARNING, "node %d reported partition-id %r; expected an integer ≥ 0; it is left out",
+                    node_id, partition_id)
                 continue
             holder = next((n for n, p in self.node_partitions.items() if p == partition_id), None)
             if holder is not None:
-                log(WARNING, "node %d claims partition %d, already served by node %d; it is left out", node_id, partition_id, holder)
+                log(WARNING, "node %d claims partition %d, already served by node %d; it is left out",
+                    node_id, partition_id, holder)
                 continue
             self.node_partitions[node_id] = partition_id
             self.clients[partition_id] = info
             log(INFO, "node %d is client %d (%s)", node_id, partition_id, info.get(protocol.TASK, "?"))
         if not self.node_partitions:
             # Every client failed to start (e.g. a bad data-path): stop with the reason, not train nothing.
-            raise RuntimeError(f"no client could start; the first error: {reasons[0] if reasons else 'no reply to the partition query'}")
-
-    def _check_reply(self, message: Message, phase: str) -> tuple[int, dict[str, Any]]:
-        """The partition id and metrics of a reply that may be used, else RejectedReply."""
-        if message.has_error():
-            raise RejectedReply(f"client error: {_last_line(message.error.reason)}", detail=message.error.reason)
-        expected = self.node_partitions.get(message.metadata.src_node_id)
-        if expected is None:
-            raise RejectedReply("reply from a node that was not sent a message")
-        metrics_records = message.content.metric_records
-        if protocol.METRICS not in metrics_records:
-            raise RejectedReply(f"reply has no '{protocol.METRICS}' record")
-        metrics = dict(metrics_records[protocol.METRICS])
-        if metrics.get(protocol.PARTITION_ID) != expected:
-            raise RejectedReply(f"partition-id {metrics.get(protocol.PARTITION_ID)!r} in reply; the message was for {expected}")
-        count = metrics.get(protocol.NUM_EXAMPLES)
-        if not isinstance(count, (int, float)) or not count > 0:
-            raise RejectedReply(f"num-examples {count!r}; expected a number > 0")
-        if phase == "train" and not np.isfinite(metrics.get(protocol.TRAIN_LOSS, np.nan)):
-            raise RejectedReply(f"train-loss {metrics.get(protocol.TRAIN_LOSS)!r}; expected a finite number")
-        return expected, metrics
-
-    def _check_adapter(self, content: RecordDict) -> Adapter:
-        """The reply's adapter if it matches θ⁰'s names, shapes and dtypes and is finite."""
-        if protocol.ARRAYS not in content.array_records:
-            raise RejectedReply(f"reply has no '{protocol.ARRAYS}' record")
-        adapter = protocol.record_to_adapter(content.array_records[protocol.ARRAYS])
-        missing = [k for k in self.initial_adapter if k not in adapter]
-        unexpected = [k for k in adapter if k not in self.initial_adapter]
-        if missing or unexpected:
-            raise RejectedReply(f"adapter keys differ: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        for name, reference in self.initial_adapter.items():
-            array = adapter[name]
-            if array.shape != reference.shape:
-                raise RejectedReply(f"array '{name}': shape {array.shape}, expected {reference.shape}")
-            if array.dtype != reference.dtype:
-                raise RejectedReply(f"array '{name}': dtype {array.dtype}, expected {reference.dtype}")
-            if not np.all(np.isfinite(array)):
-                raise RejectedReply(f"array '{name}': contains NaN or Inf")
-        return adapter
-
-    def _note_missing(self, phase: str, replies: list[Message]) -> None:
-        """Record every client that was sent a message but did not answer at all."""
-        answered = {message.metadata.src_node_id for message in replies}
-        for node_id, partition_id in sorted(self._sent.get(phase, {}).items(), key=lambda item: item[1]):
-            if node_id not in answered:
-                reason = "no reply within round-timeout (node lost or too slow)"
-                log(WARNING, "round %d: %s reply from client %d (node %d) missing: %s", self._round["round"], phase, partition_id, node_id, reason)
-                self._round["failures"].append({"phase": phase, "partition_id": partition_id, "node_id": node_id, "reason": reason})
-
-    def _reject(self, message: Message, phase: str, error: RejectedReply) -> None:
-        node_id = message.metadata.src_node_id
-        partition_id = self.node_partitions.get(node_id)
-        who = f"client {partition_id} (node {node_id})" if partition_id is not None else f"node {node_id}"
-        log(WARNING, "round %d: %s reply from %s rejected: %s", self._round["round"], phase, who, error)
-        failure = {"phase": phase, "partition_id": partition_id, "node_id": node_id, "reason": str(error)}
-        if error.detail:
-            failure["detail"] = error.detail
-        self._round["failures"].append(failure)
-
-    def _note_busy(self, phase: str, metrics: Mapping[str, Any]) -> None:
-        started, ended = (metrics.get(key) for key in protocol.BUSY_KEYS)
-        if isinstance(started, float) and isinstance(ended, float) and ended >= started:
-            self._busy[phase].append((started, ended))
-
-    def _time_split(self, seconds: float) -> dict[str, float]:
-        """Round time split into client training, client evaluation, server aggregation and the rest.
-
-        A phase's client time is the union of the clients' busy intervals inside the
-        phase (so parallel clients are not double counted); the rest of the round,
-        where no client works and the server does not aggregate, is transport,
-        scheduling and start-up: Flower's overhead (plus partition discovery).
-        Assumes client and server clocks agree (true in simulation).
-        """
-        split = {
-            "client_train": _covered(self._busy["train"], self._marks.get("train_sent"), self._marks.get("train_received")),
-            "client_evaluate": _covered(self._busy["evaluate"], self._marks.get("evaluate_sent"), self._marks.get("evaluate_received")),
-            "aggregation": float(self._round.get("seconds_aggregation", 0.0)),
-        }
-        split["other"] = max(seconds - sum(split.values()), 0.0)
-        split["other_fraction"] = split["other"] / seconds if seconds > 0 else 0.0
-        return split
+            first = reasons[0] if reasons else "no reply to the partition query"
+            raise RuntimeError(f"no client could start; the first error: {first}")
 
     def _finish_round(self) -> None:
-        self._round["seconds"] = time.time() - self._round_started
-        self._round["time_split"] = self._time_split(self._round["seconds"])
-        self.history.append(self._round)
+        record = self._round.finish()
+        self.history.append(record)
         if self.on_round_end is not None:
-            self.on_round_end(self._round)
+            self.on_round_end(record)

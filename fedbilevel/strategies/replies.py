@@ -1,0 +1,131 @@
+"""Pure checks of a client's reply before anything of it is aggregated.
+
+A reply is used only if it is no error, names the partition its message was for, counts
+examples, and (train replies) has a finite loss and an adapter shaped like θ⁰ with finite
+values. The checks raise :class:`RejectedReply` with the reason in one line; recording and
+logging the rejection is the strategy's part (:mod:`fedbilevel.strategies.rounds`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from flwr.app import Message, RecordDict
+
+from fedbilevel import protocol
+
+
+class RejectedReply(ValueError):
+    """A reply that must not be aggregated; the message says why, in one line.
+
+    Parameters
+    ----------
+    reason : str
+        Why, in one line (the failure's ``reason`` in results.json).
+    detail : str (default: "")
+        A client's full error text (e.g. a traceback), kept as the failure's ``detail``.
+    """
+
+    def __init__(self, reason: str, *, detail: str = "") -> None:
+        super().__init__(reason)
+        self.detail = detail
+
+
+def last_line(text: str) -> str:
+    """The last non-blank line of a client's error text: the exception message, not the traceback.
+
+    Parameters
+    ----------
+    text : str
+        The error reason Flower relays from a ClientApp that raised.
+
+    Returns
+    -------
+    str
+        That line without the ``'>`` Flower appends, or ``text`` if it has no such line.
+    """
+    lines = [line.strip().rstrip("'>").strip() for line in text.splitlines() if line.strip().rstrip("'>").strip()]
+    return lines[-1] if lines else text
+
+
+def check_reply(message: Message, expected_partition: int | None, phase: str) -> tuple[int, dict[str, Any]]:
+    """The partition id and metrics of a reply that may be used.
+
+    Parameters
+    ----------
+    message : Message
+        A client's reply to a train or evaluate message.
+    expected_partition : int or None
+        The partition its sender was messaged as (None: the sender was not messaged).
+    phase : {"train", "evaluate"}
+        Train replies must also report a finite ``train-loss``.
+
+    Returns
+    -------
+    tuple[int, dict[str, Any]]
+        ``expected_partition`` and the reply's metrics.
+
+    Raises
+    ------
+    RejectedReply
+        If the reply is an error, comes from an unknown node, lacks its metrics, names
+        another partition, counts no examples or (train) has no finite loss.
+    """
+    if message.has_error():
+        raise RejectedReply(f"client error: {last_line(message.error.reason)}", detail=message.error.reason)
+    if expected_partition is None:
+        raise RejectedReply("reply from a node that was not sent a message")
+    metrics_records = message.content.metric_records
+    if protocol.METRICS not in metrics_records:
+        raise RejectedReply(f"reply has no '{protocol.METRICS}' record")
+    metrics = dict(metrics_records[protocol.METRICS])
+    if metrics.get(protocol.PARTITION_ID) != expected_partition:
+        raise RejectedReply(
+            f"partition-id {metrics.get(protocol.PARTITION_ID)!r} in reply; the message was for {expected_partition}"
+        )
+    count = metrics.get(protocol.NUM_EXAMPLES)
+    if not isinstance(count, (int, float)) or not count > 0:
+        raise RejectedReply(f"num-examples {count!r}; expected a number > 0")
+    if phase == "train" and not np.isfinite(metrics.get(protocol.TRAIN_LOSS, np.nan)):
+        raise RejectedReply(f"train-loss {metrics.get(protocol.TRAIN_LOSS)!r}; expected a finite number")
+    return expected_partition, metrics
+
+
+def check_adapter(content: RecordDict, reference: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The adapter of a train reply, if it matches ``reference`` and is finite.
+
+    Parameters
+    ----------
+    content : RecordDict
+        The reply's content.
+    reference : dict[str, np.ndarray]
+        θ⁰: the names, shapes and dtypes a valid adapter has.
+
+    Returns
+    -------
+    dict[str, np.ndarray]
+        The reply's adapter, in the order it was sent.
+
+    Raises
+    ------
+    RejectedReply
+        If the adapter is missing, has other names, shapes or dtypes, or holds NaN or Inf.
+    """
+    if protocol.ARRAYS not in content.array_records:
+        raise RejectedReply(f"reply has no '{protocol.ARRAYS}' record")
+    adapter = protocol.record_to_adapter(content.array_records[protocol.ARRAYS])
+    missing = [k for k in reference if k not in adapter]
+    unexpected = [k for k in adapter if k not in reference]
+    if missing or unexpected:
+        raise RejectedReply(f"adapter keys differ: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, expected in reference.items():
+        array = adapter[name]
+        if array.shape != expected.shape:
+            raise RejectedReply(f"array '{name}': shape {array.shape}, expected {expected.shape}")
+        if array.dtype != expected.dtype:
+            raise RejectedReply(f"array '{name}': dtype {array.dtype}, expected {expected.dtype}")
+        if not np.all(np.isfinite(array)):
+            raise RejectedReply(f"array '{name}': contains NaN or Inf")
+    return adapter

@@ -15,8 +15,8 @@ from flwr.supercore import log
 
 from fedbilevel import protocol
 from fedbilevel.checkpoint import load_checkpoint, save_checkpoint
-from fedbilevel.client.model import initial_adapter_arrays, lora_settings, save_adapter
 from fedbilevel.config import RESUMABLE_KEYS, ConfigError, RunConfig, resolve_user_path
+from fedbilevel.models.adapter import initial_adapter_arrays, lora_settings, save_adapter
 from fedbilevel.results import RunRecorder, make_run_dir
 from fedbilevel.strategies import build_strategy
 

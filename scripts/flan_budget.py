@@ -24,15 +24,12 @@ import torch
 
 from fedbilevel.client.evaluate import evaluate_adapter
 from fedbilevel.client.metrics import score_answers
-from fedbilevel.client.model import (
-    DEFAULT_MODEL,
-    LoraSettings,
-    build_lora_model,
-    load_tokenizer,
-)
 from fedbilevel.client.train import TextCodec, train_adapter
 from fedbilevel.config import PRECISIONS
 from fedbilevel.data.flan import load_flan_json, most_common_answer
+from fedbilevel.models.adapter import build_lora_model
+from fedbilevel.models.settings import DEFAULT_MODEL, LoraSettings
+from fedbilevel.models.zoo import load_tokenizer
 
 
 def _numbers(text: str, kind: type, name: str, *, minimum: float = 0, strict: bool = True) -> list:

@@ -32,18 +32,12 @@ import torch
 from transformers import AutoConfig, LlamaForCausalLM
 
 from fedbilevel.client.evaluate import evaluate_adapter
-from fedbilevel.client.model import (
-    TINY_MODEL,
-    LoraSettings,
-    build_lora_model,
-    get_adapter_arrays,
-    initial_adapter_arrays,
-    load_tokenizer,
-    resolve_model_source,
-)
 from fedbilevel.client.train import TextCodec, train_adapter
 from fedbilevel.config import PRECISIONS
 from fedbilevel.data.synthetic import make_client_data
+from fedbilevel.models.adapter import build_lora_model, get_adapter_arrays, initial_adapter_arrays
+from fedbilevel.models.settings import LoraSettings
+from fedbilevel.models.zoo import TINY_MODEL, load_tokenizer, resolve_model_source
 
 LORA = LoraSettings(r=8, alpha=16, dropout=0.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
 

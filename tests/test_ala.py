@@ -13,16 +13,11 @@ from fedbilevel.client.ala import (
     remember_local,
     top_arrays,
 )
-from fedbilevel.client.model import (
-    TINY_MODEL,
-    LoraSettings,
-    build_lora_model,
-    get_adapter_arrays,
-    load_tokenizer,
-    set_adapter_arrays,
-)
 from fedbilevel.client.train import TextCodec
 from fedbilevel.data.synthetic import make_client_data
+from fedbilevel.models.adapter import build_lora_model, get_adapter_arrays, set_adapter_arrays
+from fedbilevel.models.settings import LoraSettings
+from fedbilevel.models.zoo import TINY_MODEL, load_tokenizer
 from fedbilevel.protocol import AlaSettings
 
 

@@ -5,15 +5,11 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, MessageType
 
-from fedbilevel.client.model import (
-    TINY_MODEL,
-    LoraSettings,
-    build_lora_model,
-    get_adapter_arrays,
-    load_tokenizer,
-)
 from fedbilevel.client.train import TextCodec, proximal_term, train_adapter
 from fedbilevel.data.synthetic import make_client_data
+from fedbilevel.models.adapter import build_lora_model, get_adapter_arrays
+from fedbilevel.models.settings import LoraSettings
+from fedbilevel.models.zoo import TINY_MODEL, load_tokenizer
 from fedbilevel.strategies.fedprox import FedProx
 from fedbilevel.testing import INITIAL, FakeClient, FakeGrid, update_of
 

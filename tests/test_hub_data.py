@@ -246,8 +246,8 @@ def _image_dataset(per_domain=6):
 
 
 def test_image_rows_become_preprocessed_image_examples_two_clients_a_domain():
-    from fedbilevel.client.vision import image_preprocessor
     from fedbilevel.data.digits import ImageExample
+    from fedbilevel.models.zoo import image_preprocessor
 
     preprocess = image_preprocessor("digits-vit")  # no image processor: resized to 8×8 grey in [0, 1]
     options = {**OPTIONS, "partition_by": "domain", "test_fraction": 0.34}
@@ -270,8 +270,7 @@ def test_a_model_with_an_image_processor_gets_its_preprocessing(tmp_path):
     from PIL import Image
     from transformers import ViTImageProcessor
 
-    from fedbilevel.client.model import resolve_model_source
-    from fedbilevel.client.vision import image_preprocessor
+    from fedbilevel.models.zoo import image_preprocessor, resolve_model_source
 
     folder = tmp_path / "vit-with-processor"
     shutil.copytree(resolve_model_source("digits-vit"), folder)

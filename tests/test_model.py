@@ -1,4 +1,4 @@
-"""Tests of fedbilevel.client.model: aliases, caching, and LoRA adapter I/O.
+"""Tests of fedbilevel.models: aliases, caching, and LoRA adapter I/O.
 
 Most tests use the tiny random Llama, built in a temporary cache. The tests
 marked ``slow`` use the real SmolLM2-135M-Instruct from the user's cache (the
@@ -22,22 +22,18 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-from fedbilevel.client import model as fm
-from fedbilevel.client.model import (
-    DEFAULT_MODEL,
-    GEMMA3_MODEL,
-    TINY_MODEL,
-    LoraSettings,
+from fedbilevel.models import zoo
+from fedbilevel.models.adapter import (
     build_lora_model,
     get_adapter_arrays,
     initial_adapter_arrays,
-    load_base_model,
-    load_tokenizer,
     lora_config,
-    resolve_model_source,
     save_adapter,
     set_adapter_arrays,
 )
+from fedbilevel.models.base import load_base_model
+from fedbilevel.models.settings import DEFAULT_MODEL, LoraSettings
+from fedbilevel.models.zoo import GEMMA3_MODEL, TINY_MODEL, load_tokenizer, resolve_model_source
 
 LORA = LoraSettings()
 TINY_LAYERS = 2
@@ -85,11 +81,11 @@ def test_cache_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("FEDBILEVEL_CACHE", raising=False)
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
-    assert fm.cache_dir() == tmp_path / "home" / ".cache" / "fedbilevel"
+    assert zoo.cache_dir() == tmp_path / "home" / ".cache" / "fedbilevel"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert fm.cache_dir() == tmp_path / "xdg" / "fedbilevel"
+    assert zoo.cache_dir() == tmp_path / "xdg" / "fedbilevel"
     monkeypatch.setenv("FEDBILEVEL_CACHE", str(tmp_path / "own"))
-    assert fm.cache_dir() == tmp_path / "own"
+    assert zoo.cache_dir() == tmp_path / "own"
 
 
 def test_other_names_pass_through(fresh_cache: Path) -> None:
@@ -121,14 +117,14 @@ def test_tiny_model_builds_fast_into_cache_and_is_reused(fresh_cache: Path) -> N
 
 def test_concurrent_resolution_builds_once(fresh_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     builds = []
-    real_build = fm._build_tiny_model
+    real_build = zoo._build_tiny_model
 
     def slow_build(folder: Path) -> None:
         builds.append(folder)
         time.sleep(0.3)  # widen the race window
         real_build(folder)
 
-    monkeypatch.setattr(fm, "_build_tiny_model", slow_build)
+    monkeypatch.setattr(zoo, "_build_tiny_model", slow_build)
     barrier = threading.Barrier(4)
     results: list[str] = []
     errors: list[BaseException] = []
@@ -245,7 +241,7 @@ def test_initial_adapter_does_not_load_weights(tiny_cache: Path, monkeypatch: py
     def forbidden(*args, **kwargs):
         raise AssertionError("initial_adapter_arrays loaded base weights")
 
-    monkeypatch.setattr(fm.AutoModelForCausalLM, "from_pretrained", forbidden)
+    monkeypatch.setattr(zoo.AutoModelForCausalLM, "from_pretrained", forbidden)
     arrays = initial_adapter_arrays(TINY_MODEL, LORA, seed=3)
     assert list(arrays) == list(expected)
 

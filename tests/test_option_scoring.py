@@ -13,13 +13,10 @@ from fedbilevel.client.evaluate import (
     option_scores,
 )
 from fedbilevel.client.metrics import score_answers, score_items
-from fedbilevel.client.model import (
-    TINY_MODEL,
-    LoraSettings,
-    build_lora_model,
-    load_tokenizer,
-)
 from fedbilevel.data.prompts import Example, format_prompt
+from fedbilevel.models.adapter import build_lora_model
+from fedbilevel.models.settings import LoraSettings
+from fedbilevel.models.zoo import TINY_MODEL, load_tokenizer
 
 NLI = Example(
     instruction="Premise: a dog runs.\nHypothesis: an animal moves.\nOPTIONS:\n- yes\n- it is not possible to tell\n- no",

@@ -6,16 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from fedbilevel.client.model import (
-    TINY_MODEL,
-    LoraSettings,
-    build_lora_model,
-    get_adapter_arrays,
-    initial_adapter_arrays,
-    load_tokenizer,
-)
 from fedbilevel.client.train import TextCodec, train_adapter
 from fedbilevel.data.synthetic import make_client_data
+from fedbilevel.models import base
+from fedbilevel.models.adapter import build_lora_model, get_adapter_arrays, initial_adapter_arrays
+from fedbilevel.models.settings import LoraSettings
+from fedbilevel.models.zoo import TINY_MODEL, load_tokenizer
 
 
 def test_bf16_weights_keep_float32_adapters_that_train():
@@ -42,7 +38,5 @@ def test_4bit_without_a_gpu_is_refused_with_the_key_and_the_way_out():
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed")
 def test_4bit_without_bitsandbytes_names_the_package():
-    from fedbilevel.client import model as model_module
-
     with pytest.raises(ValueError, match=r"'4bit' needs the bitsandbytes package"):
-        model_module._precision_options("4bit", torch.device("cuda"))
+        base._precision_options("4bit", torch.device("cuda"))

@@ -14,14 +14,10 @@ import numpy as np
 import pytest
 from peft import PeftModel
 
-from fedbilevel.client.model import (
-    TINY_MODEL,
-    get_adapter_arrays,
-    initial_adapter_arrays,
-    load_base_model,
-    lora_settings,
-)
 from fedbilevel.config import RunConfig, load_app_config
+from fedbilevel.models.adapter import get_adapter_arrays, initial_adapter_arrays, lora_settings
+from fedbilevel.models.base import load_base_model
+from fedbilevel.models.zoo import TINY_MODEL
 from fedbilevel.simulation import simulate as run_in_simulation
 
 ROOT = Path(__file__).resolve().parents[1]

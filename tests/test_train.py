@@ -3,16 +3,12 @@
 import numpy as np
 import pytest
 
-from fedbilevel.client.model import (
-    TINY_MODEL,
-    LoraSettings,
-    build_lora_model,
-    get_adapter_arrays,
-    load_tokenizer,
-)
 from fedbilevel.client.train import IGNORE_INDEX, TextCodec, encode_for_training, train_adapter
 from fedbilevel.data.prompts import Example, format_prompt
 from fedbilevel.data.synthetic import make_client_data
+from fedbilevel.models.adapter import build_lora_model, get_adapter_arrays
+from fedbilevel.models.settings import LoraSettings
+from fedbilevel.models.zoo import TINY_MODEL, load_tokenizer
 
 
 def test_only_answer_tokens_and_eos_are_labelled():

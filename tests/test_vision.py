@@ -10,18 +10,6 @@ from flwr.app import Context, RecordDict
 
 from fedbilevel.client.app import ClientSession
 from fedbilevel.client.metrics import macro_f1
-from fedbilevel.client.model import (
-    DIGITS_VIT,
-    TINY_MODEL,
-    LoraSettings,
-    adapter_parameters,
-    build_lora_model,
-    classifier_head,
-    get_adapter_arrays,
-    initial_adapter_arrays,
-    is_image_classifier,
-    load_base_model,
-)
 from fedbilevel.client.train import train_adapter
 from fedbilevel.client.vision import ImageCodec, evaluate_classifier
 from fedbilevel.config import load_app_config
@@ -34,6 +22,10 @@ from fedbilevel.data.digits import (
     pretraining_set,
     transform,
 )
+from fedbilevel.models.adapter import adapter_parameters, build_lora_model, get_adapter_arrays, initial_adapter_arrays
+from fedbilevel.models.base import load_base_model
+from fedbilevel.models.settings import LoraSettings
+from fedbilevel.models.zoo import DIGITS_VIT, TINY_MODEL, classifier_head, is_image_classifier
 from fedbilevel.simulation import simulate
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -33,12 +33,12 @@ from flwr.app import ConfigRecord, RecordDict
 
 from fedbilevel import protocol
 from fedbilevel.aggregation import layer_groups
-from fedbilevel.client.model import (
+from fedbilevel.client.train import Codec
+from fedbilevel.models.adapter import (
     adapter_parameters,
     get_adapter_arrays,
     set_adapter_arrays,
 )
-from fedbilevel.client.train import Codec
 
 # context.state records
 LOCAL = "fedala-local"  # θᵢ, the adapter this client trained last

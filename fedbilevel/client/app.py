@@ -26,21 +26,15 @@ from fedbilevel.client.ala import (
 )
 from fedbilevel.client.evaluate import evaluate_adapter
 from fedbilevel.client.metrics import score_answers
-from fedbilevel.client.model import (
-    LoraSettings,
-    build_lora_model,
-    get_adapter_arrays,
-    is_image_classifier,
-    load_tokenizer,
-    lora_settings,
-    set_adapter_arrays,
-)
 from fedbilevel.client.train import Codec, TextCodec, proximal_term, train_adapter
 from fedbilevel.client.vision import ImageCodec, evaluate_classifier
 from fedbilevel.config import RunConfig
 from fedbilevel.data import ClientData, load_client_data
 from fedbilevel.data.digits import ImageExample
 from fedbilevel.data.flan import most_common, most_common_answer
+from fedbilevel.models.adapter import build_lora_model, get_adapter_arrays, lora_settings, set_adapter_arrays
+from fedbilevel.models.settings import LoraSettings
+from fedbilevel.models.zoo import is_image_classifier, load_tokenizer
 from fedbilevel.results import process_memory_mb
 
 NODE_CONFIG_KEYS = ("device", "data-path")  # run-config keys a SuperNode's --node-config overrides

@@ -62,7 +62,7 @@ def _hub(config: RunConfig, partition_id: int, num_partitions: int) -> ClientDat
 
     preprocess = None
     if config.image_column:  # images, prepared as the model expects them
-        from fedbilevel.client.vision import image_preprocessor
+        from fedbilevel.models.zoo import image_preprocessor
 
         preprocess = image_preprocessor(config.model_name)
     return load_hub_client_data(

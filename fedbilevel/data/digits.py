@@ -2,7 +2,7 @@
 
 The 1,797 bundled images (no download) are split once, with a fixed seed that does not
 depend on the run seed, into a *pretraining* set of clean images (what the foundation
-model :data:`fedbilevel.client.model.DIGITS_VIT` is pretrained on) and a *federation* pool.
+model :data:`fedbilevel.models.zoo.DIGITS_VIT` is pretrained on) and a *federation* pool.
 Each domain applies one deterministic transform to the whole pool — ``inverted``,
 ``rotated`` (90°), ``noisy`` (Gaussian noise, σ 0.3), ``blurred`` (3×3 box) — and the
 clients of a domain split its images IID, then train/test. With 8 clients: domains

@@ -1,5 +1,6 @@
 # The two set-up commands (README.md): `make run` and `make test`. Both install first.
-.PHONY: install run test
+# `make lint`: ruff's format check and lint (CI runs it before the tests).
+.PHONY: install run test lint
 
 install:
 	bash scripts/install.sh
@@ -9,3 +10,7 @@ run: install
 
 test: install
 	.venv/bin/python -m pytest
+
+lint: install
+	.venv/bin/ruff format --check .
+	.venv/bin/ruff check .

@@ -66,11 +66,12 @@ from typing import NamedTuple
 
 import numpy as np
 
+from fedbilevel.options import choice, component, number, option, validate
 from fedbilevel.weighting import (
     NEGATIVE_COSINE_MODES,
     Weighting,
-    _check_choice,
-    _weights_from_similarities,
+    check_choice,
+    normalised_weights,
     centered_gram,
 )
 
@@ -89,6 +90,46 @@ _BLOCK_PATTERN = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 _LORA_A_PATTERN = re.compile(r"(?:^|\.)lora_(?:embedding_)?(A)(?:\.|$)")
 
 Adapter = Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class FedBipSettings:
+    """FedBip's options (the two choices the paper leaves open, FedBip-L's groups, the weighting).
+
+    Attributes
+    ----------
+    task_vector : {"round", "cumulative"}
+        τ relative to this round's start θ̄ᵢ (the paper), or to the initial adapter θ⁰.
+    layer_grouping : {"array", "block"}
+        FedBip-L's groups: each named adapter array, or each transformer block.
+    similarity_space : {"flat", "lora-product"}
+        Cosine of the raw adapter parameters, or of the effective LoRA updates ΔW = B·A.
+    similarity_ema : float
+        Decay in [0, 1) of a moving average of each client pair's cosines across rounds.
+    weighting : Weighting
+        Similarities -> weights (the paper's rule by default).
+    """
+
+    task_vector: str = option(
+        "task-vector", "round", choice(TASK_VECTOR_MODES),
+        "`round` (τᵢ = θᵢ − θ̄ᵢ, the paper) or `cumulative` (τᵢ = θᵢ − θ⁰); see \"The two choices the paper leaves open\"",
+    )
+    layer_grouping: str = option(
+        "layer-grouping", "array", choice(LAYER_GROUPINGS), "FedBip-L groups: each adapter `array`, or each transformer `block`"
+    )
+    similarity_space: str = option(
+        "similarity-space", "flat", choice(SIMILARITY_MODES),
+        "cosine of the raw adapter parameters (`flat`, the paper) or of the effective updates ΔW = B·A "
+        "(`lora-product`, via r×r products)",
+    )
+    similarity_ema: float = option(
+        "similarity-ema", 0.0, number(0.0, low_open=False, high=1.0),
+        "decay of a moving average of each pair's cosine across rounds (0: off)",
+    )
+    weighting: Weighting = component(Weighting)
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 @dataclass(frozen=True)
@@ -149,11 +190,11 @@ def weight_matrix(similarity: np.ndarray, *, negative: str = "clip") -> np.ndarr
     np.ndarray
         N×N float64 weights whose rows sum to 1.
     """
-    _check_choice("negative", negative, NEGATIVE_COSINE_MODES)
+    check_choice("negative", negative, NEGATIVE_COSINE_MODES)
     similarity = np.asarray(similarity, dtype=np.float64)
     if similarity.ndim != 2 or similarity.shape[0] != similarity.shape[1]:
         raise ValueError(f"similarity: expected a square N×N matrix, got shape {similarity.shape}")
-    return _weights_from_similarities(similarity[None], negative)[0]
+    return normalised_weights(similarity[None], negative)[0]
 
 
 def layer_groups(names: Sequence[str], grouping: str = "array") -> dict[str, list[str]]:
@@ -163,7 +204,7 @@ def layer_groups(names: Sequence[str], grouping: str = "array") -> dict[str, lis
     transformer block (``...layers.<k>...``) form one group; arrays outside any block
     (e.g. a classifier head) stay groups of their own. Groups keep first-seen order.
     """
-    _check_choice("grouping", grouping, LAYER_GROUPINGS)
+    check_choice("grouping", grouping, LAYER_GROUPINGS)
     groups: dict[str, list[str]] = {}
     for name in names:
         match = _BLOCK_PATTERN.search(name) if grouping == "block" else None
@@ -222,14 +263,14 @@ def fedbip_aggregate_detailed(
     maps the G×N×N cosine stack to the one the weights are computed from (e.g. an
     exponential moving average across rounds); the result reports the cosines used.
     """
-    _check_choice("negative", negative, NEGATIVE_COSINE_MODES)
+    check_choice("negative", negative, NEGATIVE_COSINE_MODES)
     if weighting is None:
         weighting = Weighting(negative=negative)
     elif negative != "clip":
         raise ValueError(f"negative: {negative!r} is not allowed together with weighting; set Weighting(negative=...) instead")
-    _check_choice("task_vector", task_vector, TASK_VECTOR_MODES)
-    _check_choice("grouping", grouping, LAYER_GROUPINGS)
-    _check_choice("similarity", similarity, SIMILARITY_MODES)
+    check_choice("task_vector", task_vector, TASK_VECTOR_MODES)
+    check_choice("grouping", grouping, LAYER_GROUPINGS)
+    check_choice("similarity", similarity, SIMILARITY_MODES)
     names, personalized, trained = _check_adapters(personalized, trained)
     if task_vector == "cumulative":
         if initial is None:

@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from fedbilevel.results import METRIC_LABELS, METRICS
+from fedbilevel.protocol import TEXT_METRICS
+from fedbilevel.results import METRIC_LABELS
 
 OPTION_METRIC = "option_accuracy"  # a client's eval score where its task lists options
 OPTION_ITEMS = "option_correct"  # its per-item scores
@@ -37,7 +38,7 @@ class Run:
     clients: dict[str, dict[str, Any]]
     rounds: list[dict[str, Any]]
     seconds: float
-    metrics: tuple[str, ...] = METRICS
+    metrics: tuple[str, ...] = TEXT_METRICS
 
     @property
     def evaluated(self) -> list[dict[str, Any]]:
@@ -75,7 +76,7 @@ def load_run(folder: str | Path, label: str | None = None) -> Run:
         clients=results["clients"],
         rounds=results["rounds"],
         seconds=float(results["summary"].get("seconds", 0.0)),
-        metrics=tuple(results["summary"].get("metrics", METRICS)),
+        metrics=tuple(results["summary"].get("metrics", TEXT_METRICS)),
     )
     if not run.evaluated:
         raise ValueError(f"run folder {str(folder)!r}: no evaluated round in results.json")

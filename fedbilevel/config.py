@@ -1,298 +1,123 @@
-"""Run-config schema: every key's type, range or allowed values, validated in one place.
+"""The run config: every run-config key, declared once by the component that uses it.
 
-Defaults live in ``pyproject.toml`` ``[tool.flwr.app.config]`` (Flower's source of truth
-for ``flwr run . --run-config``); this module knows what each key may hold and turns the
-flat kebab-case mapping into a typed :class:`RunConfig`. Every bad value fails with one
-line naming the key, the value and what is allowed.
+:class:`RunConfig` composes the components' own declarations (:mod:`fedbilevel.options`):
+the run itself (strategy, rounds, seed, server timing, where results go, declared here), the
+base model and its LoRA adapter (:mod:`fedbilevel.models.settings`), the federation
+(:mod:`fedbilevel.data.settings`), local training and evaluation (declared here: both sides
+read them), FedBip (:class:`~fedbilevel.aggregation.FedBipSettings` with its
+:class:`~fedbilevel.weighting.Weighting`) and the baselines (their strategy modules, FedALA's
+client step in :mod:`fedbilevel.protocol`). :data:`SCHEMA`, the defaults and the README's
+key table follow from those declarations; tests keep pyproject's
+``[tool.flwr.app.config]`` and the README equal to them. Every bad value fails with one line
+naming the key, the value and what is allowed.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import tomllib
 
-from fedbilevel.aggregation import LAYER_GROUPINGS, SIMILARITY_MODES, TASK_VECTOR_MODES
-from fedbilevel.weighting import (
-    NEGATIVE_COSINE_MODES,
-    SIMILARITY_CENTERINGS,
-    WEIGHTING_RULES,
+from fedbilevel.aggregation import FedBipSettings
+from fedbilevel.data.settings import DataSettings
+from fedbilevel.models.settings import LoraSettings, ModelSettings
+from fedbilevel.options import (
+    ConfigError,
+    boolean,
+    choice,
+    component,
+    declared,
+    from_run_config,
+    integer,
+    number,
+    option,
+    resolve_user_path,
+    text,
+    to_run_config,
+    validate,
 )
+from fedbilevel.protocol import AlaSettings
+from fedbilevel.strategies import FEDBIP_PRESETS, strategy_names
+from fedbilevel.strategies.fedamp import FedAmpSettings
+from fedbilevel.strategies.fedprox import FedProxSettings
 
-PRECISIONS = ("fp32", "bf16-autocast", "bf16", "4bit")
-SYNTHETIC_INSTRUCTIONS = ("shared", "per-task")
-PARTITIONERS = ("natural", "dirichlet", "iid")
-SYNTHETIC_SPLITS = ("task", "iid")
-
-# The weighting keys at the paper's rule: pyproject.toml's defaults (a test keeps them equal).
-PAPER_WEIGHTING: dict[str, Any] = {
-    "negative-cosine": "clip",
-    "weighting": "paper",
-    "weighting-temperature": 0.1,
-    "weighting-power": 2.0,
-    "weighting-top-k": 1,
-    "weighting-threshold": 0.5,
-    "weighting-z-temperature": 1.0,
-    "similarity-centering": "none",
-    "self-weight-floor": 0.0,
-    "similarity-ema": 0.0,
-}
-
-# Named FedBip presets (issue 7): strategy -> (the FedBip strategy it runs, the weighting keys
-# it sets). The values were chosen from the weighting ablation in docs/BENCHMARKS.md.
-_PLUS = {"weighting": "zscore-softmax", "weighting-z-temperature": 1.0}
-FEDBIP_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
-    "fedbip-plus": ("fedbip", _PLUS),
-    "fedbip-plus-l": ("fedbip-l", _PLUS),
-}
+__all__ = ["SCHEMA", "RESUMABLE_KEYS", "ConfigError", "RunConfig", "load_app_config", "resolve_user_path"]
 
 
-class ConfigError(ValueError):
-    """A run-config value that is not allowed (message: one line with key, value, allowed)."""
+@dataclass(frozen=True)
+class TrainSettings:
+    """Local training, the same loop for every strategy (AdamW)."""
+
+    local_steps: int = option("local-steps", 10, integer(1), "optimizer steps per client and round")
+    batch_size: int = option("batch-size", 8, integer(1), "training batch size")
+    learning_rate: float = option("learning-rate", 0.001, number(0.0, low_open=True), "AdamW learning rate")
+    max_seq_len: int = option("max-seq-len", 128, integer(8), "tokens per training example")
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
-def _int(low: int, high: int | None = None) -> Callable[[str, Any], int]:
-    def check(key: str, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-            bound = f"an integer ≥ {low}" if high is None else f"an integer in [{low}, {high}]"
-            raise ConfigError(f"run-config key '{key}': value {value!r} is not allowed; expected {bound}")
-        return value
+@dataclass(frozen=True)
+class EvalSettings:
+    """When and how clients score their personalized adapters."""
 
-    return check
-
-
-def _float(low: float, *, low_open: bool, high: float | None = None, high_open: bool = True) -> Callable[[str, Any], float]:
-    def check(key: str, value: Any) -> float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        ok = ok and (value > low if low_open else value >= low)
-        if ok and high is not None:
-            ok = value < high if high_open else value <= high
-        if not ok:
-            left = "(" if low_open else "["
-            right = "inf)" if high is None else (f"{high})" if high_open else f"{high}]")
-            raise ConfigError(f"run-config key '{key}': value {value!r} is not allowed; expected a number in {left}{low}, {right}")
-        return float(value)
-
-    return check
-
-
-def _choice(allowed: tuple[str, ...] | Callable[[], tuple[str, ...]]) -> Callable[[str, Any], str]:
-    def check(key: str, value: Any) -> str:
-        options = allowed() if callable(allowed) else allowed
-        if value not in options:
-            raise ConfigError(f"run-config key '{key}': value {value!r} is not allowed; choose one of {', '.join(options)}")
-        return value
-
-    return check
-
-
-def _bool(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"run-config key '{key}': value {value!r} is not allowed; expected true or false")
-    return value
-
-
-def _text(*, empty_ok: bool) -> Callable[[str, Any], str]:
-    def check(key: str, value: Any) -> str:
-        if not isinstance(value, str) or (not empty_ok and not value.strip()):
-            raise ConfigError(f"run-config key '{key}': value {value!r} is not allowed; expected a non-empty string")
-        return value
-
-    return check
-
-
-def _name_list(key: str, value: Any) -> tuple[str, ...]:
-    names = tuple(part.strip() for part in value.split(",")) if isinstance(value, str) else ()
-    if not names or not all(names) or len(set(names)) != len(names):
-        raise ConfigError(
-            f"run-config key '{key}': value {value!r} is not allowed; expected distinct comma-separated names, e.g. 'q_proj,v_proj'"
-        )
-    return names
-
-
-def _device(key: str, value: Any) -> str:
-    if not isinstance(value, str) or re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) is None:
-        raise ConfigError(f"run-config key '{key}': value {value!r} is not allowed; expected auto, cpu, cuda or cuda:N")
-    return value
-
-
-def _data_sources() -> tuple[str, ...]:
-    from fedbilevel.data import DATA_LOADERS
-
-    return tuple(DATA_LOADERS)
-
-
-def _strategy_names() -> tuple[str, ...]:
-    from fedbilevel.strategies import (
-        strategy_names,  # late: strategies import this module
+    every: int = option("eval-every", 1, integer(0), "evaluate every k rounds (0: only after the last round)")
+    batch_size: int = option("eval-batch-size", 32, integer(1), "batched greedy generation: batch size")
+    max_new_tokens: int = option("eval-max-new-tokens", 16, integer(1), "batched greedy generation: new tokens at most")
+    option_scoring: bool = option(
+        "eval-option-scoring", True, boolean,
+        "for test items whose instruction lists OPTIONS (Flan style), also rank the options by the model's "
+        "log-probability (`option_accuracy`)",
+    )
+    include_global: bool = option(
+        "eval-global", False, boolean,
+        "evaluate messages also carry the global adapter (the training-size weighted mean of the personalized ones: "
+        "what FedAvg would deploy); clients score it too (`global-*` scores, `global_mean` per round). "
+        "Doubles evaluation time",
     )
 
-    return strategy_names()
-
-
-# run-config key -> (RunConfig field, checker). Order = order in config.json.
-SCHEMA: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
-    "strategy": ("strategy", _choice(_strategy_names)),
-    "num-server-rounds": ("num_server_rounds", _int(1)),
-    "seed": ("seed", _int(0)),
-    "min-nodes": ("min_nodes", _int(1)),
-    "round-timeout": ("round_timeout", _float(0.0, low_open=True)),
-    "min-available-fraction": ("min_available_fraction", _float(0.0, low_open=True, high=1.0, high_open=False)),
-    "model-name": ("model_name", _text(empty_ok=False)),
-    "device": ("device", _device),
-    "precision": ("precision", _choice(PRECISIONS)),
-    "client-threads": ("client_threads", _int(0)),
-    "lora-r": ("lora_r", _int(1)),
-    "lora-alpha": ("lora_alpha", _int(1)),
-    "lora-dropout": ("lora_dropout", _float(0.0, low_open=False, high=1.0)),
-    "lora-target-modules": ("lora_target_modules", _name_list),
-    "data": ("data", _choice(_data_sources)),
-    "synthetic-tasks": ("synthetic_tasks", _name_list),
-    "synthetic-instruction": ("synthetic_instruction", _choice(SYNTHETIC_INSTRUCTIONS)),
-    "synthetic-split": ("synthetic_split", _choice(SYNTHETIC_SPLITS)),
-    "synthetic-train-examples": ("synthetic_train_examples", _int(1)),
-    "synthetic-test-examples": ("synthetic_test_examples", _int(1)),
-    "data-path": ("data_path", _text(empty_ok=True)),
-    "max-train-examples": ("max_train_examples", _int(0)),
-    "max-test-examples": ("max_test_examples", _int(0)),
-    "hub-dataset": ("hub_dataset", _text(empty_ok=True)),
-    "hub-subset": ("hub_subset", _text(empty_ok=True)),
-    "hub-train-split": ("hub_train_split", _text(empty_ok=False)),
-    "hub-test-split": ("hub_test_split", _text(empty_ok=True)),
-    "partitioner": ("partitioner", _choice(PARTITIONERS)),
-    "partition-by": ("partition_by", _text(empty_ok=True)),
-    "dirichlet-alpha": ("dirichlet_alpha", _float(0.0, low_open=True)),
-    "instruction-column": ("instruction_column", _text(empty_ok=False)),
-    "input-column": ("input_column", _text(empty_ok=True)),
-    "output-column": ("output_column", _text(empty_ok=False)),
-    "task-column": ("task_column", _text(empty_ok=True)),
-    "image-column": ("image_column", _text(empty_ok=True)),
-    "num-labels": ("num_labels", _int(0)),
-    "label-column": ("label_column", _text(empty_ok=False)),
-    "test-fraction": ("test_fraction", _float(0.0, low_open=True, high=1.0)),
-    "local-steps": ("local_steps", _int(1)),
-    "batch-size": ("batch_size", _int(1)),
-    "learning-rate": ("learning_rate", _float(0.0, low_open=True)),
-    "max-seq-len": ("max_seq_len", _int(8)),
-    "eval-every": ("eval_every", _int(0)),
-    "eval-batch-size": ("eval_batch_size", _int(1)),
-    "eval-max-new-tokens": ("eval_max_new_tokens", _int(1)),
-    "eval-option-scoring": ("eval_option_scoring", _bool),
-    "eval-global": ("eval_global", _bool),
-    "proximal-mu": ("proximal_mu", _float(0.0, low_open=False)),
-    "fedamp-lambda": ("fedamp_lambda", _float(0.0, low_open=False)),
-    "fedamp-sigma": ("fedamp_sigma", _float(0.0, low_open=False)),
-    "fedamp-self-weight": ("fedamp_self_weight", _float(0.0, low_open=False, high=1.0, high_open=False)),
-    "fedala-eta": ("fedala_eta", _float(0.0, low_open=True)),
-    "fedala-data-fraction": ("fedala_data_fraction", _float(0.0, low_open=True, high=1.0, high_open=False)),
-    "fedala-top-fraction": ("fedala_top_fraction", _float(0.0, low_open=True, high=1.0, high_open=False)),
-    "fedala-start-epochs": ("fedala_start_epochs", _int(1)),
-    "negative-cosine": ("negative_cosine", _choice(NEGATIVE_COSINE_MODES)),
-    "task-vector": ("task_vector", _choice(TASK_VECTOR_MODES)),
-    "layer-grouping": ("layer_grouping", _choice(LAYER_GROUPINGS)),
-    "similarity-space": ("similarity_space", _choice(SIMILARITY_MODES)),
-    "weighting": ("weighting", _choice(WEIGHTING_RULES)),
-    "weighting-temperature": ("weighting_temperature", _float(0.0, low_open=True)),
-    "weighting-power": ("weighting_power", _float(1.0, low_open=False)),
-    "weighting-top-k": ("weighting_top_k", _int(1)),
-    "weighting-threshold": ("weighting_threshold", _float(-1.0, low_open=False, high=1.0, high_open=False)),
-    "weighting-z-temperature": ("weighting_z_temperature", _float(0.0, low_open=True)),
-    "similarity-centering": ("similarity_centering", _choice(SIMILARITY_CENTERINGS)),
-    "self-weight-floor": ("self_weight_floor", _float(0.0, low_open=False, high=1.0, high_open=False)),
-    "similarity-ema": ("similarity_ema", _float(0.0, low_open=False, high=1.0)),
-    "output-dir": ("output_dir", _text(empty_ok=False)),
-    "run-name": ("run_name", _text(empty_ok=True)),
-    "resume-from": ("resume_from", _text(empty_ok=True)),
-}
-
-
-# Keys a resumed run may change: how it runs, not what it computes.
-RESUMABLE_KEYS = frozenset(
-    {"num-server-rounds", "resume-from", "round-timeout", "min-nodes", "min-available-fraction", "device", "client-threads", "output-dir", "run-name"}
-)
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """The validated run config. Field docs: README.md, "Run-config keys"."""
+    """The validated run config: the run's own options and one component per concern.
 
-    strategy: str
-    num_server_rounds: int
-    seed: int
-    min_nodes: int
-    round_timeout: float
-    min_available_fraction: float
-    model_name: str
-    device: str
-    precision: str
-    client_threads: int
-    lora_r: int
-    lora_alpha: int
-    lora_dropout: float
-    lora_target_modules: tuple[str, ...]
-    data: str
-    synthetic_tasks: tuple[str, ...]
-    synthetic_instruction: str
-    synthetic_split: str
-    synthetic_train_examples: int
-    synthetic_test_examples: int
-    data_path: str
-    max_train_examples: int
-    max_test_examples: int
-    hub_dataset: str
-    hub_subset: str
-    hub_train_split: str
-    hub_test_split: str
-    partitioner: str
-    partition_by: str
-    dirichlet_alpha: float
-    instruction_column: str
-    input_column: str
-    output_column: str
-    task_column: str
-    image_column: str
-    num_labels: int
-    label_column: str
-    test_fraction: float
-    local_steps: int
-    batch_size: int
-    learning_rate: float
-    max_seq_len: int
-    eval_every: int
-    eval_batch_size: int
-    eval_max_new_tokens: int
-    eval_option_scoring: bool
-    eval_global: bool
-    proximal_mu: float
-    fedamp_lambda: float
-    fedamp_sigma: float
-    fedamp_self_weight: float
-    fedala_eta: float
-    fedala_data_fraction: float
-    fedala_top_fraction: float
-    fedala_start_epochs: int
-    negative_cosine: str
-    task_vector: str
-    layer_grouping: str
-    similarity_space: str
-    weighting: str
-    weighting_temperature: float
-    weighting_power: float
-    weighting_top_k: int
-    weighting_threshold: float
-    weighting_z_temperature: float
-    similarity_centering: str
-    self_weight_floor: float
-    similarity_ema: float
-    output_dir: str
-    run_name: str
-    resume_from: str
+    Build it with :meth:`from_run_config` (Flower's flat kebab-case mapping); field docs are
+    each option's help (README.md, "Run-config keys").
+    """
+
+    strategy: str = option("strategy", "fedbip", choice(strategy_names), "registered strategy name")
+    num_server_rounds: int = option("num-server-rounds", 3, integer(1), "federated rounds")
+    seed: int = option("seed", 0, integer(0), "seeds data, the initial adapter and every client's training")
+    min_nodes: int = option("min-nodes", 2, integer(1), "wait for this many connected SuperNodes before a round")
+    round_timeout: float = option("round-timeout", 3600.0, number(0.0, low_open=True), "seconds to wait for replies in a round")
+    min_available_fraction: float = option(
+        "min-available-fraction", 0.5, number(0.0, low_open=True, high=1.0, high_open=False),
+        "a round aggregates only if at least this fraction of the clients replied validly; otherwise every adapter is kept",
+    )
+    model: ModelSettings = component(ModelSettings)
+    lora: LoraSettings = component(LoraSettings)
+    data: DataSettings = component(DataSettings)
+    train: TrainSettings = component(TrainSettings)
+    eval: EvalSettings = component(EvalSettings)
+    fedprox: FedProxSettings = component(FedProxSettings)
+    fedamp: FedAmpSettings = component(FedAmpSettings)
+    fedala: AlaSettings = component(AlaSettings)
+    fedbip: FedBipSettings = component(FedBipSettings)
+    output_dir: str = option("output-dir", "outputs", text(empty_ok=False), "where run folders are written")
+    run_name: str = option("run-name", "", text(empty_ok=True), "the run folder's name (\"\": strategy + UTC time)")
+    resume_from: str = option(
+        "resume-from", "", text(empty_ok=True), "a run folder to continue from its last checkpoint (below)"
+    )
+
+    def __post_init__(self) -> None:
+        validate(self)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> RunConfig:
@@ -304,69 +129,88 @@ class RunConfig:
         missing = [key for key in SCHEMA if key not in merged]
         if missing:
             raise ConfigError(f"run-config key '{missing[0]}': missing; add it to [tool.flwr.app.config] in pyproject.toml")
-        values = {field: check(key, merged[key]) for key, (field, check) in SCHEMA.items()}
-        _apply_preset(values)
-        for source, key, field in (("flan-json", "data-path", "data_path"), ("hub", "hub-dataset", "hub_dataset")):
-            if values["data"] == source and not values[field]:
-                raise ConfigError(f"run-config key '{key}': value '' is not allowed with data='{source}'; name the {'folder' if source == 'flan-json' else 'dataset'}")
-        if values["data"] == "hub" and values["partitioner"] != "iid" and not values["partition_by"]:
-            raise ConfigError(f"run-config key 'partition-by': value '' is not allowed with partitioner='{values['partitioner']}'; name the column")
-        if values["data"] == "synthetic" and values["synthetic_split"] == "iid" and values["synthetic_instruction"] != "per-task":
-            raise ConfigError(
-                "run-config key 'synthetic-split': value 'iid' is not allowed with synthetic-instruction='shared'; "
-                "use 'per-task' (with one instruction for all tasks they cannot be told apart)"
-            )
-        if values["negative_cosine"] == "keep" and values["weighting"] != "paper":
-            raise ConfigError(
-                f"run-config key 'negative-cosine': value 'keep' is not allowed with weighting={values['weighting']!r}; "
-                "only weighting='paper' keeps negative cosines"
-            )
-        return cls(**values)
+        return from_run_config(cls, _with_preset(merged))
 
     def to_run_config(self) -> dict[str, Any]:
-        """Back to the flat kebab-case mapping (what config.json stores and run-config accepts)."""
-        out: dict[str, Any] = {}
-        for key, (field, _) in SCHEMA.items():
-            value = getattr(self, field)
-            out[key] = ",".join(value) if isinstance(value, tuple) else value
-        return out
-
-    @property
-    def bf16_compute(self) -> bool:
-        """Whether forward passes run under bf16 autocast (every precision but ``fp32``)."""
-        return self.precision != "fp32"
+        """Back to the flat kebab-case mapping (what config.json stores and run-config accepts), in SCHEMA order."""
+        flat = to_run_config(self)
+        return {key: flat[key] for key in SCHEMA}
 
     def evaluates_in_round(self, server_round: int) -> bool:
         """Evaluate every ``eval-every`` rounds, and always after the last round."""
         if server_round == self.num_server_rounds:
             return True
-        return self.eval_every > 0 and server_round % self.eval_every == 0
+        return self.eval.every > 0 and server_round % self.eval.every == 0
 
 
-def _apply_preset(values: dict[str, Any]) -> None:
-    """Set a preset strategy's weighting keys in ``values`` (RunConfig fields), refusing other choices.
+# run-config key -> its field, over every component, in declaration order (pyproject's and config.json's).
+SCHEMA: dict[str, dataclasses.Field] = dict(declared(RunConfig))
 
-    A key may be left at the paper's value (it is then replaced) or set to the preset's own;
-    anything else would be silently overridden, so it is an error.
+# Keys a resumed run may change: how it runs, not what it computes.
+RESUMABLE_KEYS = frozenset(
+    {"num-server-rounds", "resume-from", "round-timeout", "min-nodes", "min-available-fraction", "device",
+     "client-threads", "output-dir", "run-name"}
+)
+
+
+def _with_preset(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with a preset strategy's weighting keys set, refusing other choices.
+
+    A key may be left at its default (the paper's value; it is then replaced) or set to the
+    preset's own; anything else would be silently overridden, so it is an error.
     """
+    values = dict(values)
     if values["strategy"] not in FEDBIP_PRESETS:
-        return
+        return values
     base, preset = FEDBIP_PRESETS[values["strategy"]]
     for key, value in preset.items():
-        field = SCHEMA[key][0]
-        if values[field] != value and values[field] != PAPER_WEIGHTING[key]:
+        if values[key] != value and values[key] != SCHEMA[key].default:
             raise ConfigError(
-                f"run-config key '{key}': value {values[field]!r} is not allowed with strategy='{values['strategy']}', "
+                f"run-config key '{key}': value {values[key]!r} is not allowed with strategy='{values['strategy']}', "
                 f"which sets {key}={value!r}; use strategy='{base}' to choose the weighting yourself"
             )
-        values[field] = value
+        values[key] = value
+    return values
 
 
-def resolve_user_path(path: str) -> Path:
-    """A path from the run config: relative ones are taken relative to ``$FEDBILEVEL_OUTPUT_ROOT``
-    when set (scripts/flwr_run.sh sets it to the project folder: under ``flwr run`` the apps run
-    from a copy of the project elsewhere), else to the working directory."""
-    return (Path(os.environ.get("FEDBILEVEL_OUTPUT_ROOT", ".")) / Path(path).expanduser()).resolve()
+def key_table() -> str:
+    """The README's table of run-config keys (markdown), from the declarations."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for key, field in SCHEMA.items():
+        default = field.default
+        if isinstance(default, tuple):
+            default = ",".join(default)
+        shown = ('""' if default == "" else f"`{default}`") if isinstance(default, str) else str(default).lower()
+        rows.append(f"| `{key}` | {shown} | {field.metadata['help']} |")
+    return "\n".join(rows)
+
+
+# The source checkout's pyproject.toml: the app's default run config (flwr run reads it itself).
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """``key=value`` with a TOML value (``lr=3e-4``, ``name='x'``); a bare word is a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"run-config override {text!r} is not allowed; expected KEY=VALUE, e.g. strategy='fedbip'")
+    try:
+        return key.strip(), tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key.strip(), value.strip()
+
+
+def resolve(overrides: Mapping[str, Any], toml_files: Sequence[str | Path] = ()) -> dict[str, Any]:
+    """Defaults from pyproject.toml, then each TOML file, then ``overrides``; validated."""
+    if not PYPROJECT.is_file():
+        raise ConfigError(f"{PYPROJECT} not found: run from a source checkout (pip install -e .)")
+    config = load_app_config(PYPROJECT)
+    for path in toml_files:
+        with open(path, "rb") as handle:
+            config.update(tomllib.load(handle))
+    config.update(overrides)
+    RunConfig.from_run_config(config)  # fail here, with the key named, not inside Ray
+    return config
 
 
 def load_app_config(pyproject: str | Path = "pyproject.toml") -> dict[str, Any]:
@@ -377,6 +221,3 @@ def load_app_config(pyproject: str | Path = "pyproject.toml") -> dict[str, Any]:
     """
     with open(pyproject, "rb") as handle:
         return dict(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])
-
-
-assert [f.name for f in fields(RunConfig)] == [field for field, _ in SCHEMA.values()], "SCHEMA and RunConfig disagree"

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 Check = Callable[[str, Any], Any]
@@ -49,41 +51,65 @@ def option(key: str, default: Any, check: Check, help: str) -> Any:  # noqa: A00
     return dataclasses.field(default=default, metadata={"key": key, "check": check, "help": help})
 
 
+def component(cls: type) -> Any:
+    """A dataclass field holding a whole component (its own options, or further components)."""
+    return dataclasses.field(default_factory=cls, metadata={"component": cls})
+
+
 def declared(component: type) -> Iterator[tuple[str, dataclasses.Field]]:
-    """(run-config key, field) of every option a component declares, in declaration order."""
+    """(run-config key, field) of every option a component declares, nested components included,
+    in declaration order."""
     for field in dataclasses.fields(component):
         if "key" in field.metadata:
             yield field.metadata["key"], field
+        elif "component" in field.metadata:
+            yield from declared(field.metadata["component"])
 
 
-def from_run_config(component: type, values: Mapping[str, Any], **extra: Any) -> Any:
-    """The component built from a flat run config: each declared key checked and converted."""
-    fields = {field.name: field.metadata["check"](key, values[key]) for key, field in declared(component)}
-    return component(**fields, **extra)
+def from_run_config(component: type, values: Mapping[str, Any]) -> Any:
+    """The component built from a flat run config: each declared key checked and converted,
+    nested components built the same way (their ``__post_init__`` checks run inside out)."""
+    fields = {}
+    for field in dataclasses.fields(component):
+        if "key" in field.metadata:
+            fields[field.name] = field.metadata["check"](field.metadata["key"], values[field.metadata["key"]])
+        elif "component" in field.metadata:
+            fields[field.name] = from_run_config(field.metadata["component"], values)
+    return component(**fields)
 
 
 def to_run_config(instance: Any) -> dict[str, Any]:
     """A component back to its flat run-config keys (tuples as comma-separated text)."""
-    out = {}
-    for key, field in declared(type(instance)):
+    out: dict[str, Any] = {}
+    for field in dataclasses.fields(instance):
         value = getattr(instance, field.name)
-        out[key] = ",".join(value) if isinstance(value, tuple) else value
+        if "key" in field.metadata:
+            out[field.metadata["key"]] = ",".join(value) if isinstance(value, tuple) else value
+        elif "component" in field.metadata:
+            out.update(to_run_config(value))
     return out
 
 
 def validate(instance: Any) -> None:
-    """Check (and convert) every declared field of a component in place; for ``__post_init__``,
+    """Check (and convert) every option field of a component in place; for ``__post_init__``,
     so that a component built in code is held to the same rules as one from a run config."""
-    for key, field in declared(type(instance)):
-        object.__setattr__(instance, field.name, field.metadata["check"](key, getattr(instance, field.name)))
+    for field in dataclasses.fields(instance):
+        if "key" in field.metadata:
+            value = field.metadata["check"](field.metadata["key"], getattr(instance, field.name))
+            object.__setattr__(instance, field.name, value)
 
 
-def default_run_config(component: type) -> dict[str, Any]:
-    """The declared defaults of a component, as run-config values."""
+def defaults(component: type) -> dict[str, Any]:
+    """The declared defaults of a component (nested ones included), as run-config values."""
     out = {}
     for key, field in declared(component):
         out[key] = ",".join(field.default) if isinstance(field.default, tuple) else field.default
     return out
+
+
+def help_text(component: type) -> dict[str, str]:
+    """Run-config key -> its one-line help, for the README's key table."""
+    return {key: field.metadata["help"] for key, field in declared(component)}
 
 
 # ---------------------------------------------------------------------------- checks
@@ -117,12 +143,13 @@ def number(low: float, *, low_open: bool, high: float | None = None, high_open: 
     return check
 
 
-def choice(allowed: tuple[str, ...]) -> Check:
-    """One of ``allowed``."""
+def choice(allowed: tuple[str, ...] | Callable[[], tuple[str, ...]]) -> Check:
+    """One of ``allowed`` (or of what ``allowed()`` returns when checked: a registry that may grow)."""
 
     def check(key: str, value: Any) -> str:
-        if value not in allowed:
-            raise not_allowed(key, value, f"choose one of {', '.join(allowed)}")
+        options = allowed() if callable(allowed) else allowed
+        if value not in options:
+            raise not_allowed(key, value, f"choose one of {', '.join(options)}")
         return value
 
     return check
@@ -164,3 +191,10 @@ def device(key: str, value: Any) -> str:
     if not isinstance(value, str) or re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) is None:
         raise not_allowed(key, value, "expected auto, cpu, cuda or cuda:N")
     return value
+
+
+def resolve_user_path(path: str) -> Path:
+    """A path from the run config: relative ones are taken relative to ``$FEDBILEVEL_OUTPUT_ROOT``
+    when set (scripts/flwr_run.sh sets it to the project folder: under ``flwr run`` the apps run
+    from a copy of the project elsewhere), else to the working directory."""
+    return (Path(os.environ.get("FEDBILEVEL_OUTPUT_ROOT", ".")) / Path(path).expanduser()).resolve()

@@ -23,11 +23,10 @@ from typing import Any
 import numpy as np
 
 from fedbilevel import protocol
-from fedbilevel.config import RunConfig, resolve_user_path
-from fedbilevel.data import is_image_data
+from fedbilevel.config import RunConfig
+from fedbilevel.options import resolve_user_path
+from fedbilevel.resources import process_memory_mb
 
-METRICS = ("rouge1", "rougeL", "exact_match")  # text federations
-IMAGE_METRICS = ("accuracy", "macro_f1")
 METRIC_LABELS = {"rouge1": "ROUGE-1", "rougeL": "ROUGE-L", "exact_match": "exact match", "accuracy": "accuracy", "macro_f1": "macro F1"}
 # The metric that picks the best round: exact match for the synthetic tasks (short,
 # deterministic answers, where ROUGE's lowercasing hides the uppercase task), accuracy for
@@ -43,26 +42,6 @@ def write_json(path: Path, data: Any) -> None:
         json.dump(data, handle, indent=2)
         temporary = handle.name
     os.replace(temporary, path)
-
-
-def process_memory_mb() -> dict[str, float]:
-    """This process's resident memory now and at its peak, in MB (``{}`` where unreadable).
-
-    Recorded per round for the server (``server_memory_mb``) and with every client's train
-    reply (``rss-mb``, ``peak-rss-mb``), so memory growth over a run shows in results.json.
-    """
-    fields = {"VmRSS": protocol.RSS_MB, "VmHWM": protocol.PEAK_RSS_MB}  # Linux: current and high-water mark
-    try:
-        with open("/proc/self/status", encoding="ascii") as handle:
-            lines = handle.read().splitlines()
-    except OSError:
-        return {}
-    out = {}
-    for line in lines:
-        key, _, value = line.partition(":")
-        if key in fields:
-            out[fields[key]] = int(value.split()[0]) / 1024  # kB
-    return out
 
 
 def package_versions() -> dict[str, str | None]:
@@ -103,9 +82,9 @@ class RunRecorder:
     def __init__(self, config: RunConfig, run_dir: Path, *, resumed_round: int | None = None) -> None:
         self.config = config
         self.run_dir = run_dir
-        images = is_image_data(config)
-        self.primary_metric = "accuracy" if images else PRIMARY_METRIC.get(config.data, "rougeL")
-        self.metrics = IMAGE_METRICS if images else METRICS
+        images = config.data.holds_images
+        self.primary_metric = "accuracy" if images else PRIMARY_METRIC.get(config.data.source, "rougeL")
+        self.metrics = protocol.IMAGE_METRICS if images else protocol.TEXT_METRICS
         self.results: dict[str, Any] = {"strategy": config.strategy, "clients": {}, "rounds": [], "summary": {}}
         self._started = time.time()
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")

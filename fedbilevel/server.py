@@ -15,8 +15,9 @@ from flwr.supercore import log
 
 from fedbilevel import protocol
 from fedbilevel.checkpoint import load_checkpoint, save_checkpoint
-from fedbilevel.config import RESUMABLE_KEYS, ConfigError, RunConfig, resolve_user_path
-from fedbilevel.models.adapter import initial_adapter_arrays, lora_settings, save_adapter
+from fedbilevel.config import RESUMABLE_KEYS, ConfigError, RunConfig
+from fedbilevel.models.adapter import initial_adapter_arrays, save_adapter
+from fedbilevel.options import resolve_user_path
 from fedbilevel.results import RunRecorder, make_run_dir
 from fedbilevel.strategies import build_strategy
 
@@ -50,8 +51,7 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
     resumed_after = resumed[2]["round"] if resumed else 0
     recorder = RunRecorder(config, run_dir, resumed_round=resumed_after if resumed else None)
     log(INFO, "fedbilevel: strategy %s, %d rounds, results in %s", config.strategy, config.num_server_rounds, run_dir)
-    lora = lora_settings(config)
-    initial = initial_adapter_arrays(config.model_name, lora, seed=config.seed)
+    initial = initial_adapter_arrays(config.model.name, config.lora, seed=config.seed)
     started = time.time()
 
     def on_round_end(record: Mapping[str, Any]) -> None:
@@ -73,7 +73,7 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
         initial_adapter=initial,
         on_round_end=on_round_end,
         evaluate_round=config.evaluates_in_round,
-        evaluate_global=config.eval_global,
+        evaluate_global=config.eval.include_global,
     )
     if resumed:
         strategy.restore(resumed[1], resumed[2])
@@ -89,7 +89,7 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
         evaluate_config=ConfigRecord(),
     )
     for partition_id in sorted(strategy.clients):
-        save_adapter(strategy.personalized_adapter(partition_id), run_dir / "clients" / str(partition_id), config.model_name, lora)
+        save_adapter(strategy.personalized_adapter(partition_id), run_dir / "clients" / str(partition_id), config.model.name, config.lora)
     log(INFO, "final personalized scores (%s):\n%s", config.strategy, recorder.table())
     log(INFO, "results: %s", run_dir / "results.json")
     return run_dir

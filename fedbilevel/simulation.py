@@ -16,44 +16,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import tomllib
+import numpy as np
+from flwr.simulation import run_simulation
 
-from fedbilevel.config import ConfigError, RunConfig, load_app_config
-
-PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
-
-
-def parse_assignment(text: str) -> tuple[str, Any]:
-    """``key=value`` with a TOML value (``lr=3e-4``, ``name='x'``); a bare word is a string."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"run-config override {text!r} is not allowed; expected KEY=VALUE, e.g. strategy='fedbip'")
-    try:
-        return key.strip(), tomllib.loads(f"v = {value.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        return key.strip(), value.strip()
-
-
-def resolve(overrides: Mapping[str, Any], toml_files: Sequence[str | Path] = ()) -> dict[str, Any]:
-    """Defaults from pyproject.toml, then each TOML file, then ``overrides``; validated."""
-    if not PYPROJECT.is_file():
-        raise ConfigError(f"{PYPROJECT} not found: run from a source checkout (pip install -e .)")
-    config = load_app_config(PYPROJECT)
-    for path in toml_files:
-        with open(path, "rb") as handle:
-            config.update(tomllib.load(handle))
-    config.update(overrides)
-    RunConfig.from_run_config(config)  # fail here, with the key named, not inside Ray
-    return config
-
+from fedbilevel.client.app import make_client_app
+from fedbilevel.config import ConfigError, RunConfig, parse_assignment, resolve
+from fedbilevel.server import make_server_app
 
 def random_updates(partitions: Sequence[int], scale: float, seed: int):
     """A faulty-client harness: the listed clients send θ̄ + a random direction of ``scale``× their real update's norm.
 
     The direction is drawn per client and round from ``seed``, so runs are reproducible.
     """
-    import numpy as np
-
     faulty = set(partitions)
 
     def corrupt(partition_id: int, server_round: int, received: dict, trained: dict) -> dict:
@@ -107,11 +81,6 @@ def simulate(
     ``faulty_clients`` send scaled random updates instead of their trained adapters and
     ``absent_clients`` fail every round (:func:`fault_harness`), for robustness experiments.
     """
-    from flwr.simulation import run_simulation
-
-    from fedbilevel.client.app import make_client_app
-    from fedbilevel.server import make_server_app
-
     corrupt = fault_harness(run_config, faulty_clients=faulty_clients, faulty_scale=faulty_scale, absent_clients=absent_clients)
     run_simulation(
         server_app=make_server_app(run_config),

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedbilevel.options import choice, integer, not_allowed, number, option, validate
+
 NEGATIVE_COSINE_MODES = ("clip", "keep")
 WEIGHTING_RULES = ("paper", "softmax", "power", "top-k", "threshold", "zscore-softmax")
 
@@ -48,7 +50,8 @@ class Weighting:
     in this order: the Gram matrix is centred (``centering="mean"``, :func:`centered_gram`),
     cosines are taken, the caller may smooth them across rounds (:func:`ema_similarity`),
     the rule turns them into weights (:func:`similarity_weights`), and self-weights are
-    raised to ``self_floor`` (:func:`self_weight_floor`).
+    raised to ``self_floor`` (:func:`self_weight_floor`). Each field is a run-config key;
+    a bad value raises :class:`~fedbilevel.options.ConfigError` naming it.
 
     Attributes
     ----------
@@ -64,21 +67,38 @@ class Weighting:
         Smallest self-weight, in [0, 1].
     """
 
-    rule: str = "paper"
-    negative: str = "clip"
-    temperature: float = 0.1
-    power: float = 2.0
-    top_k: int = 1
-    threshold: float = 0.5
-    z_temperature: float = 1.0
-    centering: str = "none"
-    self_floor: float = 0.0
+    negative: str = option(
+        "negative-cosine", "clip", choice(NEGATIVE_COSINE_MODES),
+        "`clip` (negative cosines count as 0) or `keep` (the paper's formula literally; only with weighting `paper`); "
+        "see \"The two choices the paper leaves open\"",
+    )
+    rule: str = option(
+        "weighting", "paper", choice(WEIGHTING_RULES),
+        "FedBip's weighting rule (\"Beyond the paper\"): `paper`, `softmax`, `power`, `top-k`, `threshold`, `zscore-softmax`",
+    )
+    temperature: float = option("weighting-temperature", 0.1, number(0.0, low_open=True), "`softmax`: temperature, in cosine units")
+    power: float = option("weighting-power", 2.0, number(1.0, low_open=False), "`power`: exponent γ of max(S, 0)^γ")
+    top_k: int = option("weighting-top-k", 1, integer(1), "`top-k`: peers kept besides self")
+    threshold: float = option(
+        "weighting-threshold", 0.5, number(-1.0, low_open=False, high=1.0, high_open=False),
+        "`threshold`: smallest cosine kept (self always kept)",
+    )
+    z_temperature: float = option(
+        "weighting-z-temperature", 1.0, number(0.0, low_open=True), "`zscore-softmax`: temperature, in standard deviations"
+    )
+    centering: str = option(
+        "similarity-centering", "none", choice(SIMILARITY_CENTERINGS),
+        "`mean`: cosines of τᵢ − mean τ (the direction common to all updates removed)",
+    )
+    self_floor: float = option(
+        "self-weight-floor", 0.0, number(0.0, low_open=False, high=1.0, high_open=False),
+        "every client keeps at least this weight on its own update",
+    )
 
     def __post_init__(self) -> None:
-        _check_choice("centering", self.centering, SIMILARITY_CENTERINGS)
-        check_weighting_options(rule=self.rule, negative=self.negative, temperature=self.temperature, power=self.power,
-                                top_k=self.top_k, threshold=self.threshold, z_temperature=self.z_temperature)
-        _check_real("self_floor", self.self_floor, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+        validate(self)
+        if self.negative == "keep" and self.rule != "paper":
+            raise not_allowed("negative-cosine", "keep", f"with weighting={self.rule!r} only weighting='paper' keeps negative cosines")
 
     @property
     def is_paper(self) -> bool:
@@ -130,32 +150,6 @@ def centered_gram(gram: np.ndarray) -> np.ndarray:
     grams, single = _as_stack("gram", gram)
     centered = grams - grams.mean(axis=2, keepdims=True) - grams.mean(axis=1, keepdims=True) + grams.mean(axis=(1, 2), keepdims=True)
     return centered[0] if single else centered
-
-
-def check_weighting_options(
-    *,
-    rule: str = "paper",
-    negative: str = "clip",
-    temperature: float = 0.1,
-    power: float = 2.0,
-    top_k: int = 1,
-    threshold: float = 0.5,
-    z_temperature: float = 1.0,
-    std_floor: float = 0.05,
-) -> None:
-    """Raise ValueError (naming the option, its value and what is allowed) unless every option of
-    :func:`similarity_weights` is valid, whichever rule is chosen, so a bad run config fails at once."""
-    _check_choice("rule", rule, WEIGHTING_RULES)
-    _check_choice("negative", negative, NEGATIVE_COSINE_MODES)
-    if negative == "keep" and rule != "paper":
-        raise ValueError(f"negative: 'keep' is not allowed with rule={rule!r}; only rule='paper' keeps negative similarities")
-    _check_real("temperature", temperature, lambda v: v > 0, "a number > 0")
-    _check_real("power", power, lambda v: v >= 1, "a number >= 1")
-    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
-        raise ValueError(f"top_k: value {top_k!r} is not allowed; expected an integer >= 1")
-    _check_real("threshold", threshold, lambda v: True, "a finite number")
-    _check_real("z_temperature", z_temperature, lambda v: v > 0, "a number > 0")
-    _check_real("std_floor", std_floor, lambda v: v > 0, "a number > 0")
 
 
 def check_ema_decay(decay: float) -> None:
@@ -235,32 +229,32 @@ def similarity_weights(
         Lower bound > 0 on the per-row standard deviation of ``"zscore-softmax"``, in
         similarity units: differences much smaller than it are treated as noise.
 
-    Every hyper-parameter is validated whichever rule is chosen
-    (:func:`check_weighting_options`).
+    Every hyper-parameter is validated whichever rule is chosen (as a :class:`Weighting`).
 
     Returns
     -------
     np.ndarray
         float64 weights, same shape as ``similarity``, rows summing to 1.
     """
-    check_weighting_options(rule=rule, negative=negative, temperature=temperature, power=power, top_k=top_k,
-                            threshold=threshold, z_temperature=z_temperature, std_floor=std_floor)
+    Weighting(rule=rule, negative=negative, temperature=temperature, power=power, top_k=top_k, threshold=threshold,
+              z_temperature=z_temperature)
+    _check_real("std_floor", std_floor, lambda v: v > 0, "a number > 0")
     scores, single = _as_stack("similarity", similarity)
 
     n = scores.shape[1]
     eye = np.eye(n, dtype=bool)
     if rule == "paper":
-        weights = _weights_from_similarities(scores, negative)
+        weights = normalised_weights(scores, negative)
     elif rule == "power":
-        weights = _weights_from_similarities(np.clip(scores, 0.0, None) ** power, "clip")
+        weights = normalised_weights(np.clip(scores, 0.0, None) ** power, "clip")
     elif rule == "threshold":
-        weights = _weights_from_similarities(np.where((scores >= threshold) | eye, scores, 0.0), "clip")
+        weights = normalised_weights(np.where((scores >= threshold) | eye, scores, 0.0), "clip")
     elif rule == "top-k":
         # Stable sort of −S (self last): equal similarities keep index order, lower index first.
         order = np.argsort(np.where(eye, np.inf, -scores), axis=2, kind="stable")
         ranks = np.empty_like(order)
         np.put_along_axis(ranks, order, np.arange(n), axis=2)
-        weights = _weights_from_similarities(np.where((ranks < top_k) | eye, scores, 0.0), "clip")
+        weights = normalised_weights(np.where((ranks < top_k) | eye, scores, 0.0), "clip")
     elif rule == "softmax":
         weights = _softmax_rows(scores / temperature, _present(scores))
     else:
@@ -383,8 +377,10 @@ def _as_stack(name: str, matrix: np.ndarray) -> tuple[np.ndarray, bool]:
     return (stack[None], True) if stack.ndim == 2 else (stack, False)
 
 
-def _weights_from_similarities(similarity: np.ndarray, negative: str) -> np.ndarray:
-    """:func:`weight_matrix` of every matrix in a G×N×N float64 stack."""
+def normalised_weights(similarity: np.ndarray, negative: str) -> np.ndarray:
+    """The paper's pᵢₖ = Sᵢₖ / Σⱼ Sᵢⱼ (negatives clipped to 0 unless ``negative="keep"``) of every
+    matrix in a G×N×N float64 stack, with the pᵢᵢ = 1 fallback for rows that cannot be normalised
+    (:func:`fedbilevel.aggregation.weight_matrix` of one matrix)."""
     scores = np.clip(similarity, 0.0, None) if negative == "clip" else similarity
     row_sums = scores.sum(axis=2)
     normalisable = row_sums > _MIN_ROW_SUM
@@ -394,6 +390,7 @@ def _weights_from_similarities(similarity: np.ndarray, negative: str) -> np.ndar
     return weights
 
 
-def _check_choice(key: str, value: object, allowed: Sequence[str]) -> None:
+def check_choice(key: str, value: object, allowed: Sequence[str]) -> None:
+    """Raise ValueError naming the argument ``key`` unless ``value`` is one of ``allowed``."""
     if value not in allowed:
         raise ValueError(f"{key}: {value!r} is not allowed; choose one of {', '.join(allowed)}")

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from fedbilevel.comparison import load_run, markdown, write_plots, write_tables
 from fedbilevel.config import ConfigError, RunConfig, load_app_config
-from fedbilevel.simulation import PYPROJECT, parse_assignment, resolve
+from fedbilevel.config import PYPROJECT, parse_assignment, resolve
 from fedbilevel.strategies import strategy_names
 
 POLL_S = 2.0

@@ -25,8 +25,9 @@ import torch
 from fedbilevel.client.evaluate import evaluate_adapter
 from fedbilevel.client.metrics import score_answers
 from fedbilevel.client.train import TextCodec, train_adapter
-from fedbilevel.config import PRECISIONS
-from fedbilevel.data.flan import load_flan_json, most_common_answer
+from fedbilevel.models.settings import PRECISIONS
+from fedbilevel.data.common import most_common_answer
+from fedbilevel.data.flan import load_flan_json
 from fedbilevel.models.adapter import build_lora_model
 from fedbilevel.models.settings import DEFAULT_MODEL, LoraSettings
 from fedbilevel.models.zoo import load_tokenizer

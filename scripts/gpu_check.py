@@ -33,7 +33,7 @@ from transformers import AutoConfig, LlamaForCausalLM
 
 from fedbilevel.client.evaluate import evaluate_adapter
 from fedbilevel.client.train import TextCodec, train_adapter
-from fedbilevel.config import PRECISIONS
+from fedbilevel.models.settings import PRECISIONS
 from fedbilevel.data.synthetic import make_client_data
 from fedbilevel.models.adapter import build_lora_model, get_adapter_arrays, initial_adapter_arrays
 from fedbilevel.models.settings import LoraSettings

@@ -30,8 +30,7 @@ from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDic
 
 from fedbilevel import protocol
 from fedbilevel.config import RunConfig
-from fedbilevel.results import METRICS
-from fedbilevel.simulation import resolve
+from fedbilevel.config import resolve
 from fedbilevel.testing import InProcessGrid
 
 NUM_CLIENTS = 8
@@ -55,7 +54,7 @@ class _Client:
         metrics = {protocol.PARTITION_ID: self.partition_id, protocol.NUM_EXAMPLES: 48,
                    protocol.BUSY_KEYS[0]: now, protocol.BUSY_KEYS[1]: now}
         if message.metadata.message_type == MessageType.EVALUATE:
-            metrics.update({metric: 0.5 for metric in METRICS})
+            metrics.update({metric: 0.5 for metric in protocol.TEXT_METRICS})
             return Message(RecordDict({protocol.METRICS: MetricRecord(metrics)}), reply_to=message)
         adapter = protocol.record_to_adapter(message.content.array_records[protocol.ARRAYS])
         rng = np.random.default_rng(1000 * self.partition_id + server_round)

@@ -22,7 +22,7 @@ def test_partition_comes_from_node_config_and_is_checked():
 def test_node_config_overrides_device_and_data_path_for_that_node_only(tmp_path):
     node = {"partition-id": 1, "num-partitions": 2, "device": "cpu"}
     session = ClientSession(context(node, **{"synthetic-tasks": "reverse,count"}), overrides=None)
-    assert session.config.device == "cpu" and session.partition_id == 1 and session.data.task == "count"
+    assert session.config.model.device == "cpu" and session.partition_id == 1 and session.data.task == "count"
     missing = tmp_path / "nowhere"
     node = {"partition-id": 0, "num-partitions": 2, "data-path": str(missing)}
     with pytest.raises(ValueError, match=f"data folder {missing}: not found"):

@@ -18,7 +18,7 @@ from fedbilevel.comparison import (
     write_tables,
 )
 from fedbilevel.config import ConfigError
-from fedbilevel.simulation import parse_assignment
+from fedbilevel.config import parse_assignment
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENTS = {"0": {"task": "reverse", "majority_exact_match": 0.0}, "1": {"task": "count", "majority_exact_match": 0.25}}

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from fedbilevel.config import SCHEMA, ConfigError, RunConfig, load_app_config
-from fedbilevel.simulation import resolve
+from fedbilevel.config import resolve
 
 DEFAULTS = load_app_config(Path(__file__).resolve().parents[1] / "pyproject.toml")
 
@@ -15,13 +15,13 @@ def test_pyproject_defaults_cover_the_schema_and_round_trip():
     assert list(DEFAULTS) == list(SCHEMA)
     config = RunConfig.from_run_config(DEFAULTS)
     assert config.to_run_config() == DEFAULTS
-    assert config.strategy == "fedbip" and config.negative_cosine == "clip" and config.task_vector == "round"
+    assert config.strategy == "fedbip" and config.fedbip.weighting.negative == "clip" and config.fedbip.task_vector == "round"
 
 
 def test_overrides_win():
     config = RunConfig.from_run_config(DEFAULTS, {"strategy": "fedbip-l", "lora-target-modules": "q_proj, v_proj"})
     assert config.strategy == "fedbip-l"
-    assert config.lora_target_modules == ("q_proj", "v_proj")
+    assert config.lora.target_modules == ("q_proj", "v_proj")
 
 
 @pytest.mark.parametrize(

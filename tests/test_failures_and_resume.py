@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, MessageType
 
-from fedbilevel.aggregation import fedbip_aggregate
+from fedbilevel.aggregation import FedBipSettings, fedbip_aggregate
 from fedbilevel.checkpoint import load_checkpoint, save_checkpoint
 from fedbilevel.strategies.fedamp import FedAmp
 from fedbilevel.strategies.fedbip import FedBip
@@ -46,7 +46,7 @@ def test_too_few_replies_skip_aggregation_and_keep_every_adapter():
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: FedBip(initial_adapter=INITIAL, min_nodes=4, similarity_ema=0.5),
+        lambda: FedBip(initial_adapter=INITIAL, min_nodes=4, settings=FedBipSettings(similarity_ema=0.5)),
         lambda: FedAmp(initial_adapter=INITIAL, min_nodes=4, proximal_lambda=0.1, sigma=5.0, self_weight=0.5),
     ],
     ids=["fedbip-ema", "fedamp"],

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord
 
-from fedbilevel.aggregation import cosine_similarity_matrix, fedbip_aggregate_detailed
+from fedbilevel.aggregation import FedBipSettings, cosine_similarity_matrix, fedbip_aggregate_detailed
 from fedbilevel.config import ConfigError, RunConfig, load_app_config
 from fedbilevel.strategies.fedbip import FedBip
 from fedbilevel.testing import INITIAL, FakeClient, FakeGrid, update_of
@@ -53,10 +53,10 @@ def test_self_weight_floor_in_aggregation():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"self_floor": -0.1}, "self_floor: value -0.1 is not allowed; expected a number in [0, 1]"),
-    ({"self_floor": 1.5}, "self_floor: value 1.5 is not allowed"),
-    ({"rule": "softmax", "temperature": 0.0}, "temperature: value 0.0 is not allowed; expected a number > 0"),
-    ({"top_k": 0}, "top_k: value 0 is not allowed; expected an integer >= 1"),  # checked whatever the rule
+    ({"self_floor": -0.1}, "'self-weight-floor': value -0.1 is not allowed; expected a number in [0.0, 1.0]"),
+    ({"self_floor": 1.5}, "'self-weight-floor': value 1.5 is not allowed"),
+    ({"rule": "softmax", "temperature": 0.0}, "'weighting-temperature': value 0.0 is not allowed; expected a number in (0.0"),
+    ({"top_k": 0}, "'weighting-top-k': value 0 is not allowed; expected an integer ≥ 1"),  # checked whatever the rule
 ])
 def test_a_bad_weighting_option_fails_when_built(options, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -64,12 +64,12 @@ def test_a_bad_weighting_option_fails_when_built(options, message):
 
 
 def test_negative_keep_is_only_allowed_with_the_paper_rule():
-    with pytest.raises(ValueError, match="negative: 'keep' is not allowed with rule='softmax'"):
+    with pytest.raises(ConfigError, match="'negative-cosine': value 'keep' is not allowed; with weighting='softmax'"):
         Weighting(rule="softmax", negative="keep")
     with pytest.raises(ValueError, match="not allowed together with weighting"):
         fedbip_aggregate_detailed(adapters([0]), adapters([1]), negative="keep", weighting=Weighting())
     config = {**load_app_config(), "negative-cosine": "keep", "weighting": "softmax"}
-    with pytest.raises(ConfigError, match="run-config key 'negative-cosine': value 'keep' is not allowed with weighting='softmax'"):
+    with pytest.raises(ConfigError, match="run-config key 'negative-cosine': value 'keep' is not allowed; with weighting='softmax'"):
         RunConfig.from_run_config(config)
     with pytest.raises(ConfigError, match="run-config key 'weighting': value 'sharpest' is not allowed; choose one of paper, softmax"):
         RunConfig.from_run_config({**load_app_config(), "weighting": "sharpest"})
@@ -79,7 +79,8 @@ def test_negative_keep_is_only_allowed_with_the_paper_rule():
 def test_similarity_ema_smooths_each_pair_across_rounds():
     clients = {p: FakeClient(p) for p in range(3)}
     records = []
-    strategy = FedBip(initial_adapter=INITIAL, min_nodes=3, similarity_ema=0.25, on_round_end=records.append)
+    settings = FedBipSettings(similarity_ema=0.25)
+    strategy = FedBip(initial_adapter=INITIAL, min_nodes=3, settings=settings, on_round_end=records.append)
     strategy.start(FakeGrid({70 + p: c for p, c in clients.items()}), ArrayRecord(), num_rounds=2)
 
     def raw(server_round):  # the fakes' task vectors are update_of(p, round)
@@ -88,22 +89,18 @@ def test_similarity_ema_smooths_each_pair_across_rounds():
 
     np.testing.assert_allclose(records[0]["similarity"], raw(1), atol=1e-5)
     np.testing.assert_allclose(records[1]["similarity"], 0.25 * raw(1) + 0.75 * raw(2), atol=1e-5)
-    with pytest.raises(ValueError, match="decay: value 1.0 is not allowed"):
-        FedBip(initial_adapter=INITIAL, similarity_ema=1.0)
+    with pytest.raises(ConfigError, match="'similarity-ema': value 1.0 is not allowed"):
+        FedBipSettings(similarity_ema=1.0)
 
 
-def test_paper_weighting_values_are_the_pyproject_defaults():
-    from fedbilevel.config import PAPER_WEIGHTING
-
-    defaults = load_app_config()
-    assert {key: defaults[key] for key in PAPER_WEIGHTING} == PAPER_WEIGHTING
+def test_the_default_weighting_is_the_papers_rule():
+    assert Weighting().is_paper and Weighting().negative == "clip"
+    assert RunConfig.from_run_config(load_app_config()).fedbip.weighting == Weighting()
 
 
 @pytest.mark.parametrize("name, layerwise", [("fedbip-plus", False), ("fedbip-plus-l", True)])
 def test_a_preset_sets_its_weighting_and_runs_fedbip(name, layerwise):
-    from fedbilevel.config import FEDBIP_PRESETS
-    from fedbilevel.strategies import build_strategy
-    from fedbilevel.strategies.fedbip import FedBip
+    from fedbilevel.strategies import FEDBIP_PRESETS, build_strategy
 
     base, preset = FEDBIP_PRESETS[name]
     assert base == ("fedbip-l" if layerwise else "fedbip")
@@ -113,11 +110,11 @@ def test_a_preset_sets_its_weighting_and_runs_fedbip(name, layerwise):
     assert RunConfig.from_run_config(resolved) == config  # config.json reloads to the same run
     strategy = build_strategy(config, initial_adapter=INITIAL)
     assert isinstance(strategy, FedBip) and strategy.layerwise is layerwise
-    assert strategy.weighting.rule == resolved["weighting"] and not strategy.weighting.is_paper
+    assert strategy.settings.weighting.rule == resolved["weighting"] and not strategy.settings.weighting.is_paper
 
 
 def test_a_preset_refuses_a_weighting_key_set_otherwise_and_accepts_its_own_value():
-    from fedbilevel.config import FEDBIP_PRESETS
+    from fedbilevel.strategies import FEDBIP_PRESETS
 
     _, preset = FEDBIP_PRESETS["fedbip-plus"]
     key, value = next(iter(preset.items()))

@@ -7,13 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from fedbilevel.data.flan import (
-    answer_options,
-    load_flan_json,
-    most_common_answer,
-    seeded_subset,
-)
-from fedbilevel.data.prompts import Example
+from fedbilevel.data.common import most_common_answer, seeded_subset
+from fedbilevel.data.flan import answer_options, load_flan_json
+from fedbilevel.data.types import Example
 
 FLAN8 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flan8"
 CATEGORIES = [

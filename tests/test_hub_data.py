@@ -11,7 +11,7 @@ from fedbilevel.data.hub import (
     load_hub_client_data,
     partition_dataset,
 )
-from fedbilevel.data.prompts import Example
+from fedbilevel.data.types import Example
 
 TASKS = ("uppercase", "count", "reverse")  # deliberately not sorted
 
@@ -246,7 +246,7 @@ def _image_dataset(per_domain=6):
 
 
 def test_image_rows_become_preprocessed_image_examples_two_clients_a_domain():
-    from fedbilevel.data.digits import ImageExample
+    from fedbilevel.data.types import ImageExample
     from fedbilevel.models.zoo import image_preprocessor
 
     preprocess = image_preprocessor("digits-vit")  # no image processor: resized to 8×8 grey in [0, 1]

@@ -13,7 +13,8 @@ from fedbilevel.client.evaluate import (
     option_scores,
 )
 from fedbilevel.client.metrics import score_answers, score_items
-from fedbilevel.data.prompts import Example, format_prompt
+from fedbilevel.data.prompts import format_prompt
+from fedbilevel.data.types import Example
 from fedbilevel.models.adapter import build_lora_model
 from fedbilevel.models.settings import LoraSettings
 from fedbilevel.models.zoo import TINY_MODEL, load_tokenizer

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from fedbilevel.config import RunConfig, load_app_config
-from fedbilevel.results import RunRecorder, make_run_dir, process_memory_mb
+from fedbilevel.resources import process_memory_mb
+from fedbilevel.results import RunRecorder, make_run_dir
 
 DEFAULTS = load_app_config(Path(__file__).resolve().parents[1] / "pyproject.toml")
 

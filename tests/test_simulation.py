@@ -15,7 +15,7 @@ import pytest
 from peft import PeftModel
 
 from fedbilevel.config import RunConfig, load_app_config
-from fedbilevel.models.adapter import get_adapter_arrays, initial_adapter_arrays, lora_settings
+from fedbilevel.models.adapter import get_adapter_arrays, initial_adapter_arrays
 from fedbilevel.models.base import load_base_model
 from fedbilevel.models.zoo import TINY_MODEL
 from fedbilevel.simulation import simulate as run_in_simulation
@@ -108,7 +108,7 @@ def test_same_task_clients_are_most_similar(run):
 def test_saved_adapters_load_with_peft_and_are_personal(run):
     config, run_dir = run
     cfg = RunConfig.from_run_config(config)
-    initial = initial_adapter_arrays(TINY_MODEL, lora_settings(cfg), seed=cfg.seed)
+    initial = initial_adapter_arrays(TINY_MODEL, cfg.lora, seed=cfg.seed)
     adapters = []
     for p in range(NUM_CLIENTS):
         model = PeftModel.from_pretrained(load_base_model(TINY_MODEL), run_dir / "clients" / str(p))

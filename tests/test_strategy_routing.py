@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, MessageType
 
-from fedbilevel.aggregation import fedbip_aggregate
+from fedbilevel.aggregation import FedBipSettings, fedbip_aggregate
 from fedbilevel.strategies.fedbip import FedBip
 from fedbilevel.testing import INITIAL, FakeClient, FakeGrid, update_of
 
@@ -155,7 +155,7 @@ def test_fedbip_passes_its_similarity_space_to_the_math():
     rng = np.random.default_rng(3)
     # Non-zero start so that ΔW = B·A differs from the raw parameter direction.
     start = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in lora.items()}
-    strategy = FedBip(initial_adapter=start, min_nodes=3, similarity_space="lora-product")
+    strategy = FedBip(initial_adapter=start, min_nodes=3, settings=FedBipSettings(similarity_space="lora-product"))
     deltas = {p: {k: rng.normal(size=v.shape).astype(np.float32) for k, v in lora.items()} for p in range(3)}
     trained = {p: {k: start[k] + deltas[p][k] for k in lora} for p in range(3)}
     strategy.personalize(1, trained, {p: 1 for p in range(3)})

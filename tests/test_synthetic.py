@@ -3,7 +3,8 @@
 import pytest
 
 from fedbilevel.data import synthetic
-from fedbilevel.data.prompts import Example, format_prompt
+from fedbilevel.data.prompts import format_prompt
+from fedbilevel.data.types import Example
 from fedbilevel.data.synthetic import (
     MAX_WORDS,
     MIN_WORDS,

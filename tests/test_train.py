@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from fedbilevel.client.train import IGNORE_INDEX, TextCodec, encode_for_training, train_adapter
-from fedbilevel.data.prompts import Example, format_prompt
+from fedbilevel.data.prompts import format_prompt
+from fedbilevel.data.types import Example
 from fedbilevel.data.synthetic import make_client_data
 from fedbilevel.models.adapter import build_lora_model, get_adapter_arrays
 from fedbilevel.models.settings import LoraSettings

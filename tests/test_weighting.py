@@ -95,7 +95,7 @@ def test_threshold_by_hand():
     # A similarity equal to the threshold is kept (only values below it are dropped).
     np.testing.assert_allclose(similarity_weights(TIED, rule="threshold", threshold=0.6)[0], [5 / 11, 3 / 11, 3 / 11], rtol=1e-14)
     # Above every similarity, self is still kept: local training.
-    np.testing.assert_array_equal(similarity_weights(TIED, rule="threshold", threshold=2.0), np.eye(3))
+    np.testing.assert_array_equal(similarity_weights(TIED, rule="threshold", threshold=0.9), np.eye(3))
 
 
 def test_zscore_softmax_by_hand():
@@ -248,32 +248,34 @@ def test_ema_similarity_by_hand():
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [
-        ({"rule": "cosine"}, "rule"),
-        ({"negative": "abs"}, "negative"),
-        ({"rule": "softmax", "negative": "keep"}, "negative"),
-        ({"temperature": 0}, "temperature"),
-        ({"temperature": -0.1}, "temperature"),
-        ({"temperature": float("inf")}, "temperature"),
-        ({"temperature": "0.1"}, "temperature"),
-        ({"power": 0.5}, "power"),
-        ({"power": float("nan")}, "power"),
-        ({"top_k": 0}, "top_k"),
-        ({"top_k": 1.5}, "top_k"),
-        ({"top_k": True}, "top_k"),
-        ({"threshold": float("nan")}, "threshold"),
-        ({"threshold": None}, "threshold"),
-        ({"z_temperature": 0.0}, "z_temperature"),
+        ({"rule": "cosine"}, "weighting"),
+        ({"negative": "abs"}, "negative-cosine"),
+        ({"rule": "softmax", "negative": "keep"}, "negative-cosine"),
+        ({"temperature": 0}, "weighting-temperature"),
+        ({"temperature": -0.1}, "weighting-temperature"),
+        ({"temperature": float("inf")}, "weighting-temperature"),
+        ({"temperature": "0.1"}, "weighting-temperature"),
+        ({"power": 0.5}, "weighting-power"),
+        ({"power": float("nan")}, "weighting-power"),
+        ({"top_k": 0}, "weighting-top-k"),
+        ({"top_k": 1.5}, "weighting-top-k"),
+        ({"top_k": True}, "weighting-top-k"),
+        ({"threshold": float("nan")}, "weighting-threshold"),
+        ({"threshold": None}, "weighting-threshold"),
+        ({"z_temperature": 0.0}, "weighting-z-temperature"),
         ({"std_floor": 0.0}, "std_floor"),
         ({"std_floor": -1}, "std_floor"),
     ],
 )
 def test_bad_hyper_parameters_name_themselves(kwargs, name):
-    with pytest.raises(ValueError, match=rf"^{name}: "):
+    # The rules' options are run-config keys (Weighting declares them); std_floor is the function's own.
+    with pytest.raises(ValueError, match=rf"^{name}: " if name == "std_floor" else rf"^run-config key '{name}': "):
         similarity_weights(S3, **kwargs)
 
 
 def test_bad_hyper_parameter_message_says_what_is_allowed():
-    with pytest.raises(ValueError, match=r"^temperature: value 0 is not allowed; expected a number > 0$"):
+    expected = r"^run-config key 'weighting-temperature': value 0 is not allowed; expected a number in \(0.0, inf\)$"
+    with pytest.raises(ValueError, match=expected):
         similarity_weights(S3, rule="softmax", temperature=0)
 
 

@@ -29,13 +29,14 @@ from fedbilevel.client.metrics import score_answers
 from fedbilevel.client.train import Codec, TextCodec, proximal_term, train_adapter
 from fedbilevel.client.vision import ImageCodec, evaluate_classifier
 from fedbilevel.config import RunConfig
-from fedbilevel.data import ClientData, load_client_data
-from fedbilevel.data.digits import ImageExample
-from fedbilevel.data.flan import most_common, most_common_answer
-from fedbilevel.models.adapter import build_lora_model, get_adapter_arrays, lora_settings, set_adapter_arrays
-from fedbilevel.models.settings import LoraSettings
-from fedbilevel.models.zoo import is_image_classifier, load_tokenizer
-from fedbilevel.results import process_memory_mb
+from fedbilevel.data import load_client_data
+from fedbilevel.data.common import most_common, most_common_answer
+from fedbilevel.data.settings import DataSettings
+from fedbilevel.data.types import ClientData, ImageExample
+from fedbilevel.models.adapter import build_lora_model, get_adapter_arrays, set_adapter_arrays
+from fedbilevel.models.settings import LoraSettings, ModelSettings
+from fedbilevel.models.zoo import image_preprocessor, is_image_classifier, load_tokenizer
+from fedbilevel.resources import process_memory_mb
 
 NODE_CONFIG_KEYS = ("device", "data-path")  # run-config keys a SuperNode's --node-config overrides
 
@@ -69,16 +70,18 @@ def resolve_device(device: str) -> torch.device:
 
 
 @functools.lru_cache(maxsize=1)
-def _model(model_name: str, lora: LoraSettings, threads: int, device: str, precision: str):
-    if threads > 0:
-        torch.set_num_threads(threads)
-    model = build_lora_model(model_name, lora, precision=precision, device=resolve_device(device))
-    return model, None if is_image_classifier(model_name) else load_tokenizer(model_name)
+def _model(settings: ModelSettings, lora: LoraSettings):
+    if settings.client_threads > 0:
+        torch.set_num_threads(settings.client_threads)
+    model = build_lora_model(settings.name, lora, precision=settings.precision, device=resolve_device(settings.device))
+    return model, None if is_image_classifier(settings.name) else load_tokenizer(settings.name)
 
 
 @functools.lru_cache(maxsize=16)
-def _data(config: RunConfig, partition_id: int, num_partitions: int) -> ClientData:
-    return load_client_data(config, partition_id, num_partitions)
+def _data(data: DataSettings, seed: int, model_name: str, partition_id: int, num_partitions: int) -> ClientData:
+    # Hub images are prepared as the model expects them (its image processor).
+    preprocess = image_preprocessor(model_name) if data.image_column else None
+    return load_client_data(data, partition_id, num_partitions, seed=seed, preprocess=preprocess)
 
 
 def _seed(config: RunConfig, partition_id: int, server_round: int) -> int:
@@ -96,27 +99,28 @@ class ClientSession:
         own = {key: context.node_config[key] for key in NODE_CONFIG_KEYS if key in context.node_config}
         self.config = RunConfig.from_run_config(context.run_config, {**(overrides or {}), **own})
         self.partition_id, self.num_partitions = partition_of(context)
-        self.data = _data(self.config, self.partition_id, self.num_partitions)
+        config = self.config
+        self.data = _data(config.data, config.seed, config.model.name, self.partition_id, self.num_partitions)
         self.ala: protocol.AlaSettings | None = None  # FedALA's client-side step, when the message asks for it (load_model)
         self.images = isinstance(next(iter(self.data.train), None), ImageExample)
-        if self.images != is_image_classifier(self.config.model_name):
+        if self.images != is_image_classifier(config.model.name):
             kind, model_kind = ("images", "a causal language model") if self.images else ("text", "an image classifier")
-            raise ValueError(f"run-config key 'model-name': value {self.config.model_name!r} is {model_kind}, "
-                             f"but data={self.config.data!r} holds {kind}; choose a model for that data")
+            raise ValueError(f"run-config key 'model-name': value {config.model.name!r} is {model_kind}, "
+                             f"but data={config.data.source!r} holds {kind}; choose a model for that data")
 
     def codec(self, tokenizer) -> Codec:
         """How this client's examples become batches for the shared train loop."""
-        return ImageCodec() if self.images else TextCodec(tokenizer, self.config.max_seq_len)
+        return ImageCodec() if self.images else TextCodec(tokenizer, self.config.train.max_seq_len)
 
     def score(self, model, tokenizer) -> dict:
         """The model's scores on this client's test split (the family's eval loop)."""
-        config = self.config
+        settings, bf16 = self.config.eval, self.config.model.bf16_compute
         if self.images:
-            return evaluate_classifier(model, self.data.test, batch_size=config.eval_batch_size,
-                                       bf16_autocast=config.bf16_compute, device=model.device)
-        return evaluate_adapter(model, tokenizer, self.data.test, batch_size=config.eval_batch_size,
-                                max_new_tokens=config.eval_max_new_tokens, bf16_autocast=config.bf16_compute,
-                                device=model.device, score_options=config.eval_option_scoring)
+            return evaluate_classifier(model, self.data.test, batch_size=settings.batch_size, bf16_autocast=bf16,
+                                       device=model.device)
+        return evaluate_adapter(model, tokenizer, self.data.test, batch_size=settings.batch_size,
+                                max_new_tokens=settings.max_new_tokens, bf16_autocast=bf16, device=model.device,
+                                score_options=settings.option_scoring)
 
     def majority_score(self) -> float:
         """Exact match of always giving the most common training answer (label): the prior to beat."""
@@ -137,7 +141,7 @@ class ClientSession:
         addressed_to = config.get(protocol.PARTITION_ID)
         if addressed_to != self.partition_id:
             raise ValueError(f"message for partition {addressed_to!r} reached client {self.partition_id}; refusing another client's adapter")
-        model, tokenizer = _model(self.config.model_name, lora_settings(self.config), self.config.client_threads, self.config.device, self.config.precision)
+        model, tokenizer = _model(self.config.model, self.config.lora)
         set_adapter_arrays(model, protocol.record_to_adapter(message.content.array_records[protocol.ARRAYS]))
         server_round = int(config[protocol.SERVER_ROUND])
         step: dict[str, float] = {}
@@ -149,7 +153,7 @@ class ClientSession:
                 self.data.train,
                 context.state,
                 ala,
-                batch_size=self.config.batch_size,
+                batch_size=self.config.train.batch_size,
                 seed=_seed(self.config, self.partition_id, server_round),
                 device=model.device,
             )
@@ -205,27 +209,27 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, *, corrupt: Upda
     def train(message: Message, context: Context) -> Message:
         session = ClientSession(context, overrides)
         model, tokenizer, server_round, step = session.load_model(message, context)
-        config = session.config
+        config, settings = session.config, session.config.train
         # Strategies declare client-side loss terms in the message (FedProx's μ, FedAMP's λ).
         mu = float(message.content.config_records[protocol.CONFIG].get(protocol.PROXIMAL_MU, 0.0))
         result = train_adapter(
             model,
             session.codec(tokenizer),
             session.data.train,
-            steps=config.local_steps,
-            batch_size=config.batch_size,
-            learning_rate=config.learning_rate,
-            bf16_autocast=config.bf16_compute,
+            steps=settings.local_steps,
+            batch_size=settings.batch_size,
+            learning_rate=settings.learning_rate,
+            bf16_autocast=config.model.bf16_compute,
             device=model.device,
             seed=_seed(config, session.partition_id, server_round),
             extra_loss=proximal_term(model, mu) if mu > 0 else None,
         )
         log(INFO, "client %d (%s), round %d: %d steps in %.1f s, mean loss %.4f, last %.4f",
-            session.partition_id, session.data.task, server_round, config.local_steps, result.seconds, result.loss, result.last_loss)
-        metrics = session.metrics(
-            {protocol.TRAIN_LOSS: result.loss, protocol.TRAIN_LAST_LOSS: result.last_loss, protocol.TRAIN_SECONDS: result.seconds, **step, **process_memory_mb()},
-            len(session.data.train),
-        )
+            session.partition_id, session.data.task, server_round, settings.local_steps, result.seconds, result.loss,
+            result.last_loss)
+        values = {protocol.TRAIN_LOSS: result.loss, protocol.TRAIN_LAST_LOSS: result.last_loss,
+                  protocol.TRAIN_SECONDS: result.seconds, **step, **process_memory_mb()}
+        metrics = session.metrics(values, len(session.data.train))
         trained = get_adapter_arrays(model)
         if session.ala is not None:
             remember_local(context.state, trained)

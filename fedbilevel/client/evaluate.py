@@ -24,7 +24,8 @@ from fedbilevel.client.metrics import (
 )
 from fedbilevel.client.train import encode_answer, encode_prompt
 from fedbilevel.data.flan import answer_options
-from fedbilevel.data.prompts import Example, format_prompt
+from fedbilevel.data.prompts import format_prompt
+from fedbilevel.data.types import Example
 
 T = TypeVar("T")
 

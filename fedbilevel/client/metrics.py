@@ -6,6 +6,8 @@ from collections.abc import Mapping, Sequence
 
 from rouge_score import rouge_scorer
 
+from fedbilevel import protocol
+
 _SCORER: rouge_scorer.RougeScorer | None = None
 
 
@@ -66,7 +68,6 @@ def exact_match(prediction: str, reference: str) -> float:
     return float(_normalise(prediction) == _normalise(reference))
 
 
-METRIC_NAMES = ("rouge1", "rougeL", "exact_match")
 
 
 def score_items(
@@ -90,7 +91,7 @@ def score_items(
     -------
     dict of str to list of float
         ``{"rouge1": [...], "rougeL": [...], "exact_match": [...]}`` (the keys of
-        :data:`METRIC_NAMES`), each a list of Python floats in [0, 1] with one
+        :data:`fedbilevel.protocol.TEXT_METRICS`), each a list of Python floats in [0, 1] with one
         entry per answer, in the order of ``predictions``.
 
     Raises
@@ -106,7 +107,7 @@ def score_items(
     if not predictions:
         raise ValueError("no answers to score: predictions and references are empty")
     scorer = _scorer()
-    items: dict[str, list[float]] = {name: [] for name in METRIC_NAMES}
+    items: dict[str, list[float]] = {name: [] for name in protocol.TEXT_METRICS}
     for prediction, reference in zip(predictions, references):
         # rouge_score takes (target, prediction) in that order.
         scores = scorer.score(reference, prediction)

@@ -16,7 +16,8 @@ from typing import Any, Protocol
 
 import torch
 
-from fedbilevel.data.prompts import Example, format_prompt
+from fedbilevel.data.prompts import format_prompt
+from fedbilevel.data.types import Example
 
 IGNORE_INDEX = -100  # label value that PyTorch's cross-entropy skips
 

@@ -1,117 +1,98 @@
-"""Federations: run-config ``data`` name -> per-client train/test examples."""
+"""Federations: run-config ``data`` name -> each client's train and test examples.
+
+One loader per format (:mod:`.synthetic`, :mod:`.flan`, :mod:`.hub`, :mod:`.digits`), the
+records they produce (:mod:`.types`), the helpers they share (:mod:`.common`) and their
+run-config options (:mod:`.settings`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
-from fedbilevel.data.prompts import Example
+from fedbilevel.data.digits import make_digits_client_data
+from fedbilevel.data.flan import load_flan_json
+from fedbilevel.data.hub import load_hub_client_data
+from fedbilevel.data.settings import DataSettings
+from fedbilevel.data.synthetic import make_client_data, task_of_client
+from fedbilevel.data.types import ClientData
+from fedbilevel.options import resolve_user_path
 
-if TYPE_CHECKING:
-    from fedbilevel.config import RunConfig
-    from fedbilevel.data.digits import ImageExample
-
-
-@dataclass(frozen=True)
-class ClientData:
-    """One client's partition: its task label and its own train and test examples.
-
-    Examples are :class:`~fedbilevel.data.prompts.Example` (text) or
-    :class:`~fedbilevel.data.digits.ImageExample` (images), one kind per federation.
-    """
-
-    task: str
-    train: list[Example] | list[ImageExample]
-    test: list[Example] | list[ImageExample]
+# Turns one raw image of a hub dataset into the model's pixel values (the client passes the
+# model's image processor; the data package knows no models).
+Preprocess = Callable[[Any], Any]
 
 
-def _synthetic(config: RunConfig, partition_id: int, num_partitions: int) -> ClientData:
-    from fedbilevel.data.synthetic import make_client_data, task_of_client
-
+def _synthetic(data: DataSettings, partition_id: int, num_partitions: int, seed: int, _: Preprocess | None) -> ClientData:
     train, test = make_client_data(
         partition_id,
         num_partitions,
-        seed=config.seed,
-        num_train=config.synthetic_train_examples,
-        num_test=config.synthetic_test_examples,
-        tasks=config.synthetic_tasks,
-        instruction=config.synthetic_instruction,
-        split=config.synthetic_split,
+        seed=seed,
+        num_train=data.synthetic_train_examples,
+        num_test=data.synthetic_test_examples,
+        tasks=data.synthetic_tasks,
+        instruction=data.synthetic_instruction,
+        split=data.synthetic_split,
     )
-    task = task_of_client(partition_id, num_partitions, config.synthetic_tasks) if config.synthetic_split == "task" else "mixed"
+    task = task_of_client(partition_id, num_partitions, data.synthetic_tasks) if data.synthetic_split == "task" else "mixed"
     return ClientData(task, train, test)
 
 
-def _flan_json(config: RunConfig, partition_id: int, num_partitions: int) -> ClientData:
-    from fedbilevel.config import resolve_user_path
-    from fedbilevel.data.flan import load_flan_json
-
+def _flan_json(data: DataSettings, partition_id: int, num_partitions: int, seed: int, _: Preprocess | None) -> ClientData:
     return load_flan_json(
-        resolve_user_path(config.data_path),
+        resolve_user_path(data.data_path),
         partition_id,
         num_partitions,
-        max_train=config.max_train_examples or None,
-        max_test=config.max_test_examples or None,
-        seed=config.seed,
+        max_train=data.max_train_examples or None,
+        max_test=data.max_test_examples or None,
+        seed=seed,
     )
 
 
-def _hub(config: RunConfig, partition_id: int, num_partitions: int) -> ClientData:
-    from fedbilevel.data.hub import load_hub_client_data
-
-    preprocess = None
-    if config.image_column:  # images, prepared as the model expects them
-        from fedbilevel.models.zoo import image_preprocessor
-
-        preprocess = image_preprocessor(config.model_name)
+def _hub(data: DataSettings, partition_id: int, num_partitions: int, seed: int, preprocess: Preprocess | None) -> ClientData:
     return load_hub_client_data(
-        config.hub_dataset,
+        data.hub_dataset,
         partition_id,
         num_partitions,
-        subset=config.hub_subset or None,
-        split_train=config.hub_train_split,
-        split_test=config.hub_test_split or None,
-        partitioner=config.partitioner,
-        partition_by=config.partition_by or None,
-        alpha=config.dirichlet_alpha,
-        instruction_column=config.instruction_column,
-        input_column=config.input_column,
-        output_column=config.output_column,
-        task_column=config.task_column,
-        image_column=config.image_column,
-        label_column=config.label_column,
+        subset=data.hub_subset or None,
+        split_train=data.hub_train_split,
+        split_test=data.hub_test_split or None,
+        partitioner=data.partitioner,
+        partition_by=data.partition_by or None,
+        alpha=data.dirichlet_alpha,
+        instruction_column=data.instruction_column,
+        input_column=data.input_column,
+        output_column=data.output_column,
+        task_column=data.task_column,
+        image_column=data.image_column,
+        label_column=data.label_column,
         preprocess=preprocess,
-        test_fraction=config.test_fraction,
-        max_train=config.max_train_examples or None,
-        max_test=config.max_test_examples or None,
-        seed=config.seed,
+        test_fraction=data.test_fraction,
+        max_train=data.max_train_examples or None,
+        max_test=data.max_test_examples or None,
+        seed=seed,
     )
 
 
-def _digits(config: RunConfig, partition_id: int, num_partitions: int) -> ClientData:
-    from fedbilevel.data.digits import make_digits_client_data
-
-    return make_digits_client_data(partition_id, num_partitions, seed=config.seed, test_fraction=config.test_fraction)
+def _digits(data: DataSettings, partition_id: int, num_partitions: int, seed: int, _: Preprocess | None) -> ClientData:
+    return make_digits_client_data(partition_id, num_partitions, seed=seed, test_fraction=data.test_fraction)
 
 
-# run-config ``data`` -> loader; the client app caches each client's data per process.
-DATA_LOADERS: dict[str, Callable[[RunConfig, int, int], ClientData]] = {
+# run-config ``data`` -> loader (the keys are fedbilevel.data.settings.DATA_SOURCES).
+DATA_LOADERS: dict[str, Callable[[DataSettings, int, int, int, Preprocess | None], ClientData]] = {
     "synthetic": _synthetic,
     "flan-json": _flan_json,
     "hub": _hub,
     "digits": _digits,
 }
-# Federations of images (scored by accuracy and macro F1); the others hold text, except
-# ``hub`` with an ``image-column`` (see is_image_data).
-IMAGE_DATA = frozenset({"digits"})
 
 
-def is_image_data(config: RunConfig) -> bool:
-    """Whether the federation ``config`` names holds images."""
-    return config.data in IMAGE_DATA or (config.data == "hub" and bool(config.image_column))
+def load_client_data(
+    data: DataSettings, partition_id: int, num_partitions: int, *, seed: int, preprocess: Preprocess | None = None
+) -> ClientData:
+    """The partition ``partition_id`` of ``num_partitions`` of the federation ``data.source``.
 
-
-def load_client_data(config: RunConfig, partition_id: int, num_partitions: int) -> ClientData:
-    """The partition ``partition_id`` of ``num_partitions`` of the federation ``config.data``."""
-    return DATA_LOADERS[config.data](config, partition_id, num_partitions)
+    ``seed`` (the run seed) fixes every draw of the split; ``preprocess`` prepares hub images
+    for the model (:func:`fedbilevel.models.zoo.image_preprocessor`).
+    """
+    return DATA_LOADERS[data.source](data, partition_id, num_partitions, seed, preprocess)

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
+from sklearn.datasets import load_digits
 
-from fedbilevel.data import ClientData
+from fedbilevel.data.types import ClientData, ImageExample
 
 DIGIT_DOMAINS = ("inverted", "rotated", "noisy", "blurred")
 NUM_CLASSES = 10
@@ -28,32 +28,9 @@ _SPLIT_SEED = 20240607  # fixed: the pretrained model and the pool never depend 
 _NOISE_SIGMA = 0.3
 
 
-@dataclass(frozen=True)
-class ImageExample:
-    """One labelled image.
-
-    Attributes
-    ----------
-    pixels : numpy.ndarray
-        float32 ``(channels, height, width)``, what the model's ``pixel_values`` expects.
-    label : int
-        Class index.
-    task : str
-        The client's domain (e.g. ``"inverted"``).
-    """
-
-    pixels: np.ndarray
-    label: int
-    task: str
-
-
 @functools.lru_cache(maxsize=1)
 def _digits() -> tuple[np.ndarray, np.ndarray]:
     """All 1,797 images as float32 in [0, 1], shape (n, 8, 8), and their labels."""
-    try:
-        from sklearn.datasets import load_digits
-    except ModuleNotFoundError as error:
-        raise ModuleNotFoundError("data='digits' needs scikit-learn (pip install scikit-learn), which ships the images") from error
     digits = load_digits()
     return (digits.images / 16.0).astype(np.float32), digits.target.astype(np.int64)
 

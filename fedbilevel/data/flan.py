@@ -11,16 +11,12 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TypeVar
 
-import numpy as np
 
-from fedbilevel.data import ClientData
-from fedbilevel.data.prompts import Example
-from fedbilevel.data.synthetic import _check_int, _check_partition
+from fedbilevel.data.common import check_int, check_partition, seeded_subset
+from fedbilevel.data.types import ClientData, Example
 
 KEYS = ("instruction", "output", "task", "category")
 TEST_FILE = "test.jsonl"
@@ -28,35 +24,6 @@ _CLIENT_FILE = re.compile(r"client_(\d+)\.json")
 # Flan option lists: an "OPTIONS:" line followed by "- option" lines (the only format in flan8).
 _OPTIONS_HEADING = re.compile(r"^[ \t]*options:[ \t]*$", re.IGNORECASE | re.MULTILINE)
 
-T = TypeVar("T")
-V = TypeVar("V")
-
-
-def seeded_subset(items: Sequence[T], n: int | None, seed: int) -> list[T]:
-    """``n`` items chosen by ``numpy.random.default_rng(seed)``, in their original order.
-
-    The choice depends only on ``seed`` and ``len(items)`` (the first ``n`` of a seeded
-    permutation), so every run and strategy with the same seed evaluates the same items, and a
-    smaller ``n`` gives a subset of a larger one.
-
-    Parameters
-    ----------
-    items : sequence
-        The items to choose from.
-    n : int or None
-        How many to keep; ``None`` or ``n >= len(items)`` keeps all.
-    seed : int
-        Seed of the permutation.
-
-    Returns
-    -------
-    list
-        The chosen items.
-    """
-    if n is None or n >= len(items):
-        return list(items)
-    chosen = np.sort(np.random.default_rng(seed).permutation(len(items))[:n])
-    return [items[i] for i in chosen]
 
 
 def _check_record(record: object, where: str) -> Example:
@@ -169,9 +136,9 @@ def load_flan_json(
         record (file, record index or line, key), training records of several categories, or no
         test lines of the client's category.
     """
-    partition_id, num_partitions = _check_partition(partition_id, num_partitions)
-    max_train = None if max_train is None else _check_int("max-train-examples", max_train, 1)
-    max_test = None if max_test is None else _check_int("max-test-examples", max_test, 1)
+    partition_id, num_partitions = check_partition(partition_id, num_partitions)
+    max_train = None if max_train is None else check_int("max-train-examples", max_train, 1)
+    max_test = None if max_test is None else check_int("max-test-examples", max_test, 1)
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"data folder {folder}: not found; allowed: a folder with client_K.json files and {TEST_FILE}")
@@ -196,37 +163,6 @@ def load_flan_json(
     if not test:
         raise ValueError(f"{test_path}: no lines with category {category!r} (the category of client_{partition_id}.json)")
     return ClientData(category, seeded_subset(train, max_train, seed), seeded_subset(test, max_test, seed))
-
-
-def most_common_answer(examples: Sequence[Example]) -> tuple[str, float]:
-    """The most frequent output and its share: the majority-answer baseline of a task.
-
-    Parameters
-    ----------
-    examples : sequence of Example
-        At least one example.
-
-    Returns
-    -------
-    tuple of (str, float)
-        The most frequent ``output`` (ties: the lexicographically smallest) and the fraction of
-        examples that have it.
-
-    Raises
-    ------
-    ValueError
-        If ``examples`` is empty.
-    """
-    if not examples:
-        raise ValueError("most_common_answer: no examples; allowed: at least one example")
-    return most_common(example.output for example in examples)
-
-
-def most_common(values: Iterable[V]) -> tuple[V, float]:
-    """The most frequent of ``values`` (ties: the smallest) and its share; at least one value."""
-    counts = Counter(values)
-    value = min(counts, key=lambda v: (-counts[v], v))
-    return value, counts[value] / sum(counts.values())
 
 
 def answer_options(instruction: str) -> list[str] | None:

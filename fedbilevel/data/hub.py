@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import datasets
 import numpy as np
+from flwr_datasets import FederatedDataset
 from flwr_datasets.partitioner import (
     DirichletPartitioner,
     IidPartitioner,
@@ -21,15 +21,11 @@ from flwr_datasets.partitioner import (
     Partitioner,
 )
 
-from fedbilevel.data import ClientData
-from fedbilevel.data.flan import most_common, seeded_subset
-from fedbilevel.data.prompts import Example
-from fedbilevel.data.synthetic import _check_int, _check_partition
+from fedbilevel.data.common import check_int, check_partition, most_common, seeded_subset
+from fedbilevel.data.settings import PARTITIONERS
+from fedbilevel.data.types import ClientData, Example, ImageExample
 
-if TYPE_CHECKING:
-    from fedbilevel.data.digits import ImageExample
 
-PARTITIONERS = ("natural", "dirichlet", "iid")
 # Task label of examples when neither a task column nor a partition-by column is given.
 DEFAULT_TASK = "all"
 
@@ -105,8 +101,8 @@ def partition_dataset(
         One line for an unknown partitioner, a missing or unknown ``partition_by`` column, a bad
         ``alpha``, or a number of natural ids other than ``num_partitions``.
     """
-    partition_id, num_partitions = _check_partition(partition_id, num_partitions)
-    seed = _check_int("seed", seed, 0)
+    partition_id, num_partitions = check_partition(partition_id, num_partitions)
+    seed = check_int("seed", seed, 0)
     chosen = _make_partitioner(partitioner, num_partitions, partition_by, alpha, seed)
     if partitioner != "iid":
         _check_columns(dataset, "dataset", {"partition-by": partition_by})
@@ -149,7 +145,6 @@ def _image_examples(
     rows: datasets.Dataset, where: str, image_column: str, label_column: str, task_column: str | None, preprocess: Callable
 ) -> list[ImageExample]:
     """Image rows as examples: ``preprocess(image)`` pixels, an integer label, the task (e.g. domain)."""
-    from fedbilevel.data.digits import ImageExample
 
     labels = rows[label_column]
     tasks = rows[task_column] if task_column else [DEFAULT_TASK] * len(rows)
@@ -214,7 +209,7 @@ def client_data_from_dataset(
         Seed of the partitioning, the train/test split and the subsets.
     image_column, label_column, preprocess : str, str, callable
         An image dataset: with ``image_column`` set, rows become
-        :class:`~fedbilevel.data.digits.ImageExample` with ``preprocess(image)`` pixels and the
+        :class:`~fedbilevel.data.types.ImageExample` with ``preprocess(image)`` pixels and the
         integer class in ``label_column`` (the text columns are then unused).
 
     Returns
@@ -230,9 +225,9 @@ def client_data_from_dataset(
         classes that differ between the splits, an empty train or test set, or a row whose
         instruction or output is not a non-empty string.
     """
-    partition_id, num_partitions = _check_partition(partition_id, num_partitions)
-    max_train = None if max_train is None else _check_int("max-train-examples", max_train, 1)
-    max_test = None if max_test is None else _check_int("max-test-examples", max_test, 1)
+    partition_id, num_partitions = check_partition(partition_id, num_partitions)
+    max_train = None if max_train is None else check_int("max-train-examples", max_train, 1)
+    max_test = None if max_test is None else check_int("max-test-examples", max_test, 1)
     text_columns = {"instruction-column": instruction_column, "input-column": input_column, "output-column": output_column}
     image_columns = {"image-column": image_column, "label-column": label_column}
     columns = {**(image_columns if image_column else text_columns), "task-column": task_column, "partition-by": partition_by}
@@ -327,8 +322,6 @@ def load_hub_client_data(
     ClientData
         As :func:`client_data_from_dataset`.
     """
-    from flwr_datasets import FederatedDataset
-
     # FederatedDataset only downloads and selects the splits here; partition_dataset partitions
     # them (and shuffles with the run seed), so both splits get the same kind of partitioner.
     hub = FederatedDataset(dataset=name, subset=subset, partitioners={}, shuffle=False)

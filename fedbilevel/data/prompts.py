@@ -1,31 +1,10 @@
-"""Prompt template and the example record shared by the data pipeline."""
+"""The prompt template every text example is shown to the model in."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 # "Alpaca short" template, as in the FedDPA/FedBip reference code, so prompts
 # (and therefore scores) stay comparable with the published baselines.
 PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
-
-
-@dataclass(frozen=True)
-class Example:
-    """One instruction-following example.
-
-    Attributes
-    ----------
-    instruction : str
-        The instruction text shown to the model (without the template).
-    output : str
-        The reference response.
-    task : str
-        Identifier of the task that produced the example (e.g. ``"reverse"``).
-    """
-
-    instruction: str
-    output: str
-    task: str
 
 
 def format_prompt(instruction: str) -> str:

@@ -13,11 +13,12 @@ need no network access or dataset download.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from numbers import Integral
 
 import numpy as np
 
-from fedbilevel.data.prompts import Example
+from fedbilevel.data.common import check_int, check_partition
+from fedbilevel.data.settings import SYNTHETIC_INSTRUCTIONS, SYNTHETIC_SPLITS
+from fedbilevel.data.types import Example
 
 # Short common lowercase ASCII words (3-6 letters): nouns, verbs, adjectives.
 WORDS: tuple[str, ...] = tuple(
@@ -54,7 +55,7 @@ TASKS: dict[str, Callable[[Sequence[str]], str]] = {
 }
 TASK_NAMES: tuple[str, ...] = tuple(TASKS)
 
-INSTRUCTION_MODES: tuple[str, ...] = ("shared", "per-task")
+
 SHARED_INSTRUCTION = "Transform the words: {words}"
 PER_TASK_INSTRUCTIONS: dict[str, str] = {
     "reverse": "Reverse the order of the words: {words}",
@@ -64,15 +65,7 @@ PER_TASK_INSTRUCTIONS: dict[str, str] = {
 }
 
 
-SPLITS = ("task", "iid")
 
-
-def _check_int(key: str, value: object, minimum: int) -> int:
-    """Return ``value`` as an ``int`` or raise a one-line ``ValueError``."""
-    # bool is an Integral, but True as a count is always a config mistake.
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        raise ValueError(f"{key}: {value!r}; allowed: an integer >= {minimum}")
-    return int(value)
 
 
 def _check_tasks(tasks: Sequence[str] | str) -> tuple[str, ...]:
@@ -95,25 +88,11 @@ def _check_tasks(tasks: Sequence[str] | str) -> tuple[str, ...]:
 
 
 def _check_instruction(instruction: str) -> str:
-    if instruction not in INSTRUCTION_MODES:
+    if instruction not in SYNTHETIC_INSTRUCTIONS:
         raise ValueError(
-            f"synthetic-instruction: {instruction!r}; allowed: {', '.join(INSTRUCTION_MODES)}"
+            f"synthetic-instruction: {instruction!r}; allowed: {', '.join(SYNTHETIC_INSTRUCTIONS)}"
         )
     return instruction
-
-
-def _check_partition(partition_id: object, num_partitions: object) -> tuple[int, int]:
-    num_partitions = _check_int("num-partitions", num_partitions, 1)
-    if (
-        isinstance(partition_id, bool)
-        or not isinstance(partition_id, Integral)
-        or not 0 <= partition_id < num_partitions
-    ):
-        raise ValueError(
-            f"partition-id: {partition_id!r}; allowed: an integer with "
-            f"0 <= partition-id < num-partitions ({num_partitions})"
-        )
-    return int(partition_id), num_partitions
 
 
 def make_instruction(words: Sequence[str], task: str, instruction: str = "shared") -> str:
@@ -200,7 +179,7 @@ def task_of_client(partition_id: int, num_partitions: int, tasks: Sequence[str])
         One-line message naming the run-config key, value and allowed values.
     """
     names = _check_tasks(tasks)
-    partition_id, num_partitions = _check_partition(partition_id, num_partitions)
+    partition_id, num_partitions = check_partition(partition_id, num_partitions)
     return names[partition_id * len(names) // num_partitions]
 
 
@@ -254,12 +233,12 @@ def make_client_data(
     ValueError
         One-line message naming the run-config key, value and allowed values.
     """
-    num_train = _check_int("synthetic-train-examples", num_train, 1)
-    num_test = _check_int("synthetic-test-examples", num_test, 1)
-    seed = _check_int("seed", seed, 0)
+    num_train = check_int("synthetic-train-examples", num_train, 1)
+    num_test = check_int("synthetic-test-examples", num_test, 1)
+    seed = check_int("seed", seed, 0)
     instruction = _check_instruction(instruction)
-    if split not in SPLITS:
-        raise ValueError(f"synthetic-split: {split!r}; allowed: {', '.join(SPLITS)}")
+    if split not in SYNTHETIC_SPLITS:
+        raise ValueError(f"synthetic-split: {split!r}; allowed: {', '.join(SYNTHETIC_SPLITS)}")
     if split == "iid" and instruction != "per-task":
         raise ValueError("synthetic-split: 'iid' needs synthetic-instruction 'per-task'; with one shared instruction the tasks cannot be told apart")
     names = _check_tasks(tasks)

@@ -36,14 +36,6 @@ from fedbilevel.models.settings import LoraSettings
 from fedbilevel.models.zoo import auto_class, classifier_head, is_image_classifier, model_config, resolve_model_source
 
 
-def lora_settings(config) -> LoraSettings:
-    """The LoRA hyper-parameters of a :class:`~fedbilevel.config.RunConfig`."""
-    return LoraSettings(
-        r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-        target_modules=config.lora_target_modules, num_labels=config.num_labels,
-    )
-
-
 def lora_config(model_name: str, lora: LoraSettings) -> LoraConfig:
     """Build the peft configuration of the adapters.
 

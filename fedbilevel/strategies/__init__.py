@@ -1,8 +1,9 @@
-"""Strategy registry: run-config ``strategy`` name -> factory.
+"""Strategy registry and presets: run-config ``strategy`` name -> factory.
 
 A factory takes the validated :class:`~fedbilevel.config.RunConfig` plus the keyword
 arguments every personalized strategy accepts (``initial_adapter``, ``min_nodes``, ...)
-and returns a Flower ``Strategy``. New strategies register here; nothing else changes.
+and returns a Flower ``Strategy``; it passes the strategy its own settings component. New
+strategies register here (and declare their options in their module); nothing else changes.
 """
 
 from __future__ import annotations
@@ -12,11 +13,27 @@ from typing import TYPE_CHECKING, Any
 
 from flwr.serverapp.strategy import Strategy
 
-if TYPE_CHECKING:
+from fedbilevel.strategies.cluster_oracle import ClusterOracle
+from fedbilevel.strategies.fedala import FedAla
+from fedbilevel.strategies.fedamp import FedAmp
+from fedbilevel.strategies.fedavg import FedAvg
+from fedbilevel.strategies.fedbip import FedBip
+from fedbilevel.strategies.fedprox import FedProx
+from fedbilevel.strategies.local import LocalOnly
+
+if TYPE_CHECKING:  # the config composes the strategies' settings, so it imports this package
     from fedbilevel.config import RunConfig
 
 StrategyFactory = Callable[..., Strategy]
 _REGISTRY: dict[str, StrategyFactory] = {}
+
+# Named FedBip presets (issue 7): strategy -> (the FedBip strategy it runs, the run-config
+# keys it sets). The values were chosen from the weighting ablation in docs/BENCHMARKS.md;
+# RunConfig sets them (refusing a conflicting choice), so a preset's factory is its base's.
+FEDBIP_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "fedbip-plus": ("fedbip", {"weighting": "zscore-softmax", "weighting-z-temperature": 1.0}),
+    "fedbip-plus-l": ("fedbip-l", {"weighting": "zscore-softmax", "weighting-z-temperature": 1.0}),
+}
 
 
 def register(name: str) -> Callable[[StrategyFactory], StrategyFactory]:
@@ -44,103 +61,45 @@ def build_strategy(config: RunConfig, **common: Any) -> Strategy:
     return _REGISTRY[config.strategy](config, **common)
 
 
-def _fedbip_options(config: RunConfig) -> dict[str, Any]:
-    from fedbilevel.weighting import Weighting
-
-    weighting = Weighting(
-        rule=config.weighting,
-        negative=config.negative_cosine,
-        temperature=config.weighting_temperature,
-        power=config.weighting_power,
-        top_k=config.weighting_top_k,
-        threshold=config.weighting_threshold,
-        z_temperature=config.weighting_z_temperature,
-        centering=config.similarity_centering,
-        self_floor=config.self_weight_floor,
-    )
-    return {
-        "task_vector": config.task_vector,
-        "layer_grouping": config.layer_grouping,
-        "similarity_space": config.similarity_space,
-        "weighting": weighting,
-        "similarity_ema": config.similarity_ema,
-    }
-
-
 @register("fedbip")
 def _fedbip(config: RunConfig, **common: Any) -> Strategy:
-    from fedbilevel.strategies.fedbip import FedBip
-
-    return FedBip(layerwise=False, **_fedbip_options(config), **common)
+    return FedBip(layerwise=False, settings=config.fedbip, **common)
 
 
 @register("fedbip-l")
 def _fedbip_l(config: RunConfig, **common: Any) -> Strategy:
-    from fedbilevel.strategies.fedbip import FedBip
-
-    return FedBip(layerwise=True, **_fedbip_options(config), **common)
+    return FedBip(layerwise=True, settings=config.fedbip, **common)
 
 
 @register("local")
 def _local(config: RunConfig, **common: Any) -> Strategy:
-    from fedbilevel.strategies.local import LocalOnly
-
     return LocalOnly(**common)
 
 
 @register("fedavg")
 def _fedavg(config: RunConfig, **common: Any) -> Strategy:
-    from fedbilevel.strategies.fedavg import FedAvg
-
     return FedAvg(**common)
 
 
 @register("fedprox")
 def _fedprox(config: RunConfig, **common: Any) -> Strategy:
-    from fedbilevel.strategies.fedprox import FedProx
-
-    return FedProx(proximal_mu=config.proximal_mu, **common)
+    return FedProx(proximal_mu=config.fedprox.mu, **common)
 
 
 @register("fedamp")
 def _fedamp(config: RunConfig, **common: Any) -> Strategy:
-    from fedbilevel.strategies.fedamp import FedAmp
-
-    return FedAmp(
-        proximal_lambda=config.fedamp_lambda,
-        sigma=config.fedamp_sigma,
-        self_weight=config.fedamp_self_weight,
-        **common,
-    )
+    return FedAmp(**vars(config.fedamp), **common)
 
 
 @register("fedala")
 def _fedala(config: RunConfig, **common: Any) -> Strategy:
-    from fedbilevel.protocol import AlaSettings
-    from fedbilevel.strategies.fedala import FedAla
-
-    settings = AlaSettings(
-        eta=config.fedala_eta,
-        data_fraction=config.fedala_data_fraction,
-        top_fraction=config.fedala_top_fraction,
-        start_epochs=config.fedala_start_epochs,
-    )
-    return FedAla(ala=settings, **common)
+    return FedAla(ala=config.fedala, **common)
 
 
 @register("cluster-oracle")
 def _cluster_oracle(config: RunConfig, **common: Any) -> Strategy:
-    from fedbilevel.strategies.cluster_oracle import ClusterOracle
-
     return ClusterOracle(**common)
 
 
-def _register_presets() -> None:
-    """FedBip presets run their base strategy; RunConfig has already set their weighting keys."""
-    from fedbilevel.config import FEDBIP_PRESETS
-
-    for name, (base, _) in FEDBIP_PRESETS.items():
-        register(name)(_REGISTRY[base])
-
-
-_register_presets()
+for _preset, (_base, _) in FEDBIP_PRESETS.items():
+    register(_preset)(_REGISTRY[_base])

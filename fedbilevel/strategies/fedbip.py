@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 from flwr.supercore import log
 
-from fedbilevel.aggregation import fedbip_aggregate_detailed
+from fedbilevel.aggregation import FedBipSettings, fedbip_aggregate_detailed
 from fedbilevel.strategies.base import Adapter, PersonalizedStrategy
-from fedbilevel.weighting import Weighting, check_ema_decay, ema_similarity
+from fedbilevel.weighting import ema_similarity
 
 
 class FedBip(PersonalizedStrategy):
@@ -29,47 +29,18 @@ class FedBip(PersonalizedStrategy):
     ----------
     layerwise : bool (default: False)
         Weight each layer group separately (FedBip-L).
-    negative_cosine : {"clip", "keep"} (default: "clip")
-        How negative cosines enter the weights (see :mod:`fedbilevel.aggregation`).
-    task_vector : {"round", "cumulative"} (default: "round")
-        τ relative to this round's start θ̄ᵢ, or to the initial adapter θ⁰.
-    layer_grouping : {"array", "block"} (default: "array")
-        FedBip-L groups: each named adapter array, or each transformer block.
-    similarity_space : {"flat", "lora-product"} (default: "flat")
-        Cosine of the raw adapter parameters, or of the effective LoRA updates ΔW = B·A
-        (computed through r×r products, never forming ΔW).
-    weighting : Weighting, optional
-        A weighting rule other than the paper's (:class:`fedbilevel.weighting.Weighting`);
-        then ``negative_cosine`` must be left at "clip" and set inside it.
-    similarity_ema : float (default: 0.0)
-        Decay in [0, 1) of an exponential moving average of each client pair's cosines
-        across rounds (0: this round's cosines only).
+    settings : FedBipSettings (default: the paper's choices)
+        The task vector (round or cumulative), FedBip-L's layer groups, the similarity space,
+        the cosine moving average and the weighting rule with its handling of negative
+        cosines (:class:`fedbilevel.aggregation.FedBipSettings`, validated there).
     **kwargs
         Passed to :class:`PersonalizedStrategy` (``initial_adapter``, ``min_nodes``, ...).
     """
 
-    def __init__(
-        self,
-        *,
-        layerwise: bool = False,
-        negative_cosine: str = "clip",
-        task_vector: str = "round",
-        layer_grouping: str = "array",
-        similarity_space: str = "flat",
-        weighting: Weighting | None = None,
-        similarity_ema: float = 0.0,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *, layerwise: bool = False, settings: FedBipSettings | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.layerwise = layerwise
-        self.task_vector = task_vector
-        self.layer_grouping = layer_grouping
-        self.similarity_space = similarity_space
-        if weighting is not None and negative_cosine != "clip":
-            raise ValueError(f"negative_cosine: {negative_cosine!r} is not allowed together with weighting; set Weighting(negative=...)")
-        self.weighting = weighting or Weighting(negative=negative_cosine)
-        check_ema_decay(similarity_ema)
-        self.similarity_ema = similarity_ema
+        self.settings = settings or FedBipSettings()
         self._smoothed: dict[tuple[int, int], np.ndarray] = {}  # (partition i, partition k) -> cosine per group
 
     def summary(self) -> None:
@@ -78,13 +49,13 @@ class FedBip(PersonalizedStrategy):
             INFO,
             "\t├──> FedBip%s: similarity '%s', negative cosines '%s', task vector '%s'%s",
             "-L" if self.layerwise else "",
-            self.similarity_space,
-            self.weighting.negative,
-            self.task_vector,
-            f", layer groups '{self.layer_grouping}'" if self.layerwise else "",
+            self.settings.similarity_space,
+            self.settings.weighting.negative,
+            self.settings.task_vector,
+            f", layer groups '{self.settings.layer_grouping}'" if self.layerwise else "",
         )
-        if not self.weighting.is_paper or self.similarity_ema:
-            log(INFO, "\t├──> weights: %s, similarity EMA decay %g", self.weighting, self.similarity_ema)
+        if not self.settings.weighting.is_paper or self.settings.similarity_ema:
+            log(INFO, "\t├──> weights: %s, similarity EMA decay %g", self.settings.weighting, self.settings.similarity_ema)
         super().summary()
 
     def personalize(self, server_round: int, trained: dict[int, Adapter], num_examples: dict[int, int]) -> dict[str, Any]:
@@ -94,12 +65,12 @@ class FedBip(PersonalizedStrategy):
             [self.adapter_for(p) for p in partitions],
             [trained[p] for p in partitions],
             layerwise=self.layerwise,
-            task_vector=self.task_vector,
+            task_vector=self.settings.task_vector,
             initial=self.initial_adapter,
-            grouping=self.layer_grouping,
-            similarity=self.similarity_space,
-            weighting=self.weighting,
-            smooth=self._smoother(partitions) if self.similarity_ema else None,
+            grouping=self.settings.layer_grouping,
+            similarity=self.settings.similarity_space,
+            weighting=self.settings.weighting,
+            smooth=self._smoother(partitions) if self.settings.similarity_ema else None,
         )
         for partition_id, adapter in zip(partitions, result.adapters):
             self.adapters[partition_id] = adapter
@@ -132,7 +103,7 @@ class FedBip(PersonalizedStrategy):
             for a, b, pair in pairs:
                 if pair in self._smoothed:
                     previous[:, a, b] = self._smoothed[pair]
-            smoothed = ema_similarity(previous, cosines, self.similarity_ema)
+            smoothed = ema_similarity(previous, cosines, self.settings.similarity_ema)
             for a, b, pair in pairs:
                 self._smoothed[pair] = smoothed[:, a, b]
             return smoothed

@@ -8,9 +8,11 @@ aggregates like FedAvg; the term is declared to clients through the train messag
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from fedbilevel import protocol
+from fedbilevel.options import number, option, validate
 from fedbilevel.strategies.fedavg import FedAvg
 
 
@@ -34,3 +36,13 @@ class FedProx(FedAvg):
     def client_config(self) -> dict[str, Any]:
         """Ask clients for the proximal term."""
         return {protocol.PROXIMAL_MU: self.proximal_mu}
+
+
+@dataclass(frozen=True)
+class FedProxSettings:
+    """FedProx's run-config option."""
+
+    mu: float = option("proximal-mu", 0.01, number(0.0, low_open=False), "μ of FedProx's proximal term (`fedprox` only)")
+
+    def __post_init__(self) -> None:
+        validate(self)

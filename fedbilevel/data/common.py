@@ -1,0 +1,95 @@
+"""Helpers every loader shares: argument checks, seeded subsets, majority answers."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from numbers import Integral
+from typing import TypeVar
+
+import numpy as np
+
+from fedbilevel.data.types import Example
+
+T = TypeVar("T")
+V = TypeVar("V")
+
+
+def check_int(key: str, value: object, minimum: int) -> int:
+    """Return ``value`` as an ``int`` or raise a one-line ``ValueError``."""
+    # bool is an Integral, but True as a count is always a config mistake.
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
+        raise ValueError(f"{key}: {value!r}; allowed: an integer >= {minimum}")
+    return int(value)
+
+
+def check_partition(partition_id: object, num_partitions: object) -> tuple[int, int]:
+    num_partitions = check_int("num-partitions", num_partitions, 1)
+    if (
+        isinstance(partition_id, bool)
+        or not isinstance(partition_id, Integral)
+        or not 0 <= partition_id < num_partitions
+    ):
+        raise ValueError(
+            f"partition-id: {partition_id!r}; allowed: an integer with "
+            f"0 <= partition-id < num-partitions ({num_partitions})"
+        )
+    return int(partition_id), num_partitions
+
+
+def seeded_subset(items: Sequence[T], n: int | None, seed: int) -> list[T]:
+    """``n`` items chosen by ``numpy.random.default_rng(seed)``, in their original order.
+
+    The choice depends only on ``seed`` and ``len(items)`` (the first ``n`` of a seeded
+    permutation), so every run and strategy with the same seed evaluates the same items, and a
+    smaller ``n`` gives a subset of a larger one.
+
+    Parameters
+    ----------
+    items : sequence
+        The items to choose from.
+    n : int or None
+        How many to keep; ``None`` or ``n >= len(items)`` keeps all.
+    seed : int
+        Seed of the permutation.
+
+    Returns
+    -------
+    list
+        The chosen items.
+    """
+    if n is None or n >= len(items):
+        return list(items)
+    chosen = np.sort(np.random.default_rng(seed).permutation(len(items))[:n])
+    return [items[i] for i in chosen]
+
+
+def most_common_answer(examples: Sequence[Example]) -> tuple[str, float]:
+    """The most frequent output and its share: the majority-answer baseline of a task.
+
+    Parameters
+    ----------
+    examples : sequence of Example
+        At least one example.
+
+    Returns
+    -------
+    tuple of (str, float)
+        The most frequent ``output`` (ties: the lexicographically smallest) and the fraction of
+        examples that have it.
+
+    Raises
+    ------
+    ValueError
+        If ``examples`` is empty.
+    """
+    if not examples:
+        raise ValueError("most_common_answer: no examples; allowed: at least one example")
+    return most_common(example.output for example in examples)
+
+
+def most_common(values: Iterable[V]) -> tuple[V, float]:
+    """The most frequent of ``values`` (ties: the smallest) and its share; at least one value."""
+    counts = Counter(values)
+    value = min(counts, key=lambda v: (-counts[v], v))
+    return value, counts[value] / sum(counts.values())

@@ -12,6 +12,7 @@ from fedbilevel.testing import INITIAL, FakeClient, FakeGrid, update_of
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 
+
 def run_rounds(strategy, grid, rounds):
     strategy.start(grid, ArrayRecord(), num_rounds=rounds)
 
@@ -27,7 +28,7 @@ def test_each_client_receives_exactly_its_own_adapter_across_restarts():
     strategy.start(grid, ArrayRecord(), num_rounds=1)  # continues from the kept state
 
     # Independent replay of the FedBip math over what the clients trained.
-    expected = {p: INITIAL for p in range(4)}
+    expected = dict.fromkeys(range(4), INITIAL)
     rounds_seen = [1, 2, 1]  # server-round numbers of the three rounds run
     for step, server_round in enumerate(rounds_seen):
         for p, client in clients.items():
@@ -66,12 +67,15 @@ def test_round_record_lists_matrices_in_partition_order():
     assert record["failures"] == []
 
 
-@pytest.mark.parametrize("behaviour, reason", [
-    ("raise", "client error: RuntimeError: CUDA out of memory"),
-    ("nan", "contains NaN or Inf"),
-    ("shape", "array 'b': shape (5,), expected (4,)"),
-    ("impostor", "partition-id 0 in reply; the message was for 3"),
-])
+@pytest.mark.parametrize(
+    "behaviour, reason",
+    [
+        ("raise", "client error: RuntimeError: CUDA out of memory"),
+        ("nan", "contains NaN or Inf"),
+        ("shape", "array 'b': shape (5,), expected (4,)"),
+        ("impostor", "partition-id 0 in reply; the message was for 3"),
+    ],
+)
 def test_bad_reply_is_excluded_and_its_adapter_kept(behaviour, reason):
     clients = {p: FakeClient(p) for p in range(3)}
     clients[3] = FakeClient(3, behaviour)
@@ -117,10 +121,23 @@ def test_local_strategy_keeps_each_trained_adapter():
 def test_rounds_without_evaluation_send_no_evaluate_messages():
     clients = {p: FakeClient(p) for p in range(2)}
     records = []
-    strategy = FedBip(initial_adapter=INITIAL, min_nodes=2, on_round_end=records.append, evaluate_round=lambda r: r == 2)
+    strategy = FedBip(
+        initial_adapter=INITIAL, min_nodes=2, on_round_end=records.append, evaluate_round=lambda r: r == 2
+    )
     run_rounds(strategy, FakeGrid({7: clients[0], 8: clients[1]}), 2)
     assert [kind for kind, _, _ in clients[0].received] == [MessageType.TRAIN, MessageType.TRAIN, MessageType.EVALUATE]
     assert records[0]["eval"] == {} and set(records[1]["eval"]) == {"0", "1"}
+
+
+def test_a_round_without_evaluation_after_one_with_it_records_no_missing_evaluate_replies():
+    # Fault: the record of who was sent evaluate messages outlived its round, so round 2 (no evaluation)
+    # listed every client as "evaluate reply missing".
+    clients = {p: FakeClient(p) for p in range(2)}
+    records = []
+    strategy = FedBip(initial_adapter=INITIAL, min_nodes=2, on_round_end=records.append, evaluate_round=lambda r: r != 2)
+    run_rounds(strategy, FakeGrid({7: clients[0], 8: clients[1]}), 3)
+    assert [record["failures"] for record in records] == [[], [], []]
+    assert [set(record["eval"]) for record in records] == [{"0", "1"}, set(), {"0", "1"}]
 
 
 def test_covered_time_counts_parallel_clients_once():
@@ -158,7 +175,7 @@ def test_fedbip_passes_its_similarity_space_to_the_math():
     strategy = FedBip(initial_adapter=start, min_nodes=3, settings=FedBipSettings(similarity_space="lora-product"))
     deltas = {p: {k: rng.normal(size=v.shape).astype(np.float32) for k, v in lora.items()} for p in range(3)}
     trained = {p: {k: start[k] + deltas[p][k] for k in lora} for p in range(3)}
-    strategy.personalize(1, trained, {p: 1 for p in range(3)})
+    strategy.personalize(1, trained, dict.fromkeys(range(3), 1))
     expected = fedbip_aggregate([start] * 3, [trained[p] for p in range(3)], similarity="lora-product")
     flat = fedbip_aggregate([start] * 3, [trained[p] for p in range(3)])
     for p in range(3):

@@ -173,6 +173,7 @@ class PersonalizedStrategy(Strategy):
         """One TRAIN message per known partition, carrying that partition's own adapter."""
         server_round += self.round_offset
         self._round = RoundLog(server_round)
+        self._sent = {}  # who was messaged is per round: a round without evaluation expects no evaluate replies
         self._discover_partitions(grid)
         messages = self._messages(server_round, config, MessageType.TRAIN)
         self._round.mark("train_sent")
@@ -307,13 +308,22 @@ class PersonalizedStrategy(Strategy):
             info = dict(reply.content.config_records[protocol.INFO])
             partition_id = info.get(protocol.PARTITION_ID)
             if not isinstance(partition_id, int) or partition_id < 0:
-                log(WARNING, "node %d reported partition-id %r; expected an integer ≥ 0; it is left out",
-                    node_id, partition_id)
+                log(
+                    WARNING,
+                    "node %d reported partition-id %r; expected an integer ≥ 0; it is left out",
+                    node_id,
+                    partition_id,
+                )
                 continue
             holder = next((n for n, p in self.node_partitions.items() if p == partition_id), None)
             if holder is not None:
-                log(WARNING, "node %d claims partition %d, already served by node %d; it is left out",
-                    node_id, partition_id, holder)
+                log(
+                    WARNING,
+                    "node %d claims partition %d, already served by node %d; it is left out",
+                    node_id,
+                    partition_id,
+                    holder,
+                )
                 continue
             self.node_partitions[node_id] = partition_id
             self.clients[partition_id] = info

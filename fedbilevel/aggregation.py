@@ -70,9 +70,9 @@ from fedbilevel.options import choice, component, number, option, validate
 from fedbilevel.weighting import (
     NEGATIVE_COSINE_MODES,
     Weighting,
+    centered_gram,
     check_choice,
     normalised_weights,
-    centered_gram,
 )
 
 TASK_VECTOR_MODES = ("round", "cumulative")
@@ -111,19 +111,28 @@ class FedBipSettings:
     """
 
     task_vector: str = option(
-        "task-vector", "round", choice(TASK_VECTOR_MODES),
-        "`round` (τᵢ = θᵢ − θ̄ᵢ, the paper) or `cumulative` (τᵢ = θᵢ − θ⁰); see \"The two choices the paper leaves open\"",
+        "task-vector",
+        "round",
+        choice(TASK_VECTOR_MODES),
+        '`round` (τᵢ = θᵢ − θ̄ᵢ, the paper) or `cumulative` (τᵢ = θᵢ − θ⁰); see "The two choices the paper leaves open"',
     )
     layer_grouping: str = option(
-        "layer-grouping", "array", choice(LAYER_GROUPINGS), "FedBip-L groups: each adapter `array`, or each transformer `block`"
+        "layer-grouping",
+        "array",
+        choice(LAYER_GROUPINGS),
+        "FedBip-L groups: each adapter `array`, or each transformer `block`",
     )
     similarity_space: str = option(
-        "similarity-space", "flat", choice(SIMILARITY_MODES),
+        "similarity-space",
+        "flat",
+        choice(SIMILARITY_MODES),
         "cosine of the raw adapter parameters (`flat`, the paper) or of the effective updates ΔW = B·A "
         "(`lora-product`, via r×r products)",
     )
     similarity_ema: float = option(
-        "similarity-ema", 0.0, number(0.0, low_open=False, high=1.0),
+        "similarity-ema",
+        0.0,
+        number(0.0, low_open=False, high=1.0),
         "decay of a moving average of each pair's cosine across rounds (0: off)",
     )
     weighting: Weighting = component(Weighting)
@@ -267,7 +276,9 @@ def fedbip_aggregate_detailed(
     if weighting is None:
         weighting = Weighting(negative=negative)
     elif negative != "clip":
-        raise ValueError(f"negative: {negative!r} is not allowed together with weighting; set Weighting(negative=...) instead")
+        raise ValueError(
+            f"negative: {negative!r} is not allowed together with weighting; set Weighting(negative=...) instead"
+        )
     check_choice("task_vector", task_vector, TASK_VECTOR_MODES)
     check_choice("grouping", grouping, LAYER_GROUPINGS)
     check_choice("similarity", similarity, SIMILARITY_MODES)
@@ -372,7 +383,9 @@ class _Layout:
         adapters = []
         for _ in range(count):
             buffers = {dtype: np.empty(total, dtype) for dtype, total in totals.items()}
-            adapters.append({name: buffers[self.dtypes[name]][places[name]].reshape(self.shapes[name]) for name in names})
+            adapters.append(
+                {name: buffers[self.dtypes[name]][places[name]].reshape(self.shapes[name]) for name in names}
+            )
         return adapters
 
     def task_vectors(self, trained: Sequence[Adapter], starts: Sequence[Adapter]) -> np.ndarray:
@@ -565,7 +578,9 @@ def _check_finite(label: str, adapter: Mapping[str, np.ndarray]) -> None:
             raise ValueError(f"{label}[{name!r}]: contains NaN or Inf; only finite values can be aggregated")
 
 
-def _raise_non_finite(personalized: Sequence[Mapping[str, np.ndarray]], trained: Sequence[Mapping[str, np.ndarray]]) -> None:
+def _raise_non_finite(
+    personalized: Sequence[Mapping[str, np.ndarray]], trained: Sequence[Mapping[str, np.ndarray]]
+) -> None:
     """Name the first input array with NaN or Inf; a non-finite Gram diagonal without one is overflow."""
     for i, (start, end) in enumerate(zip(personalized, trained)):
         _check_finite(f"personalized[{i}]", start)

@@ -40,7 +40,9 @@ def load_checkpoint(run_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, Any
     """The arrays and the JSON record of ``run_dir/checkpoint.npz``."""
     path = Path(run_dir) / CHECKPOINT
     if not path.is_file():
-        raise ValueError(f"run-config key 'resume-from': {str(run_dir)!r} has no {CHECKPOINT}; expected the folder of a run that finished a round")
+        raise ValueError(
+            f"run-config key 'resume-from': {str(run_dir)!r} has no {CHECKPOINT}; expected the folder of a run that finished a round"
+        )
     with np.load(path) as data:
         arrays = {name: data[name] for name in data.files if name != _META}
         meta = json.loads(str(data[_META]))

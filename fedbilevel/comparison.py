@@ -64,7 +64,9 @@ def load_run(folder: str | Path, label: str | None = None) -> Run:
     folder = Path(folder)
     for name in ("config.json", "results.json"):
         if not (folder / name).is_file():
-            raise ValueError(f"run folder {str(folder)!r}: {name} is missing; expected a folder written by a fedbilevel run")
+            raise ValueError(
+                f"run folder {str(folder)!r}: {name} is missing; expected a folder written by a fedbilevel run"
+            )
     config = json.loads((folder / "config.json").read_text())
     results = json.loads((folder / "results.json").read_text())
     run = Run(
@@ -125,7 +127,13 @@ def bootstrap_interval(
 
 
 def paired_difference_interval(
-    runs: Sequence[Run], reference: Sequence[Run], metric: str, *, samples: int = 2000, seed: int = 0, level: float = 0.95
+    runs: Sequence[Run],
+    reference: Sequence[Run],
+    metric: str,
+    *,
+    samples: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
 ) -> tuple[float, float, float] | None:
     """The last-round personalized ``metric`` of ``runs`` minus that of ``reference``, paired.
 
@@ -164,7 +172,9 @@ def _bootstrap(per_run: list[list[np.ndarray]], *, samples: int, seed: int, leve
     values = np.empty(samples)
     for k in range(samples):
         drawn = [per_run[i] for i in rng.integers(len(per_run), size=len(per_run))]
-        values[k] = np.mean([np.mean([client[rng.integers(len(client), size=len(client))].mean() for client in run]) for run in drawn])
+        values[k] = np.mean(
+            [np.mean([client[rng.integers(len(client), size=len(client))].mean() for client in run]) for run in drawn]
+        )
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(values, [tail, 100 - tail])
     return float(low), float(high)
@@ -205,7 +215,9 @@ def per_client_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
                 mean, std = _mean_std([s[metric] for s in scores]) if scores else (math.nan, math.nan)
                 row[f"{metric}_mean"], row[f"{metric}_std"] = mean, std
             options = [s[OPTION_METRIC] for s in scores if OPTION_METRIC in s]  # none where the task lists no options
-            row[f"{OPTION_METRIC}_mean"], row[f"{OPTION_METRIC}_std"] = _mean_std(options) if options else (math.nan, math.nan)
+            row[f"{OPTION_METRIC}_mean"], row[f"{OPTION_METRIC}_std"] = (
+                _mean_std(options) if options else (math.nan, math.nan)
+            )
             rows.append(row)
     return rows
 
@@ -227,8 +239,17 @@ def option_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
         mean, std = _mean_std([np.mean([run.last["eval"][c][OPTION_METRIC] for c in clients]) for run in group])
         interval = bootstrap_interval(group, OPTION_ITEMS, clients=clients)
         low, high = interval if interval else (math.nan, math.nan)
-        rows.append({"strategy": strategy, "seeds": _seeds(group), "clients": len(clients),
-                     "mean": mean, "std": std, "ci_low": low, "ci_high": high})
+        rows.append(
+            {
+                "strategy": strategy,
+                "seeds": _seeds(group),
+                "clients": len(clients),
+                "mean": mean,
+                "std": std,
+                "ci_low": low,
+                "ci_high": high,
+            }
+        )
     return rows
 
 
@@ -302,19 +323,25 @@ def markdown(runs: Sequence[Run]) -> str:
         low, high = row["last_primary_ci_low"], row["last_primary_ci_high"]
         ci = "–" if math.isnan(low) else f"[{low:.3f}, {high:.3f}]"
         lines.append(
-            f"| {row['strategy']} | {row['seeds']} | " + " | ".join(cells) + f" | {ci} | {row['best_round_mean']:.1f} | {row['minutes_mean']:.1f} |"
+            f"| {row['strategy']} | {row['seeds']} | "
+            + " | ".join(cells)
+            + f" | {ci} | {row['best_round_mean']:.1f} | {row['minutes_mean']:.1f} |"
         )
     groups = group_by_label(runs)
     if REFERENCE in groups:
-        header = (f"Difference to {REFERENCE} training, {METRIC_LABELS[primary]} last, paired over the seeds both ran (same seeds"
-                  " and test items resampled for both; an interval that excludes 0 is an ordering):")
+        header = (
+            f"Difference to {REFERENCE} training, {METRIC_LABELS[primary]} last, paired over the seeds both ran (same seeds"
+            " and test items resampled for both; an interval that excludes 0 is an ordering):"
+        )
         lines += ["", header, "", "| strategy | seeds | difference | 95% CI |", "|---|---|---|---|"]
         reference_seeds = {run.seed for run in groups[REFERENCE]}
         for label, group in groups.items():
             paired = None if label == REFERENCE else paired_difference_interval(group, groups[REFERENCE], primary)
             if paired is not None:
                 shared = [run for run in group if run.seed in reference_seeds]
-                lines.append(f"| {label} | {_seeds(shared)} | {paired[0]:+.3f} | [{paired[1]:+.3f}, {paired[2]:+.3f}] |")
+                lines.append(
+                    f"| {label} | {_seeds(shared)} | {paired[0]:+.3f} | [{paired[1]:+.3f}, {paired[2]:+.3f}] |"
+                )
     clients = runs[0].clients
     lines += [
         "",
@@ -344,12 +371,26 @@ def markdown(runs: Sequence[Run]) -> str:
         for row in options:
             ci = "–" if math.isnan(row["ci_low"]) else f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
             lines.append(f"| {row['strategy']} | {row['seeds']} | {_format(row['mean'], row['std'])} | {ci} |")
-        lines += ["", "Per client, option accuracy:", "", "| client | task | majority | " + " | ".join(groups) + " |",
-                  "|---|---|---|" + "---|" * len(groups)]
+        lines += [
+            "",
+            "Per client, option accuracy:",
+            "",
+            "| client | task | majority | " + " | ".join(groups) + " |",
+            "|---|---|---|" + "---|" * len(groups),
+        ]
         for client in option_clients(runs[0]):
             rows = [table[(s, client)] for s in groups]
-            cells = ["–" if math.isnan(r[f"{OPTION_METRIC}_mean"]) else _format(r[f"{OPTION_METRIC}_mean"], r[f"{OPTION_METRIC}_std"]) for r in rows]
-            lines.append(f"| {client} | {clients[client].get('task')} | {_majority(clients[client])} | " + " | ".join(cells) + " |")
+            cells = [
+                "–"
+                if math.isnan(r[f"{OPTION_METRIC}_mean"])
+                else _format(r[f"{OPTION_METRIC}_mean"], r[f"{OPTION_METRIC}_std"])
+                for r in rows
+            ]
+            lines.append(
+                f"| {client} | {clients[client].get('task')} | {_majority(clients[client])} | "
+                + " | ".join(cells)
+                + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -395,7 +436,9 @@ def plot_scores_per_round(runs: Sequence[Run], path: Path) -> Path:
         rounds = sorted({r["round"] for run in group for r in run.evaluated})
         values = np.array([[_score_at(run, rnd, primary) for rnd in rounds] for run in group])
         mean = np.nanmean(values, axis=0)
-        axes.plot(rounds, mean, marker="o", color=colour, label=f"{strategy} ({len(group)} seed{'s' * (len(group) > 1)})")
+        axes.plot(
+            rounds, mean, marker="o", color=colour, label=f"{strategy} ({len(group)} seed{'s' * (len(group) > 1)})"
+        )
         if len(group) > 1:
             std = np.nanstd(values, axis=0, ddof=1)
             axes.fill_between(rounds, mean - std, mean + std, color=colour, alpha=0.15)
@@ -430,7 +473,15 @@ def plot_per_client(runs: Sequence[Run], path: Path) -> Path:
         means = [table[(strategy, c)][f"{primary}_mean"] for c in clients]
         stds = [table[(strategy, c)][f"{primary}_std"] for c in clients]
         positions = np.arange(len(clients)) + (k - (len(groups) - 1) / 2) * width
-        axes.bar(positions, means, width, yerr=None if all(map(math.isnan, stds)) else np.nan_to_num(stds), label=strategy, color=colour, capsize=2)
+        axes.bar(
+            positions,
+            means,
+            width,
+            yerr=None if all(map(math.isnan, stds)) else np.nan_to_num(stds),
+            label=strategy,
+            color=colour,
+            capsize=2,
+        )
     axes.set_xticks(np.arange(len(clients)), _client_labels(runs[0]), rotation=30, ha="right")
     axes.set_xlabel("client (task)")
     axes.set_ylabel(f"{METRIC_LABELS[primary]}, last round")
@@ -451,19 +502,31 @@ def plot_similarity(run: Run, path: Path) -> Path:
     shown = [recorded[0], recorded[-1]] if len(recorded) > 1 else recorded[:1]
     labels = _client_labels(run)
     size = 0.5 * len(labels) + 2.5
-    figure, axes = plt.subplots(2, len(shown), figsize=(size * len(shown), 2 * size), squeeze=False, constrained_layout=True)
+    figure, axes = plt.subplots(
+        2, len(shown), figsize=(size * len(shown), 2 * size), squeeze=False, constrained_layout=True
+    )
     for column, record in enumerate(shown):
         index = [int(p) for p in record.get("participants", range(len(labels)))]
         names = [labels[i] for i in index]
         for row, (key, title, cmap, limits) in enumerate(
-            [("similarity", "cosine similarity", "RdBu_r", (-1, 1)), ("weights", "aggregation weight", "viridis", (0, 1))]
+            [
+                ("similarity", "cosine similarity", "RdBu_r", (-1, 1)),
+                ("weights", "aggregation weight", "viridis", (0, 1)),
+            ]
         ):
             matrix = np.asarray(record[key])
             ax = axes[row, column]
             image = ax.imshow(matrix, cmap=cmap, vmin=limits[0], vmax=limits[1])
             for (i, j), value in np.ndenumerate(matrix):
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if (abs(value) > 0.6 if key == "similarity" else value > 0.5) else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if (abs(value) > 0.6 if key == "similarity" else value > 0.5) else "black",
+                )
             ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
             ax.set_yticks(range(len(names)), names, fontsize=8)
             ax.set_title(f"{title}, round {record['round']}", fontsize=10)

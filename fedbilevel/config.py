@@ -15,12 +15,11 @@ naming the key, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from fedbilevel.aggregation import FedBipSettings
 from fedbilevel.data.settings import DataSettings
@@ -45,7 +44,7 @@ from fedbilevel.strategies import FEDBIP_PRESETS, strategy_names
 from fedbilevel.strategies.fedamp import FedAmpSettings
 from fedbilevel.strategies.fedprox import FedProxSettings
 
-__all__ = ["SCHEMA", "RESUMABLE_KEYS", "ConfigError", "RunConfig", "load_app_config", "resolve_user_path"]
+__all__ = ["RESUMABLE_KEYS", "SCHEMA", "ConfigError", "RunConfig", "load_app_config", "resolve_user_path"]
 
 
 @dataclass(frozen=True)
@@ -55,7 +54,11 @@ class TrainSettings:
     local_steps: int = option("local-steps", 10, integer(1), "optimizer steps per client and round")
     batch_size: int = option("batch-size", 8, integer(1), "training batch size")
     learning_rate: float = option("learning-rate", 0.001, number(0.0, low_open=True), "AdamW learning rate")
-    max_seq_len: int = option("max-seq-len", 128, integer(8), "tokens per training example")
+    max_seq_len: int = option(
+        "max-seq-len", 128, integer(8),
+        "tokens per training example: a longer one loses the middle of its instruction (template and answer kept "
+        "whole; counted as `num_truncated`); one whose template and answer alone exceed it stops the run at start-up",
+    )
 
     def __post_init__(self) -> None:
         validate(self)
@@ -69,12 +72,16 @@ class EvalSettings:
     batch_size: int = option("eval-batch-size", 32, integer(1), "batched greedy generation: batch size")
     max_new_tokens: int = option("eval-max-new-tokens", 16, integer(1), "batched greedy generation: new tokens at most")
     option_scoring: bool = option(
-        "eval-option-scoring", True, boolean,
+        "eval-option-scoring",
+        True,
+        boolean,
         "for test items whose instruction lists OPTIONS (Flan style), also rank the options by the model's "
         "log-probability (`option_accuracy`)",
     )
     include_global: bool = option(
-        "eval-global", False, boolean,
+        "eval-global",
+        False,
+        boolean,
         "evaluate messages also carry the global adapter (the training-size weighted mean of the personalized ones: "
         "what FedAvg would deploy); clients score it too (`global-*` scores, `global_mean` per round). "
         "Doubles evaluation time",
@@ -96,9 +103,13 @@ class RunConfig:
     num_server_rounds: int = option("num-server-rounds", 3, integer(1), "federated rounds")
     seed: int = option("seed", 0, integer(0), "seeds data, the initial adapter and every client's training")
     min_nodes: int = option("min-nodes", 2, integer(1), "wait for this many connected SuperNodes before a round")
-    round_timeout: float = option("round-timeout", 3600.0, number(0.0, low_open=True), "seconds to wait for replies in a round")
+    round_timeout: float = option(
+        "round-timeout", 3600.0, number(0.0, low_open=True), "seconds to wait for replies in a round"
+    )
     min_available_fraction: float = option(
-        "min-available-fraction", 0.5, number(0.0, low_open=True, high=1.0, high_open=False),
+        "min-available-fraction",
+        0.5,
+        number(0.0, low_open=True, high=1.0, high_open=False),
         "a round aggregates only if at least this fraction of the clients replied validly; otherwise every adapter is kept",
     )
     model: ModelSettings = component(ModelSettings)
@@ -111,7 +122,7 @@ class RunConfig:
     fedala: AlaSettings = component(AlaSettings)
     fedbip: FedBipSettings = component(FedBipSettings)
     output_dir: str = option("output-dir", "outputs", text(empty_ok=False), "where run folders are written")
-    run_name: str = option("run-name", "", text(empty_ok=True), "the run folder's name (\"\": strategy + UTC time)")
+    run_name: str = option("run-name", "", text(empty_ok=True), 'the run folder\'s name ("": strategy + UTC time)')
     resume_from: str = option(
         "resume-from", "", text(empty_ok=True), "a run folder to continue from its last checkpoint (below)"
     )
@@ -128,7 +139,9 @@ class RunConfig:
             raise ConfigError(f"run-config key '{unknown[0]}': unknown key; known keys: {', '.join(SCHEMA)}")
         missing = [key for key in SCHEMA if key not in merged]
         if missing:
-            raise ConfigError(f"run-config key '{missing[0]}': missing; add it to [tool.flwr.app.config] in pyproject.toml")
+            raise ConfigError(
+                f"run-config key '{missing[0]}': missing; add it to [tool.flwr.app.config] in pyproject.toml"
+            )
         return from_run_config(cls, _with_preset(merged))
 
     def to_run_config(self) -> dict[str, Any]:
@@ -148,8 +161,17 @@ SCHEMA: dict[str, dataclasses.Field] = dict(declared(RunConfig))
 
 # Keys a resumed run may change: how it runs, not what it computes.
 RESUMABLE_KEYS = frozenset(
-    {"num-server-rounds", "resume-from", "round-timeout", "min-nodes", "min-available-fraction", "device",
-     "client-threads", "output-dir", "run-name"}
+    {
+        "num-server-rounds",
+        "resume-from",
+        "round-timeout",
+        "min-nodes",
+        "min-available-fraction",
+        "device",
+        "client-threads",
+        "output-dir",
+        "run-name",
+    }
 )
 
 

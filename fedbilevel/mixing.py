@@ -35,7 +35,9 @@ def mix_adapters(adapters: Sequence[Adapter], weights: np.ndarray) -> list[dict[
     """
     weights = np.asarray(weights, dtype=np.float64)
     if weights.ndim != 2 or weights.shape[1] != len(adapters) or not len(adapters):
-        raise ValueError(f"weights: shape {weights.shape} is not allowed; expected M×{len(adapters)} for {len(adapters)} adapters")
+        raise ValueError(
+            f"weights: shape {weights.shape} is not allowed; expected M×{len(adapters)} for {len(adapters)} adapters"
+        )
     names = list(adapters[0])
     for k, adapter in enumerate(adapters[1:], start=1):
         if list(adapter) != names or any(adapter[n].shape != adapters[0][n].shape for n in names):
@@ -54,7 +56,9 @@ def weighted_average(adapters: Sequence[Adapter], weights: Sequence[float]) -> d
     weights = np.asarray(weights, dtype=np.float64)
     total = float(weights.sum())
     if not total > 0 or np.any(weights < 0):
-        raise ValueError(f"weights: {weights.tolist()} is not allowed; expected non-negative numbers with a positive sum")
+        raise ValueError(
+            f"weights: {weights.tolist()} is not allowed; expected non-negative numbers with a positive sum"
+        )
     return mix_adapters(adapters, (weights / total)[None])[0]
 
 
@@ -115,7 +119,9 @@ def fedamp_attention(cosine: np.ndarray, *, sigma: float, self_weight: float) ->
     return attention
 
 
-def fedamp_cloud_models(models: Sequence[Adapter], *, sigma: float, self_weight: float) -> tuple[list[dict[str, np.ndarray]], np.ndarray, np.ndarray]:
+def fedamp_cloud_models(
+    models: Sequence[Adapter], *, sigma: float, self_weight: float
+) -> tuple[list[dict[str, np.ndarray]], np.ndarray, np.ndarray]:
     """FedAMP's personalized cloud models uᵢ = Σⱼ ξᵢⱼ wⱼ.
 
     Returns

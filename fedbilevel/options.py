@@ -33,7 +33,7 @@ def not_allowed(key: str, value: Any, expected: str) -> ConfigError:
     return ConfigError(f"run-config key '{key}': value {value!r} is not allowed; {expected}")
 
 
-def option(key: str, default: Any, check: Check, help: str) -> Any:  # noqa: A002 (peft's name for it)
+def option(key: str, default: Any, check: Check, help: str) -> Any:
     """A dataclass field that is the run-config key ``key``.
 
     Parameters
@@ -120,7 +120,11 @@ def integer(low: int, high: int | None = None) -> Check:
 
     def check(key: str, value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-            raise not_allowed(key, value, f"expected an integer ≥ {low}" if high is None else f"expected an integer in [{low}, {high}]")
+            raise not_allowed(
+                key,
+                value,
+                f"expected an integer ≥ {low}" if high is None else f"expected an integer in [{low}, {high}]",
+            )
         return value
 
     return check

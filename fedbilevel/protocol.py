@@ -51,6 +51,9 @@ TASK = "task"
 NUM_TRAIN = "num-train"
 NUM_TEST = "num-test"
 MAJORITY_EXACT_MATCH = "majority-exact-match"
+NUM_TRUNCATED = "num-truncated"  # training examples whose instruction is cut to fit max-seq-len
+DATA_DIGEST = "data-digest"  # of the partition's examples: a resumed run must see the same data
+START_ERROR = "start-error"  # why the client cannot start (e.g. its data failed to load), in one line
 
 # Client-side steps a strategy declares in the train / evaluate config.
 PROXIMAL_MU = "proximal-mu"  # μ of the proximal term μ/2 ‖θ − θ_received‖² (FedProx; FedAMP's λ)
@@ -90,21 +93,29 @@ class AlaSettings:
     """
 
     eta: float = option(
-        "fedala-eta", 1.0, number(0.0, low_open=True),
+        "fedala-eta",
+        1.0,
+        number(0.0, low_open=True),
         "FedALA: learning rate η of the weights W (the paper's default). W's update is η·∇θ̂L·(Θ − θ), a product of "
         "two small numbers for LoRA adapters: at η = 1 the mean weight stayed at 1.000 on the synthetic federation "
         "(FedALA = FedAvg there); raise η to let it personalize",
     )
     data_fraction: float = option(
-        "fedala-data-fraction", 0.8, number(0.0, low_open=True, high=1.0, high_open=False),
+        "fedala-data-fraction",
+        0.8,
+        number(0.0, low_open=True, high=1.0, high_open=False),
         "FedALA: fraction s of the training data W is learned on (the paper's default)",
     )
     top_fraction: float = option(
-        "fedala-top-fraction", 1.0, number(0.0, low_open=True, high=1.0, high_open=False),
+        "fedala-top-fraction",
+        1.0,
+        number(0.0, low_open=True, high=1.0, high_open=False),
         "FedALA: fraction of the transformer blocks (from the top) mixed by W; lower blocks take the global adapter",
     )
     start_epochs: int = option(
-        "fedala-start-epochs", 2, integer(1),
+        "fedala-start-epochs",
+        2,
+        integer(1),
         "FedALA: epochs of W learning the first time (the paper trains to convergence; later rounds use one)",
     )
 

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,13 @@ from fedbilevel.config import RunConfig
 from fedbilevel.options import resolve_user_path
 from fedbilevel.resources import process_memory_mb
 
-METRIC_LABELS = {"rouge1": "ROUGE-1", "rougeL": "ROUGE-L", "exact_match": "exact match", "accuracy": "accuracy", "macro_f1": "macro F1"}
+METRIC_LABELS = {
+    "rouge1": "ROUGE-1",
+    "rougeL": "ROUGE-L",
+    "exact_match": "exact match",
+    "accuracy": "accuracy",
+    "macro_f1": "macro F1",
+}
 # The metric that picks the best round: exact match for the synthetic tasks (short,
 # deterministic answers, where ROUGE's lowercasing hides the uppercase task), accuracy for
 # images, ROUGE-L otherwise.
@@ -61,7 +67,7 @@ def make_run_dir(config: RunConfig) -> Path:
     (scripts/flwr_run.sh sets it to the project folder: under ``flwr run`` the ServerApp
     runs from a copy of the app elsewhere), else to the working directory.
     """
-    name = config.run_name or f"{config.strategy}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    name = config.run_name or f"{config.strategy}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     base = resolve_user_path(config.output_dir) / name
     candidate, suffix = base, 1
     while candidate.exists():
@@ -74,12 +80,20 @@ def make_run_dir(config: RunConfig) -> Path:
 class RunRecorder:
     """Writes config.json at start, results.json after every round, adapters at the end.
 
-    With ``resumed_round`` the run continues an earlier one in the same folder: rounds
+    ``experiment`` (digests of the model and the initial adapter) is kept in config.json beside the
+    package versions. With ``resumed_round`` the run continues an earlier one in the same folder: rounds
     after that round (recorded but not checkpointed before a crash) are dropped from
     results.json, and config.json keeps the original start and lists every resume.
     """
 
-    def __init__(self, config: RunConfig, run_dir: Path, *, resumed_round: int | None = None) -> None:
+    def __init__(
+        self,
+        config: RunConfig,
+        run_dir: Path,
+        *,
+        resumed_round: int | None = None,
+        experiment: Mapping[str, str] | None = None,
+    ) -> None:
         self.config = config
         self.run_dir = run_dir
         images = config.data.holds_images
@@ -87,13 +101,15 @@ class RunRecorder:
         self.metrics = protocol.IMAGE_METRICS if images else protocol.TEXT_METRICS
         self.results: dict[str, Any] = {"strategy": config.strategy, "clients": {}, "rounds": [], "summary": {}}
         self._started = time.time()
-        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        now = datetime.now(UTC).isoformat(timespec="seconds")
         record = {
             "run_config": config.to_run_config(),
             "seed": config.seed,
             "run_dir": str(run_dir),
             "started_utc": now,
             "versions": package_versions(),
+            # Digests of what the results depend on beyond the run config (a resume compares them).
+            "experiment": dict(experiment or {}),
             "python": sys.version.split()[0],
             "platform": platform.platform(),
             "command": sys.argv,
@@ -104,17 +120,21 @@ class RunRecorder:
             self.results["rounds"] = [r for r in self.results["rounds"] if r["round"] <= resumed_round]
             self._started -= self.results["summary"].get("seconds", 0.0)
             record["started_utc"] = previous["started_utc"]
-            record["resumes"] = [*previous.get("resumes", []), {"after_round": resumed_round, "utc": now, "command": sys.argv}]
+            record["resumes"] = [
+                *previous.get("resumes", []),
+                {"after_round": resumed_round, "utc": now, "command": sys.argv},
+            ]
         write_json(run_dir / "config.json", record)
 
     def set_clients(self, clients: Mapping[int, Mapping[str, Any]]) -> None:
-        """Partition id -> {task, num_train, num_test, majority_exact_match} from the clients' query replies."""
+        """Partition id -> {task, num_train, num_test, majority_exact_match, num_truncated} from the query replies."""
         self.results["clients"] = {
             str(p): {
                 "task": info.get(protocol.TASK),
                 "num_train": info.get(protocol.NUM_TRAIN),
                 "num_test": info.get(protocol.NUM_TEST),
                 "majority_exact_match": info.get(protocol.MAJORITY_EXACT_MATCH),
+                "num_truncated": info.get(protocol.NUM_TRUNCATED, 0),
             }
             for p, info in sorted(clients.items())
         }
@@ -127,9 +147,14 @@ class RunRecorder:
             entry["personalized_mean"] = {
                 m: float(np.mean([scores[m] for scores in entry["eval"].values()])) for m in self.metrics
             }
-            global_scores = [scores for scores in entry["eval"].values() if f"{protocol.GLOBAL_PREFIX}{self.metrics[0]}" in scores]
+            global_scores = [
+                scores for scores in entry["eval"].values() if f"{protocol.GLOBAL_PREFIX}{self.metrics[0]}" in scores
+            ]
             if global_scores:  # eval-global: the mean adapter on every client's split
-                entry["global_mean"] = {m: float(np.mean([scores[f"{protocol.GLOBAL_PREFIX}{m}"] for scores in global_scores])) for m in self.metrics}
+                entry["global_mean"] = {
+                    m: float(np.mean([scores[f"{protocol.GLOBAL_PREFIX}{m}"] for scores in global_scores]))
+                    for m in self.metrics
+                }
         self.results["rounds"].append(entry)
         self.results["summary"] = self._summary()
         write_json(self.run_dir / "results.json", self.results)
@@ -145,7 +170,10 @@ class RunRecorder:
         }
         splits = [r["time_split"] for r in self.results["rounds"] if "time_split" in r]
         if splits:
-            totals = {k: sum(split[k] for split in splits) for k in ("client_train", "client_evaluate", "aggregation", "other")}
+            totals = {
+                k: sum(split[k] for split in splits)
+                for k in ("client_train", "client_evaluate", "aggregation", "other")
+            }
             round_seconds = sum(r["seconds"] for r in self.results["rounds"] if "time_split" in r)
             totals["other_fraction"] = totals["other"] / round_seconds if round_seconds > 0 else 0.0
             summary["time_split"] = totals
@@ -163,12 +191,16 @@ class RunRecorder:
         last = next((r for r in reversed(self.results["rounds"]) if r["eval"]), None)
         if last is None:
             return "no evaluation was recorded"
-        lines = ["| client | task | train | test | " + " | ".join(METRIC_LABELS[m] for m in self.metrics) + " |",
-                 "|---|---|---|---|" + "---|" * len(self.metrics)]
+        lines = [
+            "| client | task | train | test | " + " | ".join(METRIC_LABELS[m] for m in self.metrics) + " |",
+            "|---|---|---|---|" + "---|" * len(self.metrics),
+        ]
         for pid, info in self.results["clients"].items():
             scores = last["eval"].get(pid)
             cells = [f"{scores[m]:.3f}" for m in self.metrics] if scores else ["failed"] * len(self.metrics)
-            lines.append(f"| {pid} | {info['task']} | {info['num_train']} | {info['num_test']} | " + " | ".join(cells) + " |")
+            lines.append(
+                f"| {pid} | {info['task']} | {info['num_train']} | {info['num_test']} | " + " | ".join(cells) + " |"
+            )
         mean = last["personalized_mean"]
         lines.append("| mean | | | | " + " | ".join(f"{mean[m]:.3f}" for m in self.metrics) + " |")
         return "\n".join(lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Mapping
@@ -9,6 +10,7 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
@@ -17,8 +19,9 @@ from fedbilevel import protocol
 from fedbilevel.checkpoint import load_checkpoint, save_checkpoint
 from fedbilevel.config import RESUMABLE_KEYS, ConfigError, RunConfig
 from fedbilevel.models.adapter import initial_adapter_arrays, save_adapter
+from fedbilevel.models.zoo import model_digest
 from fedbilevel.options import resolve_user_path
-from fedbilevel.results import RunRecorder, make_run_dir
+from fedbilevel.results import RunRecorder, make_run_dir, package_versions
 from fedbilevel.strategies import build_strategy
 
 
@@ -41,17 +44,48 @@ def _resume_point(config: RunConfig) -> tuple[Path, dict, dict]:
     return run_dir, arrays, meta
 
 
+def adapter_digest(adapter: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 (hex, 16 characters) of named arrays: names, dtypes, shapes and values, in order."""
+    digest = hashlib.sha256()
+    for name, array in adapter.items():
+        digest.update(f"{name}\x1f{array.dtype}\x1f{array.shape}\x1e".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _check_same_experiment(run_dir: Path, experiment: Mapping[str, str]) -> None:
+    """Refuse to resume when anything earlier rounds depend on besides the run config has changed:
+    a package version, the base model's files, the initial adapter (the clients' data is checked
+    when they report it, :class:`~fedbilevel.strategies.base.PersonalizedStrategy`)."""
+    saved = json.loads((run_dir / "config.json").read_text())
+    for name, version in package_versions().items():
+        if name in saved.get("versions", {}) and saved["versions"][name] != version:
+            raise ConfigError(
+                f"package '{name}': version {version} differs from the resumed run's {saved['versions'][name]}; "
+                "a resumed run must be the same experiment (install that version or start a new run)"
+            )
+    for what, value in experiment.items():
+        if what in saved.get("experiment", {}) and saved["experiment"][what] != value:
+            raise ConfigError(
+                f"{what.replace('_', ' ')}: digest {value} differs from the resumed run's {saved['experiment'][what]}; "
+                "a resumed run must be the same experiment (restore it or start a new run)"
+            )
+
+
 def run_server(grid: Grid, config: RunConfig) -> Path:
     """Run ``config.num_server_rounds`` rounds of ``config.strategy``; return the run folder.
 
     With ``resume-from``, continue that run from its checkpoint, in its folder.
     """
     resumed = _resume_point(config) if config.resume_from else None
+    initial = initial_adapter_arrays(config.model.name, config.lora, seed=config.seed)
+    experiment = {"model": model_digest(config.model.name), "initial_adapter": adapter_digest(initial)}
+    if resumed:
+        _check_same_experiment(resumed[0], experiment)
     run_dir = resumed[0] if resumed else make_run_dir(config)
     resumed_after = resumed[2]["round"] if resumed else 0
-    recorder = RunRecorder(config, run_dir, resumed_round=resumed_after if resumed else None)
+    recorder = RunRecorder(config, run_dir, resumed_round=resumed_after if resumed else None, experiment=experiment)
     log(INFO, "fedbilevel: strategy %s, %d rounds, results in %s", config.strategy, config.num_server_rounds, run_dir)
-    initial = initial_adapter_arrays(config.model.name, config.lora, seed=config.seed)
     started = time.time()
 
     def on_round_end(record: Mapping[str, Any]) -> None:
@@ -63,10 +97,27 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
         mean = recorder.results["rounds"][-1].get("personalized_mean")
         scores = ", ".join(f"{k} {v:.3f}" for k, v in mean.items()) if mean else "not evaluated"
         split = record["time_split"]
-        log(INFO, "round %d/%d done in %.0f s (%d clients, %d failures); personalized mean: %s; ETA %.0f s",
-            done, config.num_server_rounds, record["seconds"], len(record["train"]), len(record["failures"]), scores, eta)
-        log(INFO, "round %d time: clients training %.1f s, evaluating %.1f s, aggregation %.2f s, other (Flower) %.1f s = %.1f%%",
-            done, split["client_train"], split["client_evaluate"], split["aggregation"], split["other"], 100 * split["other_fraction"])
+        log(
+            INFO,
+            "round %d/%d done in %.0f s (%d clients, %d failures); personalized mean: %s; ETA %.0f s",
+            done,
+            config.num_server_rounds,
+            record["seconds"],
+            len(record["train"]),
+            len(record["failures"]),
+            scores,
+            eta,
+        )
+        log(
+            INFO,
+            "round %d time: clients training %.1f s, evaluating %.1f s, aggregation %.2f s, other (Flower) %.1f s = %.1f%%",
+            done,
+            split["client_train"],
+            split["client_evaluate"],
+            split["aggregation"],
+            split["other"],
+            100 * split["other_fraction"],
+        )
 
     strategy = build_strategy(
         config,
@@ -79,7 +130,10 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
         strategy.restore(resumed[1], resumed[2])
         log(INFO, "resuming %s after round %d (checkpoint in %s)", config.strategy, strategy.round_offset, run_dir)
         if config.strategy == "fedala":
-            log(WARNING, "FedALA keeps each client's local model and mixing weights on the client; a resumed run starts them afresh")
+            log(
+                WARNING,
+                "FedALA keeps each client's local model and mixing weights on the client; a resumed run starts them afresh",
+            )
     strategy.start(
         grid,
         protocol.adapter_to_record(initial),
@@ -89,7 +143,12 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
         evaluate_config=ConfigRecord(),
     )
     for partition_id in sorted(strategy.clients):
-        save_adapter(strategy.personalized_adapter(partition_id), run_dir / "clients" / str(partition_id), config.model.name, config.lora)
+        save_adapter(
+            strategy.personalized_adapter(partition_id),
+            run_dir / "clients" / str(partition_id),
+            config.model.name,
+            config.lora,
+        )
     log(INFO, "final personalized scores (%s):\n%s", config.strategy, recorder.table())
     log(INFO, "results: %s", run_dir / "results.json")
     return run_dir

@@ -23,6 +23,7 @@ from fedbilevel.client.app import make_client_app
 from fedbilevel.config import ConfigError, RunConfig, parse_assignment, resolve
 from fedbilevel.server import make_server_app
 
+
 def random_updates(partitions: Sequence[int], scale: float, seed: int):
     """A faulty-client harness: the listed clients send θ̄ + a random direction of ``scale``× their real update's norm.
 
@@ -43,8 +44,13 @@ def random_updates(partitions: Sequence[int], scale: float, seed: int):
     return corrupt
 
 
-def fault_harness(run_config: Mapping[str, Any], *, faulty_clients: Sequence[int] = (), faulty_scale: float = 10.0,
-                  absent_clients: Sequence[int] = ()):
+def fault_harness(
+    run_config: Mapping[str, Any],
+    *,
+    faulty_clients: Sequence[int] = (),
+    faulty_scale: float = 10.0,
+    absent_clients: Sequence[int] = (),
+):
     """The update corruption for :func:`simulate`, or ``None`` when every client is honest.
 
     ``faulty_clients`` send scaled random updates (:func:`random_updates`); ``absent_clients``
@@ -61,7 +67,9 @@ def fault_harness(run_config: Mapping[str, Any], *, faulty_clients: Sequence[int
 
     def corrupt(partition_id: int, server_round: int, received: dict, trained: dict) -> dict:
         if partition_id in absent:
-            raise RuntimeError(f"client {partition_id} is absent (test harness --absent-clients): no update in round {server_round}")
+            raise RuntimeError(
+                f"client {partition_id} is absent (test harness --absent-clients): no update in round {server_round}"
+            )
         return randomize(partition_id, server_round, received, trained)
 
     return corrupt
@@ -81,7 +89,9 @@ def simulate(
     ``faulty_clients`` send scaled random updates instead of their trained adapters and
     ``absent_clients`` fail every round (:func:`fault_harness`), for robustness experiments.
     """
-    corrupt = fault_harness(run_config, faulty_clients=faulty_clients, faulty_scale=faulty_scale, absent_clients=absent_clients)
+    corrupt = fault_harness(
+        run_config, faulty_clients=faulty_clients, faulty_scale=faulty_scale, absent_clients=absent_clients
+    )
     run_simulation(
         server_app=make_server_app(run_config),
         client_app=make_client_app(run_config, corrupt=corrupt),
@@ -94,14 +104,37 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-supernodes", type=int, default=8, help="simulated clients (default: 8)")
     parser.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per client (default: 1)")
-    parser.add_argument("--run-config", action="append", default=[], metavar="FILE.toml", help="run-config file(s), e.g. conf/smoke.toml")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run-config override (repeatable)")
+    parser.add_argument(
+        "--run-config",
+        action="append",
+        default=[],
+        metavar="FILE.toml",
+        help="run-config file(s), e.g. conf/smoke.toml",
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="run-config override (repeatable)"
+    )
     parser.add_argument("--config-json", help="the complete run config as a JSON file (what scripts/compare.py passes)")
-    parser.add_argument("--faulty-clients", default="", metavar="IDS", help="robustness experiments: comma-separated partition ids "
-                        "that send random updates instead of their trained adapters")
-    parser.add_argument("--faulty-scale", type=float, default=10.0, help="norm of a faulty update, in multiples of the real one's (default: 10)")
-    parser.add_argument("--absent-clients", default="", metavar="IDS", help="robustness experiments: comma-separated partition ids "
-                        "that fail every training round (the reference for --faulty-clients)")
+    parser.add_argument(
+        "--faulty-clients",
+        default="",
+        metavar="IDS",
+        help="robustness experiments: comma-separated partition ids "
+        "that send random updates instead of their trained adapters",
+    )
+    parser.add_argument(
+        "--faulty-scale",
+        type=float,
+        default=10.0,
+        help="norm of a faulty update, in multiples of the real one's (default: 10)",
+    )
+    parser.add_argument(
+        "--absent-clients",
+        default="",
+        metavar="IDS",
+        help="robustness experiments: comma-separated partition ids "
+        "that fail every training round (the reference for --faulty-clients)",
+    )
     args = parser.parse_args(argv)
     faulty = _partition_ids(parser, "--faulty-clients", args.faulty_clients)
     absent = _partition_ids(parser, "--absent-clients", args.absent_clients)
@@ -111,8 +144,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         config = resolve(dict(parse_assignment(a) for a in args.set), args.run_config)
     try:
-        simulate(config, num_supernodes=args.num_supernodes, cpus_per_client=args.cpus_per_client,
-                 faulty_clients=faulty, faulty_scale=args.faulty_scale, absent_clients=absent)
+        simulate(
+            config,
+            num_supernodes=args.num_supernodes,
+            cpus_per_client=args.cpus_per_client,
+            faulty_clients=faulty,
+            faulty_scale=args.faulty_scale,
+            absent_clients=absent,
+        )
     except ConfigError as error:
         parser.error(str(error))
 

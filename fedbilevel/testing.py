@@ -9,6 +9,7 @@ remembers every adapter it was sent; :class:`FakeGrid` serves fake clients.
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
 import numpy as np
@@ -57,8 +58,22 @@ class InProcessGrid(Grid):
         raise NotImplementedError
 
     def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
+        messages = list(messages)
+        for message in messages:  # as Flower's grids do when they push a message
+            message.metadata.__dict__["_message_id"] = str(uuid.uuid4())
         replies = [self.nodes[m.metadata.dst_node_id].handle(m) for m in messages]
         return [reply for reply in replies if reply is not None]
+
+
+class UnavailableNode:
+    """A node the SuperLink still lists but that stopped answering (e.g. a killed SuperNode): the
+    reply to each message is Flower's own "Node Unavailable" error, sent by the SuperLink (node 0)."""
+
+    def handle(self, message: Message) -> Message:
+        """Flower's error reply to ``message``, from the SuperLink."""
+        reply = Message(Error(code=5, reason="Error: Node Unavailable"), reply_to=message)
+        reply.metadata.__dict__["_src_node_id"] = 0  # the SuperLink's node id, not the client's
+        return reply
 
 
 def update_of(partition_id: int, server_round: int) -> dict[str, np.ndarray]:
@@ -92,9 +107,12 @@ class FakeClient:
     ----------
     partition_id : int
         The partition it holds.
-    behaviour : {"good", "silent", "raise", "nan", "shape", "impostor"} (default: "good")
+    behaviour : {"good", "silent", "raise", "nan", "huge", "shape", "impostor"} (default: "good")
         How it answers train messages: normally; never; with a client error; with a NaN
-        value; with an array of the wrong shape; claiming partition 0.
+        value; with its update scaled by 1e25 (finite, but its square overflows float32); with
+        an array of the wrong shape; claiming partition 0.
+    data_digest : str, optional
+        Reported in the query reply as the partition's data digest (a resumed run compares it).
 
     Attributes
     ----------
@@ -106,9 +124,10 @@ class FakeClient:
         The global adapters of evaluate messages (eval-global).
     """
 
-    def __init__(self, partition_id: int, behaviour: str = "good"):
+    def __init__(self, partition_id: int, behaviour: str = "good", *, data_digest: str | None = None):
         self.partition_id = partition_id
         self.behaviour = behaviour
+        self.data_digest = data_digest
         self.received: list[tuple[str, int, dict[str, np.ndarray]]] = []
         self.configs: list[dict] = []
         self.globals: list[dict[str, np.ndarray]] = []
@@ -118,6 +137,8 @@ class FakeClient:
         if message.metadata.message_type == MessageType.QUERY:
             task = f"task{self.partition_id // 2}"
             info = ConfigRecord({protocol.PARTITION_ID: self.partition_id, protocol.TASK: task})
+            if self.data_digest is not None:
+                info[protocol.DATA_DIGEST] = self.data_digest
             return Message(RecordDict({protocol.INFO: info}), reply_to=message)
         config = message.content.config_records[protocol.CONFIG]
         self.configs.append(dict(config))
@@ -151,6 +172,9 @@ class FakeClient:
         trained = {k: v + update_of(self.partition_id, server_round)[k] for k, v in adapter.items()}
         if self.behaviour == "nan":
             trained["b"][0] = np.nan
+        if self.behaviour == "huge":
+            update = update_of(self.partition_id, server_round)
+            trained = {k: v + np.float32(1e25) * update[k] for k, v in adapter.items()}
         if self.behaviour == "shape":
             trained["b"] = np.zeros(5, np.float32)
         if self.behaviour == "impostor":

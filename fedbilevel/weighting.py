@@ -68,37 +68,54 @@ class Weighting:
     """
 
     negative: str = option(
-        "negative-cosine", "clip", choice(NEGATIVE_COSINE_MODES),
+        "negative-cosine",
+        "clip",
+        choice(NEGATIVE_COSINE_MODES),
         "`clip` (negative cosines count as 0) or `keep` (the paper's formula literally; only with weighting `paper`); "
-        "see \"The two choices the paper leaves open\"",
+        'see "The two choices the paper leaves open"',
     )
     rule: str = option(
-        "weighting", "paper", choice(WEIGHTING_RULES),
-        "FedBip's weighting rule (\"Beyond the paper\"): `paper`, `softmax`, `power`, `top-k`, `threshold`, `zscore-softmax`",
+        "weighting",
+        "paper",
+        choice(WEIGHTING_RULES),
+        'FedBip\'s weighting rule ("Beyond the paper"): `paper`, `softmax`, `power`, `top-k`, `threshold`, `zscore-softmax`',
     )
-    temperature: float = option("weighting-temperature", 0.1, number(0.0, low_open=True), "`softmax`: temperature, in cosine units")
+    temperature: float = option(
+        "weighting-temperature", 0.1, number(0.0, low_open=True), "`softmax`: temperature, in cosine units"
+    )
     power: float = option("weighting-power", 2.0, number(1.0, low_open=False), "`power`: exponent γ of max(S, 0)^γ")
     top_k: int = option("weighting-top-k", 1, integer(1), "`top-k`: peers kept besides self")
     threshold: float = option(
-        "weighting-threshold", 0.5, number(-1.0, low_open=False, high=1.0, high_open=False),
+        "weighting-threshold",
+        0.5,
+        number(-1.0, low_open=False, high=1.0, high_open=False),
         "`threshold`: smallest cosine kept (self always kept)",
     )
     z_temperature: float = option(
-        "weighting-z-temperature", 1.0, number(0.0, low_open=True), "`zscore-softmax`: temperature, in standard deviations"
+        "weighting-z-temperature",
+        1.0,
+        number(0.0, low_open=True),
+        "`zscore-softmax`: temperature, in standard deviations",
     )
     centering: str = option(
-        "similarity-centering", "none", choice(SIMILARITY_CENTERINGS),
+        "similarity-centering",
+        "none",
+        choice(SIMILARITY_CENTERINGS),
         "`mean`: cosines of τᵢ − mean τ (the direction common to all updates removed)",
     )
     self_floor: float = option(
-        "self-weight-floor", 0.0, number(0.0, low_open=False, high=1.0, high_open=False),
+        "self-weight-floor",
+        0.0,
+        number(0.0, low_open=False, high=1.0, high_open=False),
         "every client keeps at least this weight on its own update",
     )
 
     def __post_init__(self) -> None:
         validate(self)
         if self.negative == "keep" and self.rule != "paper":
-            raise not_allowed("negative-cosine", "keep", f"with weighting={self.rule!r} only weighting='paper' keeps negative cosines")
+            raise not_allowed(
+                "negative-cosine", "keep", f"with weighting={self.rule!r} only weighting='paper' keeps negative cosines"
+            )
 
     @property
     def is_paper(self) -> bool:
@@ -148,7 +165,12 @@ def centered_gram(gram: np.ndarray) -> np.ndarray:
         float64 centred Gram matrix (matrices), same shape as ``gram``.
     """
     grams, single = _as_stack("gram", gram)
-    centered = grams - grams.mean(axis=2, keepdims=True) - grams.mean(axis=1, keepdims=True) + grams.mean(axis=(1, 2), keepdims=True)
+    centered = (
+        grams
+        - grams.mean(axis=2, keepdims=True)
+        - grams.mean(axis=1, keepdims=True)
+        + grams.mean(axis=(1, 2), keepdims=True)
+    )
     return centered[0] if single else centered
 
 
@@ -236,8 +258,15 @@ def similarity_weights(
     np.ndarray
         float64 weights, same shape as ``similarity``, rows summing to 1.
     """
-    Weighting(rule=rule, negative=negative, temperature=temperature, power=power, top_k=top_k, threshold=threshold,
-              z_temperature=z_temperature)
+    Weighting(
+        rule=rule,
+        negative=negative,
+        temperature=temperature,
+        power=power,
+        top_k=top_k,
+        threshold=threshold,
+        z_temperature=z_temperature,
+    )
     _check_real("std_floor", std_floor, lambda v: v > 0, "a number > 0")
     scores, single = _as_stack("similarity", similarity)
 

@@ -88,7 +88,10 @@ def make_clients(
     centers = [{name: rng.standard_normal(shape, dtype=np.float32) for name, shape in shapes.items()} for _ in range(4)]
     personalized, trained = [], []
     for i in range(n):
-        mine = {name: start[name] + np.float32(0.1) * rng.standard_normal(shape, dtype=np.float32) for name, shape in shapes.items()}
+        mine = {
+            name: start[name] + np.float32(0.1) * rng.standard_normal(shape, dtype=np.float32)
+            for name, shape in shapes.items()
+        }
         personalized.append(mine)
         trained.append(
             {
@@ -258,8 +261,13 @@ def goal_lines(rows: Sequence[dict]) -> list[str]:
     at_goal_n = [row for row in rows if row["N"] == GOAL_NAIVE_AT_CLIENTS]
     if at_goal_n:
         lines.append(
-            check(f"≥ {GOAL_NAIVE_SPEEDUP:g}× faster than naive at N = {GOAL_NAIVE_AT_CLIENTS}", "naive/fedbip",
-                  GOAL_NAIVE_SPEEDUP, at_goal_n, at_most=False)
+            check(
+                f"≥ {GOAL_NAIVE_SPEEDUP:g}× faster than naive at N = {GOAL_NAIVE_AT_CLIENTS}",
+                "naive/fedbip",
+                GOAL_NAIVE_SPEEDUP,
+                at_goal_n,
+                at_most=False,
+            )
         )
     for mode in ("fedbip", "fedbip-l"):
         key = f"peak extra/stacked {mode}"

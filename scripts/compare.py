@@ -31,8 +31,7 @@ import time
 from pathlib import Path
 
 from fedbilevel.comparison import load_run, markdown, write_plots, write_tables
-from fedbilevel.config import ConfigError, RunConfig, load_app_config
-from fedbilevel.config import PYPROJECT, parse_assignment, resolve
+from fedbilevel.config import PYPROJECT, ConfigError, RunConfig, load_app_config, parse_assignment, resolve
 from fedbilevel.strategies import strategy_names
 
 POLL_S = 2.0
@@ -47,7 +46,9 @@ def _names(text: str, allowed: tuple[str, ...] | None, what: str) -> list[str]:
     names = [part.strip() for part in text.split(",") if part.strip()]
     unknown = [n for n in names if allowed is not None and n not in allowed]
     if not names or unknown:
-        raise SystemExit(f"--{what}: {unknown[0] if unknown else text!r} is not allowed; choose from {', '.join(allowed or ())}")
+        raise SystemExit(
+            f"--{what}: {unknown[0] if unknown else text!r} is not allowed; choose from {', '.join(allowed or ())}"
+        )
     return names
 
 
@@ -59,11 +60,15 @@ def _variants(path: Path) -> list[tuple[str, dict]]:
     bad = [
         label
         for label, table in tables.items()
-        if not isinstance(table, dict) or any(isinstance(v, dict) for v in table.values()) or not re.fullmatch(r"[A-Za-z0-9_.+-]+", label)
+        if not isinstance(table, dict)
+        or any(isinstance(v, dict) for v in table.values())
+        or not re.fullmatch(r"[A-Za-z0-9_.+-]+", label)
     ]
     if not tables or bad:
-        raise SystemExit(f"--variants {path}: {bad[0] if bad else 'no tables'!r} is not allowed; expected [label] tables "
-                         '(letters, digits, . _ + -; quote a label with dots: ["t0.1"]) of run-config overrides')
+        raise SystemExit(
+            f"--variants {path}: {bad[0] if bad else 'no tables'!r} is not allowed; expected [label] tables "
+            '(letters, digits, . _ + -; quote a label with dots: ["t0.1"]) of run-config overrides'
+        )
     return list(tables.items())
 
 
@@ -100,15 +105,23 @@ def _is_complete(run_dir: Path, config: dict, defaults: dict) -> bool:
     """
     if not run_dir.exists():
         return False
-    saved = json.loads((run_dir / "config.json").read_text())["run_config"] if (run_dir / "config.json").exists() else None
+    saved = (
+        json.loads((run_dir / "config.json").read_text())["run_config"] if (run_dir / "config.json").exists() else None
+    )
     if saved is not None:
         wanted = RunConfig.from_run_config(config).to_run_config()
         differences = _config_differences(saved, wanted, defaults)
         if differences:
             key = differences[0]
-            raise SystemExit(f"{run_dir} holds a run with a different config ({len(differences)} key(s), e.g. {key!r}: "
-                             f"{saved.get(key, '(absent)')!r} there, {wanted.get(key, '(absent)')!r} now); use another --out or --force")
-    if saved is not None and len(_rounds_done(run_dir)) == config["num-server-rounds"] and (run_dir / "clients").exists():
+            raise SystemExit(
+                f"{run_dir} holds a run with a different config ({len(differences)} key(s), e.g. {key!r}: "
+                f"{saved.get(key, '(absent)')!r} there, {wanted.get(key, '(absent)')!r} now); use another --out or --force"
+            )
+    if (
+        saved is not None
+        and len(_rounds_done(run_dir)) == config["num-server-rounds"]
+        and (run_dir / "clients").exists()
+    ):
         return True
     print(f"removing the unfinished run {run_dir}", flush=True)
     shutil.rmtree(run_dir)
@@ -116,25 +129,53 @@ def _is_complete(run_dir: Path, config: dict, defaults: dict) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--strategies", help="comma-separated (default: all registered, or none when --variants is given)")
-    parser.add_argument("--variants", type=Path, metavar="FILE.toml", help="labelled variants: [label] tables of run-config overrides")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
+    parser.add_argument(
+        "--strategies", help="comma-separated (default: all registered, or none when --variants is given)"
+    )
+    parser.add_argument(
+        "--variants", type=Path, metavar="FILE.toml", help="labelled variants: [label] tables of run-config overrides"
+    )
     parser.add_argument("--seeds", default="0", help="comma-separated run seeds (default: 0)")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--run-config", action="append", default=[], metavar="FILE.toml", help="run-config file(s) applied to every run")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run-config override for every run (repeatable)")
+    parser.add_argument(
+        "--run-config", action="append", default=[], metavar="FILE.toml", help="run-config file(s) applied to every run"
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="run-config override for every run (repeatable)"
+    )
     parser.add_argument("--num-clients", type=int, default=8, help="simulated SuperNodes = clients (default: 8)")
     parser.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per client (default: 1)")
-    parser.add_argument("--faulty-clients", default="", metavar="IDS",
-                        help="robustness: these partition ids send random updates (see python -m fedbilevel.simulation -h)")
-    parser.add_argument("--faulty-scale", type=float, default=10.0, help="norm of a faulty update / the real one's (default: 10)")
-    parser.add_argument("--absent-clients", default="", metavar="IDS",
-                        help="robustness: these partition ids fail every training round (the reference for --faulty-clients)")
+    parser.add_argument(
+        "--faulty-clients",
+        default="",
+        metavar="IDS",
+        help="robustness: these partition ids send random updates (see python -m fedbilevel.simulation -h)",
+    )
+    parser.add_argument(
+        "--faulty-scale", type=float, default=10.0, help="norm of a faulty update / the real one's (default: 10)"
+    )
+    parser.add_argument(
+        "--absent-clients",
+        default="",
+        metavar="IDS",
+        help="robustness: these partition ids fail every training round (the reference for --faulty-clients)",
+    )
     parser.add_argument("--force", action="store_true", help="rerun runs that already finished")
-    parser.add_argument("--report-only", action="store_true", help="only rebuild tables and plots from the runs of the plan that finished")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="only rebuild tables and plots from the runs of the plan that finished",
+    )
     args = parser.parse_args()
 
-    variants = [(name, {"strategy": name}) for name in _names(args.strategies, strategy_names(), "strategies")] if args.strategies else []
+    variants = (
+        [(name, {"strategy": name}) for name in _names(args.strategies, strategy_names(), "strategies")]
+        if args.strategies
+        else []
+    )
     if args.variants:
         variants += _variants(args.variants)
     elif not args.strategies:
@@ -146,7 +187,9 @@ def main() -> None:
     overrides = dict(parse_assignment(a) for a in args.set)
     for key in ("strategy", "seed", "output-dir", "run-name"):
         if key in overrides or any(key in variant and key != "strategy" for _, variant in variants):
-            raise SystemExit(f"{key}: not allowed in --set or variants; compare.py sets it for every run (use --strategies / --seeds / --out)")
+            raise SystemExit(
+                f"{key}: not allowed in --set or variants; compare.py sets it for every run (use --strategies / --seeds / --out)"
+            )
     out = args.out.resolve()
     runs_dir = out / "runs"
     plan = []
@@ -154,14 +197,27 @@ def main() -> None:
         for label, variant in variants:
             for seed in seeds:
                 name = f"{label}-seed{seed}"
-                config = resolve({**overrides, **variant, "seed": seed, "output-dir": str(runs_dir), "run-name": name}, args.run_config)
+                config = resolve(
+                    {**overrides, **variant, "seed": seed, "output-dir": str(runs_dir), "run-name": name},
+                    args.run_config,
+                )
                 plan.append((label, name, config))
     except ConfigError as error:
         raise SystemExit(str(error)) from None
     rounds = plan[0][2]["num-server-rounds"]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps({"command": sys.argv, "variants": dict(variants), "seeds": seeds,
-                                                  "num_clients": args.num_clients, "run_configs": {n: c for _, n, c in plan}}, indent=2))
+    (out / "compare.json").write_text(
+        json.dumps(
+            {
+                "command": sys.argv,
+                "variants": dict(variants),
+                "seeds": seeds,
+                "num_clients": args.num_clients,
+                "run_configs": {n: c for _, n, c in plan},
+            },
+            indent=2,
+        )
+    )
 
     started, round_seconds = time.time(), []
     if not args.report_only:
@@ -174,14 +230,30 @@ def main() -> None:
                 print(f"{name}: finished earlier, reused", flush=True)
             else:
                 todo.append((name, config))
-        print(f"{len(todo)} of {len(plan)} runs to do ({rounds} rounds each, {args.num_clients} clients); logs in {runs_dir}", flush=True)
+        print(
+            f"{len(todo)} of {len(plan)} runs to do ({rounds} rounds each, {args.num_clients} clients); logs in {runs_dir}",
+            flush=True,
+        )
         for index, (name, config) in enumerate(todo, start=1):
             runs_dir.mkdir(parents=True, exist_ok=True)
             (runs_dir / f"{name}.config.json").write_text(json.dumps(config, indent=2))
-            command = [sys.executable, "-m", "fedbilevel.simulation", "--config-json", str(runs_dir / f"{name}.config.json"),
-                       "--num-supernodes", str(args.num_clients), "--cpus-per-client", str(args.cpus_per_client),
-                       "--faulty-clients", args.faulty_clients, "--faulty-scale", str(args.faulty_scale),
-                       "--absent-clients", args.absent_clients]
+            command = [
+                sys.executable,
+                "-m",
+                "fedbilevel.simulation",
+                "--config-json",
+                str(runs_dir / f"{name}.config.json"),
+                "--num-supernodes",
+                str(args.num_clients),
+                "--cpus-per-client",
+                str(args.cpus_per_client),
+                "--faulty-clients",
+                args.faulty_clients,
+                "--faulty-scale",
+                str(args.faulty_scale),
+                "--absent-clients",
+                args.absent_clients,
+            ]
             run_started, seen = time.time(), 0
             with (runs_dir / f"{name}.log").open("w") as log:
                 process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -193,15 +265,24 @@ def main() -> None:
                         remaining = (len(todo) - index) * rounds + rounds - record["round"]
                         mean = record.get("personalized_mean")
                         score = ", ".join(f"{k} {v:.3f}" for k, v in mean.items()) if mean else "not evaluated"
-                        print(f"[{index}/{len(todo)}] {name}: round {record['round']}/{rounds} in {record['seconds']:.0f} s "
-                              f"({len(record['failures'])} failures); {score}; "
-                              f"ETA {_duration(remaining * sum(round_seconds) / len(round_seconds))}", flush=True)
+                        print(
+                            f"[{index}/{len(todo)}] {name}: round {record['round']}/{rounds} in {record['seconds']:.0f} s "
+                            f"({len(record['failures'])} failures); {score}; "
+                            f"ETA {_duration(remaining * sum(round_seconds) / len(round_seconds))}",
+                            flush=True,
+                        )
                     seen = len(done)
             if process.returncode != 0 or seen != rounds:
-                raise SystemExit(f"{name} failed (exit code {process.returncode}, {seen}/{rounds} rounds); see {runs_dir / f'{name}.log'}")
+                raise SystemExit(
+                    f"{name} failed (exit code {process.returncode}, {seen}/{rounds} rounds); see {runs_dir / f'{name}.log'}"
+                )
             print(f"[{index}/{len(todo)}] {name} finished in {_duration(time.time() - run_started)}", flush=True)
 
-    finished = [(label, name) for label, name, config in plan if len(_rounds_done(runs_dir / name)) == config["num-server-rounds"]]
+    finished = [
+        (label, name)
+        for label, name, config in plan
+        if len(_rounds_done(runs_dir / name)) == config["num-server-rounds"]
+    ]
     missing = [name for _, name, _ in plan if name not in {n for _, n in finished}]
     if missing:  # only with --report-only: a run that fails stops the comparison above
         print(f"not finished, left out of the report: {', '.join(missing)}", flush=True)

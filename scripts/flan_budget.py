@@ -25,11 +25,10 @@ import torch
 from fedbilevel.client.evaluate import evaluate_adapter
 from fedbilevel.client.metrics import score_answers
 from fedbilevel.client.train import TextCodec, train_adapter
-from fedbilevel.models.settings import PRECISIONS
 from fedbilevel.data.common import most_common_answer
 from fedbilevel.data.flan import load_flan_json
 from fedbilevel.models.adapter import build_lora_model
-from fedbilevel.models.settings import DEFAULT_MODEL, LoraSettings
+from fedbilevel.models.settings import DEFAULT_MODEL, PRECISIONS, LoraSettings
 from fedbilevel.models.zoo import load_tokenizer
 
 
@@ -50,25 +49,53 @@ def study_client(data, lr: float, checkpoints: list[int], args, device: torch.de
     rows, done = [], 0
     for checkpoint in checkpoints:
         started = time.perf_counter()
-        train_adapter(model, TextCodec(tokenizer, args.max_seq_len), data.train, steps=checkpoint - done,
-                      batch_size=args.batch_size, learning_rate=lr, bf16_autocast=args.precision != "fp32", seed=args.seed + checkpoint,
-                      device=device)
+        train_adapter(
+            model,
+            TextCodec(tokenizer, args.max_seq_len),
+            data.train,
+            steps=checkpoint - done,
+            batch_size=args.batch_size,
+            learning_rate=lr,
+            bf16_autocast=args.precision != "fp32",
+            seed=args.seed + checkpoint,
+            device=device,
+        )
         train_seconds = time.perf_counter() - started
         done = checkpoint
-        scores = evaluate_adapter(model, tokenizer, data.test, batch_size=args.eval_batch_size,
-                                  max_new_tokens=args.eval_max_new_tokens, bf16_autocast=args.precision != "fp32", device=device)
-        row = {"task": data.task, "learning_rate": lr, "steps": checkpoint, "train_seconds": train_seconds,
-               **{k: v for k, v in scores.items() if not k.startswith("items-")}}
+        scores = evaluate_adapter(
+            model,
+            tokenizer,
+            data.test,
+            batch_size=args.eval_batch_size,
+            max_new_tokens=args.eval_max_new_tokens,
+            bf16_autocast=args.precision != "fp32",
+            device=device,
+        )
+        row = {
+            "task": data.task,
+            "learning_rate": lr,
+            "steps": checkpoint,
+            "train_seconds": train_seconds,
+            **{k: v for k, v in scores.items() if not k.startswith("items-")},
+        }
         rows.append(row)
-        print(f"{data.task}, lr {lr:g}, {checkpoint} steps: exact match {row['exact_match']:.3f}, "
-              f"ROUGE-1 {row['rouge1']:.3f}, option accuracy {row.get('option_accuracy', float('nan')):.3f}", flush=True)
+        print(
+            f"{data.task}, lr {lr:g}, {checkpoint} steps: exact match {row['exact_match']:.3f}, "
+            f"ROUGE-1 {row['rouge1']:.3f}, option accuracy {row.get('option_accuracy', float('nan')):.3f}",
+            flush=True,
+        )
     return rows
 
 
 def markdown(rows: list[dict], majority: dict[str, float], checkpoints: list[int], header: str) -> str:
-    lines = [header, "", "Exact match (option accuracy in brackets where the instruction lists options), by local steps:", "",
-             "| task | majority | lr | " + " | ".join(f"{c} steps" for c in checkpoints) + " |",
-             "|---|---|---|" + "---|" * len(checkpoints)]
+    lines = [
+        header,
+        "",
+        "Exact match (option accuracy in brackets where the instruction lists options), by local steps:",
+        "",
+        "| task | majority | lr | " + " | ".join(f"{c} steps" for c in checkpoints) + " |",
+        "|---|---|---|" + "---|" * len(checkpoints),
+    ]
     keyed = {(r["task"], r["learning_rate"], r["steps"]): r for r in rows}
     for task in majority:
         for lr in sorted({r["learning_rate"] for r in rows}):
@@ -94,7 +121,9 @@ def main() -> int:
     parser.add_argument("--clients", default="", help="comma-separated partition ids (default: all)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-seq-len", type=int, default=256)
-    parser.add_argument("--max-test", type=int, default=40, help="test items per client (default: 40, as conf/flan8.toml)")
+    parser.add_argument(
+        "--max-test", type=int, default=40, help="test items per client (default: 40, as conf/flan8.toml)"
+    )
     parser.add_argument("--eval-batch-size", type=int, default=20)
     parser.add_argument("--eval-max-new-tokens", type=int, default=32)
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
@@ -105,7 +134,9 @@ def main() -> int:
     checkpoints = sorted(set(_numbers(args.checkpoints, int, "--checkpoints")))
     num_clients = len(list(args.data_path.glob("client_*.json")))
     if not num_clients:
-        raise SystemExit(f"--data-path: {str(args.data_path)!r} has no client_K.json files; expected a flan-json folder")
+        raise SystemExit(
+            f"--data-path: {str(args.data_path)!r} has no client_K.json files; expected a flan-json folder"
+        )
     clients = _numbers(args.clients, int, "--clients", strict=False) if args.clients else list(range(num_clients))
     device = torch.device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -115,7 +146,9 @@ def main() -> int:
     for partition_id in clients:
         data = load_flan_json(args.data_path, partition_id, num_clients, max_test=args.max_test, seed=args.seed)
         answer, _ = most_common_answer(data.train)
-        majority[data.task] = score_answers([answer] * len(data.test), [example.output for example in data.test])["exact_match"]
+        majority[data.task] = score_answers([answer] * len(data.test), [example.output for example in data.test])[
+            "exact_match"
+        ]
         datasets.append(data)
     started, rows = time.time(), []
     # Learning rate outermost and the tables rewritten after every client: a run cut short
@@ -123,12 +156,15 @@ def main() -> int:
     for lr in learning_rates:
         for data in datasets:
             rows.extend(study_client(data, lr, checkpoints, args, device))
-            header = (f"Local training alone, {args.model_name}, LoRA r 8 on q,k,v,o, batch {args.batch_size}, "
-                      f"{args.max_seq_len} tokens, {args.max_test} test items per task, precision {args.precision}, "
-                      f"on {name}; {time.time() - started:.0f} s in all.")
+            header = (
+                f"Local training alone, {args.model_name}, LoRA r 8 on q,k,v,o, batch {args.batch_size}, "
+                f"{args.max_seq_len} tokens, {args.max_test} test items per task, precision {args.precision}, "
+                f"on {name}; {time.time() - started:.0f} s in all."
+            )
             settings = {**vars(args), "data_path": str(args.data_path), "out": str(args.out)}
-            (args.out / "budget.json").write_text(json.dumps({"command": sys.argv, "settings": settings, "majority": majority,
-                                                              "rows": rows}, indent=2))
+            (args.out / "budget.json").write_text(
+                json.dumps({"command": sys.argv, "settings": settings, "majority": majority, "rows": rows}, indent=2)
+            )
             table = markdown(rows, majority, checkpoints, header)
             (args.out / "budget.md").write_text(table)
     print(table)

@@ -35,3 +35,17 @@ done
 
 flwr run . fedbilevel-local --stream \
   --federation-config "num-supernodes=$NUM_SUPERNODES client-resources-num-cpus=$CPUS_PER_CLIENT" "$@"
+
+# `flwr run --stream` exits 0 even when the ServerApp failed: ask the SuperLink (private to this
+# script, so its last run is ours) how the run ended, and fail with the reason as the last line.
+flwr ls fedbilevel-local --format json | python -c '
+import json, sys
+runs = json.load(sys.stdin).get("runs", [])
+if not runs:
+    sys.exit("fedbilevel: the SuperLink knows no run; see .flwr/superlink.log")
+run = max(runs, key=lambda r: int(r["run-id"]))
+run_id, status = run["run-id"], run["status"]
+if status != "finished:completed":
+    details = " ".join(str(run.get("status-details") or "").split()) or "no details; see the log above"
+    sys.exit(f"fedbilevel: run {run_id} ended {status}: {details}")
+'

@@ -33,10 +33,9 @@ from transformers import AutoConfig, LlamaForCausalLM
 
 from fedbilevel.client.evaluate import evaluate_adapter
 from fedbilevel.client.train import TextCodec, train_adapter
-from fedbilevel.models.settings import PRECISIONS
 from fedbilevel.data.synthetic import make_client_data
 from fedbilevel.models.adapter import build_lora_model, get_adapter_arrays, initial_adapter_arrays
-from fedbilevel.models.settings import LoraSettings
+from fedbilevel.models.settings import PRECISIONS, LoraSettings
 from fedbilevel.models.zoo import TINY_MODEL, load_tokenizer, resolve_model_source
 
 LORA = LoraSettings(r=8, alpha=16, dropout=0.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
@@ -47,14 +46,23 @@ def build_random_llama(folder: Path, *, hidden: int, layers: int) -> None:
     tiny = resolve_model_source(TINY_MODEL)
     config = AutoConfig.from_pretrained(tiny)
     heads = max(hidden // 64, 1)
-    config.update({"hidden_size": hidden, "intermediate_size": 4 * hidden, "num_hidden_layers": layers,
-                   "num_attention_heads": heads, "num_key_value_heads": max(heads // 4, 1)})
+    config.update(
+        {
+            "hidden_size": hidden,
+            "intermediate_size": 4 * hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": max(heads // 4, 1),
+        }
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
     load_tokenizer(TINY_MODEL).save_pretrained(folder)
 
 
-def check_mode(model_path: str, precision: str, *, steps: int, initial: dict[str, np.ndarray], device: torch.device) -> dict:
+def check_mode(
+    model_path: str, precision: str, *, steps: int, initial: dict[str, np.ndarray], device: torch.device
+) -> dict:
     """Build, train and evaluate in one precision; the measurements and the failed checks."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -71,7 +79,9 @@ def check_mode(model_path: str, precision: str, *, steps: int, initial: dict[str
     torch.cuda.synchronize()
     timed = train_adapter(model, codec, train, steps=steps, seed=1, **common)
     torch.cuda.synchronize()
-    scores = evaluate_adapter(model, tokenizer, test, batch_size=8, max_new_tokens=8, bf16_autocast=common["bf16_autocast"], device=device)
+    scores = evaluate_adapter(
+        model, tokenizer, test, batch_size=8, max_new_tokens=8, bf16_autocast=common["bf16_autocast"], device=device
+    )
     after = get_adapter_arrays(model)
     failed = []
     if set(before) != set(initial) or any(before[k].shape != initial[k].shape for k in initial):
@@ -103,11 +113,14 @@ def check_mode(model_path: str, precision: str, *, steps: int, initial: dict[str
 
 def markdown(rows: list[dict], header: dict) -> str:
     base = next((r for r in rows if r["precision"] == "fp32" and "error" not in r), None)
-    lines = [f"GPU check on {header['device']} (torch {header['torch']}, bitsandbytes {header['bitsandbytes']}); "
-             f"random Llama, hidden {header['hidden']}, {header['layers']} layers, {header['parameters'] / 1e6:.0f} M parameters; "
-             f"LoRA r 8 on q,k,v,o; batch 8 × 128 tokens.", "",
-             "| precision | checks | step ms | × fp32 | peak MiB (model) | peak MiB (training) | × fp32 |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"GPU check on {header['device']} (torch {header['torch']}, bitsandbytes {header['bitsandbytes']}); "
+        f"random Llama, hidden {header['hidden']}, {header['layers']} layers, {header['parameters'] / 1e6:.0f} M parameters; "
+        f"LoRA r 8 on q,k,v,o; batch 8 × 128 tokens.",
+        "",
+        "| precision | checks | step ms | × fp32 | peak MiB (model) | peak MiB (training) | × fp32 |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         if "error" in row:
             lines.append(f"| {row['precision']} | error: {row['error']} | | | | | |")
@@ -115,8 +128,10 @@ def markdown(rows: list[dict], header: dict) -> str:
         step_ratio = f"{row['step_seconds'] / base['step_seconds']:.2f}" if base else "–"
         memory_ratio = f"{row['peak_memory_train_mib'] / base['peak_memory_train_mib']:.2f}" if base else "–"
         checks = "pass" if not row["failed"] else "FAIL: " + "; ".join(row["failed"])
-        lines.append(f"| {row['precision']} | {checks} | {1000 * row['step_seconds']:.1f} | {step_ratio} | "
-                     f"{row['peak_memory_model_mib']:.0f} | {row['peak_memory_train_mib']:.0f} | {memory_ratio} |")
+        lines.append(
+            f"| {row['precision']} | {checks} | {1000 * row['step_seconds']:.1f} | {step_ratio} | "
+            f"{row['peak_memory_model_mib']:.0f} | {row['peak_memory_train_mib']:.0f} | {memory_ratio} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -137,7 +152,9 @@ def main() -> int:
         for precision in PRECISIONS:
             print(f"gpu_check: {precision} ...", flush=True)
             try:
-                rows.append(check_mode(folder, precision, steps=args.steps, initial=initial, device=torch.device("cuda")))
+                rows.append(
+                    check_mode(folder, precision, steps=args.steps, initial=initial, device=torch.device("cuda"))
+                )
             except Exception as error:  # report every mode, even after one breaks
                 traceback.print_exc()
                 rows.append({"precision": precision, "error": f"{type(error).__name__}: {error}".splitlines()[0]})
@@ -147,8 +164,15 @@ def main() -> int:
         bnb = importlib.metadata.version("bitsandbytes")
     except importlib.metadata.PackageNotFoundError:
         bnb = "not installed"
-    header = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "bitsandbytes": bnb,
-              "hidden": args.hidden, "layers": args.layers, "parameters": parameters, "command": sys.argv}
+    header = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "bitsandbytes": bnb,
+        "hidden": args.hidden,
+        "layers": args.layers,
+        "parameters": parameters,
+        "command": sys.argv,
+    }
     (args.out / "gpu_check.json").write_text(json.dumps({**header, "modes": rows}, indent=2))
     table = markdown(rows, header)
     (args.out / "gpu_check.md").write_text(table)

@@ -29,8 +29,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedbilevel import protocol
-from fedbilevel.config import RunConfig
-from fedbilevel.config import resolve
+from fedbilevel.config import RunConfig, resolve
 from fedbilevel.testing import InProcessGrid
 
 NUM_CLIENTS = 8
@@ -44,23 +43,38 @@ class _Client:
 
     def handle(self, message: Message) -> Message:
         if message.metadata.message_type == MessageType.QUERY:
-            info = ConfigRecord({protocol.PARTITION_ID: self.partition_id, protocol.NUM_PARTITIONS: NUM_CLIENTS,
-                                 protocol.TASK: f"task{self.partition_id // 2}", protocol.NUM_TRAIN: 48,
-                                 protocol.NUM_TEST: 32})
+            info = ConfigRecord(
+                {
+                    protocol.PARTITION_ID: self.partition_id,
+                    protocol.NUM_PARTITIONS: NUM_CLIENTS,
+                    protocol.TASK: f"task{self.partition_id // 2}",
+                    protocol.NUM_TRAIN: 48,
+                    protocol.NUM_TEST: 32,
+                }
+            )
             return Message(RecordDict({protocol.INFO: info}), reply_to=message)
         config = message.content.config_records[protocol.CONFIG]
         server_round = int(config[protocol.SERVER_ROUND])
         now = time.time()
-        metrics = {protocol.PARTITION_ID: self.partition_id, protocol.NUM_EXAMPLES: 48,
-                   protocol.BUSY_KEYS[0]: now, protocol.BUSY_KEYS[1]: now}
+        metrics = {
+            protocol.PARTITION_ID: self.partition_id,
+            protocol.NUM_EXAMPLES: 48,
+            protocol.BUSY_KEYS[0]: now,
+            protocol.BUSY_KEYS[1]: now,
+        }
         if message.metadata.message_type == MessageType.EVALUATE:
-            metrics.update({metric: 0.5 for metric in protocol.TEXT_METRICS})
+            metrics.update(dict.fromkeys(protocol.TEXT_METRICS, 0.5))
             return Message(RecordDict({protocol.METRICS: MetricRecord(metrics)}), reply_to=message)
         adapter = protocol.record_to_adapter(message.content.array_records[protocol.ARRAYS])
         rng = np.random.default_rng(1000 * self.partition_id + server_round)
-        trained = {name: (value + 1e-3 * rng.standard_normal(value.shape)).astype(np.float32) for name, value in adapter.items()}
+        trained = {
+            name: (value + 1e-3 * rng.standard_normal(value.shape)).astype(np.float32)
+            for name, value in adapter.items()
+        }
         metrics[protocol.TRAIN_LOSS] = 1.0
-        content = RecordDict({protocol.ARRAYS: protocol.adapter_to_record(trained), protocol.METRICS: MetricRecord(metrics)})
+        content = RecordDict(
+            {protocol.ARRAYS: protocol.adapter_to_record(trained), protocol.METRICS: MetricRecord(metrics)}
+        )
         return Message(content, reply_to=message)
 
 
@@ -75,16 +89,26 @@ def run_one(strategy: str, rounds: int, model_name: str) -> dict:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     tracemalloc.start()
     with tempfile.TemporaryDirectory() as folder:
-        config = RunConfig.from_run_config(resolve({
-            "strategy": strategy, "num-server-rounds": rounds, "model-name": model_name, "min-nodes": NUM_CLIENTS,
-            "output-dir": folder, "run-name": strategy,
-        }))
+        config = RunConfig.from_run_config(
+            resolve(
+                {
+                    "strategy": strategy,
+                    "num-server-rounds": rounds,
+                    "model-name": model_name,
+                    "min-nodes": NUM_CLIENTS,
+                    "output-dir": folder,
+                    "run-name": strategy,
+                }
+            )
+        )
         run_dir = run_server(InProcessGrid({100 + p: _Client(p) for p in range(NUM_CLIENTS)}), config)
         rounds_recorded = json.loads((run_dir / "results.json").read_text())["rounds"]
     # tracemalloc's figure is read here for the last round only; RSS comes from every round.
     heap_mb = tracemalloc.get_traced_memory()[0] / 2**20
-    return {"rounds": [{"round": r["round"], **r["server_memory_mb"], "seconds": r["seconds"]} for r in rounds_recorded],
-            "heap-mb-at-end": heap_mb}
+    return {
+        "rounds": [{"round": r["round"], **r["server_memory_mb"], "seconds": r["seconds"]} for r in rounds_recorded],
+        "heap-mb-at-end": heap_mb,
+    }
 
 
 def growth(rows: list[dict]) -> float:
@@ -102,34 +126,58 @@ def main() -> int:
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one strategy, print JSON
     args = parser.parse_args()
     if args.rounds < 4:
-        raise SystemExit(f"--rounds: {args.rounds} is not allowed; expected at least 4 (growth is fitted on the second half)")
+        raise SystemExit(
+            f"--rounds: {args.rounds} is not allowed; expected at least 4 (growth is fitted on the second half)"
+        )
     if args.one:
         print("MEMORY " + json.dumps(run_one(args.one, args.rounds, args.model_name)))
         return 0
     results = {}
     for strategy in [s.strip() for s in args.strategies.split(",") if s.strip()]:
         started = time.time()
-        done = subprocess.run([sys.executable, __file__, "--one", strategy, "--rounds", str(args.rounds),
-                               "--model-name", args.model_name, "--out", str(args.out)],
-                              capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--one",
+                strategy,
+                "--rounds",
+                str(args.rounds),
+                "--model-name",
+                args.model_name,
+                "--out",
+                str(args.out),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         line = next((ln for ln in done.stdout.splitlines() if ln.startswith("MEMORY ")), None)
         if done.returncode != 0 or line is None:
             raise SystemExit(f"{strategy}: failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
         measured = json.loads(line.removeprefix("MEMORY "))
         rows = measured["rounds"]
         results[strategy] = {**measured, "growth-mb-per-round": growth(rows)}
-        print(f"{strategy}: {args.rounds} rounds in {time.time() - started:.0f} s; RSS round 1 {rows[0]['rss-mb']:.0f} MB, "
-              f"last {rows[-1]['rss-mb']:.0f} MB, peak {rows[-1]['peak-rss-mb']:.0f} MB; "
-              f"growth {results[strategy]['growth-mb-per-round']:+.2f} MB/round; Python heap at end {measured['heap-mb-at-end']:.0f} MB", flush=True)
+        print(
+            f"{strategy}: {args.rounds} rounds in {time.time() - started:.0f} s; RSS round 1 {rows[0]['rss-mb']:.0f} MB, "
+            f"last {rows[-1]['rss-mb']:.0f} MB, peak {rows[-1]['peak-rss-mb']:.0f} MB; "
+            f"growth {results[strategy]['growth-mb-per-round']:+.2f} MB/round; Python heap at end {measured['heap-mb-at-end']:.0f} MB",
+            flush=True,
+        )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "memory.json").write_text(json.dumps({"command": sys.argv, "settings": vars(args) | {"out": str(args.out)},
-                                                      "results": results}, indent=1))
-    lines = ["| strategy | RSS round 1 (MB) | RSS last round (MB) | peak (MB) | growth, 2nd half (MB/round) | Python heap at end (MB) |",
-             "|---|---|---|---|---|---|"]
+    (args.out / "memory.json").write_text(
+        json.dumps({"command": sys.argv, "settings": vars(args) | {"out": str(args.out)}, "results": results}, indent=1)
+    )
+    lines = [
+        "| strategy | RSS round 1 (MB) | RSS last round (MB) | peak (MB) | growth, 2nd half (MB/round) | Python heap at end (MB) |",
+        "|---|---|---|---|---|---|",
+    ]
     for strategy, result in results.items():
         rows = result["rounds"]
-        lines.append(f"| {strategy} | {rows[0]['rss-mb']:.0f} | {rows[-1]['rss-mb']:.0f} | {rows[-1]['peak-rss-mb']:.0f} | "
-                     f"{result['growth-mb-per-round']:+.2f} | {result['heap-mb-at-end']:.0f} |")
+        lines.append(
+            f"| {strategy} | {rows[0]['rss-mb']:.0f} | {rows[-1]['rss-mb']:.0f} | {rows[-1]['peak-rss-mb']:.0f} | "
+            f"{result['growth-mb-per-round']:+.2f} | {result['heap-mb-at-end']:.0f} |"
+        )
     (args.out / "memory.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -37,39 +37,69 @@ def _cell(value) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--condition", action="append", type=_condition, required=True, metavar="LABEL=FOLDER[,FOLDER]",
-                        help="compare.py output folder(s) of one condition (repeatable; the first is the reference)")
-    parser.add_argument("--faulty-clients", required=True, help="comma-separated partition ids of the faulty (or absent) clients")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
+    parser.add_argument(
+        "--condition",
+        action="append",
+        type=_condition,
+        required=True,
+        metavar="LABEL=FOLDER[,FOLDER]",
+        help="compare.py output folder(s) of one condition (repeatable; the first is the reference)",
+    )
+    parser.add_argument(
+        "--faulty-clients", required=True, help="comma-separated partition ids of the faulty (or absent) clients"
+    )
     parser.add_argument("--metric", default="exact_match", help="score to report (default: exact_match)")
     parser.add_argument("--out", type=Path, required=True, help="folder for robustness.md and robustness.csv")
     args = parser.parse_args()
     try:
         faulty = [int(c) for c in args.faulty_clients.split(",") if c.strip()]
     except ValueError:
-        parser.error(f"--faulty-clients: {args.faulty_clients!r} is not allowed; expected comma-separated partition ids")
+        parser.error(
+            f"--faulty-clients: {args.faulty_clients!r} is not allowed; expected comma-separated partition ids"
+        )
     conditions = {}
     for label, folders in args.condition:
         runs_dirs = [folder / "runs" for folder in folders]
         missing = [str(d) for d in runs_dirs if not d.is_dir()]
         if missing:
             parser.error(f"--condition {label}: {missing[0]} is not a folder; expected scripts/compare.py output")
-        conditions[label] = [load_run(run) for d in runs_dirs for run in sorted(d.iterdir()) if (run / "results.json").is_file()]
+        conditions[label] = [
+            load_run(run) for d in runs_dirs for run in sorted(d.iterdir()) if (run / "results.json").is_file()
+        ]
     rows = robustness_rows(conditions, faulty, args.metric)
     labels = list(conditions)
     reference = labels[0]
     differences = labels[1:]
     header = ["strategy", "seed", "clients", *labels, *(f"{label} − {reference}" for label in differences)]
-    lines = [f"Final {args.metric} of the other clients (faulty: client {', '.join(map(str, faulty))}); "
-             f"*others, other tasks* also leaves out the faulty client's task partners.", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [
+        f"Final {args.metric} of the other clients (faulty: client {', '.join(map(str, faulty))}); "
+        f"*others, other tasks* also leaves out the faulty client's task partners.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
     table = []
     for row in rows:
-        deltas = [None if row[label] is None or row[reference] is None else row[label] - row[reference] for label in differences]
-        cells = [row["strategy"], str(row["seed"]), row["clients"], *map(_cell, (row[label] for label in labels)),
-                 *("–" if d is None else f"{d:+.3f}" for d in deltas)]
+        deltas = [
+            None if row[label] is None or row[reference] is None else row[label] - row[reference]
+            for label in differences
+        ]
+        cells = [
+            row["strategy"],
+            str(row["seed"]),
+            row["clients"],
+            *map(_cell, (row[label] for label in labels)),
+            *("–" if d is None else f"{d:+.3f}" for d in deltas),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
-        table.append(dict(zip(header, [row["strategy"], row["seed"], row["clients"], *(row[label] for label in labels), *deltas])))
+        table.append(
+            dict(
+                zip(header, [row["strategy"], row["seed"], row["clients"], *(row[label] for label in labels), *deltas])
+            )
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "robustness.md").write_text("\n".join(lines) + "\n")
     with (args.out / "robustness.csv").open("w", newline="") as handle:

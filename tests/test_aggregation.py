@@ -46,9 +46,7 @@ def test_fedbip_three_clients_by_hand():
     result = fedbip_aggregate_detailed(start, trained)
     # Row 1: S = [1, 1/√2, 0] -> p = [2-√2, √2-1, 0].
     # Row 2: S = [1/√2, 1, 1/√2] -> p = [1-1/√2, √2-1, 1-1/√2].
-    expected_w = np.array(
-        [[2 - R2, R2 - 1, 0], [1 - 1 / R2, R2 - 1, 1 - 1 / R2], [0, R2 - 1, 2 - R2]]
-    )
+    expected_w = np.array([[2 - R2, R2 - 1, 0], [1 - 1 / R2, R2 - 1, 1 - 1 / R2], [0, R2 - 1, 2 - R2]])
     np.testing.assert_allclose(result.weights, expected_w, atol=1e-7)
     np.testing.assert_allclose(result.adapters[0]["w"], [10 + 1, 20 + (R2 - 1)], atol=1e-5)
     np.testing.assert_allclose(result.adapters[1]["w"], [-1 + 1 / R2, 3 + 1 / R2], atol=1e-5)
@@ -207,8 +205,7 @@ def test_single_client_gets_its_own_trained_adapter():
 def test_shapes_dtypes_order_and_inputs_preserved():
     rng = np.random.default_rng(1)
     start = [
-        {"z": rng.normal(size=(2, 3)).astype(np.float32), "a": rng.normal(size=4).astype(np.float64)}
-        for _ in range(3)
+        {"z": rng.normal(size=(2, 3)).astype(np.float32), "a": rng.normal(size=4).astype(np.float64)} for _ in range(3)
     ]
     trained = [{k: v + 1 for k, v in s.items()} for s in start]
     copies = [{k: v.copy() for k, v in s.items()} for s in start]
@@ -282,8 +279,10 @@ def reference_fedbip(start, trained, layerwise=False, negative="clip", grouping=
     out = [{} for _ in start]
     for members in groups.values():
         tau = np.stack(
-            [np.concatenate([(t[k].astype(np.float32) - s[k].astype(np.float32)).ravel() for k in members])
-             for s, t in zip(start, trained)]
+            [
+                np.concatenate([(t[k].astype(np.float32) - s[k].astype(np.float32)).ravel() for k in members])
+                for s, t in zip(start, trained)
+            ]
         )
         mixed = weight_matrix(cosine_similarity_matrix(tau), negative=negative).astype(np.float32) @ tau
         for i, s in enumerate(start):

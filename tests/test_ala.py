@@ -61,7 +61,9 @@ def test_adaptive_local_aggregation_mixes_between_local_and_global_and_keeps_sta
     local, received = perturbed(base, 1), perturbed(base, 2)
     state = RecordDict()
     settings = AlaSettings(eta=1e4, data_fraction=0.5, top_fraction=0.5, start_epochs=2)
-    run = lambda: adaptive_local_aggregation(model, TextCodec(tokenizer, 128), train, state, settings, batch_size=2, seed=0)
+    run = lambda: adaptive_local_aggregation(
+        model, TextCodec(tokenizer, 128), train, state, settings, batch_size=2, seed=0
+    )
 
     # First round: no local model yet, the global adapter is used as it is.
     set_adapter_arrays(model, received)
@@ -80,7 +82,9 @@ def test_adaptive_local_aggregation_mixes_between_local_and_global_and_keeps_sta
     for name in mixed:
         if name in top:  # θ̂ = θ + (Θ − θ) ⊙ W, with W in [0, 1]
             assert weights[name].min() >= 0.0 and weights[name].max() <= 1.0
-            np.testing.assert_allclose(mixed[name], local[name] + (received[name] - local[name]) * weights[name], atol=1e-6)
+            np.testing.assert_allclose(
+                mixed[name], local[name] + (received[name] - local[name]) * weights[name], atol=1e-6
+            )
         else:  # lower blocks take the global adapter
             np.testing.assert_array_equal(mixed[name], received[name])
     assert any(not np.allclose(weights[name], 1.0) for name in top), "W never moved"

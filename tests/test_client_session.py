@@ -8,12 +8,17 @@ from fedbilevel.config import ConfigError, load_app_config
 
 
 def context(node_config, **run_config):
-    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={**load_app_config(), **run_config})
+    return Context(
+        run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={**load_app_config(), **run_config}
+    )
 
 
 def test_partition_comes_from_node_config_and_is_checked():
     assert partition_of(context({"partition-id": "3", "num-partitions": 8})) == (3, 8)
-    with pytest.raises(ValueError, match=r"node-config key 'partition-id': value 8 is not allowed; expected 0 ≤ partition-id < num-partitions \(8\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"node-config key 'partition-id': value 8 is not allowed; expected 0 ≤ partition-id < num-partitions \(8\)",
+    ):
         partition_of(context({"partition-id": 8, "num-partitions": 8}))
     with pytest.raises(ValueError, match="node-config key 'num-partitions': value None is not allowed"):
         partition_of(context({"partition-id": 0}))

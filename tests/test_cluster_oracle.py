@@ -21,4 +21,6 @@ def test_clients_get_the_mean_update_of_their_task_group():
             for k in INITIAL:
                 np.testing.assert_allclose(round_two_start[k], after_one[k], rtol=1e-6)
                 np.testing.assert_allclose(strategy.adapter_for(p)[k], after_two[k], rtol=1e-6)
-    np.testing.assert_allclose(strategy.history[0]["weights"], [[0.5, 0.5, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 0.5, 0.5], [0, 0, 0.5, 0.5]])
+    np.testing.assert_allclose(
+        strategy.history[0]["weights"], [[0.5, 0.5, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 0.5, 0.5], [0, 0, 0.5, 0.5]]
+    )

@@ -17,8 +17,7 @@ from fedbilevel.comparison import (
     write_plots,
     write_tables,
 )
-from fedbilevel.config import ConfigError
-from fedbilevel.config import parse_assignment
+from fedbilevel.config import ConfigError, parse_assignment
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENTS = {"0": {"task": "reverse", "majority_exact_match": 0.0}, "1": {"task": "count", "majority_exact_match": 0.25}}
@@ -28,7 +27,9 @@ def scores(exact: float) -> dict[str, float]:
     return {"rouge1": exact + 0.1, "rougeL": exact + 0.05, "exact_match": exact}
 
 
-def write_run(folder: Path, strategy: str, seed: int, per_round: list[tuple[float, float]], similarity: bool = False) -> Path:
+def write_run(
+    folder: Path, strategy: str, seed: int, per_round: list[tuple[float, float]], similarity: bool = False
+) -> Path:
     """A run folder whose round r evaluates client 0 and 1 at per_round[r-1]."""
     rounds = []
     for number, (first, second) in enumerate(per_round, start=1):
@@ -40,7 +41,9 @@ def write_run(folder: Path, strategy: str, seed: int, per_round: list[tuple[floa
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps({"seed": seed, "run_config": {}}))
     summary = {"primary_metric": "exact_match", "seconds": 120.0}
-    (folder / "results.json").write_text(json.dumps({"strategy": strategy, "clients": CLIENTS, "rounds": rounds, "summary": summary}))
+    (folder / "results.json").write_text(
+        json.dumps({"strategy": strategy, "clients": CLIENTS, "rounds": rounds, "summary": summary})
+    )
     return folder
 
 
@@ -80,7 +83,12 @@ def test_tables_and_plots_are_written(runs, tmp_path):
     out = tmp_path / "report"
     paths = write_tables(runs, out) + write_plots(runs, out)
     assert {p.name for p in paths} == {
-        "comparison.csv", "per_client.csv", "comparison.md", "scores_per_round.png", "per_client.png", "similarity_fedbip.png",
+        "comparison.csv",
+        "per_client.csv",
+        "comparison.md",
+        "scores_per_round.png",
+        "per_client.png",
+        "similarity_fedbip.png",
     }
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
@@ -110,8 +118,12 @@ def test_run_config_assignments_parse_like_flwr_run():
 
 def test_compare_refuses_bad_arguments_before_running(tmp_path):
     def compare(*args):
-        return subprocess.run([sys.executable, str(ROOT / "scripts" / "compare.py"), "--out", str(tmp_path), *args],
-                              capture_output=True, text=True, cwd=ROOT)
+        return subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "compare.py"), "--out", str(tmp_path), *args],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
 
     result = compare("--strategies", "fedbip,fedsgd")
     assert result.returncode != 0 and "--strategies: 'fedsgd' is not allowed; choose from fedbip" in result.stderr
@@ -119,33 +131,69 @@ def test_compare_refuses_bad_arguments_before_running(tmp_path):
     assert result.returncode != 0 and "run-config key 'learning-rate': value -1 is not allowed" in result.stderr
     result = compare("--set", "seed=3")
     assert result.returncode != 0 and "seed: not allowed in --set or variants" in result.stderr
-    (tmp_path / "variants.toml").write_text('[sharp]\nstrategy = "fedbip"\nweighting = "softmax"\nweighting-temperature = 0\n')
+    (tmp_path / "variants.toml").write_text(
+        '[sharp]\nstrategy = "fedbip"\nweighting = "softmax"\nweighting-temperature = 0\n'
+    )
     result = compare("--variants", str(tmp_path / "variants.toml"))
     assert result.returncode != 0 and "run-config key 'weighting-temperature': value 0 is not allowed" in result.stderr
     assert not (tmp_path / "runs").exists()
 
 
 def test_compare_runs_strategies_and_reuses_finished_runs(tmp_path):
-    tiny = ["--set", "model-name='tiny-random-llama'", "--set", "num-server-rounds=1", "--set", "synthetic-tasks='reverse,count'",
-            "--set", "synthetic-train-examples=4", "--set", "synthetic-test-examples=2", "--set", "local-steps=1",
-            "--set", "eval-max-new-tokens=2"]
+    tiny = [
+        "--set",
+        "model-name='tiny-random-llama'",
+        "--set",
+        "num-server-rounds=1",
+        "--set",
+        "synthetic-tasks='reverse,count'",
+        "--set",
+        "synthetic-train-examples=4",
+        "--set",
+        "synthetic-test-examples=2",
+        "--set",
+        "local-steps=1",
+        "--set",
+        "eval-max-new-tokens=2",
+    ]
     variants = tmp_path / "variants.toml"
     variants.write_text('[fedbip-softmax]\nstrategy = "fedbip"\nweighting = "softmax"\n')
-    command = [sys.executable, str(ROOT / "scripts" / "compare.py"), "--strategies", "fedbip", "--variants", str(variants),
-               "--seeds", "3", "--num-clients", "2", "--out", str(tmp_path / "out"), *tiny]
+    command = [
+        sys.executable,
+        str(ROOT / "scripts" / "compare.py"),
+        "--strategies",
+        "fedbip",
+        "--variants",
+        str(variants),
+        "--seeds",
+        "3",
+        "--num-clients",
+        "2",
+        "--out",
+        str(tmp_path / "out"),
+        *tiny,
+    ]
     first = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     assert "[1/2] fedbip-seed3: round 1/1" in first.stdout and "[2/2] fedbip-softmax-seed3 finished" in first.stdout
     out = tmp_path / "out"
     for name, weighting in (("fedbip-seed3", "paper"), ("fedbip-softmax-seed3", "softmax")):
         config = json.loads((out / "runs" / name / "config.json").read_text())
-        assert config["seed"] == 3 and config["run_config"]["local-steps"] == 1 and config["run_config"]["weighting"] == weighting
+        assert (
+            config["seed"] == 3
+            and config["run_config"]["local-steps"] == 1
+            and config["run_config"]["weighting"] == weighting
+        )
     with (out / "comparison.csv").open() as handle:
         assert [row["strategy"] for row in csv.DictReader(handle)] == ["fedbip", "fedbip-softmax"]
     assert (out / "similarity_fedbip.png").exists() and (out / "similarity_fedbip-softmax.png").exists()
     # A second invocation reuses both finished runs and rebuilds the report.
     second = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-    assert second.returncode == 0 and "0 of 2 runs to do" in second.stdout and "fedbip-seed3: finished earlier, reused" in second.stdout
+    assert (
+        second.returncode == 0
+        and "0 of 2 runs to do" in second.stdout
+        and "fedbip-seed3: finished earlier, reused" in second.stdout
+    )
     # A run saved before a key existed (its default keeps the old behaviour) is still reused ...
     saved_path = out / "runs" / "fedbip-seed3" / "config.json"
     saved = json.loads(saved_path.read_text())
@@ -172,7 +220,10 @@ def test_bootstrap_interval_by_construction(tmp_path):
     constant = [with_items("c0", 0, ([1.0, 1.0], [0.0, 0.0])), with_items("c1", 1, ([1.0, 1.0], [0.0, 0.0]))]
     assert bootstrap_interval(constant, "exact_match") == (0.5, 0.5)
     # Varying items (observed mean 0.375): the interval holds it and has width.
-    varied = [with_items("v0", 0, ([1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 0.0])), with_items("v1", 1, ([1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]))]
+    varied = [
+        with_items("v0", 0, ([1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 0.0])),
+        with_items("v1", 1, ([1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0])),
+    ]
     low, high = bootstrap_interval(varied, "exact_match")
     assert 0.0 <= low < 0.375 < high <= 1.0
     assert bootstrap_interval(varied, "exact_match") == (low, high)  # seeded
@@ -186,20 +237,32 @@ def test_option_accuracy_on_the_clients_that_list_options(tmp_path):
     def with_options(name, strategy, seed, option_accuracy, items):
         run = load_run(write_run(tmp_path / name, strategy, seed, [(0.5, 0.5)]))
         run.last["eval"]["1"]["option_accuracy"] = option_accuracy  # only client 1's task lists options
-        run.last["eval_items"] = {"0": {"exact_match": [1.0, 0.0]}, "1": {"exact_match": [1.0, 0.0], "option_correct": items}}
+        run.last["eval_items"] = {
+            "0": {"exact_match": [1.0, 0.0]},
+            "1": {"exact_match": [1.0, 0.0], "option_correct": items},
+        }
         return run
 
-    runs = [with_options("a0", "fedbip", 0, 0.75, [1.0, 1.0, 1.0, 0.0]), with_options("a1", "fedbip", 1, 0.25, [0.0, 1.0, 0.0, 0.0]),
-            with_options("b0", "local", 0, 1.0, [1.0, 1.0, 1.0, 1.0])]
+    runs = [
+        with_options("a0", "fedbip", 0, 0.75, [1.0, 1.0, 1.0, 0.0]),
+        with_options("a1", "fedbip", 1, 0.25, [0.0, 1.0, 0.0, 0.0]),
+        with_options("b0", "local", 0, 1.0, [1.0, 1.0, 1.0, 1.0]),
+    ]
     fedbip, local = option_rows(runs)
-    assert fedbip["clients"] == 1 and fedbip["mean"] == pytest.approx(0.5) and fedbip["std"] == pytest.approx(math.sqrt(0.125))
+    assert (
+        fedbip["clients"] == 1
+        and fedbip["mean"] == pytest.approx(0.5)
+        and fedbip["std"] == pytest.approx(math.sqrt(0.125))
+    )
     assert fedbip["ci_low"] < 0.5 < fedbip["ci_high"]
     assert (local["mean"], local["ci_low"], local["ci_high"]) == (1.0, 1.0, 1.0)  # every item right: a point
     # Restricted to client 1; client 0 has no option items, so asking for it gives no interval.
     assert bootstrap_interval(runs[2:], "option_correct", clients=["1"]) == (1.0, 1.0)
     assert bootstrap_interval(runs[2:], "option_correct") is None
     rows = {(r["strategy"], r["client"]): r for r in per_client_rows(runs)}
-    assert rows[("fedbip", 1)]["option_accuracy_mean"] == pytest.approx(0.5) and math.isnan(rows[("fedbip", 0)]["option_accuracy_mean"])
+    assert rows[("fedbip", 1)]["option_accuracy_mean"] == pytest.approx(0.5) and math.isnan(
+        rows[("fedbip", 0)]["option_accuracy_mean"]
+    )
     text = markdown(runs)
     assert "| fedbip | 0 1 | 0.500 ± 0.354 | [" in text and "| local | 0 | 1.000 | [1.000, 1.000] |" in text
     assert "| 1 | count | 0.250 | 0.500 ± 0.354 | 1.000 |" in text

@@ -5,8 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from fedbilevel.config import SCHEMA, ConfigError, RunConfig, load_app_config
-from fedbilevel.config import resolve
+from fedbilevel.config import SCHEMA, ConfigError, RunConfig, load_app_config, resolve
 
 DEFAULTS = load_app_config(Path(__file__).resolve().parents[1] / "pyproject.toml")
 
@@ -15,7 +14,11 @@ def test_pyproject_defaults_cover_the_schema_and_round_trip():
     assert list(DEFAULTS) == list(SCHEMA)
     config = RunConfig.from_run_config(DEFAULTS)
     assert config.to_run_config() == DEFAULTS
-    assert config.strategy == "fedbip" and config.fedbip.weighting.negative == "clip" and config.fedbip.task_vector == "round"
+    assert (
+        config.strategy == "fedbip"
+        and config.fedbip.weighting.negative == "clip"
+        and config.fedbip.task_vector == "round"
+    )
 
 
 def test_overrides_win():

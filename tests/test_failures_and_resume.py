@@ -5,6 +5,7 @@ import pytest
 from flwr.app import ArrayRecord, MessageType
 
 from fedbilevel.aggregation import FedBipSettings, fedbip_aggregate
+from fedbilevel import protocol
 from fedbilevel.checkpoint import load_checkpoint, save_checkpoint
 from fedbilevel.strategies.fedamp import FedAmp
 from fedbilevel.strategies.fedbip import FedBip
@@ -19,8 +20,14 @@ def test_a_silent_client_is_recorded_and_keeps_its_adapter():
     strategy = FedBip(initial_adapter=INITIAL, min_nodes=4, on_round_end=records.append)
     strategy.start(FakeGrid({10 + p: c for p, c in clients.items()}), ArrayRecord(), num_rounds=1)
     failures = records[0]["failures"]
-    assert failures == [{"phase": "train", "partition_id": 2, "node_id": 12,
-                         "reason": "no reply within round-timeout (node lost or too slow)"}]
+    assert failures == [
+        {
+            "phase": "train",
+            "partition_id": 2,
+            "node_id": 12,
+            "reason": "no reply within round-timeout (node lost or too slow)",
+        }
+    ]
     assert all(np.array_equal(strategy.adapter_for(2)[k], INITIAL[k]) for k in INITIAL)
     # The others are aggregated among themselves.
     trained = [{k: INITIAL[k] + update_of(p, 1)[k] for k in INITIAL} for p in (0, 1, 3)]
@@ -38,7 +45,9 @@ def test_too_few_replies_skip_aggregation_and_keep_every_adapter():
     assert len(records[0]["failures"]) == 3
     kind, server_round, received = clients[0].received[2]
     assert (kind, server_round) == (MessageType.TRAIN, 2)
-    assert all(np.array_equal(received[k], INITIAL[k]) for k in INITIAL), "client 0's adapter changed although the round was skipped"
+    assert all(np.array_equal(received[k], INITIAL[k]) for k in INITIAL), (
+        "client 0's adapter changed although the round was skipped"
+    )
     with pytest.raises(ValueError, match=r"min_available_fraction: 0 is not allowed; expected a number in \(0, 1\]"):
         FedBip(initial_adapter=INITIAL, min_available_fraction=0)
 
@@ -107,7 +116,7 @@ def test_a_run_where_no_client_can_start_stops_with_the_reason():
             return super().handle(message)
 
     strategy = FedBip(initial_adapter=INITIAL, min_nodes=2)
-    with pytest.raises(RuntimeError, match="no client could start; the first error: data folder /nowhere: not found"):
+    with pytest.raises(RuntimeError, match="no client could start; the first error: client error: data folder /nowhere: not found"):
         strategy.start(FakeGrid({1: Broken(0), 2: Broken(1)}), ArrayRecord(), num_rounds=1)
 
 
@@ -126,3 +135,27 @@ def test_fault_harness_absent_clients_fail_every_round_and_others_pass_through()
             corrupt(3, server_round, received, trained)
     with pytest.raises(ConfigError, match=r"clients \[2\] are both faulty and absent"):
         fault_harness({"seed": 0}, faulty_clients=[1, 2], absent_clients=[2])
+
+
+class CannotStart(FakeClient):
+    """Reports at the partition query why it cannot start (as the ClientApp does when its data fails to load)."""
+
+    def handle(self, message):
+        if message.metadata.message_type == MessageType.QUERY:
+            from flwr.app import ConfigRecord, Message, RecordDict
+
+            info = {protocol.PARTITION_ID: self.partition_id, protocol.START_ERROR: "ValueError: test.jsonl: no lines"}
+            return Message(RecordDict({protocol.INFO: ConfigRecord(info)}), reply_to=message)
+        return super().handle(message)
+
+
+def test_clients_that_cannot_start_are_recorded_every_round_and_count_against_min_available_fraction():
+    clients = {0: FakeClient(0), 1: CannotStart(1), 2: CannotStart(2), 3: FakeClient(3, "silent")}
+    records = []
+    strategy = FedBip(initial_adapter=INITIAL, min_nodes=4, min_available_fraction=0.5, on_round_end=records.append)
+    strategy.start(FakeGrid({10 + p: c for p, c in clients.items()}), ArrayRecord(), num_rounds=2)
+    for record in records:
+        starts = [(f["partition_id"], f["reason"]) for f in record["failures"] if f["phase"] == "start"]
+        assert starts == [(1, "ValueError: test.jsonl: no lines"), (2, "ValueError: test.jsonl: no lines")]
+        # 1 valid reply of 4 clients (2 could not start, 1 silent): below one half, so nothing is aggregated.
+        assert record["aggregation_skipped"].startswith("1 of 4 clients replied validly, 2 needed")

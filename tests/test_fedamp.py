@@ -17,20 +17,32 @@ def flat(adapter):
 @pytest.mark.usefixtures("server_identity")
 def test_clients_train_from_attentive_cloud_models_and_evaluate_their_own():
     clients = {p: FakeClient(p) for p in range(4)}
-    strategy = FedAmp(proximal_lambda=LAMBDA, sigma=SIGMA, self_weight=SELF_WEIGHT, initial_adapter=INITIAL, min_nodes=4)
+    strategy = FedAmp(
+        proximal_lambda=LAMBDA, sigma=SIGMA, self_weight=SELF_WEIGHT, initial_adapter=INITIAL, min_nodes=4
+    )
     strategy.start(FakeGrid({50 + p: c for p, c in clients.items()}), ArrayRecord(), num_rounds=2)
 
     trained = [{k: INITIAL[k] + update_of(p, 1)[k] for k in INITIAL} for p in range(4)]
     vectors = [flat(w) for w in trained]
     for i, client in clients.items():
         kinds = [(kind, server_round) for kind, server_round, _ in client.received]
-        assert kinds == [(MessageType.TRAIN, 1), (MessageType.EVALUATE, 1), (MessageType.TRAIN, 2), (MessageType.EVALUATE, 2)]
+        assert kinds == [
+            (MessageType.TRAIN, 1),
+            (MessageType.EVALUATE, 1),
+            (MessageType.TRAIN, 2),
+            (MessageType.EVALUATE, 2),
+        ]
         # Round-1 evaluation: the client's own trained model wᵢ.
         for k in INITIAL:
             np.testing.assert_allclose(client.received[1][2][k], trained[i][k], rtol=1e-6)
         # Round-2 training starts from uᵢ = ξᵢᵢ wᵢ + Σⱼ≠ᵢ ξᵢⱼ wⱼ, ξᵢⱼ ∝ exp(σ cos(wᵢ, wⱼ)).
         others = [j for j in range(4) if j != i]
-        scores = np.array([np.exp(SIGMA * vectors[i] @ vectors[j] / np.linalg.norm(vectors[i]) / np.linalg.norm(vectors[j])) for j in others])
+        scores = np.array(
+            [
+                np.exp(SIGMA * vectors[i] @ vectors[j] / np.linalg.norm(vectors[i]) / np.linalg.norm(vectors[j]))
+                for j in others
+            ]
+        )
         xi = dict(zip(others, (1 - SELF_WEIGHT) * scores / scores.sum()))
         expected = SELF_WEIGHT * vectors[i] + sum(xi[j] * vectors[j] for j in others)
         np.testing.assert_allclose(flat(client.received[2][2]), expected, rtol=1e-5)

@@ -28,7 +28,9 @@ def test_softmax_weighting_by_hand():
     logits = np.exp(np.array([1, 1 / R2, 0]) / 0.5)
     p = logits / logits.sum()
     np.testing.assert_allclose(result.weights[0], p, rtol=1e-6)
-    np.testing.assert_allclose(result.adapters[0]["w"], p[0] * np.array([1, 0]) + p[1] * np.array([1, 1]) + p[2] * np.array([0, 1]), rtol=1e-6)
+    np.testing.assert_allclose(
+        result.adapters[0]["w"], p[0] * np.array([1, 0]) + p[1] * np.array([1, 1]) + p[2] * np.array([0, 1]), rtol=1e-6
+    )
 
 
 def test_centering_removes_the_common_direction_by_hand():
@@ -52,12 +54,21 @@ def test_self_weight_floor_in_aggregation():
     np.testing.assert_allclose(result.weights, [[0.8, 0.2], [0.2, 0.8]])
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"self_floor": -0.1}, "'self-weight-floor': value -0.1 is not allowed; expected a number in [0.0, 1.0]"),
-    ({"self_floor": 1.5}, "'self-weight-floor': value 1.5 is not allowed"),
-    ({"rule": "softmax", "temperature": 0.0}, "'weighting-temperature': value 0.0 is not allowed; expected a number in (0.0"),
-    ({"top_k": 0}, "'weighting-top-k': value 0 is not allowed; expected an integer ≥ 1"),  # checked whatever the rule
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"self_floor": -0.1}, "'self-weight-floor': value -0.1 is not allowed; expected a number in [0.0, 1.0]"),
+        ({"self_floor": 1.5}, "'self-weight-floor': value 1.5 is not allowed"),
+        (
+            {"rule": "softmax", "temperature": 0.0},
+            "'weighting-temperature': value 0.0 is not allowed; expected a number in (0.0",
+        ),
+        (
+            {"top_k": 0},
+            "'weighting-top-k': value 0 is not allowed; expected an integer ≥ 1",
+        ),  # checked whatever the rule
+    ],
+)
 def test_a_bad_weighting_option_fails_when_built(options, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         Weighting(**options)
@@ -69,9 +80,13 @@ def test_negative_keep_is_only_allowed_with_the_paper_rule():
     with pytest.raises(ValueError, match="not allowed together with weighting"):
         fedbip_aggregate_detailed(adapters([0]), adapters([1]), negative="keep", weighting=Weighting())
     config = {**load_app_config(), "negative-cosine": "keep", "weighting": "softmax"}
-    with pytest.raises(ConfigError, match="run-config key 'negative-cosine': value 'keep' is not allowed; with weighting='softmax'"):
+    with pytest.raises(
+        ConfigError, match="run-config key 'negative-cosine': value 'keep' is not allowed; with weighting='softmax'"
+    ):
         RunConfig.from_run_config(config)
-    with pytest.raises(ConfigError, match="run-config key 'weighting': value 'sharpest' is not allowed; choose one of paper, softmax"):
+    with pytest.raises(
+        ConfigError, match="run-config key 'weighting': value 'sharpest' is not allowed; choose one of paper, softmax"
+    ):
         RunConfig.from_run_config({**load_app_config(), "weighting": "sharpest"})
 
 
@@ -120,7 +135,11 @@ def test_a_preset_refuses_a_weighting_key_set_otherwise_and_accepts_its_own_valu
     key, value = next(iter(preset.items()))
     RunConfig.from_run_config({**load_app_config(), "strategy": "fedbip-plus", key: value})
     other = "softmax" if value != "softmax" else "power"
-    with pytest.raises(ConfigError, match=re.escape(
+    with pytest.raises(
+        ConfigError,
+        match=re.escape(
             f"run-config key '{key}': value {other!r} is not allowed with strategy='fedbip-plus', "
-            f"which sets {key}={value!r}; use strategy='fedbip' to choose the weighting yourself")):
+            f"which sets {key}={value!r}; use strategy='fedbip' to choose the weighting yourself"
+        ),
+    ):
         RunConfig.from_run_config({**load_app_config(), "strategy": "fedbip-plus", key: other})

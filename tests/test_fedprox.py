@@ -34,8 +34,15 @@ def test_large_mu_keeps_the_adapter_near_the_received_one():
         model = build_lora_model(TINY_MODEL, LoraSettings(), seed=0)
         start = get_adapter_arrays(model)
         train_adapter(
-            model, TextCodec(tokenizer, 128), train, steps=5, batch_size=4, learning_rate=0.01,
-            bf16_autocast=False, seed=0, extra_loss=proximal_term(model, mu) if mu else None,
+            model,
+            TextCodec(tokenizer, 128),
+            train,
+            steps=5,
+            batch_size=4,
+            learning_rate=0.01,
+            bf16_autocast=False,
+            seed=0,
+            extra_loss=proximal_term(model, mu) if mu else None,
         )
         end = get_adapter_arrays(model)
         moved[mu] = sum(float(np.sum((end[k] - start[k]) ** 2)) for k in start)

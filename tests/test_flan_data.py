@@ -132,7 +132,9 @@ def test_error_missing_client_file(tmp_path):
     folder = _folder(tmp_path, [[_record(0)], [_record(1)], [_record(2)]])
     (folder / "client_1.json").unlink()
     (folder / "client_5.json").write_text(json.dumps([_record(5)]))
-    with pytest.raises(ValueError, match=r"no client_1\.json \(it has client_0\.json, client_2\.json, client_5\.json\)"):
+    with pytest.raises(
+        ValueError, match=r"no client_1\.json \(it has client_0\.json, client_2\.json, client_5\.json\)"
+    ):
         load_flan_json(folder, 1, 3)
 
 
@@ -186,9 +188,30 @@ def test_error_mixed_categories(tmp_path):
 
 
 def test_error_no_test_lines_for_category(tmp_path):
-    folder = _folder(tmp_path, [[_record(0, "cat_a")]], test_lines=[json.dumps(_record(9, "cat_z"))])
-    with pytest.raises(ValueError, match="no lines with category 'cat_a'"):
+    # Issue input: test.jsonl has no line for client 2's category; the client must not vanish silently.
+    clients = [[_record(0, "cat_a")], [_record(1, "cat_b")], [_record(2, "cat_c")]]
+    folder = _folder(tmp_path, clients, test_lines=[json.dumps(_record(9, c)) for c in ("cat_a", "cat_b")])
+    with pytest.raises(ValueError, match="no lines with category 'cat_c' \\(the category of client_2.json\\)"):
+        load_flan_json(folder, 2, 3)
+    assert load_flan_json(folder, 0, 3).task == "cat_a"
+
+
+def test_error_test_lines_of_a_category_no_client_holds(tmp_path):
+    lines = [json.dumps(_record(9, "cat_a")), json.dumps(_record(8, "cat_z")), json.dumps(_record(7, "cat_z"))]
+    folder = _folder(tmp_path, [[_record(0, "cat_a")]], test_lines=lines)
+    with pytest.raises(ValueError, match="2 lines of category 'cat_z', which no client file holds; allowed: .*cat_a"):
         load_flan_json(folder, 0, 1)
+
+
+def test_files_with_a_utf8_byte_order_mark_are_read(tmp_path):
+    # Issue input: a client_1.json that starts with a BOM (as Windows editors write it).
+    folder = _folder(tmp_path, [[_record(0, "cat_a")], [_record(1, "cat_b")]])
+    for name in ("client_1.json", "test.jsonl"):
+        path = folder / name
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    data = load_flan_json(folder, 1, 2)
+    assert (data.task, len(data.train), len(data.test)) == ("cat_b", 1, 1)
+    assert data.train[0].instruction == _record(1, "cat_b")["instruction"]
 
 
 def test_error_bad_partition_and_max(tmp_path):
@@ -212,7 +235,10 @@ def test_most_common_answer():
     ("instruction", "options"),
     [
         ("Same meaning?\nOPTIONS:\n- no\n- yes", ["no", "yes"]),
-        ("Premise.\n\nOPTIONS:\n- yes\n- it is not possible to tell\n- no", ["yes", "it is not possible to tell", "no"]),
+        (
+            "Premise.\n\nOPTIONS:\n- yes\n- it is not possible to tell\n- no",
+            ["yes", "it is not possible to tell", "no"],
+        ),
         ("Pick one.\nOptions:\n-  A  \n- B\n\nAnswer:", ["A", "B"]),
         ("From the following options, what is it?\n\nOPTIONS:\n- human\n- entity", ["human", "entity"]),
         ("From the following options, what is it?", None),

@@ -54,7 +54,9 @@ def _task_of(example):
 
 def test_natural_one_sorted_task_per_client():
     data = _dataset()
-    parts = [partition_dataset(data, k, 3, partitioner="natural", partition_by="task", alpha=1.0, seed=0) for k in range(3)]
+    parts = [
+        partition_dataset(data, k, 3, partitioner="natural", partition_by="task", alpha=1.0, seed=0) for k in range(3)
+    ]
     # flwr-datasets numbers the sorted natural ids
     assert [set(p["task"]) for p in parts] == [{"count"}, {"reverse"}, {"uppercase"}]
     assert [len(p) for p in parts] == [10, 10, 10]
@@ -87,9 +89,9 @@ def test_test_fraction_split_is_seeded_and_disjoint():
     outputs = [e.output for e in client.train + client.test]
     assert sorted(outputs) == sorted(f"uppercase-{i}" for i in range(10))
     assert _client(_dataset(), None, 2, test_fraction=0.3) == client
-    assert {tuple(e.output for e in _client(_dataset(), None, 2, test_fraction=0.3, seed=s).test) for s in range(1, 6)} != {
-        tuple(e.output for e in client.test)
-    }
+    assert {
+        tuple(e.output for e in _client(_dataset(), None, 2, test_fraction=0.3, seed=s).test) for s in range(1, 6)
+    } != {tuple(e.output for e in client.test)}
 
 
 def test_max_train_and_max_test():
@@ -110,7 +112,10 @@ def test_dirichlet_sizes_sum_to_total_and_are_seeded():
     data = _dataset(rows_per_task=20)
 
     def sizes(seed, alpha=0.5, num=4):
-        parts = [partition_dataset(data, k, num, partitioner="dirichlet", partition_by="task", alpha=alpha, seed=seed) for k in range(num)]
+        parts = [
+            partition_dataset(data, k, num, partitioner="dirichlet", partition_by="task", alpha=alpha, seed=seed)
+            for k in range(num)
+        ]
         return [sorted(p["output"]) for p in parts]
 
     first = sizes(0)
@@ -121,7 +126,9 @@ def test_dirichlet_sizes_sum_to_total_and_are_seeded():
 
 
 def test_dirichlet_client_task_is_dominant_label():
-    client = _client(_dataset(rows_per_task=20), None, 1, num_partitions=2, partitioner="dirichlet", alpha=0.3, test_fraction=0.25)
+    client = _client(
+        _dataset(rows_per_task=20), None, 1, num_partitions=2, partitioner="dirichlet", alpha=0.3, test_fraction=0.25
+    )
     counts = {t: sum(e.task == t for e in client.train) for t in TASKS}
     assert client.task == min(counts, key=lambda t: (-counts[t], t))
     assert all(e.task == _task_of(e) for e in client.train + client.test)
@@ -140,7 +147,10 @@ def test_dirichlet_test_split_gets_same_proportions():
 
 def test_dirichlet_empty_partition_is_an_error():
     data = _dataset()
-    sizes = [len(partition_dataset(data, k, 10, partitioner="dirichlet", partition_by="task", alpha=0.01, seed=0)) for k in range(10)]
+    sizes = [
+        len(partition_dataset(data, k, 10, partitioner="dirichlet", partition_by="task", alpha=0.01, seed=0))
+        for k in range(10)
+    ]
     empty = [k for k, size in enumerate(sizes) if size == 0]
     assert sum(sizes) == 30 and empty  # alpha=0.01: each class goes (almost) wholly to one or two clients
     for k in empty:
@@ -175,14 +185,17 @@ def test_error_missing_partition_by_and_bad_alpha():
 @pytest.mark.parametrize("key", ["instruction_column", "input_column", "output_column", "task_column", "partition_by"])
 def test_error_missing_column(key):
     name = key.replace("_", "-")
-    with pytest.raises(ValueError, match=f"{name}: 'nope' is not a column of split 'train'; allowed: instruction, input, output, task$"):
+    with pytest.raises(
+        ValueError, match=f"{name}: 'nope' is not a column of split 'train'; allowed: instruction, input, output, task$"
+    ):
         _client(_dataset(), None, 0, **{key: "nope"})
 
 
 def test_error_missing_column_in_test_split():
     test = _dataset().rename_column("output", "answer")
     with pytest.raises(
-        ValueError, match="output-column: 'output' is not a column of split 'test'; allowed: instruction, input, answer, task"
+        ValueError,
+        match="output-column: 'output' is not a column of split 'test'; allowed: instruction, input, answer, task",
     ):
         _client(_dataset(), test, 0)
 
@@ -230,7 +243,9 @@ def test_load_hub_client_data_through_federated_dataset(monkeypatch):
 
 def test_natural_with_k_clients_an_id_splits_each_id_iid():
     data = _dataset(rows_per_task=10)
-    parts = [partition_dataset(data, k, 6, partitioner="natural", partition_by="task", alpha=1.0, seed=0) for k in range(6)]
+    parts = [
+        partition_dataset(data, k, 6, partitioner="natural", partition_by="task", alpha=1.0, seed=0) for k in range(6)
+    ]
     assert [sorted(set(p["task"])) for p in parts] == [["count"]] * 2 + [["reverse"]] * 2 + [["uppercase"]] * 2
     assert [len(p) for p in parts] == [5] * 6
     assert not set(parts[0]["instruction"]) & set(parts[1]["instruction"])  # the two shards of an id are disjoint
@@ -242,7 +257,9 @@ def _image_dataset(per_domain=6):
 
     rows = [(domain, i) for domain in ("dark", "bright") for i in range(per_domain)]
     images = [Image.new("RGB", (4, 4), color=(10 * i, 10, 10) if d == "dark" else (200, 200, 10 * i)) for d, i in rows]
-    return datasets.Dataset.from_dict({"image": images, "label": [i % 3 for _, i in rows], "domain": [d for d, _ in rows]})
+    return datasets.Dataset.from_dict(
+        {"image": images, "label": [i % 3 for _, i in rows], "domain": [d for d, _ in rows]}
+    )
 
 
 def test_image_rows_become_preprocessed_image_examples_two_clients_a_domain():
@@ -251,13 +268,23 @@ def test_image_rows_become_preprocessed_image_examples_two_clients_a_domain():
 
     preprocess = image_preprocessor("digits-vit")  # no image processor: resized to 8×8 grey in [0, 1]
     options = {**OPTIONS, "partition_by": "domain", "test_fraction": 0.34}
-    clients = [client_data_from_dataset(_image_dataset(), None, k, 4, **options, image_column="image", label_column="label",
-                                        preprocess=preprocess) for k in range(4)]
+    clients = [
+        client_data_from_dataset(
+            _image_dataset(), None, k, 4, **options, image_column="image", label_column="label", preprocess=preprocess
+        )
+        for k in range(4)
+    ]
     assert [c.task for c in clients] == ["bright", "bright", "dark", "dark"]
     example = clients[2].train[0]
-    assert isinstance(example, ImageExample) and example.pixels.shape == (1, 8, 8) and example.pixels.dtype.name == "float32"
+    assert (
+        isinstance(example, ImageExample)
+        and example.pixels.shape == (1, 8, 8)
+        and example.pixels.dtype.name == "float32"
+    )
     assert example.pixels.max() < 0.2 and clients[0].train[0].pixels.min() > 0.4  # dark and bright stay so
-    assert all(len(c.train) == 2 and len(c.test) == 1 for c in clients) and {e.label for c in clients for e in c.train} <= {0, 1, 2}
+    assert all(len(c.train) == 2 and len(c.test) == 1 for c in clients) and {
+        e.label for c in clients for e in c.train
+    } <= {0, 1, 2}
     with pytest.raises(ValueError, match="image-column: 'picture' is not a column of split 'train'"):
         client_data_from_dataset(_image_dataset(), None, 0, 4, **options, image_column="picture", preprocess=preprocess)
     with pytest.raises(ValueError, match="preprocess: None"):

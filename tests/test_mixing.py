@@ -69,7 +69,11 @@ def test_mix_adapters_by_hand_keeps_shapes_and_dtypes():
 
 def test_fedamp_cloud_models_by_hand():
     # Two clients pointing one way, one the other way: cos(w0, w1) = 1, cos(w0, w2) = 0.
-    models = [{"w": np.array([1.0, 0.0], np.float32)}, {"w": np.array([2.0, 0.0], np.float32)}, {"w": np.array([0.0, 4.0], np.float32)}]
+    models = [
+        {"w": np.array([1.0, 0.0], np.float32)},
+        {"w": np.array([2.0, 0.0], np.float32)},
+        {"w": np.array([0.0, 4.0], np.float32)},
+    ]
     clouds, cosine, xi = fedamp_cloud_models(models, sigma=math.log(3), self_weight=0.5)
     np.testing.assert_allclose(cosine, [[1, 1, 0], [1, 1, 0], [0, 0, 1]], atol=1e-7)
     # Row 0: exp(σ·1) = 3 vs exp(0) = 1 -> others get 0.5·3/4 and 0.5·1/4.
@@ -82,7 +86,10 @@ def test_fedamp_cloud_models_by_hand():
 
 def test_mixing_imports_neither_torch_nor_flower():
     code = "import sys, fedbilevel.mixing; print('torch' in sys.modules, 'flwr' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split() == ["False", "False"]
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split() == [
+        "False",
+        "False",
+    ]
 
 
 def test_group_weights_by_hand():

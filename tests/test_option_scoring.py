@@ -31,7 +31,8 @@ PARAPHRASE = Example(
 )
 # Far longer than the others, so that they are heavily padded when batched with it.
 LONG = Example(
-    instruction="Is the following sentence acceptable? " + "the quick brown fox jumps over the lazy dog " * 6
+    instruction="Is the following sentence acceptable? "
+    + "the quick brown fox jumps over the lazy dog " * 6
     + "\nOPTIONS:\n- unacceptable\n- acceptable",
     output="acceptable",
     task="linguistic_acceptability",
@@ -67,7 +68,10 @@ def test_batched_scores_equal_an_unbatched_loop(tiny):
     scores = option_scores(model, tokenizer, [PARAPHRASE, NLI], **kwargs())[1]
     assert scores == pytest.approx(expected, abs=1e-4)
     best = max(range(3), key=expected.__getitem__)
-    assert option_predictions(model, tokenizer, [PARAPHRASE, NLI], **kwargs())[1] == ["yes", "it is not possible to tell", "no"][best]
+    assert (
+        option_predictions(model, tokenizer, [PARAPHRASE, NLI], **kwargs())[1]
+        == ["yes", "it is not possible to tell", "no"][best]
+    )
 
 
 def test_padding_does_not_change_scores(tiny):
@@ -115,9 +119,16 @@ def test_option_accuracy_is_one_for_the_argmax_and_zero_for_another_option(tiny)
     model, tokenizer = tiny
     items = [NLI, FREE, PARAPHRASE, LONG]
     predicted = option_predictions(model, tokenizer, items, **kwargs())
-    others = {NLI: ["yes", "it is not possible to tell", "no"], PARAPHRASE: ["no", "yes"], LONG: ["unacceptable", "acceptable"]}
+    others = {
+        NLI: ["yes", "it is not possible to tell", "no"],
+        PARAPHRASE: ["no", "yes"],
+        LONG: ["unacceptable", "acceptable"],
+    }
     right = [Example(e.instruction, p if p is not None else e.output, e.task) for e, p in zip(items, predicted)]
-    wrong = [Example(e.instruction, next(o for o in others[e] if o != p), e.task) if p is not None else e for e, p in zip(items, predicted)]
+    wrong = [
+        Example(e.instruction, next(o for o in others[e] if o != p), e.task) if p is not None else e
+        for e, p in zip(items, predicted)
+    ]
     common = {"batch_size": 3, "max_new_tokens": 2, "bf16_autocast": False}
     scores = evaluate_adapter(model, tokenizer, right, **common)
     assert scores["option_accuracy"] == 1.0
@@ -154,7 +165,9 @@ def test_per_item_lists_average_to_the_reported_means(tiny, monkeypatch):
     # Everything fits a Flower MetricRecord, with no NaN and the right types.
     MetricRecord(scores)
     assert isinstance(scores["option_items"], int)
-    assert all(isinstance(v, float) and math.isfinite(v) for k, v in scores.items() if k.startswith("items-") for v in v)
+    assert all(
+        isinstance(v, float) and math.isfinite(v) for k, v in scores.items() if k.startswith("items-") for v in v
+    )
 
 
 def test_option_keys_absent_without_options_or_when_disabled(tiny):

@@ -23,8 +23,16 @@ def test_bf16_weights_keep_float32_adapters_that_train():
     initial = initial_adapter_arrays(TINY_MODEL, LoraSettings(), seed=3)
     assert all(np.array_equal(before[name], initial[name]) for name in initial)  # same start as fp32 clients
     train, _ = make_client_data(0, 2, seed=0, num_train=4, num_test=1)
-    outcome = train_adapter(model, TextCodec(load_tokenizer(TINY_MODEL), 128), train, steps=2, batch_size=2, learning_rate=0.01,
-                            bf16_autocast=True, seed=0)
+    outcome = train_adapter(
+        model,
+        TextCodec(load_tokenizer(TINY_MODEL), 128),
+        train,
+        steps=2,
+        batch_size=2,
+        learning_rate=0.01,
+        bf16_autocast=True,
+        seed=0,
+    )
     after = get_adapter_arrays(model)
     assert np.isfinite(outcome.loss)
     assert all(after[name].dtype == np.float32 and np.all(np.isfinite(after[name])) for name in after)
@@ -32,7 +40,9 @@ def test_bf16_weights_keep_float32_adapters_that_train():
 
 
 def test_4bit_without_a_gpu_is_refused_with_the_key_and_the_way_out():
-    with pytest.raises(ValueError, match=r"run-config key 'precision': value '4bit' is not allowed on device 'cpu'; .*use 'bf16'"):
+    with pytest.raises(
+        ValueError, match=r"run-config key 'precision': value '4bit' is not allowed on device 'cpu'; .*use 'bf16'"
+    ):
         build_lora_model(TINY_MODEL, LoraSettings(), precision="4bit", device="cpu")
 
 

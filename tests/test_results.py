@@ -23,7 +23,13 @@ def round_record(number, exact_by_client, with_eval=True):
         "bytes_down": 10,
         "bytes_up": 5,
         "seconds": 1.0,
-        "time_split": {"client_train": 0.5, "client_evaluate": 0.2, "aggregation": 0.1, "other": 0.2, "other_fraction": 0.2},
+        "time_split": {
+            "client_train": 0.5,
+            "client_evaluate": 0.2,
+            "aggregation": 0.1,
+            "other": 0.2,
+            "other_fraction": 0.2,
+        },
     }
 
 
@@ -31,7 +37,9 @@ def round_record(number, exact_by_client, with_eval=True):
 def recorder(tmp_path):
     config = RunConfig.from_run_config(DEFAULTS, {"output-dir": str(tmp_path), "run-name": "r"})
     recorder = RunRecorder(config, make_run_dir(config))
-    recorder.set_clients({1: {"task": "count", "num-train": 4, "num-test": 2}, 0: {"task": "reverse", "num-train": 4, "num-test": 2}})
+    recorder.set_clients(
+        {1: {"task": "count", "num-train": 4, "num-test": 2}, 0: {"task": "reverse", "num-train": 4, "num-test": 2}}
+    )
     return recorder
 
 
@@ -85,4 +93,6 @@ def test_process_memory_sees_an_allocation_and_rounds_record_it(recorder):
     del block
     recorder.record_round(round_record(1, {0: 0.2, 1: 0.4}))
     on_disk = json.loads((recorder.run_dir / "results.json").read_text())
-    assert on_disk["rounds"][0]["server_memory_mb"]["peak-rss-mb"] >= before["rss-mb"] + 50  # the freed block stays in the peak
+    assert (
+        on_disk["rounds"][0]["server_memory_mb"]["peak-rss-mb"] >= before["rss-mb"] + 50
+    )  # the freed block stays in the peak

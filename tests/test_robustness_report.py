@@ -32,7 +32,9 @@ def test_others_and_others_of_other_tasks_per_condition_and_seed_mean():
     }
     rows = robustness_rows(conditions, faulty=[3], metric="exact_match")
     by_key = {(r["seed"], r["clients"]): r for r in rows}
-    assert by_key[(0, "others")]["honest"] == pytest.approx(0.6) and by_key[(0, "others")]["faulty"] == pytest.approx(1.4 / 3)
+    assert by_key[(0, "others")]["honest"] == pytest.approx(0.6) and by_key[(0, "others")]["faulty"] == pytest.approx(
+        1.4 / 3
+    )
     # Client 2 shares task b with faulty client 3: left out of "others, other tasks".
     assert by_key[(0, "others, other tasks")]["honest"] == pytest.approx(0.5)
     assert by_key[(0, "others, other tasks")]["faulty"] == pytest.approx(0.45)
@@ -51,9 +53,22 @@ def test_report_script_writes_the_table(tmp_path):
     for condition, first in (("honest", 0.4), ("faulty", 0.2)):
         write_run(tmp_path / condition / "runs" / "fedbip-seed0", "fedbip", 0, [(first, 0.5)])
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "robustness_report.py"), "--faulty-clients", "1", "--out", str(tmp_path / "out"),
-         "--condition", f"honest={tmp_path / 'honest'}", "--condition", f"faulty={tmp_path / 'faulty'}"],
-        capture_output=True, text=True, cwd=ROOT, check=False,
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "robustness_report.py"),
+            "--faulty-clients",
+            "1",
+            "--out",
+            str(tmp_path / "out"),
+            "--condition",
+            f"honest={tmp_path / 'honest'}",
+            "--condition",
+            f"faulty={tmp_path / 'faulty'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     table = (tmp_path / "out" / "robustness.md").read_text()

@@ -58,7 +58,13 @@ def test_results_json_contract(run):
     assert results["strategy"] == config["strategy"]
     assert results["clients"] == {
         # Every synthetic answer is its own input transformed, so no constant answer is ever right.
-        str(p): {"task": "reverse" if p < 2 else "uppercase", "num_train": 16, "num_test": 6, "majority_exact_match": 0.0}
+        str(p): {
+            "task": "reverse" if p < 2 else "uppercase",
+            "num_train": 16,
+            "num_test": 6,
+            "majority_exact_match": 0.0,
+            "num_truncated": 0,
+        }
         for p in range(NUM_CLIENTS)
     }
     assert [r["round"] for r in results["rounds"]] == list(range(1, ROUNDS + 1))
@@ -147,16 +153,26 @@ def test_a_run_resumed_from_its_checkpoint_matches_an_unbroken_run(tmp_path):
     assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3]
     for mine, theirs in zip(resumed["rounds"], expected["rounds"]):
         assert {p: t["loss"] for p, t in mine["train"].items()} == {p: t["loss"] for p, t in theirs["train"].items()}
-        scores = lambda record: {p: {m: s[m] for m in ("rouge1", "rougeL", "exact_match")} for p, s in record["eval"].items()}
+        scores = lambda record: {
+            p: {m: s[m] for m in ("rouge1", "rougeL", "exact_match")} for p, s in record["eval"].items()
+        }
         assert scores(mine) == scores(theirs) and mine["weights"] == theirs["weights"]
     config = json.loads((broken / "config.json").read_text())
     assert config["run_config"]["num-server-rounds"] == 3 and [r["after_round"] for r in config["resumes"]] == [2]
     for p in range(NUM_CLIENTS):
         for name in ("adapter_model.safetensors",):
-            assert (broken / "clients" / str(p) / name).read_bytes() == (unbroken / "clients" / str(p) / name).read_bytes()
+            assert (broken / "clients" / str(p) / name).read_bytes() == (
+                unbroken / "clients" / str(p) / name
+            ).read_bytes()
     # Changing what the run computes is refused, with the key named.
-    with pytest.raises(Exception, match="run-config key 'learning-rate': value 0.5 differs from the resumed run's 0.01"):
-        simulate(tmp_path / "broken", strategy="fedbip", **{"num-server-rounds": 4, "resume-from": str(broken), "learning-rate": 0.5})
+    with pytest.raises(
+        Exception, match="run-config key 'learning-rate': value 0.5 differs from the resumed run's 0.01"
+    ):
+        simulate(
+            tmp_path / "broken",
+            strategy="fedbip",
+            **{"num-server-rounds": 4, "resume-from": str(broken), "learning-rate": 0.5},
+        )
 
 
 FLAN8 = ROOT.parent / "shared" / "data" / "flan8"
@@ -166,13 +182,26 @@ FLAN8 = ROOT.parent / "shared" / "data" / "flan8"
 def test_flan_json_federation_end_to_end(tmp_path):
     config = {
         **load_app_config(ROOT / "pyproject.toml"),
-        "model-name": TINY_MODEL, "data": "flan-json", "data-path": str(FLAN8), "max-train-examples": 4,
-        "max-test-examples": 2, "max-seq-len": 1024, "local-steps": 1, "batch-size": 2, "num-server-rounds": 1,
-        "eval-max-new-tokens": 4, "output-dir": str(tmp_path), "run-name": "flan",
+        "model-name": TINY_MODEL,
+        "data": "flan-json",
+        "data-path": str(FLAN8),
+        "max-train-examples": 4,
+        "max-test-examples": 2,
+        "max-seq-len": 1024,
+        "local-steps": 1,
+        "batch-size": 2,
+        "num-server-rounds": 1,
+        "eval-max-new-tokens": 4,
+        "output-dir": str(tmp_path),
+        "run-name": "flan",
     }
     run_in_simulation(config, num_supernodes=8)
     results = json.loads((tmp_path / "flan" / "results.json").read_text())
-    assert {k: results["clients"]["0"][k] for k in ("task", "num_train", "num_test")} == {"task": "coreference", "num_train": 4, "num_test": 2}
+    assert {k: results["clients"]["0"][k] for k in ("task", "num_train", "num_test")} == {
+        "task": "coreference",
+        "num_train": 4,
+        "num_test": 2,
+    }
     assert all(0.0 <= c["majority_exact_match"] <= 1.0 for c in results["clients"].values())
     assert results["clients"]["7"]["task"] == "word_disambiguation"
     record = results["rounds"][0]
@@ -191,3 +220,34 @@ def test_eval_global_of_fedavg_equals_its_personalized_score(tmp_path):
     for scores in record["eval"].values():
         assert scores["global-exact_match"] == scores["exact_match"] and scores["global-rougeL"] == scores["rougeL"]
     assert record["global_mean"] == record["personalized_mean"]
+
+
+def test_a_client_that_cannot_load_its_data_is_a_recorded_failure_not_a_silent_absence(tmp_path):
+    # Issue input: a flan-json federation whose test.jsonl has no line for client 2's category. The
+    # client was left out, the run exited 0 and results.json listed no failure.
+    data = tmp_path / "flan"
+    data.mkdir()
+    for k, category in enumerate(["alpha", "beta", "gamma"]):
+        records = [{"instruction": f"Say {category} {i}", "output": category, "task": "t", "category": category}
+                   for i in range(4)]
+        (data / f"client_{k}.json").write_text(json.dumps(records))
+    lines = [{"instruction": f"Say {c}", "output": c, "task": "t", "category": c} for c in ("alpha", "beta")]
+    (data / "test.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    config = {
+        **load_app_config(ROOT / "pyproject.toml"),
+        "model-name": TINY_MODEL,
+        "data": "flan-json",
+        "data-path": str(data),
+        "num-server-rounds": 1,
+        "local-steps": 1,
+        "eval-max-new-tokens": 2,
+        "min-nodes": 3,
+        "output-dir": str(tmp_path),
+        "run-name": "broken",
+    }
+    run_in_simulation(config, num_supernodes=3)
+    results = json.loads((tmp_path / "broken" / "results.json").read_text())
+    (failure,) = results["rounds"][0]["failures"]
+    assert (failure["phase"], failure["partition_id"]) == ("start", 2)
+    assert "no lines with category 'gamma' (the category of client_2.json)" in failure["reason"]
+    assert set(results["rounds"][0]["train"]) == {"0", "1"}

@@ -71,3 +71,19 @@ def test_every_component_is_declared_once():
     assert len(keys) == len(set(keys))
     with open(ROOT / "pyproject.toml", "rb") as handle:
         assert set(tomllib.load(handle)["tool"]["flwr"]["app"]["config"]) == set(keys)
+
+
+def test_requires_python_admits_no_version_a_dependency_refuses():
+    """Flower's managed `flwr run` installs the app with uv, which refuses metadata that cannot be satisfied."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    with open(ROOT / "pyproject.toml", "rb") as handle:
+        project = tomllib.load(handle)["project"]
+    ours = SpecifierSet(project["requires-python"])
+    lowest = next(f"3.{minor}" for minor in range(6, 20) if f"3.{minor}" in ours)
+    for requirement in map(Requirement, project["dependencies"]):
+        theirs = metadata.metadata(requirement.name).get("Requires-Python")
+        assert theirs is None or lowest in SpecifierSet(theirs), (requirement.name, theirs, lowest)

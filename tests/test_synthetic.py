@@ -4,7 +4,6 @@ import pytest
 
 from fedbilevel.data import synthetic
 from fedbilevel.data.prompts import format_prompt
-from fedbilevel.data.types import Example
 from fedbilevel.data.synthetic import (
     MAX_WORDS,
     MIN_WORDS,
@@ -17,6 +16,7 @@ from fedbilevel.data.synthetic import (
     make_instruction,
     task_of_client,
 )
+from fedbilevel.data.types import Example
 
 WORDS_IN = ["cat", "dog", "sun", "big"]
 ALLOWED_TASKS = "reverse, uppercase, count, initials"
@@ -167,9 +167,7 @@ def test_one_line_errors(kwargs, fragments):
 def test_unknown_task_message_exact():
     with pytest.raises(ValueError) as info:
         task_of_client(0, 4, ["sort"])
-    assert str(info.value) == (
-        "synthetic-tasks: unknown task 'sort'; allowed: reverse, uppercase, count, initials"
-    )
+    assert str(info.value) == ("synthetic-tasks: unknown task 'sort'; allowed: reverse, uppercase, count, initials")
 
 
 def test_no_overlap_when_collisions_are_likely(monkeypatch):

@@ -38,8 +38,15 @@ def test_domain_transforms_by_hand():
     # 3×3 box with edge padding: the top-left pixel averages 0,0,0.5 / 0,0,0.5 / 1,1,0.25.
     assert transform(image, "blurred")[0, 0, 0] == pytest.approx((0 + 0 + 0.5 + 0 + 0 + 0.5 + 1 + 1 + 0.25) / 9)
     noisy = transform(np.full((3, 8, 8), 0.5, np.float32), "noisy")
-    assert noisy.dtype == np.float32 and 0 <= noisy.min() and noisy.max() <= 1 and np.array_equal(noisy, transform(np.full((3, 8, 8), 0.5, np.float32), "noisy"))
-    with pytest.raises(ValueError, match="domain: 'sepia' is not allowed; choose one of inverted, rotated, noisy, blurred"):
+    assert (
+        noisy.dtype == np.float32
+        and noisy.min() >= 0
+        and noisy.max() <= 1
+        and np.array_equal(noisy, transform(np.full((3, 8, 8), 0.5, np.float32), "noisy"))
+    )
+    with pytest.raises(
+        ValueError, match="domain: 'sepia' is not allowed; choose one of inverted, rotated, noisy, blurred"
+    ):
         transform(image, "sepia")
 
 
@@ -57,7 +64,9 @@ def test_clients_of_a_domain_split_its_images_and_never_see_pretraining_images()
     assert first.train[0].pixels.shape == (1, 8, 8) and first.train[0].pixels.dtype == np.float32
     again = make_digits_client_data(2, 8, seed=0, test_fraction=0.2)
     assert [e.label for e in again.test] == [e.label for e in first.test]
-    assert [e.label for e in make_digits_client_data(2, 8, seed=1, test_fraction=0.2).test] != [e.label for e in first.test]
+    assert [e.label for e in make_digits_client_data(2, 8, seed=1, test_fraction=0.2).test] != [
+        e.label for e in first.test
+    ]
     with pytest.raises(ValueError, match="num-partitions: value 3 is not allowed with 4 domains"):
         make_digits_client_data(0, 3, seed=0)
 
@@ -77,7 +86,9 @@ def test_digits_vit_is_pretrained_and_its_head_is_part_of_the_adapter():
     arrays = get_adapter_arrays(model)
     head = {k: v for k, v in arrays.items() if ".classifier." in k}
     assert set(head) == {"base_model.model.classifier.weight", "base_model.model.classifier.bias"}
-    np.testing.assert_array_equal(head["base_model.model.classifier.weight"], load_base_model(DIGITS_VIT).classifier.weight.detach().numpy())
+    np.testing.assert_array_equal(
+        head["base_model.model.classifier.weight"], load_base_model(DIGITS_VIT).classifier.weight.detach().numpy()
+    )
     initial = initial_adapter_arrays(DIGITS_VIT, LoraSettings(), seed=4)  # what the server starts every client from
     assert list(initial) == list(arrays) and all(np.array_equal(initial[k], arrays[k]) for k in arrays)
     assert list(adapter_parameters(model)) == list(arrays)  # FedALA's view of the trainable arrays
@@ -92,27 +103,53 @@ def test_training_moves_lora_and_head_and_raises_accuracy():
     data = make_digits_client_data(2, 8, seed=0, test_fraction=0.2)  # rotated
     model = build_lora_model(DIGITS_VIT, LoraSettings(), seed=0)
     before, score = get_adapter_arrays(model), evaluate_classifier(model, data.test, batch_size=64, bf16_autocast=False)
-    train_adapter(model, ImageCodec(), data.train, steps=30, batch_size=32, learning_rate=0.01, bf16_autocast=False, seed=0)
+    train_adapter(
+        model, ImageCodec(), data.train, steps=30, batch_size=32, learning_rate=0.01, bf16_autocast=False, seed=0
+    )
     after = get_adapter_arrays(model)
     assert not np.array_equal(after["base_model.model.classifier.weight"], before["base_model.model.classifier.weight"])
-    assert evaluate_classifier(model, data.test, batch_size=64, bf16_autocast=False)["accuracy"] > score["accuracy"] + 0.2
-    assert len(score["items-accuracy"]) == len(data.test) and np.mean(score["items-accuracy"]) == pytest.approx(score["accuracy"])
+    assert (
+        evaluate_classifier(model, data.test, batch_size=64, bf16_autocast=False)["accuracy"] > score["accuracy"] + 0.2
+    )
+    assert len(score["items-accuracy"]) == len(data.test) and np.mean(score["items-accuracy"]) == pytest.approx(
+        score["accuracy"]
+    )
 
 
 def test_a_text_model_on_image_data_is_refused_with_the_key():
-    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 8}, state=RecordDict(),
-                      run_config={**load_app_config(), "data": "digits", "model-name": TINY_MODEL})
-    with pytest.raises(ValueError, match="run-config key 'model-name': value 'tiny-random-llama' is a causal language model, but data='digits' holds images"):
+    context = Context(
+        run_id=1,
+        node_id=7,
+        node_config={"partition-id": 0, "num-partitions": 8},
+        state=RecordDict(),
+        run_config={**load_app_config(), "data": "digits", "model-name": TINY_MODEL},
+    )
+    with pytest.raises(
+        ValueError,
+        match="run-config key 'model-name': value 'tiny-random-llama' is a causal language model, but data='digits' holds images",
+    ):
         ClientSession(context, overrides=None)
 
 
 def test_image_federation_end_to_end(tmp_path):
-    config = {**load_app_config(ROOT / "pyproject.toml"), "model-name": DIGITS_VIT, "data": "digits", "strategy": "fedbip",
-              "num-server-rounds": 2, "local-steps": 5, "batch-size": 32, "learning-rate": 0.01,
-              "output-dir": str(tmp_path), "run-name": "digits"}
+    config = {
+        **load_app_config(ROOT / "pyproject.toml"),
+        "model-name": DIGITS_VIT,
+        "data": "digits",
+        "strategy": "fedbip",
+        "num-server-rounds": 2,
+        "local-steps": 5,
+        "batch-size": 32,
+        "learning-rate": 0.01,
+        "output-dir": str(tmp_path),
+        "run-name": "digits",
+    }
     simulate(config, num_supernodes=8)
     results = json.loads((tmp_path / "digits" / "results.json").read_text())
-    assert results["summary"]["primary_metric"] == "accuracy" and results["summary"]["metrics"] == ["accuracy", "macro_f1"]
+    assert results["summary"]["primary_metric"] == "accuracy" and results["summary"]["metrics"] == [
+        "accuracy",
+        "macro_f1",
+    ]
     assert [results["clients"][str(p)]["task"] for p in range(8)] == [d for d in DIGIT_DOMAINS for _ in range(2)]
     last = results["rounds"][-1]
     assert last["failures"] == [] and set(last["eval"]) == {str(p) for p in range(8)}
@@ -130,8 +167,16 @@ def test_image_federation_end_to_end(tmp_path):
 def test_num_labels_gives_a_new_head_that_server_and_clients_agree_on():
     settings = LoraSettings(num_labels=3)
     initial = initial_adapter_arrays(DIGITS_VIT, settings, seed=0)
-    assert initial["base_model.model.classifier.weight"].shape == (3, 64) and initial["base_model.model.classifier.bias"].shape == (3,)
+    assert initial["base_model.model.classifier.weight"].shape == (3, 64) and initial[
+        "base_model.model.classifier.bias"
+    ].shape == (3,)
     built = get_adapter_arrays(build_lora_model(DIGITS_VIT, settings, seed=0))
-    np.testing.assert_array_equal(built["base_model.model.classifier.weight"], initial["base_model.model.classifier.weight"])
-    own = initial_adapter_arrays(DIGITS_VIT, LoraSettings(num_labels=10), seed=0)  # the model's own size: its trained head
-    np.testing.assert_array_equal(own["base_model.model.classifier.weight"], load_base_model(DIGITS_VIT).classifier.weight.detach().numpy())
+    np.testing.assert_array_equal(
+        built["base_model.model.classifier.weight"], initial["base_model.model.classifier.weight"]
+    )
+    own = initial_adapter_arrays(
+        DIGITS_VIT, LoraSettings(num_labels=10), seed=0
+    )  # the model's own size: its trained head
+    np.testing.assert_array_equal(
+        own["base_model.model.classifier.weight"], load_base_model(DIGITS_VIT).classifier.weight.detach().numpy()
+    )

@@ -40,7 +40,9 @@ def test_module_imports_neither_torch_nor_flwr():
 
 
 @pytest.mark.parametrize("negative", ["clip", "keep"])
-@pytest.mark.parametrize("similarity", [MIXED_SIGNS, S3, np.zeros((3, 3)), paired(0.86, 0.42), np.array([[1.0, -0.99], [-0.99, 1.0]])])
+@pytest.mark.parametrize(
+    "similarity", [MIXED_SIGNS, S3, np.zeros((3, 3)), paired(0.86, 0.42), np.array([[1.0, -0.99], [-0.99, 1.0]])]
+)
 def test_paper_rule_is_weight_matrix_bit_for_bit(similarity, negative):
     expected = weight_matrix(similarity, negative=negative)
     assert np.array_equal(similarity_weights(similarity, rule="paper", negative=negative), expected)
@@ -49,7 +51,9 @@ def test_paper_rule_is_weight_matrix_bit_for_bit(similarity, negative):
 
 def test_paper_rule_by_hand():
     # Clip: row 0 is [1, 0.5, 0] / 1.5; row 2 is [0, 0, 1]. Keep: row 0 is [1, 0.5, −0.5] / 1.
-    np.testing.assert_allclose(similarity_weights(MIXED_SIGNS), [[2 / 3, 1 / 3, 0], [1 / 3, 2 / 3, 0], [0, 0, 1]], atol=1e-15)
+    np.testing.assert_allclose(
+        similarity_weights(MIXED_SIGNS), [[2 / 3, 1 / 3, 0], [1 / 3, 2 / 3, 0], [0, 0, 1]], atol=1e-15
+    )
     np.testing.assert_allclose(similarity_weights(MIXED_SIGNS, negative="keep")[0], [1, 0.5, -0.5], atol=1e-15)
 
 
@@ -93,7 +97,9 @@ def test_threshold_by_hand():
     w = similarity_weights(TIED, rule="threshold", threshold=0.5)
     np.testing.assert_allclose(w, [[5 / 11, 3 / 11, 3 / 11], [3 / 8, 5 / 8, 0], [3 / 8, 0, 5 / 8]], rtol=1e-14)
     # A similarity equal to the threshold is kept (only values below it are dropped).
-    np.testing.assert_allclose(similarity_weights(TIED, rule="threshold", threshold=0.6)[0], [5 / 11, 3 / 11, 3 / 11], rtol=1e-14)
+    np.testing.assert_allclose(
+        similarity_weights(TIED, rule="threshold", threshold=0.6)[0], [5 / 11, 3 / 11, 3 / 11], rtol=1e-14
+    )
     # Above every similarity, self is still kept: local training.
     np.testing.assert_array_equal(similarity_weights(TIED, rule="threshold", threshold=0.9), np.eye(3))
 
@@ -152,7 +158,9 @@ def test_realistic_federation_paper_vs_adaptive():
 def test_zscore_softmax_with_fewer_than_two_peers():
     np.testing.assert_array_equal(similarity_weights(np.ones((1, 1)), rule="zscore-softmax"), [[1.0]])
     # One peer has no spread: averaging, even at cosine −1 (centred N = 2).
-    np.testing.assert_allclose(similarity_weights(np.array([[1.0, -1.0], [-1.0, 1.0]]), rule="zscore-softmax"), np.full((2, 2), 0.5))
+    np.testing.assert_allclose(
+        similarity_weights(np.array([[1.0, -1.0], [-1.0, 1.0]]), rule="zscore-softmax"), np.full((2, 2), 0.5)
+    )
 
 
 DEGENERATE = {
@@ -189,7 +197,9 @@ def test_stack_matches_single_matrices(rule):
     weights = similarity_weights(stack, rule=rule, top_k=2, threshold=0.0)
     assert weights.shape == (3, 5, 5)
     for group in range(3):
-        np.testing.assert_array_equal(weights[group], similarity_weights(stack[group], rule=rule, top_k=2, threshold=0.0))
+        np.testing.assert_array_equal(
+            weights[group], similarity_weights(stack[group], rule=rule, top_k=2, threshold=0.0)
+        )
     np.testing.assert_allclose(weights.sum(axis=2), 1.0, rtol=1e-14)
     assert np.all(weights >= 0)
 
@@ -291,7 +301,9 @@ def test_bad_decay(decay):
         ema_similarity(None, np.eye(2), decay)
 
 
-@pytest.mark.parametrize("matrix", [np.ones((2, 3)), np.ones(3), np.ones((1, 2, 2, 2)), np.array([[1.0, np.nan], [0.0, 1.0]])])
+@pytest.mark.parametrize(
+    "matrix", [np.ones((2, 3)), np.ones(3), np.ones((1, 2, 2, 2)), np.array([[1.0, np.nan], [0.0, 1.0]])]
+)
 def test_bad_shapes_and_values(matrix):
     with pytest.raises(ValueError, match=r"^similarity: "):
         similarity_weights(matrix)

@@ -51,7 +51,7 @@ def top_arrays(names: Sequence[str], top_fraction: float) -> list[str]:
     """Names of the arrays ALA mixes: the top ⌈fraction · blocks⌉ blocks, plus arrays in no block."""
     groups = layer_groups(names, "block")
     blocks = sorted(int(key.split(".")[1]) for key in groups if key.startswith("block."))
-    keep = set(blocks[len(blocks) - math.ceil(top_fraction * len(blocks)):]) if blocks else set()
+    keep = set(blocks[len(blocks) - math.ceil(top_fraction * len(blocks)) :]) if blocks else set()
     return [
         name
         for key, members in groups.items()
@@ -60,7 +60,9 @@ def top_arrays(names: Sequence[str], top_fraction: float) -> list[str]:
     ]
 
 
-def ala_weight_step(weights: torch.Tensor, gradient: torch.Tensor, global_minus_local: torch.Tensor, eta: float) -> torch.Tensor:
+def ala_weight_step(
+    weights: torch.Tensor, gradient: torch.Tensor, global_minus_local: torch.Tensor, eta: float
+) -> torch.Tensor:
     """One update W ← clip(W − η · ∇_θ̂ L ⊙ (Θ − θ), 0, 1) (FedALA Eq. 6)."""
     return torch.clamp(weights - eta * gradient * global_minus_local, 0.0, 1.0)
 
@@ -105,7 +107,10 @@ def adaptive_local_aggregation(
     weights = (
         {name: torch.ones_like(parameters[name]) for name in top}
         if start
-        else {name: torch.as_tensor(array).to(device) for name, array in protocol.record_to_adapter(state.array_records[WEIGHTS]).items()}
+        else {
+            name: torch.as_tensor(array).to(device)
+            for name, array in protocol.record_to_adapter(state.array_records[WEIGHTS]).items()
+        }
     )
     local_t = {name: torch.as_tensor(local[name]).to(device) for name in top}
     delta = {name: parameters[name].detach().clone() - local_t[name] for name in top}  # Θ − θᵢ
@@ -117,7 +122,9 @@ def adaptive_local_aggregation(
 
     encoded = codec.encode(examples)
     generator = torch.Generator().manual_seed(seed)
-    sample = torch.randperm(len(encoded), generator=generator)[: max(1, round(settings.data_fraction * len(encoded)))].tolist()
+    sample = torch.randperm(len(encoded), generator=generator)[
+        : max(1, round(settings.data_fraction * len(encoded)))
+    ].tolist()
     epochs = settings.start_epochs if start else 1
     frozen = [p for name, p in parameters.items() if name not in weights]
     for p in frozen:  # gradients of the lower blocks are not needed

@@ -11,7 +11,7 @@ import functools
 import hashlib
 import time
 from collections.abc import Callable, Mapping
-from logging import INFO
+from logging import ERROR, INFO
 from typing import Any
 
 import torch
@@ -26,13 +26,13 @@ from fedbilevel.client.ala import (
 )
 from fedbilevel.client.evaluate import evaluate_adapter
 from fedbilevel.client.metrics import score_answers
-from fedbilevel.client.train import Codec, TextCodec, proximal_term, train_adapter
+from fedbilevel.client.train import Codec, TextCodec, fit_report, proximal_term, train_adapter
 from fedbilevel.client.vision import ImageCodec, evaluate_classifier
 from fedbilevel.config import RunConfig
 from fedbilevel.data import load_client_data
 from fedbilevel.data.common import most_common, most_common_answer
 from fedbilevel.data.settings import DataSettings
-from fedbilevel.data.types import ClientData, ImageExample
+from fedbilevel.data.types import ClientData, ImageExample, data_digest
 from fedbilevel.models.adapter import build_lora_model, get_adapter_arrays, set_adapter_arrays
 from fedbilevel.models.settings import LoraSettings, ModelSettings
 from fedbilevel.models.zoo import image_preprocessor, is_image_classifier, load_tokenizer
@@ -56,7 +56,10 @@ def partition_of(context: Context) -> tuple[int, int]:
         values.append(value)
     partition_id, num_partitions = values
     if not 0 <= partition_id < num_partitions:
-        raise ValueError(f"node-config key 'partition-id': value {partition_id} is not allowed; expected 0 ≤ partition-id < num-partitions ({num_partitions})")
+        raise ValueError(
+            f"node-config key 'partition-id': value {partition_id} is not allowed; "
+            f"expected 0 ≤ partition-id < num-partitions ({num_partitions})"
+        )
     return partition_id, num_partitions
 
 
@@ -65,7 +68,10 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"run-config key 'device': value {device!r} is not allowed here; no CUDA device is visible (use 'auto' or 'cpu')")
+        raise ValueError(
+            f"run-config key 'device': value {device!r} is not allowed here; "
+            "no CUDA device is visible (use 'auto' or 'cpu')"
+        )
     return torch.device(device)
 
 
@@ -75,6 +81,11 @@ def _model(settings: ModelSettings, lora: LoraSettings):
         torch.set_num_threads(settings.client_threads)
     model = build_lora_model(settings.name, lora, precision=settings.precision, device=resolve_device(settings.device))
     return model, None if is_image_classifier(settings.name) else load_tokenizer(settings.name)
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer(model_name: str):
+    return load_tokenizer(model_name)
 
 
 @functools.lru_cache(maxsize=16)
@@ -101,12 +112,16 @@ class ClientSession:
         self.partition_id, self.num_partitions = partition_of(context)
         config = self.config
         self.data = _data(config.data, config.seed, config.model.name, self.partition_id, self.num_partitions)
-        self.ala: protocol.AlaSettings | None = None  # FedALA's client-side step, when the message asks for it (load_model)
+        self.ala: protocol.AlaSettings | None = (
+            None  # FedALA's client-side step, when the message asks for it (load_model)
+        )
         self.images = isinstance(next(iter(self.data.train), None), ImageExample)
         if self.images != is_image_classifier(config.model.name):
             kind, model_kind = ("images", "a causal language model") if self.images else ("text", "an image classifier")
-            raise ValueError(f"run-config key 'model-name': value {config.model.name!r} is {model_kind}, "
-                             f"but data={config.data.source!r} holds {kind}; choose a model for that data")
+            raise ValueError(
+                f"run-config key 'model-name': value {config.model.name!r} is {model_kind}, "
+                f"but data={config.data.source!r} holds {kind}; choose a model for that data"
+            )
 
     def codec(self, tokenizer) -> Codec:
         """How this client's examples become batches for the shared train loop."""
@@ -116,11 +131,40 @@ class ClientSession:
         """The model's scores on this client's test split (the family's eval loop)."""
         settings, bf16 = self.config.eval, self.config.model.bf16_compute
         if self.images:
-            return evaluate_classifier(model, self.data.test, batch_size=settings.batch_size, bf16_autocast=bf16,
-                                       device=model.device)
-        return evaluate_adapter(model, tokenizer, self.data.test, batch_size=settings.batch_size,
-                                max_new_tokens=settings.max_new_tokens, bf16_autocast=bf16, device=model.device,
-                                score_options=settings.option_scoring)
+            return evaluate_classifier(
+                model, self.data.test, batch_size=settings.batch_size, bf16_autocast=bf16, device=model.device
+            )
+        return evaluate_adapter(
+            model,
+            tokenizer,
+            self.data.test,
+            batch_size=settings.batch_size,
+            max_new_tokens=settings.max_new_tokens,
+            bf16_autocast=bf16,
+            device=model.device,
+            score_options=settings.option_scoring,
+        )
+
+    def fit_training_examples(self) -> int:
+        """Check at start-up, not after rounds of work, that every training example fits ``max-seq-len``;
+        returns how many have their instruction cut to fit (logged). Images: 0."""
+        if self.images:
+            return 0
+        max_seq_len = self.config.train.max_seq_len
+        report = fit_report(_tokenizer(self.config.model.name), self.data.train, max_seq_len)
+        if report.truncated:
+            log(
+                INFO,
+                "client %d (%s): %d of %d training examples exceed max-seq-len %d (longest %d tokens); "
+                "their instructions are cut to fit, answers kept whole",
+                self.partition_id,
+                self.data.task,
+                report.truncated,
+                report.examples,
+                max_seq_len,
+                report.longest,
+            )
+        return report.truncated
 
     def majority_score(self) -> float:
         """Exact match of always giving the most common training answer (label): the prior to beat."""
@@ -140,7 +184,10 @@ class ClientSession:
         config = message.content.config_records[protocol.CONFIG]
         addressed_to = config.get(protocol.PARTITION_ID)
         if addressed_to != self.partition_id:
-            raise ValueError(f"message for partition {addressed_to!r} reached client {self.partition_id}; refusing another client's adapter")
+            raise ValueError(
+                f"message for partition {addressed_to!r} reached client {self.partition_id}; "
+                "refusing another client's adapter"
+            )
         model, tokenizer = _model(self.config.model, self.config.lora)
         set_adapter_arrays(model, protocol.record_to_adapter(message.content.array_records[protocol.ARRAYS]))
         server_round = int(config[protocol.SERVER_ROUND])
@@ -158,8 +205,14 @@ class ClientSession:
                 device=model.device,
             )
             if step[protocol.ALA_EPOCHS]:
-                log(INFO, "client %d, round %d: FedALA learned its mixing weights in %d epochs (mean weight %.3f)",
-                    self.partition_id, server_round, step[protocol.ALA_EPOCHS], step[protocol.ALA_MEAN_WEIGHT])
+                log(
+                    INFO,
+                    "client %d, round %d: FedALA learned its mixing weights in %d epochs (mean weight %.3f)",
+                    self.partition_id,
+                    server_round,
+                    step[protocol.ALA_EPOCHS],
+                    step[protocol.ALA_MEAN_WEIGHT],
+                )
         return model, tokenizer, server_round, step
 
     def metrics(self, values: Mapping[str, float | int | list[float]], num_examples: int) -> MetricRecord:
@@ -179,7 +232,9 @@ class ClientSession:
 UpdateCorruption = Callable[[int, int, dict, dict], dict]
 
 
-def make_client_app(overrides: Mapping[str, Any] | None = None, *, corrupt: UpdateCorruption | None = None) -> ClientApp:
+def make_client_app(
+    overrides: Mapping[str, Any] | None = None, *, corrupt: UpdateCorruption | None = None
+) -> ClientApp:
     """The fedbilevel ClientApp.
 
     ``overrides`` replace run-config values (for tests and scripts). ``corrupt`` is a test
@@ -190,19 +245,34 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, *, corrupt: Upda
 
     @app.query()
     def query(message: Message, context: Context) -> Message:
-        session = ClientSession(context, overrides)
-        info = ConfigRecord(
-            {
-                protocol.PARTITION_ID: session.partition_id,
-                protocol.NUM_PARTITIONS: session.num_partitions,
-                protocol.TASK: session.data.task,
-                protocol.NUM_TRAIN: len(session.data.train),
-                protocol.NUM_TEST: len(session.data.test),
-                # The score of always giving the most common training answer: what the model
-                # must beat to have learned more than the label prior.
-                protocol.MAJORITY_EXACT_MATCH: session.majority_score(),
-            }
-        )
+        partition_id, num_partitions = partition_of(context)  # a bad node config has no partition to name
+        try:
+            session = ClientSession(context, overrides)
+            info = ConfigRecord(
+                {
+                    protocol.PARTITION_ID: session.partition_id,
+                    protocol.NUM_PARTITIONS: session.num_partitions,
+                    protocol.TASK: session.data.task,
+                    protocol.NUM_TRAIN: len(session.data.train),
+                    protocol.NUM_TEST: len(session.data.test),
+                    # The score of always giving the most common training answer: what the model
+                    # must beat to have learned more than the label prior.
+                    protocol.MAJORITY_EXACT_MATCH: session.majority_score(),
+                    # Instructions cut to fit max-seq-len (an example that cannot fit stops the run here).
+                    protocol.NUM_TRUNCATED: session.fit_training_examples(),
+                    protocol.DATA_DIGEST: data_digest(session.data),
+                }
+            )
+        except Exception as error:  # any reason a client cannot start is reported and recorded, not lost
+            reason = f"{type(error).__name__}: {' '.join(str(error).split())}"
+            log(ERROR, "client %d cannot start: %s", partition_id, reason)
+            info = ConfigRecord(
+                {
+                    protocol.PARTITION_ID: partition_id,
+                    protocol.NUM_PARTITIONS: num_partitions,
+                    protocol.START_ERROR: reason,
+                }
+            )
         return Message(RecordDict({protocol.INFO: info}), reply_to=message)
 
     @app.train()
@@ -224,11 +294,24 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, *, corrupt: Upda
             seed=_seed(config, session.partition_id, server_round),
             extra_loss=proximal_term(model, mu) if mu > 0 else None,
         )
-        log(INFO, "client %d (%s), round %d: %d steps in %.1f s, mean loss %.4f, last %.4f",
-            session.partition_id, session.data.task, server_round, settings.local_steps, result.seconds, result.loss,
-            result.last_loss)
-        values = {protocol.TRAIN_LOSS: result.loss, protocol.TRAIN_LAST_LOSS: result.last_loss,
-                  protocol.TRAIN_SECONDS: result.seconds, **step, **process_memory_mb()}
+        log(
+            INFO,
+            "client %d (%s), round %d: %d steps in %.1f s, mean loss %.4f, last %.4f",
+            session.partition_id,
+            session.data.task,
+            server_round,
+            settings.local_steps,
+            result.seconds,
+            result.loss,
+            result.last_loss,
+        )
+        values = {
+            protocol.TRAIN_LOSS: result.loss,
+            protocol.TRAIN_LAST_LOSS: result.last_loss,
+            protocol.TRAIN_SECONDS: result.seconds,
+            **step,
+            **process_memory_mb(),
+        }
         metrics = session.metrics(values, len(session.data.train))
         trained = get_adapter_arrays(model)
         if session.ala is not None:
@@ -244,14 +327,26 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, *, corrupt: Upda
         session = ClientSession(context, overrides)
         model, tokenizer, server_round, step = session.load_model(message, context)
         scores = session.score(model, tokenizer)
-        summary = ", ".join(f"{key} {scores[key]:.3f}" for key in ("exact_match", "rougeL", "accuracy", "macro_f1") if key in scores)
-        log(INFO, "client %d (%s), round %d: evaluated %d items in %.1f s, %s",
-            session.partition_id, session.data.task, server_round, len(session.data.test), scores[protocol.EVAL_SECONDS], summary)
+        summary = ", ".join(
+            f"{key} {scores[key]:.3f}" for key in ("exact_match", "rougeL", "accuracy", "macro_f1") if key in scores
+        )
+        log(
+            INFO,
+            "client %d (%s), round %d: evaluated %d items in %.1f s, %s",
+            session.partition_id,
+            session.data.task,
+            server_round,
+            len(session.data.test),
+            scores[protocol.EVAL_SECONDS],
+            summary,
+        )
         if protocol.GLOBAL in message.content.array_records:  # also score the mean adapter (eval-global)
             set_adapter_arrays(model, protocol.record_to_adapter(message.content.array_records[protocol.GLOBAL]))
             shared = session.score(model, tokenizer)
             scores.update({f"{protocol.GLOBAL_PREFIX}{k}": v for k, v in shared.items() if not isinstance(v, list)})
         scores.update(step)  # e.g. FedALA's weight learning for this global model
-        return Message(RecordDict({protocol.METRICS: session.metrics(scores, len(session.data.test))}), reply_to=message)
+        return Message(
+            RecordDict({protocol.METRICS: session.metrics(scores, len(session.data.test))}), reply_to=message
+        )
 
     return app

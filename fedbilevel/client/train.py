@@ -16,10 +16,12 @@ from typing import Any, Protocol
 
 import torch
 
-from fedbilevel.data.prompts import format_prompt
+from fedbilevel.data.prompts import PROMPT_TEMPLATE, format_prompt
 from fedbilevel.data.types import Example
 
 IGNORE_INDEX = -100  # label value that PyTorch's cross-entropy skips
+# The template's text before and after the instruction: kept whole when an instruction is cut.
+_TEMPLATE_PARTS = tuple(PROMPT_TEMPLATE.split("{instruction}"))
 
 
 def proximal_term(model: torch.nn.Module, mu: float) -> Callable[[torch.nn.Module], torch.Tensor]:
@@ -51,30 +53,85 @@ def encode_answer(tokenizer, answer: str) -> list[int]:
     return tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
+@dataclass(frozen=True)
+class FitReport:
+    """How a client's training examples fit ``max-seq-len``: how many had their instruction cut."""
+
+    examples: int
+    truncated: int
+    longest: int  # tokens of the longest example before any cut
+
+
+def _fit(tokenizer, example: Example, max_seq_len: int) -> tuple[list[int], list[int], int] | None:
+    """(input ids, labels, tokens before any cut) with the instruction cut to fit, or None if it cannot be.
+
+    An example longer than ``max_seq_len`` keeps the template and the whole answer (+ EOS) and loses
+    the middle of its instruction: its start (the task) and its end (question, options) stay, as
+    SFT tools keep the answer a model is trained on. None: the template and the answer alone do not fit.
+    """
+    prompt_ids = encode_prompt(tokenizer, example.instruction)
+    answer_ids = encode_answer(tokenizer, example.output)
+    full = len(prompt_ids) + len(answer_ids)
+    if full <= max_seq_len:
+        return prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids, full
+    before, after = (tokenizer(part, add_special_tokens=False)["input_ids"] for part in _TEMPLATE_PARTS)
+    instruction = tokenizer(example.instruction, add_special_tokens=False)["input_ids"]
+    budget = max_seq_len - len(before) - len(after) - len(answer_ids)
+    if budget < 1:
+        return None
+    head = (budget + 1) // 2
+    kept = instruction[:head] + instruction[len(instruction) - (budget - head) :]
+    prompt_ids = before + kept + after
+    return prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids, full
+
+
+def fit_report(tokenizer, examples: Sequence[Example], max_seq_len: int) -> FitReport:
+    """How ``examples`` fit ``max_seq_len`` (:func:`encode_for_training`), checked once at start-up.
+
+    Raises
+    ------
+    ValueError
+        One line naming ``max-seq-len``, when the template and the whole answer of some example do
+        not fit: with the count, the longest such example and the length that would hold them all.
+    """
+    return _encode(tokenizer, examples, max_seq_len)[1]
+
+
 def encode_for_training(tokenizer, examples: Sequence[Example], max_seq_len: int) -> list[tuple[list[int], list[int]]]:
     """(input ids, labels) per example; prompt tokens are masked out of the labels.
 
-    The answer ends with the EOS token so that the model learns where to stop. Sequences
-    longer than ``max_seq_len`` are cut at the end; an example left with no answer token
-    would train on nothing (and a batch of them gives a NaN loss), so that is an error.
+    The answer ends with the EOS token so that the model learns where to stop. An example
+    longer than ``max_seq_len`` has the middle of its instruction cut (:func:`fit_report`
+    counts them); one whose template and answer alone exceed it is an error, never a silent
+    cut of the answer it is meant to learn.
     """
-    encoded = []
-    answerless = 0
-    longest_prompt = 0
+    return _encode(tokenizer, examples, max_seq_len)[0]
+
+
+def _encode(tokenizer, examples: Sequence[Example], max_seq_len: int):
+    encoded, truncated, unfit, longest, needed = [], 0, 0, 0, 0
     for example in examples:
-        prompt_ids = encode_prompt(tokenizer, example.instruction)
-        answer_ids = encode_answer(tokenizer, example.output)
-        input_ids = (prompt_ids + answer_ids)[:max_seq_len]
-        labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_seq_len]
-        answerless += all(label == IGNORE_INDEX for label in labels)
-        longest_prompt = max(longest_prompt, len(prompt_ids))
+        fitted = _fit(tokenizer, example, max_seq_len)
+        if fitted is None:
+            unfit += 1
+            answer = len(encode_answer(tokenizer, example.output))
+            needed = max(
+                needed,
+                answer
+                + sum(len(tokenizer(part, add_special_tokens=False)["input_ids"]) for part in _TEMPLATE_PARTS)
+                + 1,
+            )
+            continue
+        input_ids, labels, full = fitted
+        truncated += full > max_seq_len
+        longest = max(longest, full)
         encoded.append((input_ids, labels))
-    if answerless:
+    if unfit:
         raise ValueError(
-            f"run-config key 'max-seq-len': value {max_seq_len} leaves no answer token in {answerless} of "
-            f"{len(examples)} training examples (longest prompt: {longest_prompt} tokens); raise it"
+            f"run-config key 'max-seq-len': value {max_seq_len} cannot hold the prompt template and the whole "
+            f"answer of {unfit} of {len(examples)} training examples; raise it to at least {needed}"
         )
-    return encoded
+    return encoded, FitReport(examples=len(examples), truncated=truncated, longest=longest)
 
 
 def collate(batch: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

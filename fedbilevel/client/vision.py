@@ -61,5 +61,9 @@ def evaluate_classifier(
         predictions += logits.argmax(dim=-1).tolist()
     labels = [example.label for example in examples]
     correct = [float(p == y) for p, y in zip(predictions, labels)]
-    return {"accuracy": sum(correct) / len(correct), "macro_f1": macro_f1(labels, predictions), f"{protocol.ITEMS_PREFIX}accuracy": correct,
-            protocol.EVAL_SECONDS: time.time() - started}
+    return {
+        "accuracy": sum(correct) / len(correct),
+        "macro_f1": macro_f1(labels, predictions),
+        f"{protocol.ITEMS_PREFIX}accuracy": correct,
+        protocol.EVAL_SECONDS: time.time() - started,
+    }

@@ -23,7 +23,9 @@ from fedbilevel.options import resolve_user_path
 Preprocess = Callable[[Any], Any]
 
 
-def _synthetic(data: DataSettings, partition_id: int, num_partitions: int, seed: int, _: Preprocess | None) -> ClientData:
+def _synthetic(
+    data: DataSettings, partition_id: int, num_partitions: int, seed: int, _: Preprocess | None
+) -> ClientData:
     train, test = make_client_data(
         partition_id,
         num_partitions,
@@ -34,11 +36,17 @@ def _synthetic(data: DataSettings, partition_id: int, num_partitions: int, seed:
         instruction=data.synthetic_instruction,
         split=data.synthetic_split,
     )
-    task = task_of_client(partition_id, num_partitions, data.synthetic_tasks) if data.synthetic_split == "task" else "mixed"
+    task = (
+        task_of_client(partition_id, num_partitions, data.synthetic_tasks)
+        if data.synthetic_split == "task"
+        else "mixed"
+    )
     return ClientData(task, train, test)
 
 
-def _flan_json(data: DataSettings, partition_id: int, num_partitions: int, seed: int, _: Preprocess | None) -> ClientData:
+def _flan_json(
+    data: DataSettings, partition_id: int, num_partitions: int, seed: int, _: Preprocess | None
+) -> ClientData:
     return load_flan_json(
         resolve_user_path(data.data_path),
         partition_id,
@@ -49,7 +57,9 @@ def _flan_json(data: DataSettings, partition_id: int, num_partitions: int, seed:
     )
 
 
-def _hub(data: DataSettings, partition_id: int, num_partitions: int, seed: int, preprocess: Preprocess | None) -> ClientData:
+def _hub(
+    data: DataSettings, partition_id: int, num_partitions: int, seed: int, preprocess: Preprocess | None
+) -> ClientData:
     return load_hub_client_data(
         data.hub_dataset,
         partition_id,

@@ -61,7 +61,10 @@ def transform(images: np.ndarray, domain: str) -> np.ndarray:
         out = np.clip(images + noise, 0.0, 1.0)
     elif domain == "blurred":
         padded = np.pad(images, ((0, 0), (1, 1), (1, 1)), mode="edge")
-        out = sum(padded[:, dy : dy + images.shape[1], dx : dx + images.shape[2]] for dy in range(3) for dx in range(3)) / 9.0
+        out = (
+            sum(padded[:, dy : dy + images.shape[1], dx : dx + images.shape[2]] for dy in range(3) for dx in range(3))
+            / 9.0
+        )
     else:
         raise ValueError(f"domain: {domain!r} is not allowed; choose one of {', '.join(DIGIT_DOMAINS)}")
     return np.ascontiguousarray(out, dtype=np.float32)
@@ -99,10 +102,14 @@ def make_digits_client_data(
         ``task`` is the domain.
     """
     if not 0 <= partition_id < num_partitions:
-        raise ValueError(f"partition-id: value {partition_id} is not allowed; expected 0 <= partition-id < {num_partitions}")
+        raise ValueError(
+            f"partition-id: value {partition_id} is not allowed; expected 0 <= partition-id < {num_partitions}"
+        )
     if num_partitions < len(domains):
-        raise ValueError(f"num-partitions: value {num_partitions} is not allowed with {len(domains)} domains; "
-                         "expected at least one client a domain")
+        raise ValueError(
+            f"num-partitions: value {num_partitions} is not allowed with {len(domains)} domains; "
+            "expected at least one client a domain"
+        )
     if not 0 < test_fraction < 1:
         raise ValueError(f"test-fraction: value {test_fraction!r} is not allowed; expected a number in (0, 1)")
     domain = domain_of_client(partition_id, num_partitions, domains)

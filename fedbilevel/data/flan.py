@@ -14,7 +14,6 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-
 from fedbilevel.data.common import check_int, check_partition, seeded_subset
 from fedbilevel.data.types import ClientData, Example
 
@@ -23,7 +22,6 @@ TEST_FILE = "test.jsonl"
 _CLIENT_FILE = re.compile(r"client_(\d+)\.json")
 # Flan option lists: an "OPTIONS:" line followed by "- option" lines (the only format in flan8).
 _OPTIONS_HEADING = re.compile(r"^[ \t]*options:[ \t]*$", re.IGNORECASE | re.MULTILINE)
-
 
 
 def _check_record(record: object, where: str) -> Example:
@@ -35,7 +33,9 @@ def _check_record(record: object, where: str) -> Example:
             raise ValueError(f"{where}: missing key {key!r}; allowed: records with keys {', '.join(KEYS)}")
         value = record[key]
         if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"{where}: key {key!r} is {str(value)[:40]!r} ({type(value).__name__}); allowed: a non-empty string")
+            raise ValueError(
+                f"{where}: key {key!r} is {str(value)[:40]!r} ({type(value).__name__}); allowed: a non-empty string"
+            )
     return Example(instruction=record["instruction"], output=record["output"], task=record["category"])
 
 
@@ -70,10 +70,12 @@ def read_client_file(path: Path) -> list[Example]:
     ------
     ValueError
         One line naming the file and the record index for invalid JSON, a non-list, a non-object
-        record, a missing key or a key whose value is not a non-empty string.
+        record, a missing key or a key whose value is not a non-empty string. A UTF-8 byte-order
+        mark is read, not refused.
     """
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        # utf-8-sig: Windows editors start UTF-8 files with a byte-order mark, which json.loads refuses.
+        records = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}") from None
     if not isinstance(records, list):
@@ -82,10 +84,16 @@ def read_client_file(path: Path) -> list[Example]:
 
 
 @functools.cache
+def _categories(path: Path) -> frozenset[str]:
+    """The categories of a client file (each client's process reads every file once)."""
+    return frozenset(example.task for example in read_client_file(path))
+
+
+@functools.cache
 def _read_test_file(path: Path) -> tuple[Example, ...]:
     """Parse ``test.jsonl`` once per resolved path (all clients of a process share it)."""
     examples = []
-    with path.open(encoding="utf-8") as lines:
+    with path.open(encoding="utf-8-sig") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():  # a blank line (e.g. a trailing one) holds no record
                 continue
@@ -133,8 +141,8 @@ def load_flan_json(
     ValueError
         One line naming what is wrong and what is allowed: missing folder or file, a number of
         client files other than ``num_partitions``, invalid JSON (file and line), an invalid
-        record (file, record index or line, key), training records of several categories, or no
-        test lines of the client's category.
+        record (file, record index or line, key), training records of several categories, no
+        test lines of the client's category, or test lines of a category no client file holds.
     """
     partition_id, num_partitions = check_partition(partition_id, num_partitions)
     max_train = None if max_train is None else check_int("max-train-examples", max_train, 1)
@@ -149,19 +157,36 @@ def load_flan_json(
             f"num-partitions {num_partitions} but folder {folder} has {_describe(ids)}; allowed: one client file per partition"
         )
     if partition_id not in files:
-        raise ValueError(f"partition {partition_id}: folder {folder} has no client_{partition_id}.json (it has {_describe(ids)})")
+        raise ValueError(
+            f"partition {partition_id}: folder {folder} has no client_{partition_id}.json (it has {_describe(ids)})"
+        )
     test_path = folder / TEST_FILE
     if not test_path.is_file():
-        raise ValueError(f"data folder {folder}: no {TEST_FILE}; allowed: a folder with client_K.json files and {TEST_FILE}")
+        raise ValueError(
+            f"data folder {folder}: no {TEST_FILE}; allowed: a folder with client_K.json files and {TEST_FILE}"
+        )
 
     train = read_client_file(files[partition_id])
     categories = sorted({example.task for example in train})
     if len(categories) != 1:
-        raise ValueError(f"{files[partition_id]}: categories {categories}; allowed: exactly one category per client file")
+        raise ValueError(
+            f"{files[partition_id]}: categories {categories}; allowed: exactly one category per client file"
+        )
     category = categories[0]
-    test = [example for example in _read_test_file(test_path.resolve()) if example.task == category]
+    test_rows = _read_test_file(test_path.resolve())
+    held = {other for path in files.values() for other in _categories(path.resolve())}
+    orphans = sorted({example.task for example in test_rows} - held)
+    if orphans:  # those lines would be evaluated by nobody: refuse rather than drop them
+        count = sum(example.task == orphans[0] for example in test_rows)
+        raise ValueError(
+            f"{test_path}: {count} lines of category {orphans[0]!r}, which no client file holds; "
+            f"allowed: the categories of the client files ({', '.join(sorted(held))})"
+        )
+    test = [example for example in test_rows if example.task == category]
     if not test:
-        raise ValueError(f"{test_path}: no lines with category {category!r} (the category of client_{partition_id}.json)")
+        raise ValueError(
+            f"{test_path}: no lines with category {category!r} (the category of client_{partition_id}.json)"
+        )
     return ClientData(category, seeded_subset(train, max_train, seed), seeded_subset(test, max_test, seed))
 
 

@@ -25,7 +25,6 @@ from fedbilevel.data.common import check_int, check_partition, most_common, seed
 from fedbilevel.data.settings import PARTITIONERS
 from fedbilevel.data.types import ClientData, Example, ImageExample
 
-
 # Task label of examples when neither a task column nor a partition-by column is given.
 DEFAULT_TASK = "all"
 
@@ -34,16 +33,22 @@ def _check_columns(dataset: datasets.Dataset, split: str, columns: dict[str, str
     """Raise a one-line ``ValueError`` for the first named column that ``dataset`` lacks."""
     for key, column in columns.items():
         if column and column not in dataset.column_names:
-            raise ValueError(f"{key}: {column!r} is not a column of split {split!r}; allowed: {', '.join(dataset.column_names)}")
+            raise ValueError(
+                f"{key}: {column!r} is not a column of split {split!r}; allowed: {', '.join(dataset.column_names)}"
+            )
 
 
-def _make_partitioner(partitioner: str, num_partitions: int, partition_by: str | None, alpha: float, seed: int) -> Partitioner:
+def _make_partitioner(
+    partitioner: str, num_partitions: int, partition_by: str | None, alpha: float, seed: int
+) -> Partitioner:
     if partitioner not in PARTITIONERS:
         raise ValueError(f"partitioner: {partitioner!r}; allowed: {', '.join(PARTITIONERS)}")
     if partitioner == "iid":
         return IidPartitioner(num_partitions)
     if not partition_by:
-        raise ValueError(f"partition-by: {partition_by!r}; allowed: a column name (partitioner {partitioner!r} needs one)")
+        raise ValueError(
+            f"partition-by: {partition_by!r}; allowed: a column name (partitioner {partitioner!r} needs one)"
+        )
     if partitioner == "natural":
         return NaturalIdPartitioner(partition_by=partition_by)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
@@ -121,7 +126,12 @@ def partition_dataset(
 
 
 def _examples(
-    rows: datasets.Dataset, where: str, instruction_column: str, input_column: str, output_column: str, label_column: str | None
+    rows: datasets.Dataset,
+    where: str,
+    instruction_column: str,
+    input_column: str,
+    output_column: str,
+    label_column: str | None,
 ) -> list[Example]:
     """Rows as examples: instruction (+ "\\n\\n" + input when non-empty), output, task label."""
     instructions, outputs = rows[instruction_column], rows[output_column]
@@ -135,14 +145,21 @@ def _examples(
                     f"{where} row {index}: column {column!r} is {str(value)[:40]!r} ({type(value).__name__}); allowed: a non-empty string"
                 )
         if extra is not None and not isinstance(extra, str):
-            raise ValueError(f"{where} row {index}: column {input_column!r} is {type(extra).__name__}; allowed: a string or null")
+            raise ValueError(
+                f"{where} row {index}: column {input_column!r} is {type(extra).__name__}; allowed: a string or null"
+            )
         text = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
         examples.append(Example(instruction=text, output=output, task=str(label)))
     return examples
 
 
 def _image_examples(
-    rows: datasets.Dataset, where: str, image_column: str, label_column: str, task_column: str | None, preprocess: Callable
+    rows: datasets.Dataset,
+    where: str,
+    image_column: str,
+    label_column: str,
+    task_column: str | None,
+    preprocess: Callable,
 ) -> list[ImageExample]:
     """Image rows as examples: ``preprocess(image)`` pixels, an integer label, the task (e.g. domain)."""
 
@@ -228,9 +245,17 @@ def client_data_from_dataset(
     partition_id, num_partitions = check_partition(partition_id, num_partitions)
     max_train = None if max_train is None else check_int("max-train-examples", max_train, 1)
     max_test = None if max_test is None else check_int("max-test-examples", max_test, 1)
-    text_columns = {"instruction-column": instruction_column, "input-column": input_column, "output-column": output_column}
+    text_columns = {
+        "instruction-column": instruction_column,
+        "input-column": input_column,
+        "output-column": output_column,
+    }
     image_columns = {"image-column": image_column, "label-column": label_column}
-    columns = {**(image_columns if image_column else text_columns), "task-column": task_column, "partition-by": partition_by}
+    columns = {
+        **(image_columns if image_column else text_columns),
+        "task-column": task_column,
+        "partition-by": partition_by,
+    }
     for split, dataset in (("train", dataset_train), ("test", dataset_test)):
         if dataset is not None:
             _check_columns(dataset, split, columns)
@@ -252,21 +277,28 @@ def client_data_from_dataset(
         test_rows = partition_dataset(dataset_test, partition_id, num_partitions, **options)
     else:
         if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
-            raise ValueError(f"test-fraction: {test_fraction!r}; allowed: a number with 0 < test-fraction < 1 (there is no test split)")
+            raise ValueError(
+                f"test-fraction: {test_fraction!r}; allowed: a number with 0 < test-fraction < 1 (there is no test split)"
+            )
         order = np.random.default_rng([seed, partition_id]).permutation(len(train_rows))
         num_test = round(test_fraction * len(train_rows))
         if not 0 < num_test < len(train_rows):
             raise ValueError(
                 f"{where}: test-fraction {test_fraction} of {len(train_rows)} rows leaves an empty train or test set; allowed: more rows per client"
             )
-        test_rows, train_rows = train_rows.select(np.sort(order[:num_test])), train_rows.select(np.sort(order[num_test:]))
+        test_rows, train_rows = (
+            train_rows.select(np.sort(order[:num_test])),
+            train_rows.select(np.sort(order[num_test:])),
+        )
     if len(test_rows) == 0:
         raise ValueError(f"{where}: no test rows; allowed: a larger alpha, fewer partitions or more test data")
 
     task_of_row = task_column or partition_by
     if image_column:
         if preprocess is None:
-            raise ValueError("preprocess: None; allowed: a function from an image to its pixel array (image datasets need one)")
+            raise ValueError(
+                "preprocess: None; allowed: a function from an image to its pixel array (image datasets need one)"
+            )
         train = _image_examples(train_rows, f"train {where}", image_column, label_column, task_of_row, preprocess)
         test = _image_examples(test_rows, f"test {where}", image_column, label_column, task_of_row, preprocess)
     else:

@@ -36,25 +36,40 @@ class DataSettings:
         "data", "synthetic", choice(DATA_SOURCES), "federation: `synthetic`, `flan-json`, `hub` or `digits` (images)"
     )
     synthetic_tasks: tuple[str, ...] = option(
-        "synthetic-tasks", ("reverse", "uppercase", "count", "initials"), name_list,
+        "synthetic-tasks",
+        ("reverse", "uppercase", "count", "initials"),
+        name_list,
         "`synthetic`: tasks, assigned to clients in contiguous groups",
     )
     synthetic_instruction: str = option(
-        "synthetic-instruction", "shared", choice(SYNTHETIC_INSTRUCTIONS),
+        "synthetic-instruction",
+        "shared",
+        choice(SYNTHETIC_INSTRUCTIONS),
         "`synthetic`: `shared` (one instruction for all tasks) or `per-task`",
     )
     synthetic_split: str = option(
-        "synthetic-split", "task", choice(SYNTHETIC_SPLITS),
+        "synthetic-split",
+        "task",
+        choice(SYNTHETIC_SPLITS),
         "`synthetic`: `task` (one task per client) or `iid` (every client cycles through all tasks; needs `per-task`)",
     )
-    synthetic_train_examples: int = option("synthetic-train-examples", 48, integer(1), "`synthetic`: training examples per client")
-    synthetic_test_examples: int = option("synthetic-test-examples", 32, integer(1), "`synthetic`: test examples per client")
+    synthetic_train_examples: int = option(
+        "synthetic-train-examples", 48, integer(1), "`synthetic`: training examples per client"
+    )
+    synthetic_test_examples: int = option(
+        "synthetic-test-examples", 32, integer(1), "`synthetic`: test examples per client"
+    )
     data_path: str = option(
-        "data-path", "", text(empty_ok=True),
+        "data-path",
+        "",
+        text(empty_ok=True),
         "`flan-json`: the folder (relative paths: to `$FEDBILEVEL_OUTPUT_ROOT`, else the working folder)",
     )
     max_train_examples: int = option(
-        "max-train-examples", 0, integer(0), "`flan-json` / `hub`: keep at most this many per client, a seeded subset that is the same for every strategy (0: all)"
+        "max-train-examples",
+        0,
+        integer(0),
+        "`flan-json` / `hub`: keep at most this many per client, a seeded subset that is the same for every strategy (0: all)",
     )
     max_test_examples: int = option(
         "max-test-examples", 0, integer(0), "`flan-json` / `hub`: keep at most this many test items per client (0: all)"
@@ -66,21 +81,35 @@ class DataSettings:
         "hub-test-split", "", text(empty_ok=True), "`hub`: the test split (none: `test-fraction` of each client's rows)"
     )
     partitioner: str = option(
-        "partitioner", "natural", choice(PARTITIONERS),
+        "partitioner",
+        "natural",
+        choice(PARTITIONERS),
         "`hub`: one client per value of a column (`natural`), Dirichlet(α) over a column, or `iid`",
     )
     partition_by: str = option("partition-by", "", text(empty_ok=True), "`hub`: the column the partitioner reads")
-    dirichlet_alpha: float = option("dirichlet-alpha", 0.5, number(0.0, low_open=True), "`hub`: α of the Dirichlet partitioner")
-    instruction_column: str = option("instruction-column", "instruction", text(empty_ok=False), "`hub`: the instruction column")
+    dirichlet_alpha: float = option(
+        "dirichlet-alpha", 0.5, number(0.0, low_open=True), "`hub`: α of the Dirichlet partitioner"
+    )
+    instruction_column: str = option(
+        "instruction-column", "instruction", text(empty_ok=False), "`hub`: the instruction column"
+    )
     input_column: str = option("input-column", "", text(empty_ok=True), "`hub`: a column appended to the instruction")
     output_column: str = option("output-column", "output", text(empty_ok=False), "`hub`: the answer column")
     task_column: str = option("task-column", "", text(empty_ok=True), "`hub`: the task label column")
     image_column: str = option(
-        "image-column", "", text(empty_ok=True), "`hub` image datasets: the image column (non-empty: a federation of images)"
+        "image-column",
+        "",
+        text(empty_ok=True),
+        "`hub` image datasets: the image column (non-empty: a federation of images)",
     )
-    label_column: str = option("label-column", "label", text(empty_ok=False), "`hub` image datasets: the class-index column")
+    label_column: str = option(
+        "label-column", "label", text(empty_ok=False), "`hub` image datasets: the class-index column"
+    )
     test_fraction: float = option(
-        "test-fraction", 0.2, number(0.0, low_open=True, high=1.0), "`hub` without a test split, and `digits`: held-out share"
+        "test-fraction",
+        0.2,
+        number(0.0, low_open=True, high=1.0),
+        "`hub` without a test split, and `digits`: held-out share",
     )
 
     def __post_init__(self) -> None:
@@ -93,7 +122,8 @@ class DataSettings:
             raise not_allowed("partition-by", "", f"with partitioner='{self.partitioner}' name the column")
         if self.source == "synthetic" and self.synthetic_split == "iid" and self.synthetic_instruction != "per-task":
             raise not_allowed(
-                "synthetic-split", "iid",
+                "synthetic-split",
+                "iid",
                 "with synthetic-instruction='shared' use 'per-task' (with one instruction for all tasks they cannot be told apart)",
             )
 

@@ -22,7 +22,247 @@ from fedbilevel.data.types import Example
 
 # Short common lowercase ASCII words (3-6 letters): nouns, verbs, adjectives.
 WORDS: tuple[str, ...] = tuple(
-    ["ant", "apple", "arm", "baby", "back", "ball", "band", "bank", "bath", "bear", "bed", "bell", "belt", "bird", "boat", "body", "bone", "book", "boot", "bowl", "box", "boy", "bread", "brick", "bus", "cake", "call", "camp", "car", "card", "cat", "chair", "city", "clock", "cloud", "coat", "corn", "cow", "cup", "desk", "dog", "door", "dream", "drum", "duck", "egg", "farm", "fish", "flag", "floor", "flower", "food", "foot", "fork", "frog", "game", "gate", "girl", "glass", "goat", "gold", "grass", "hand", "hat", "head", "heart", "hill", "home", "horse", "house", "ice", "iron", "jam", "key", "king", "kite", "lake", "lamp", "leaf", "leg", "lion", "map", "milk", "moon", "mouse", "nest", "night", "nose", "oil", "owl", "page", "park", "pen", "pig", "pipe", "plant", "queen", "rain", "ring", "river", "road", "rock", "roof", "room", "rose", "salt", "sand", "ship", "shoe", "shop", "sky", "snow", "sock", "song", "star", "stone", "sun", "table", "tent", "tiger", "tooth", "town", "toy", "train", "tree", "truck", "wall", "water", "wind", "window", "wolf", "wood", "ask", "bake", "build", "buy", "carry", "catch", "clean", "climb", "cook", "cut", "dance", "draw", "drink", "drive", "eat", "fall", "fly", "give", "grow", "help", "hold", "jump", "kick", "laugh", "learn", "lift", "look", "make", "move", "open", "paint", "play", "pull", "push", "read", "ride", "run", "sail", "sing", "sit", "sleep", "smile", "swim", "talk", "throw", "walk", "wash", "write", "big", "blue", "bold", "brave", "bright", "busy", "calm", "cold", "cool", "dark", "deep", "dry", "early", "easy", "fast", "fine", "fresh", "funny", "glad", "good", "great", "green", "happy", "hard", "heavy", "high", "hot", "kind", "large", "late", "light", "long", "loud", "new", "nice", "old", "pink", "quick", "quiet", "red", "rich", "round", "sad", "safe", "sharp", "short", "slow", "small", "soft", "sweet", "tall", "thin", "tiny", "warm", "wet", "white", "wild", "wise", "young"]
+    [
+        "ant",
+        "apple",
+        "arm",
+        "baby",
+        "back",
+        "ball",
+        "band",
+        "bank",
+        "bath",
+        "bear",
+        "bed",
+        "bell",
+        "belt",
+        "bird",
+        "boat",
+        "body",
+        "bone",
+        "book",
+        "boot",
+        "bowl",
+        "box",
+        "boy",
+        "bread",
+        "brick",
+        "bus",
+        "cake",
+        "call",
+        "camp",
+        "car",
+        "card",
+        "cat",
+        "chair",
+        "city",
+        "clock",
+        "cloud",
+        "coat",
+        "corn",
+        "cow",
+        "cup",
+        "desk",
+        "dog",
+        "door",
+        "dream",
+        "drum",
+        "duck",
+        "egg",
+        "farm",
+        "fish",
+        "flag",
+        "floor",
+        "flower",
+        "food",
+        "foot",
+        "fork",
+        "frog",
+        "game",
+        "gate",
+        "girl",
+        "glass",
+        "goat",
+        "gold",
+        "grass",
+        "hand",
+        "hat",
+        "head",
+        "heart",
+        "hill",
+        "home",
+        "horse",
+        "house",
+        "ice",
+        "iron",
+        "jam",
+        "key",
+        "king",
+        "kite",
+        "lake",
+        "lamp",
+        "leaf",
+        "leg",
+        "lion",
+        "map",
+        "milk",
+        "moon",
+        "mouse",
+        "nest",
+        "night",
+        "nose",
+        "oil",
+        "owl",
+        "page",
+        "park",
+        "pen",
+        "pig",
+        "pipe",
+        "plant",
+        "queen",
+        "rain",
+        "ring",
+        "river",
+        "road",
+        "rock",
+        "roof",
+        "room",
+        "rose",
+        "salt",
+        "sand",
+        "ship",
+        "shoe",
+        "shop",
+        "sky",
+        "snow",
+        "sock",
+        "song",
+        "star",
+        "stone",
+        "sun",
+        "table",
+        "tent",
+        "tiger",
+        "tooth",
+        "town",
+        "toy",
+        "train",
+        "tree",
+        "truck",
+        "wall",
+        "water",
+        "wind",
+        "window",
+        "wolf",
+        "wood",
+        "ask",
+        "bake",
+        "build",
+        "buy",
+        "carry",
+        "catch",
+        "clean",
+        "climb",
+        "cook",
+        "cut",
+        "dance",
+        "draw",
+        "drink",
+        "drive",
+        "eat",
+        "fall",
+        "fly",
+        "give",
+        "grow",
+        "help",
+        "hold",
+        "jump",
+        "kick",
+        "laugh",
+        "learn",
+        "lift",
+        "look",
+        "make",
+        "move",
+        "open",
+        "paint",
+        "play",
+        "pull",
+        "push",
+        "read",
+        "ride",
+        "run",
+        "sail",
+        "sing",
+        "sit",
+        "sleep",
+        "smile",
+        "swim",
+        "talk",
+        "throw",
+        "walk",
+        "wash",
+        "write",
+        "big",
+        "blue",
+        "bold",
+        "brave",
+        "bright",
+        "busy",
+        "calm",
+        "cold",
+        "cool",
+        "dark",
+        "deep",
+        "dry",
+        "early",
+        "easy",
+        "fast",
+        "fine",
+        "fresh",
+        "funny",
+        "glad",
+        "good",
+        "great",
+        "green",
+        "happy",
+        "hard",
+        "heavy",
+        "high",
+        "hot",
+        "kind",
+        "large",
+        "late",
+        "light",
+        "long",
+        "loud",
+        "new",
+        "nice",
+        "old",
+        "pink",
+        "quick",
+        "quiet",
+        "red",
+        "rich",
+        "round",
+        "sad",
+        "safe",
+        "sharp",
+        "short",
+        "slow",
+        "small",
+        "soft",
+        "sweet",
+        "tall",
+        "thin",
+        "tiny",
+        "warm",
+        "wet",
+        "white",
+        "wild",
+        "wise",
+        "young",
+    ]
 )
 
 MIN_WORDS = 3
@@ -65,9 +305,6 @@ PER_TASK_INSTRUCTIONS: dict[str, str] = {
 }
 
 
-
-
-
 def _check_tasks(tasks: Sequence[str] | str) -> tuple[str, ...]:
     """Validate task names; a string is read as a comma-separated list."""
     # Flower run-config values are scalars, so lists arrive as "a,b,c".
@@ -80,18 +317,14 @@ def _check_tasks(tasks: Sequence[str] | str) -> tuple[str, ...]:
         if name not in TASKS:
             raise ValueError(f"synthetic-tasks: unknown task {name!r}; allowed: {allowed}")
         if name in seen:
-            raise ValueError(
-                f"synthetic-tasks: duplicate task {name!r}; allowed: each of {allowed} at most once"
-            )
+            raise ValueError(f"synthetic-tasks: duplicate task {name!r}; allowed: each of {allowed} at most once")
         seen.add(name)
     return tuple(names)
 
 
 def _check_instruction(instruction: str) -> str:
     if instruction not in SYNTHETIC_INSTRUCTIONS:
-        raise ValueError(
-            f"synthetic-instruction: {instruction!r}; allowed: {', '.join(SYNTHETIC_INSTRUCTIONS)}"
-        )
+        raise ValueError(f"synthetic-instruction: {instruction!r}; allowed: {', '.join(SYNTHETIC_INSTRUCTIONS)}")
     return instruction
 
 
@@ -119,11 +352,7 @@ def make_instruction(words: Sequence[str], task: str, instruction: str = "shared
         If ``task`` or ``instruction`` is not allowed.
     """
     _check_tasks([task])
-    template = (
-        SHARED_INSTRUCTION
-        if _check_instruction(instruction) == "shared"
-        else PER_TASK_INSTRUCTIONS[task]
-    )
+    template = SHARED_INSTRUCTION if _check_instruction(instruction) == "shared" else PER_TASK_INSTRUCTIONS[task]
     return template.format(words=" ".join(words))
 
 
@@ -240,7 +469,9 @@ def make_client_data(
     if split not in SYNTHETIC_SPLITS:
         raise ValueError(f"synthetic-split: {split!r}; allowed: {', '.join(SYNTHETIC_SPLITS)}")
     if split == "iid" and instruction != "per-task":
-        raise ValueError("synthetic-split: 'iid' needs synthetic-instruction 'per-task'; with one shared instruction the tasks cannot be told apart")
+        raise ValueError(
+            "synthetic-split: 'iid' needs synthetic-instruction 'per-task'; with one shared instruction the tasks cannot be told apart"
+        )
     names = _check_tasks(tasks)
     task = task_of_client(partition_id, num_partitions, names)
 

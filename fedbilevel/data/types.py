@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,3 +57,21 @@ class ClientData:
     task: str
     train: list[Example] | list[ImageExample]
     test: list[Example] | list[ImageExample]
+
+
+def data_digest(data: ClientData) -> str:
+    """SHA-256 (hex, 16 characters) of a partition's task, train and test examples, in order.
+
+    A resumed run compares it per client: data that changed since the checkpoint would make the
+    resumed rounds another experiment.
+    """
+    digest = hashlib.sha256(data.task.encode())
+    for split in (data.train, data.test):
+        digest.update(b"\x1d")
+        for example in split:
+            if isinstance(example, Example):
+                digest.update("\x1f".join((example.instruction, example.output, example.task)).encode())
+            else:
+                digest.update(example.pixels.tobytes() + f"\x1f{example.label}\x1f{example.task}".encode())
+            digest.update(b"\x1e")
+    return digest.hexdigest()[:16]

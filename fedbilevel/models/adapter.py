@@ -151,10 +151,7 @@ def set_adapter_arrays(model: PeftModel, arrays: Mapping[str, np.ndarray]) -> No
     expected = get_peft_model_state_dict(model)
     _check_arrays(arrays, {name: tuple(tensor.shape) for name, tensor in expected.items()})
     # torch.tensor copies, so read-only buffers (e.g. from Flower messages) are fine.
-    state = {
-        name: torch.tensor(np.asarray(arrays[name]), dtype=tensor.dtype)
-        for name, tensor in expected.items()
-    }
+    state = {name: torch.tensor(np.asarray(arrays[name]), dtype=tensor.dtype) for name, tensor in expected.items()}
     result = set_peft_model_state_dict(model, state)
     # peft renames keys internally; make sure every tensor found its parameter.
     if result.unexpected_keys:
@@ -195,9 +192,7 @@ def initial_adapter_arrays(model_name: str, lora: LoraSettings, *, seed: int) ->
     return _initialise_adapter(shapes, seed, pretrained)
 
 
-def save_adapter(
-    arrays: Mapping[str, np.ndarray], directory: str | Path, model_name: str, lora: LoraSettings
-) -> None:
+def save_adapter(arrays: Mapping[str, np.ndarray], directory: str | Path, model_name: str, lora: LoraSettings) -> None:
     """Write an adapter as a standard peft folder.
 
     The folder holds ``adapter_config.json`` and ``adapter_model.safetensors``

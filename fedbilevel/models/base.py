@@ -65,16 +65,24 @@ def _precision_options(precision: str, device: torch.device) -> dict:
     if precision == "bf16":
         return {"dtype": torch.bfloat16}
     if precision != "4bit":
-        raise ValueError(f"run-config key 'precision': value {precision!r} is not allowed; "
-                         "expected one of fp32, bf16-autocast, bf16, 4bit")
+        raise ValueError(
+            f"run-config key 'precision': value {precision!r} is not allowed; "
+            "expected one of fp32, bf16-autocast, bf16, 4bit"
+        )
     if device.type != "cuda":
-        raise ValueError(f"run-config key 'precision': value '4bit' is not allowed on device {str(device)!r}; "
-                         "4-bit weights need a CUDA GPU (use 'bf16' or 'fp32')")
+        raise ValueError(
+            f"run-config key 'precision': value '4bit' is not allowed on device {str(device)!r}; "
+            "4-bit weights need a CUDA GPU (use 'bf16' or 'fp32')"
+        )
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ValueError("run-config key 'precision': value '4bit' needs the bitsandbytes package "
-                         "(pip install bitsandbytes), which is not installed")
+        raise ValueError(
+            "run-config key 'precision': value '4bit' needs the bitsandbytes package "
+            "(pip install bitsandbytes), which is not installed"
+        )
     quantization = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
     )
     return {"quantization_config": quantization, "dtype": torch.bfloat16, "device_map": {"": device}}

@@ -17,13 +17,17 @@ class ModelSettings:
     name: str = option("model-name", DEFAULT_MODEL, text(empty_ok=False), "embedded alias, HF model id or local folder")
     device: str = option("device", "auto", device, "`auto` (CUDA if visible, else CPU), `cpu`, `cuda`, `cuda:N`")
     precision: str = option(
-        "precision", "fp32", choice(PRECISIONS),
+        "precision",
+        "fp32",
+        choice(PRECISIONS),
         "base-model weights and compute: `fp32`; `bf16-autocast` (fp32 weights, bf16 compute); `bf16` (bf16 weights: "
         "half the memory); `4bit` (NF4 weights through bitsandbytes, QLoRA-style: a third of the memory; CUDA only, "
         "`pip install bitsandbytes`). Adapters are float32 in every mode, so clients of different precision can share a "
         "federation. On CPUs without native bf16 every mode but `fp32` is very slow",
     )
-    client_threads: int = option("client-threads", 1, integer(0), "torch threads per client process (0 = torch's default)")
+    client_threads: int = option(
+        "client-threads", 1, integer(0), "torch threads per client process (0 = torch's default)"
+    )
 
     def __post_init__(self) -> None:
         validate(self)
@@ -61,7 +65,9 @@ class LoraSettings:
         "lora-target-modules", ("q_proj", "k_proj", "v_proj", "o_proj"), name_list, "modules that get LoRA"
     )
     num_labels: int = option(
-        "num-labels", 0, integer(0),
+        "num-labels",
+        0,
+        integer(0),
         "image classifiers: classes of the trained head; 0 keeps the model's head, another number gives a new one "
         "(drawn from a fixed seed, the same on every client)",
     )

@@ -24,6 +24,7 @@ hub id or a local folder).
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -120,6 +121,23 @@ def resolve_model_source(model_name: str) -> str:
 
 
 @functools.lru_cache(maxsize=8)
+def model_digest(model_name: str) -> str:
+    """SHA-256 (hex, 16 characters) of what ``model_name`` loads: for a folder (an alias's cache, a
+    local model) every file's name and size and the JSON files' content (configuration, tokenizer);
+    for a hub id, the name and the commit its configuration came from. A resumed run compares it.
+    """
+    source = Path(resolve_model_source(model_name))
+    digest = hashlib.sha256()
+    if source.is_dir():
+        for path in sorted(p for p in source.rglob("*") if p.is_file()):
+            digest.update(f"{path.relative_to(source)}\x1f{path.stat().st_size}\x1e".encode())
+            if path.suffix == ".json":
+                digest.update(path.read_bytes())
+    else:
+        digest.update(f"{model_name}\x1f{getattr(model_config(model_name), '_commit_hash', None)}".encode())
+    return digest.hexdigest()[:16]
+
+
 def model_config(model_name: str, num_labels: int = 0):
     """The model's configuration; ``num_labels`` > 0 replaces an image classifier's number of classes."""
     overrides = {"num_labels": num_labels} if num_labels else {}
@@ -142,11 +160,16 @@ def classifier_head(model_name: str, num_labels: int = 0) -> str:
     config = model_config(model_name, num_labels)
     with torch.device("meta"):
         skeleton = AutoModelForImageClassification.from_config(config)
-    heads = [name for name, module in skeleton.named_children()
-             if isinstance(module, torch.nn.Linear) and module.out_features == config.num_labels]
+    heads = [
+        name
+        for name, module in skeleton.named_children()
+        if isinstance(module, torch.nn.Linear) and module.out_features == config.num_labels
+    ]
     if len(heads) != 1:
-        raise ValueError(f"run-config key 'model-name': value {model_name!r} has no single classification head "
-                         f"(top-level linear layers onto {config.num_labels} labels: {heads}); expected exactly one")
+        raise ValueError(
+            f"run-config key 'model-name': value {model_name!r} has no single classification head "
+            f"(top-level linear layers onto {config.num_labels} labels: {heads}); expected exactly one"
+        )
     return heads[0]
 
 
@@ -192,8 +215,8 @@ def image_preprocessor(model_name: str) -> Callable[[Any], np.ndarray]:
     except (OSError, ValueError):  # no preprocessor_config.json: the plain conversion below
         processor = None
     if processor is not None:
-        return lambda image: (
-            processor(images=image.convert(mode), return_tensors="np")["pixel_values"][0].astype(np.float32)
+        return lambda image: processor(images=image.convert(mode), return_tensors="np")["pixel_values"][0].astype(
+            np.float32
         )
     size = int(config.image_size)
 

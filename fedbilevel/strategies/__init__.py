@@ -56,7 +56,9 @@ def strategy_names() -> tuple[str, ...]:
 def build_strategy(config: RunConfig, **common: Any) -> Strategy:
     """The strategy named by ``config.strategy``; unknown names list the valid ones."""
     if config.strategy not in _REGISTRY:
-        raise ValueError(f"run-config key 'strategy': value {config.strategy!r} is not allowed; choose one of {', '.join(_REGISTRY)}")
+        raise ValueError(
+            f"run-config key 'strategy': value {config.strategy!r} is not allowed; choose one of {', '.join(_REGISTRY)}"
+        )
     common = {"min_nodes": config.min_nodes, "min_available_fraction": config.min_available_fraction, **common}
     return _REGISTRY[config.strategy](config, **common)
 

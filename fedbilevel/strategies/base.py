@@ -25,7 +25,8 @@ from flwr.supercore import log
 
 from fedbilevel import protocol
 from fedbilevel.mixing import weighted_average
-from fedbilevel.strategies.replies import RejectedReply, check_adapter, check_reply
+from fedbilevel.options import ConfigError
+from fedbilevel.strategies.replies import RejectedReply, check_adapter, check_reply, last_line, sender_of
 from fedbilevel.strategies.rounds import RoundLog
 
 Adapter = dict[str, np.ndarray]
@@ -89,6 +90,7 @@ class PersonalizedStrategy(Strategy):
         self.history: list[dict[str, Any]] = []
         self._round: RoundLog | None = None  # the round in progress, from configure_train on
         self._sent: dict[str, dict[int, int]] = {}  # phase -> node id -> partition id messaged
+        self._outbox: dict[str, list[Message]] = {}  # phase -> the messages sent (replies are matched to them)
 
     # ------------------------------------------------------------------ subclass API
 
@@ -173,7 +175,8 @@ class PersonalizedStrategy(Strategy):
         """One TRAIN message per known partition, carrying that partition's own adapter."""
         server_round += self.round_offset
         self._round = RoundLog(server_round)
-        self._sent = {}  # who was messaged is per round: a round without evaluation expects no evaluate replies
+        # Who was messaged is per round: a round without evaluation expects no evaluate replies.
+        self._sent, self._outbox = {}, {}
         self._discover_partitions(grid)
         messages = self._messages(server_round, config, MessageType.TRAIN)
         self._round.mark("train_sent")
@@ -198,7 +201,7 @@ class PersonalizedStrategy(Strategy):
                 num_examples[partition_id],
                 float(metrics[protocol.TRAIN_LOSS]),
             )
-        messaged = len(self._sent["train"])
+        messaged = len(self._sent["train"]) + self._round.start_failures  # a client that cannot start counts
         needed = math.ceil(self.min_available_fraction * messaged)
         if not trained or len(trained) < needed:
             reason = f"{len(trained)} of {messaged} clients replied validly, {needed} needed (min-available-fraction)"
@@ -254,7 +257,9 @@ class PersonalizedStrategy(Strategy):
                 content[protocol.GLOBAL] = protocol.adapter_to_record(shared)
             self._round.note_sent(content)
             messages.append(Message(content=content, message_type=message_type, dst_node_id=node_id))
-        self._sent["train" if message_type == MessageType.TRAIN else "evaluate"] = dict(self.node_partitions)
+        phase = "train" if message_type == MessageType.TRAIN else "evaluate"
+        self._sent[phase] = dict(self.node_partitions)
+        self._outbox[phase] = messages  # Flower gives them their ids when it sends them
         return messages
 
     def _valid_replies(
@@ -266,10 +271,10 @@ class PersonalizedStrategy(Strategy):
         are logged and recorded as failures. Lazy, so each reply's log lines stay in order.
         """
         replies = list(replies)
-        self._round.note_missing(phase, self._sent.get(phase, {}), replies)
-        for message in replies:
+        senders = [sender_of(message, self._outbox.get(phase, [])) for message in replies]
+        self._round.note_missing(phase, self._sent.get(phase, {}), set(senders))
+        for message, node_id in zip(replies, senders):
             self._round.note_received(message)
-            node_id = message.metadata.src_node_id
             try:
                 partition_id, metrics = check_reply(message, self.node_partitions.get(node_id), phase)
                 adapter = check_adapter(message.content, self.initial_adapter) if phase == "train" else None
@@ -297,40 +302,44 @@ class PersonalizedStrategy(Strategy):
             )
             for node_id in new
         ]
-        reasons = []
-        for reply in grid.send_and_receive(queries, timeout=QUERY_TIMEOUT_S):
-            node_id = reply.metadata.src_node_id
-            if reply.has_error() or protocol.INFO not in reply.content.config_records:
-                reason = reply.error.reason if reply.has_error() else "reply has no 'info' record"
-                reasons.append(reason)
-                log(WARNING, "node %d did not report its partition (%s); it is left out", node_id, reason)
-                continue
-            info = dict(reply.content.config_records[protocol.INFO])
+        replies = grid.send_and_receive(queries, timeout=QUERY_TIMEOUT_S)
+        senders = [sender_of(reply, queries) for reply in replies]
+        for node_id in sorted(set(new) - set(senders)):
+            self._round.note_start_failure(node_id, None, "no reply to the partition query within its timeout")
+        for reply, node_id in zip(replies, senders):
+            info = {}
+            if not reply.has_error() and protocol.INFO in reply.content.config_records:
+                info = dict(reply.content.config_records[protocol.INFO])
             partition_id = info.get(protocol.PARTITION_ID)
+            if reply.has_error() or not info or protocol.START_ERROR in info:
+                reason = info.get(protocol.START_ERROR) or "reply has no 'info' record"
+                if reply.has_error():
+                    reason = f"client error: {last_line(reply.error.reason)}"
+                self._round.note_start_failure(node_id, partition_id, reason)
+                continue
             if not isinstance(partition_id, int) or partition_id < 0:
-                log(
-                    WARNING,
-                    "node %d reported partition-id %r; expected an integer ≥ 0; it is left out",
-                    node_id,
-                    partition_id,
-                )
+                reason = f"reported partition-id {partition_id!r}; expected an integer ≥ 0"
+                self._round.note_start_failure(node_id, None, reason)
                 continue
             holder = next((n for n, p in self.node_partitions.items() if p == partition_id), None)
             if holder is not None:
-                log(
-                    WARNING,
-                    "node %d claims partition %d, already served by node %d; it is left out",
-                    node_id,
-                    partition_id,
-                    holder,
-                )
+                reason = f"claims partition {partition_id}, already served by node {holder}"
+                self._round.note_start_failure(node_id, partition_id, reason)
                 continue
+            known = self.clients.get(partition_id, {}).get(protocol.DATA_DIGEST)
+            if known is not None and info.get(protocol.DATA_DIGEST) != known:
+                digest = info.get(protocol.DATA_DIGEST)
+                raise ConfigError(
+                    f"client {partition_id} (node {node_id}): its data (digest {digest}) differs from the data "
+                    f"earlier rounds of this run used ({known}); restore it or start a new run"
+                )
             self.node_partitions[node_id] = partition_id
             self.clients[partition_id] = info
             log(INFO, "node %d is client %d (%s)", node_id, partition_id, info.get(protocol.TASK, "?"))
         if not self.node_partitions:
             # Every client failed to start (e.g. a bad data-path): stop with the reason, not train nothing.
-            first = reasons[0] if reasons else "no reply to the partition query"
+            failures = self._round.record["failures"]
+            first = failures[0]["reason"] if failures else "no reply to the partition query"
             raise RuntimeError(f"no client could start; the first error: {first}")
 
     def _finish_round(self) -> None:

@@ -18,16 +18,24 @@ from fedbilevel.strategies.base import Adapter, PersonalizedStrategy
 class ClusterOracle(PersonalizedStrategy):
     """Average the round's task vectors within each true task group."""
 
-    def personalize(self, server_round: int, trained: dict[int, Adapter], num_examples: dict[int, int]) -> dict[str, Any]:
+    def personalize(
+        self, server_round: int, trained: dict[int, Adapter], num_examples: dict[int, int]
+    ) -> dict[str, Any]:
         """θ̄ᵢ ← θ̄ᵢ + mean of τₖ over the replying clients with client i's task."""
         partitions = sorted(trained)
         labels = [self.clients.get(p, {}).get(protocol.TASK) for p in partitions]
         unlabelled = [p for p, label in zip(partitions, labels) if label is None]
         if unlabelled:
-            raise ValueError(f"strategy 'cluster-oracle': client {unlabelled[0]} reported no task label; it needs data with tasks")
+            raise ValueError(
+                f"strategy 'cluster-oracle': client {unlabelled[0]} reported no task label; it needs data with tasks"
+            )
         starts = [self.adapter_for(p) for p in partitions]
-        task_vectors = [{name: trained[p][name] - start[name] for name in start} for p, start in zip(partitions, starts)]
+        task_vectors = [
+            {name: trained[p][name] - start[name] for name in start} for p, start in zip(partitions, starts)
+        ]
         weights = group_weights(labels)
         for partition_id, start, update in zip(partitions, starts, mix_adapters(task_vectors, weights)):
-            self.adapters[partition_id] = {name: (start[name] + update[name]).astype(start[name].dtype) for name in start}
+            self.adapters[partition_id] = {
+                name: (start[name] + update[name]).astype(start[name].dtype) for name in start
+            }
         return {"participants": partitions, "weights": weights.round(6).tolist()}

@@ -15,16 +15,16 @@ message's ``proximal-mu``. The personalized model that is evaluated and saved is
 
 from __future__ import annotations
 
-from logging import INFO
 from dataclasses import dataclass
+from logging import INFO
 from typing import Any
 
 import numpy as np
 from flwr.supercore import log
 
 from fedbilevel import protocol
-from fedbilevel.options import number, option, validate
 from fedbilevel.mixing import fedamp_cloud_models
+from fedbilevel.options import number, option, validate
 from fedbilevel.strategies.base import Adapter, PersonalizedStrategy
 
 
@@ -67,7 +67,9 @@ class FedAmp(PersonalizedStrategy):
         """wᵢ, the client's own trained model (θ⁰ before it first trained)."""
         return self.personal.get(partition_id, self.initial_adapter)
 
-    def personalize(self, server_round: int, trained: dict[int, Adapter], num_examples: dict[int, int]) -> dict[str, Any]:
+    def personalize(
+        self, server_round: int, trained: dict[int, Adapter], num_examples: dict[int, int]
+    ) -> dict[str, Any]:
         """wᵢ ← the trained adapter; uᵢ ← Σⱼ ξᵢⱼ wⱼ over the clients that replied."""
         partitions = sorted(trained)
         self.personal.update(trained)
@@ -77,7 +79,11 @@ class FedAmp(PersonalizedStrategy):
         self.adapters.update(zip(partitions, clouds))
         with np.printoptions(precision=2, suppress=True):
             log(INFO, "round %d: FedAMP attention (rows/cols = clients %s):\n%s", server_round, partitions, attention)
-        return {"participants": partitions, "similarity": cosine.round(6).tolist(), "weights": attention.round(6).tolist()}
+        return {
+            "participants": partitions,
+            "similarity": cosine.round(6).tolist(),
+            "weights": attention.round(6).tolist(),
+        }
 
 
 @dataclass(frozen=True)
@@ -88,7 +94,9 @@ class FedAmpSettings:
         "fedamp-lambda", 0.01, number(0.0, low_open=False), "FedAMP: λ of the proximal term λ/2 ‖w − uᵢ‖²"
     )
     sigma: float = option(
-        "fedamp-sigma", 50.0, number(0.0, low_open=False),
+        "fedamp-sigma",
+        50.0,
+        number(0.0, low_open=False),
         "FedAMP: attention scale σ. Large because LoRA adapters share their random lora_A start, so model cosines "
         "crowd near 1 (0.87–0.95 after 3 rounds on the synthetic federation)",
     )

@@ -17,7 +17,9 @@ from fedbilevel.strategies.base import Adapter, PersonalizedStrategy
 class FedAvg(PersonalizedStrategy):
     """Example-weighted mean of the trained adapters, sent to every known client."""
 
-    def personalize(self, server_round: int, trained: dict[int, Adapter], num_examples: dict[int, int]) -> dict[str, Any]:
+    def personalize(
+        self, server_round: int, trained: dict[int, Adapter], num_examples: dict[int, int]
+    ) -> dict[str, Any]:
         """θ ← Σₖ (nₖ / n) θₖ over the clients that replied; every client gets θ."""
         partitions = sorted(trained)
         global_adapter = weighted_average([trained[p] for p in partitions], [num_examples[p] for p in partitions])

@@ -55,10 +55,17 @@ class FedBip(PersonalizedStrategy):
             f", layer groups '{self.settings.layer_grouping}'" if self.layerwise else "",
         )
         if not self.settings.weighting.is_paper or self.settings.similarity_ema:
-            log(INFO, "\t├──> weights: %s, similarity EMA decay %g", self.settings.weighting, self.settings.similarity_ema)
+            log(
+                INFO,
+                "\t├──> weights: %s, similarity EMA decay %g",
+                self.settings.weighting,
+                self.settings.similarity_ema,
+            )
         super().summary()
 
-    def personalize(self, server_round: int, trained: dict[int, Adapter], num_examples: dict[int, int]) -> dict[str, Any]:
+    def personalize(
+        self, server_round: int, trained: dict[int, Adapter], num_examples: dict[int, int]
+    ) -> dict[str, Any]:
         """θ̄ᵢ ← θ̄ᵢ + Σₖ pᵢₖ τₖ over the clients that replied (ascending partition id)."""
         partitions = sorted(trained)
         result = fedbip_aggregate_detailed(
@@ -75,7 +82,9 @@ class FedBip(PersonalizedStrategy):
         for partition_id, adapter in zip(partitions, result.adapters):
             self.adapters[partition_id] = adapter
         with np.printoptions(precision=2, suppress=True):
-            log(INFO, "round %d: FedBip weights (rows/cols = clients %s):\n%s", server_round, partitions, result.weights)
+            log(
+                INFO, "round %d: FedBip weights (rows/cols = clients %s):\n%s", server_round, partitions, result.weights
+            )
         return {
             "participants": partitions,
             "similarity": result.similarity.round(6).tolist(),

@@ -42,7 +42,9 @@ class FedProx(FedAvg):
 class FedProxSettings:
     """FedProx's run-config option."""
 
-    mu: float = option("proximal-mu", 0.01, number(0.0, low_open=False), "μ of FedProx's proximal term (`fedprox` only)")
+    mu: float = option(
+        "proximal-mu", 0.01, number(0.0, low_open=False), "μ of FedProx's proximal term (`fedprox` only)"
+    )
 
     def __post_init__(self) -> None:
         validate(self)

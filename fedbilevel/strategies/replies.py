@@ -1,20 +1,26 @@
 """Pure checks of a client's reply before anything of it is aggregated.
 
 A reply is used only if it is no error, names the partition its message was for, counts
-examples, and (train replies) has a finite loss and an adapter shaped like θ⁰ with finite
-values. The checks raise :class:`RejectedReply` with the reason in one line; recording and
-logging the rejection is the strategy's part (:mod:`fedbilevel.strategies.rounds`).
+examples, has finite metrics, and (train replies) has a finite loss and an adapter shaped
+like θ⁰ with finite values small enough for the aggregation's float32 arithmetic. The
+checks raise :class:`RejectedReply` with the reason in one line; recording and logging the
+rejection is the strategy's part (:mod:`fedbilevel.strategies.rounds`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 from flwr.app import Message, RecordDict
 
 from fedbilevel import protocol
+
+# The largest squared L2 norm of an adapter the server aggregates. Task vectors τ = θ − θ̄ then have
+# ‖τ‖² ≤ 2‖θ‖² + 2‖θ̄‖² ≤ float32's maximum, so every Gram entry, cosine and weighted sum the strategies
+# compute in float32 stays finite; a finite but huge update is refused like NaN/Inf, not left to overflow.
+MAX_SQUARED_NORM = float(np.finfo(np.float32).max) / 4
 
 
 class RejectedReply(ValueError):
@@ -50,6 +56,30 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else text
 
 
+def sender_of(reply: Message, sent: Iterable[Message]) -> int:
+    """The node a reply answers for: its source, or, for an error Flower itself sends (e.g. "Node
+    Unavailable" from the SuperLink, whose node id is not the client's), the destination of the
+    message it replies to. Without this, one lost node counts twice: once missing, once unknown.
+
+    Parameters
+    ----------
+    reply : Message
+        A reply from ``grid.send_and_receive``.
+    sent : iterable of Message
+        The messages of this phase, after sending (Flower's grids give them their message ids).
+
+    Returns
+    -------
+    int
+        The node id.
+    """
+    sources = {message.metadata.dst_node_id for message in sent}
+    if reply.metadata.src_node_id in sources:
+        return reply.metadata.src_node_id
+    answered = {message.metadata.message_id: message.metadata.dst_node_id for message in sent}
+    return answered.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+
 def check_reply(message: Message, expected_partition: int | None, phase: str) -> tuple[int, dict[str, Any]]:
     """The partition id and metrics of a reply that may be used.
 
@@ -71,7 +101,8 @@ def check_reply(message: Message, expected_partition: int | None, phase: str) ->
     ------
     RejectedReply
         If the reply is an error, comes from an unknown node, lacks its metrics, names
-        another partition, counts no examples or (train) has no finite loss.
+        another partition, counts no examples, (train) has no finite loss, or any metric
+        is NaN or Inf.
     """
     if message.has_error():
         raise RejectedReply(f"client error: {last_line(message.error.reason)}", detail=message.error.reason)
@@ -90,6 +121,9 @@ def check_reply(message: Message, expected_partition: int | None, phase: str) ->
         raise RejectedReply(f"num-examples {count!r}; expected a number > 0")
     if phase == "train" and not np.isfinite(metrics.get(protocol.TRAIN_LOSS, np.nan)):
         raise RejectedReply(f"train-loss {metrics.get(protocol.TRAIN_LOSS)!r}; expected a finite number")
+    for key, value in metrics.items():  # a NaN score would make the round's mean NaN
+        if not np.all(np.isfinite(value)):
+            raise RejectedReply(f"metric '{key}': {value!r} holds NaN or Inf; expected finite numbers")
     return expected_partition, metrics
 
 
@@ -111,7 +145,8 @@ def check_adapter(content: RecordDict, reference: Mapping[str, np.ndarray]) -> d
     Raises
     ------
     RejectedReply
-        If the adapter is missing, has other names, shapes or dtypes, or holds NaN or Inf.
+        If the adapter is missing, has other names, shapes or dtypes, holds NaN or Inf, or its
+        squared L2 norm exceeds :data:`MAX_SQUARED_NORM`.
     """
     if protocol.ARRAYS not in content.array_records:
         raise RejectedReply(f"reply has no '{protocol.ARRAYS}' record")
@@ -128,4 +163,10 @@ def check_adapter(content: RecordDict, reference: Mapping[str, np.ndarray]) -> d
             raise RejectedReply(f"array '{name}': dtype {array.dtype}, expected {expected.dtype}")
         if not np.all(np.isfinite(array)):
             raise RejectedReply(f"array '{name}': contains NaN or Inf")
+    squared_norm = sum(float(np.sum(np.square(array, dtype=np.float64))) for array in adapter.values())
+    if not squared_norm <= MAX_SQUARED_NORM:
+        raise RejectedReply(
+            f"adapter: squared norm {squared_norm:.3g} exceeds {MAX_SQUARED_NORM:.3g}; values this large would make "
+            "the aggregation's float32 arithmetic overflow"
+        )
     return adapter

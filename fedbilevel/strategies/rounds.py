@@ -8,7 +8,7 @@ into client training, client evaluation, server aggregation and the rest (Flower
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from logging import WARNING
 from typing import Any
 
@@ -73,6 +73,7 @@ class RoundLog:
             "bytes_down": 0,
             "bytes_up": 0,
         }
+        self.start_failures = 0  # nodes that could not start as a client this round (note_start_failure)
         self._busy: dict[str, list[tuple[float, float]]] = {"train": [], "evaluate": []}  # phase -> client intervals
         self._marks: dict[str, float] = {}  # phase timestamps: train_sent, train_received, evaluate_...
 
@@ -88,16 +89,32 @@ class RoundLog:
         """Count a reply's payload in ``bytes_up`` (an error reply has none)."""
         self.record["bytes_up"] += protocol.count_bytes(message.content) if message.has_content() else 0
 
-    def note_missing(self, phase: str, sent: Mapping[int, int], replies: Iterable[Message]) -> None:
-        """Log and record every client in ``sent`` (node id -> partition id) that did not answer at all."""
-        answered = {message.metadata.src_node_id for message in replies}
+    def note_missing(self, phase: str, sent: Mapping[int, int], answered: set[int]) -> None:
+        """Log and record every client in ``sent`` (node id -> partition id) whose node is not in ``answered``."""
         for node_id, partition_id in sorted(sent.items(), key=lambda item: item[1]):
             if node_id not in answered:
-                log(WARNING, "round %d: %s reply from client %d (node %d) missing: %s",
-                    self.record["round"], phase, partition_id, node_id, _MISSING_REASON)
+                log(
+                    WARNING,
+                    "round %d: %s reply from client %d (node %d) missing: %s",
+                    self.record["round"],
+                    phase,
+                    partition_id,
+                    node_id,
+                    _MISSING_REASON,
+                )
                 self.record["failures"].append(
                     {"phase": phase, "partition_id": partition_id, "node_id": node_id, "reason": _MISSING_REASON}
                 )
+
+    def note_start_failure(self, node_id: int, partition_id: int | None, reason: str) -> None:
+        """Log and record a node that could not start as a client this round (e.g. its data failed to
+        load): it stands in the round's failures with phase ``start`` and counts as messaged."""
+        who = f"client {partition_id} (node {node_id})" if partition_id is not None else f"node {node_id}"
+        log(WARNING, "round %d: %s could not start: %s", self.record["round"], who, reason)
+        self.record["failures"].append(
+            {"phase": "start", "partition_id": partition_id, "node_id": node_id, "reason": reason}
+        )
+        self.start_failures += 1
 
     def note_rejected(self, phase: str, node_id: int, partition_id: int | None, error: RejectedReply) -> None:
         """Log and record a reply that is not used, with the reason (and a client's full error text)."""

@@ -41,7 +41,8 @@ def load_checkpoint(run_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, Any
     path = Path(run_dir) / CHECKPOINT
     if not path.is_file():
         raise ValueError(
-            f"run-config key 'resume-from': {str(run_dir)!r} has no {CHECKPOINT}; expected the folder of a run that finished a round"
+            f"run-config key 'resume-from': {str(run_dir)!r} has no {CHECKPOINT}; "
+            "expected the folder of a run that finished a round"
         )
     with np.load(path) as data:
         arrays = {name: data[name] for name in data.files if name != _META}

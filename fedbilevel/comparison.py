@@ -330,8 +330,8 @@ def markdown(runs: Sequence[Run]) -> str:
     groups = group_by_label(runs)
     if REFERENCE in groups:
         header = (
-            f"Difference to {REFERENCE} training, {METRIC_LABELS[primary]} last, paired over the seeds both ran (same seeds"
-            " and test items resampled for both; an interval that excludes 0 is an ordering):"
+            f"Difference to {REFERENCE} training, {METRIC_LABELS[primary]} last, paired over the seeds both ran "
+            "(same seeds and test items resampled for both; an interval that excludes 0 is an ordering):"
         )
         lines += ["", header, "", "| strategy | seeds | difference | 95% CI |", "|---|---|---|---|"]
         reference_seeds = {run.seed for run in groups[REFERENCE]}

@@ -55,7 +55,9 @@ class TrainSettings:
     batch_size: int = option("batch-size", 8, integer(1), "training batch size")
     learning_rate: float = option("learning-rate", 0.001, number(0.0, low_open=True), "AdamW learning rate")
     max_seq_len: int = option(
-        "max-seq-len", 128, integer(8),
+        "max-seq-len",
+        128,
+        integer(8),
         "tokens per training example: a longer one loses the middle of its instruction (template and answer kept "
         "whole; counted as `num_truncated`); one whose template and answer alone exceed it stops the run at start-up",
     )
@@ -110,7 +112,8 @@ class RunConfig:
         "min-available-fraction",
         0.5,
         number(0.0, low_open=True, high=1.0, high_open=False),
-        "a round aggregates only if at least this fraction of the clients replied validly; otherwise every adapter is kept",
+        "a round aggregates only if at least this fraction of the clients replied validly; "
+        "otherwise every adapter is kept",
     )
     model: ModelSettings = component(ModelSettings)
     lora: LoraSettings = component(LoraSettings)

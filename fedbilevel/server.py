@@ -110,7 +110,8 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
         )
         log(
             INFO,
-            "round %d time: clients training %.1f s, evaluating %.1f s, aggregation %.2f s, other (Flower) %.1f s = %.1f%%",
+            "round %d time: clients training %.1f s, evaluating %.1f s, aggregation %.2f s, "
+            "other (Flower) %.1f s = %.1f%%",
             done,
             split["client_train"],
             split["client_evaluate"],
@@ -132,7 +133,8 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
         if config.strategy == "fedala":
             log(
                 WARNING,
-                "FedALA keeps each client's local model and mixing weights on the client; a resumed run starts them afresh",
+                "FedALA keeps each client's local model and mixing weights on the client; "
+                "a resumed run starts them afresh",
             )
     strategy.start(
         grid,

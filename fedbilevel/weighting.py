@@ -78,7 +78,8 @@ class Weighting:
         "weighting",
         "paper",
         choice(WEIGHTING_RULES),
-        'FedBip\'s weighting rule ("Beyond the paper"): `paper`, `softmax`, `power`, `top-k`, `threshold`, `zscore-softmax`',
+        'FedBip\'s weighting rule ("Beyond the paper"): '
+        "`paper`, `softmax`, `power`, `top-k`, `threshold`, `zscore-softmax`",
     )
     temperature: float = option(
         "weighting-temperature", 0.1, number(0.0, low_open=True), "`softmax`: temperature, in cosine units"
@@ -350,7 +351,8 @@ def ema_similarity(previous: np.ndarray | None, current: np.ndarray, decay: floa
         past, _ = _as_stack("previous", previous)
         if past.shape != stack.shape:
             raise ValueError(
-                f"previous: shape {np.shape(previous)} differs from current shape {np.shape(current)}; align clients by partition id first"
+                f"previous: shape {np.shape(previous)} differs from current shape {np.shape(current)}; "
+                "align clients by partition id first"
             )
         stack = decay * past + (1.0 - decay) * stack
     else:
@@ -390,7 +392,9 @@ def _softmax_rows(logits: np.ndarray, present: np.ndarray) -> np.ndarray:
 
 
 def _check_real(name: str, value: object, allowed: Callable[[float], bool], expected: str) -> None:
-    """Raise ``name: value … is not allowed; expected …`` unless ``value`` is a finite real number passing ``allowed``."""
+    """Raise ``name: value … is not allowed; expected …`` unless ``value`` is a finite real number
+    passing ``allowed``.
+    """
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and allowed(value)
     if not ok:
         raise ValueError(f"{name}: value {value!r} is not allowed; expected {expected}")

@@ -193,11 +193,13 @@ def bench_one(
     tau = theta - theta_bar
     mix = np.random.default_rng(1).random((n, n), dtype=np.float32)
     mix /= mix.sum(axis=1, keepdims=True)
+    # The kernels get the arrays as default arguments, not through closures over names that are
+    # deleted below; they, and their references, go with the dict once best_times returns.
     best = best_times(
         {
-            "subtract": lambda: theta - theta_bar,
-            "gram": lambda: tau @ tau.T,
-            "mix": lambda: mix @ tau,
+            "subtract": lambda theta=theta, theta_bar=theta_bar: theta - theta_bar,
+            "gram": lambda tau=tau: tau @ tau.T,
+            "mix": lambda tau=tau: mix @ tau,
             "fedbip s": lambda: fedbip_aggregate(personalized, trained),
             "fedbip-l s": lambda: fedbip_aggregate(personalized, trained, layerwise=True),
             "lora-product s": lambda: fedbip_aggregate(personalized, trained, similarity="lora-product"),

@@ -115,7 +115,8 @@ def _is_complete(run_dir: Path, config: dict, defaults: dict) -> bool:
             key = differences[0]
             raise SystemExit(
                 f"{run_dir} holds a run with a different config ({len(differences)} key(s), e.g. {key!r}: "
-                f"{saved.get(key, '(absent)')!r} there, {wanted.get(key, '(absent)')!r} now); use another --out or --force"
+                f"{saved.get(key, '(absent)')!r} there, {wanted.get(key, '(absent)')!r} now); "
+                "use another --out or --force"
             )
     if (
         saved is not None
@@ -188,7 +189,8 @@ def main() -> None:
     for key in ("strategy", "seed", "output-dir", "run-name"):
         if key in overrides or any(key in variant and key != "strategy" for _, variant in variants):
             raise SystemExit(
-                f"{key}: not allowed in --set or variants; compare.py sets it for every run (use --strategies / --seeds / --out)"
+                f"{key}: not allowed in --set or variants; "
+                "compare.py sets it for every run (use --strategies / --seeds / --out)"
             )
     out = args.out.resolve()
     runs_dir = out / "runs"
@@ -231,7 +233,8 @@ def main() -> None:
             else:
                 todo.append((name, config))
         print(
-            f"{len(todo)} of {len(plan)} runs to do ({rounds} rounds each, {args.num_clients} clients); logs in {runs_dir}",
+            f"{len(todo)} of {len(plan)} runs to do ({rounds} rounds each, {args.num_clients} clients); "
+            f"logs in {runs_dir}",
             flush=True,
         )
         for index, (name, config) in enumerate(todo, start=1):
@@ -266,7 +269,8 @@ def main() -> None:
                         mean = record.get("personalized_mean")
                         score = ", ".join(f"{k} {v:.3f}" for k, v in mean.items()) if mean else "not evaluated"
                         print(
-                            f"[{index}/{len(todo)}] {name}: round {record['round']}/{rounds} in {record['seconds']:.0f} s "
+                            f"[{index}/{len(todo)}] {name}: round {record['round']}/{rounds} "
+                            f"in {record['seconds']:.0f} s "
                             f"({len(record['failures'])} failures); {score}; "
                             f"ETA {_duration(remaining * sum(round_seconds) / len(round_seconds))}",
                             flush=True,
@@ -274,7 +278,8 @@ def main() -> None:
                     seen = len(done)
             if process.returncode != 0 or seen != rounds:
                 raise SystemExit(
-                    f"{name} failed (exit code {process.returncode}, {seen}/{rounds} rounds); see {runs_dir / f'{name}.log'}"
+                    f"{name} failed (exit code {process.returncode}, {seen}/{rounds} rounds); "
+                    f"see {runs_dir / f'{name}.log'}"
                 )
             print(f"[{index}/{len(todo)}] {name} finished in {_duration(time.time() - run_started)}", flush=True)
 

@@ -115,7 +115,8 @@ def markdown(rows: list[dict], header: dict) -> str:
     base = next((r for r in rows if r["precision"] == "fp32" and "error" not in r), None)
     lines = [
         f"GPU check on {header['device']} (torch {header['torch']}, bitsandbytes {header['bitsandbytes']}); "
-        f"random Llama, hidden {header['hidden']}, {header['layers']} layers, {header['parameters'] / 1e6:.0f} M parameters; "
+        f"random Llama, hidden {header['hidden']}, {header['layers']} layers, "
+        f"{header['parameters'] / 1e6:.0f} M parameters; "
         f"LoRA r 8 on q,k,v,o; batch 8 × 128 tokens.",
         "",
         "| precision | checks | step ms | × fp32 | peak MiB (model) | peak MiB (training) | × fp32 |",

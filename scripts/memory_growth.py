@@ -159,9 +159,11 @@ def main() -> int:
         rows = measured["rounds"]
         results[strategy] = {**measured, "growth-mb-per-round": growth(rows)}
         print(
-            f"{strategy}: {args.rounds} rounds in {time.time() - started:.0f} s; RSS round 1 {rows[0]['rss-mb']:.0f} MB, "
+            f"{strategy}: {args.rounds} rounds in {time.time() - started:.0f} s; "
+            f"RSS round 1 {rows[0]['rss-mb']:.0f} MB, "
             f"last {rows[-1]['rss-mb']:.0f} MB, peak {rows[-1]['peak-rss-mb']:.0f} MB; "
-            f"growth {results[strategy]['growth-mb-per-round']:+.2f} MB/round; Python heap at end {measured['heap-mb-at-end']:.0f} MB",
+            f"growth {results[strategy]['growth-mb-per-round']:+.2f} MB/round; "
+            f"Python heap at end {measured['heap-mb-at-end']:.0f} MB",
             flush=True,
         )
     args.out.mkdir(parents=True, exist_ok=True)
@@ -169,7 +171,8 @@ def main() -> int:
         json.dumps({"command": sys.argv, "settings": vars(args) | {"out": str(args.out)}, "results": results}, indent=1)
     )
     lines = [
-        "| strategy | RSS round 1 (MB) | RSS last round (MB) | peak (MB) | growth, 2nd half (MB/round) | Python heap at end (MB) |",
+        "| strategy | RSS round 1 (MB) | RSS last round (MB) | peak (MB) | growth, 2nd half (MB/round) "
+        "| Python heap at end (MB) |",
         "|---|---|---|---|---|---|",
     ]
     for strategy, result in results.items():

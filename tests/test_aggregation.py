@@ -246,7 +246,7 @@ def test_weight_matrix_rejects_unknown_mode():
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    ("kwargs", "message"),
     [
         ({"task_vector": "global"}, "task_vector: 'global' is not allowed"),
         ({"grouping": "head"}, "grouping: 'head' is not allowed"),
@@ -294,7 +294,7 @@ def reference_fedbip(start, trained, layerwise=False, negative="clip", grouping=
     return out
 
 
-@pytest.mark.parametrize("layerwise, grouping", [(False, "array"), (True, "array"), (True, "block")])
+@pytest.mark.parametrize(("layerwise", "grouping"), [(False, "array"), (True, "array"), (True, "block")])
 def test_segmented_weighted_sums_match_the_definition(monkeypatch, layerwise, grouping):
     # A tiny segment budget splits every array into several BLAS products.
     monkeypatch.setattr("fedbilevel.aggregation._SEGMENT_BYTES", 4 * 6 * 7)

@@ -61,9 +61,11 @@ def test_adaptive_local_aggregation_mixes_between_local_and_global_and_keeps_sta
     local, received = perturbed(base, 1), perturbed(base, 2)
     state = RecordDict()
     settings = AlaSettings(eta=1e4, data_fraction=0.5, top_fraction=0.5, start_epochs=2)
-    run = lambda: adaptive_local_aggregation(
-        model, TextCodec(tokenizer, 128), train, state, settings, batch_size=2, seed=0
-    )
+
+    def run():
+        return adaptive_local_aggregation(
+            model, TextCodec(tokenizer, 128), train, state, settings, batch_size=2, seed=0
+        )
 
     # First round: no local model yet, the global adapter is used as it is.
     set_adapter_arrays(model, received)

@@ -17,7 +17,8 @@ def test_partition_comes_from_node_config_and_is_checked():
     assert partition_of(context({"partition-id": "3", "num-partitions": 8})) == (3, 8)
     with pytest.raises(
         ValueError,
-        match=r"node-config key 'partition-id': value 8 is not allowed; expected 0 ≤ partition-id < num-partitions \(8\)",
+        match=r"node-config key 'partition-id': value 8 is not allowed; "
+        r"expected 0 ≤ partition-id < num-partitions \(8\)",
     ):
         partition_of(context({"partition-id": 8, "num-partitions": 8}))
     with pytest.raises(ValueError, match="node-config key 'num-partitions': value None is not allowed"):

@@ -103,7 +103,7 @@ def test_tables_and_plots_are_written(runs, tmp_path):
 
 
 def test_a_folder_that_is_not_a_run_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="config.json is missing"):
+    with pytest.raises(ValueError, match=r"config\.json is missing"):
         load_run(tmp_path)
 
 
@@ -288,7 +288,7 @@ def test_paired_difference_cancels_item_difficulty(tmp_path):
     # Different seeds (so different test items) cannot be paired.
     assert paired_difference_interval([with_items("b1", "fedbip", 1, [1.0] * 4, [1.0] * 4)], a, "exact_match") is None
     # A reference with more seeds is paired on the seeds both ran (seed 0 here).
-    a_more = a + [with_items("a1", "local", 1, [0.0] * 4, [0.0] * 4)]
+    a_more = [*a, with_items("a1", "local", 1, [0.0] * 4, [0.0] * 4)]
     assert paired_difference_interval(b, a_more, "exact_match") == pytest.approx((0.25, 0.25, 0.25))
     text = markdown(a_more + b)
     assert "| fedbip | 0 | +0.250 | [" in text

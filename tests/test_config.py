@@ -28,7 +28,7 @@ def test_overrides_win():
 
 
 @pytest.mark.parametrize(
-    "key, value, allowed",
+    ("key", "value", "allowed"),
     [
         ("strategy", "fedfoo", "choose one of fedbip, fedbip-l, local, fedavg, fedprox"),
         ("proximal-mu", -0.5, "expected a number in [0.0, inf)"),

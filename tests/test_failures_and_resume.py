@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, MessageType
 
-from fedbilevel.aggregation import FedBipSettings, fedbip_aggregate
 from fedbilevel import protocol
+from fedbilevel.aggregation import FedBipSettings, fedbip_aggregate
 from fedbilevel.checkpoint import load_checkpoint, save_checkpoint
 from fedbilevel.strategies.fedamp import FedAmp
 from fedbilevel.strategies.fedbip import FedBip
@@ -87,7 +87,7 @@ def test_resume_from_a_checkpoint_matches_an_unbroken_run(make, tmp_path):
 
 
 def test_a_folder_without_checkpoint_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="run-config key 'resume-from': .* has no checkpoint.npz"):
+    with pytest.raises(ValueError, match=r"run-config key 'resume-from': .* has no checkpoint\.npz"):
         load_checkpoint(tmp_path)
 
 
@@ -116,7 +116,9 @@ def test_a_run_where_no_client_can_start_stops_with_the_reason():
             return super().handle(message)
 
     strategy = FedBip(initial_adapter=INITIAL, min_nodes=2)
-    with pytest.raises(RuntimeError, match="no client could start; the first error: client error: data folder /nowhere: not found"):
+    with pytest.raises(
+        RuntimeError, match="no client could start; the first error: client error: data folder /nowhere: not found"
+    ):
         strategy.start(FakeGrid({1: Broken(0), 2: Broken(1)}), ArrayRecord(), num_rounds=1)
 
 

@@ -25,7 +25,7 @@ def test_every_client_receives_the_same_global_adapter():
     strategy.start(FakeGrid({30 + p: c for p, c in clients.items()}), ArrayRecord(), num_rounds=2)
     mean_update = {k: np.mean([update_of(p, 1)[k] for p in range(3)], axis=0) for k in INITIAL}
     for client in clients.values():
-        kind, server_round, received = client.received[2]  # round 2 train message
+        _kind, server_round, received = client.received[2]  # round 2 train message
         assert server_round == 2
         for k in INITIAL:
             np.testing.assert_allclose(received[k], INITIAL[k] + mean_update[k], rtol=1e-6)

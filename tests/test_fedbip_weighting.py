@@ -55,7 +55,7 @@ def test_self_weight_floor_in_aggregation():
 
 
 @pytest.mark.parametrize(
-    "options, message",
+    ("options", "message"),
     [
         ({"self_floor": -0.1}, "'self-weight-floor': value -0.1 is not allowed; expected a number in [0.0, 1.0]"),
         ({"self_floor": 1.5}, "'self-weight-floor': value 1.5 is not allowed"),
@@ -104,7 +104,7 @@ def test_similarity_ema_smooths_each_pair_across_rounds():
 
     np.testing.assert_allclose(records[0]["similarity"], raw(1), atol=1e-5)
     np.testing.assert_allclose(records[1]["similarity"], 0.25 * raw(1) + 0.75 * raw(2), atol=1e-5)
-    with pytest.raises(ConfigError, match="'similarity-ema': value 1.0 is not allowed"):
+    with pytest.raises(ConfigError, match=r"'similarity-ema': value 1\.0 is not allowed"):
         FedBipSettings(similarity_ema=1.0)
 
 
@@ -113,7 +113,7 @@ def test_the_default_weighting_is_the_papers_rule():
     assert RunConfig.from_run_config(load_app_config()).fedbip.weighting == Weighting()
 
 
-@pytest.mark.parametrize("name, layerwise", [("fedbip-plus", False), ("fedbip-plus-l", True)])
+@pytest.mark.parametrize(("name", "layerwise"), [("fedbip-plus", False), ("fedbip-plus-l", True)])
 def test_a_preset_sets_its_weighting_and_runs_fedbip(name, layerwise):
     from fedbilevel.strategies import FEDBIP_PRESETS, build_strategy
 

@@ -116,7 +116,7 @@ def test_reads_a_small_folder(tmp_path):
 
 
 def test_error_missing_folder(tmp_path):
-    with pytest.raises(ValueError, match="data folder .*nope: not found"):
+    with pytest.raises(ValueError, match=r"data folder .*nope: not found"):
         load_flan_json(tmp_path / "nope", 0, 1)
 
 
@@ -141,7 +141,7 @@ def test_error_missing_client_file(tmp_path):
 def test_error_missing_test_file(tmp_path):
     folder = _folder(tmp_path, [[_record(0)]])
     (folder / "test.jsonl").unlink()
-    with pytest.raises(ValueError, match="no test.jsonl"):
+    with pytest.raises(ValueError, match=r"no test\.jsonl"):
         load_flan_json(folder, 0, 1)
 
 
@@ -191,7 +191,7 @@ def test_error_no_test_lines_for_category(tmp_path):
     # Issue input: test.jsonl has no line for client 2's category; the client must not vanish silently.
     clients = [[_record(0, "cat_a")], [_record(1, "cat_b")], [_record(2, "cat_c")]]
     folder = _folder(tmp_path, clients, test_lines=[json.dumps(_record(9, c)) for c in ("cat_a", "cat_b")])
-    with pytest.raises(ValueError, match="no lines with category 'cat_c' \\(the category of client_2.json\\)"):
+    with pytest.raises(ValueError, match=r"no lines with category 'cat_c' \(the category of client_2\.json\)"):
         load_flan_json(folder, 2, 3)
     assert load_flan_json(folder, 0, 3).task == "cat_a"
 
@@ -199,7 +199,7 @@ def test_error_no_test_lines_for_category(tmp_path):
 def test_error_test_lines_of_a_category_no_client_holds(tmp_path):
     lines = [json.dumps(_record(9, "cat_a")), json.dumps(_record(8, "cat_z")), json.dumps(_record(7, "cat_z"))]
     folder = _folder(tmp_path, [[_record(0, "cat_a")]], test_lines=lines)
-    with pytest.raises(ValueError, match="2 lines of category 'cat_z', which no client file holds; allowed: .*cat_a"):
+    with pytest.raises(ValueError, match=r"2 lines of category 'cat_z', which no client file holds; allowed: .*cat_a"):
         load_flan_json(folder, 0, 1)
 
 

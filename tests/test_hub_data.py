@@ -216,9 +216,9 @@ def test_error_empty_output_and_bad_test_fraction():
     bad = data.map(lambda row: {"output": "" if row["output"] == "count-4" else row["output"]})
     with pytest.raises(ValueError, match=r"column 'output' is '' \(str\); allowed: a non-empty string"):
         _client(bad, None, 0, test_fraction=0.5)
-    with pytest.raises(ValueError, match="test-fraction: 1.0; allowed"):
+    with pytest.raises(ValueError, match=r"test-fraction: 1\.0; allowed"):
         _client(data, None, 0, test_fraction=1.0)
-    with pytest.raises(ValueError, match="test-fraction 0.01 of 10 rows leaves an empty train or test set"):
+    with pytest.raises(ValueError, match=r"test-fraction 0\.01 of 10 rows leaves an empty train or test set"):
         _client(data, None, 0, test_fraction=0.01)
 
 

@@ -65,6 +65,6 @@ def test_empty_inputs_raise():
 
 
 def test_length_mismatch_names_both_lengths():
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ValueError, match="differ in length") as info:
         score_answers(["a", "b", "c"], ["a"])
     assert "3" in str(info.value) and "1" in str(info.value)

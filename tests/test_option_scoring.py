@@ -20,7 +20,9 @@ from fedbilevel.models.settings import LoraSettings
 from fedbilevel.models.zoo import TINY_MODEL, load_tokenizer
 
 NLI = Example(
-    instruction="Premise: a dog runs.\nHypothesis: an animal moves.\nOPTIONS:\n- yes\n- it is not possible to tell\n- no",
+    instruction=(
+        "Premise: a dog runs.\nHypothesis: an animal moves.\nOPTIONS:\n- yes\n- it is not possible to tell\n- no"
+    ),
     output="yes",
     task="entailment",
 )

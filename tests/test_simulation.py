@@ -121,7 +121,7 @@ def test_saved_adapters_load_with_peft_and_are_personal(run):
         arrays = get_adapter_arrays(model)
         assert list(arrays) == list(initial)
         adapters.append(arrays)
-    lora_b = [name for name in initial if "lora_B" in name][0]
+    lora_b = next(name for name in initial if "lora_B" in name)
     assert np.all(initial[lora_b] == 0) and not np.allclose(adapters[0][lora_b], 0)
     # Personalized: no two clients end with the same adapter.
     for i in range(NUM_CLIENTS):
@@ -153,9 +153,10 @@ def test_a_run_resumed_from_its_checkpoint_matches_an_unbroken_run(tmp_path):
     assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3]
     for mine, theirs in zip(resumed["rounds"], expected["rounds"]):
         assert {p: t["loss"] for p, t in mine["train"].items()} == {p: t["loss"] for p, t in theirs["train"].items()}
-        scores = lambda record: {
-            p: {m: s[m] for m in ("rouge1", "rougeL", "exact_match")} for p, s in record["eval"].items()
-        }
+
+        def scores(record):
+            return {p: {m: s[m] for m in ("rouge1", "rougeL", "exact_match")} for p, s in record["eval"].items()}
+
         assert scores(mine) == scores(theirs) and mine["weights"] == theirs["weights"]
     config = json.loads((broken / "config.json").read_text())
     assert config["run_config"]["num-server-rounds"] == 3 and [r["after_round"] for r in config["resumes"]] == [2]
@@ -166,7 +167,7 @@ def test_a_run_resumed_from_its_checkpoint_matches_an_unbroken_run(tmp_path):
             ).read_bytes()
     # Changing what the run computes is refused, with the key named.
     with pytest.raises(
-        Exception, match="run-config key 'learning-rate': value 0.5 differs from the resumed run's 0.01"
+        Exception, match=r"run-config key 'learning-rate': value 0\.5 differs from the resumed run's 0\.01"
     ):
         simulate(
             tmp_path / "broken",
@@ -228,8 +229,10 @@ def test_a_client_that_cannot_load_its_data_is_a_recorded_failure_not_a_silent_a
     data = tmp_path / "flan"
     data.mkdir()
     for k, category in enumerate(["alpha", "beta", "gamma"]):
-        records = [{"instruction": f"Say {category} {i}", "output": category, "task": "t", "category": category}
-                   for i in range(4)]
+        records = [
+            {"instruction": f"Say {category} {i}", "output": category, "task": "t", "category": category}
+            for i in range(4)
+        ]
         (data / f"client_{k}.json").write_text(json.dumps(records))
     lines = [{"instruction": f"Say {c}", "output": c, "task": "t", "category": c} for c in ("alpha", "beta")]
     (data / "test.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")

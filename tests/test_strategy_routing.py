@@ -68,7 +68,7 @@ def test_round_record_lists_matrices_in_partition_order():
 
 
 @pytest.mark.parametrize(
-    "behaviour, reason",
+    ("behaviour", "reason"),
     [
         ("raise", "client error: RuntimeError: CUDA out of memory"),
         ("nan", "contains NaN or Inf"),
@@ -134,7 +134,9 @@ def test_a_round_without_evaluation_after_one_with_it_records_no_missing_evaluat
     # listed every client as "evaluate reply missing".
     clients = {p: FakeClient(p) for p in range(2)}
     records = []
-    strategy = FedBip(initial_adapter=INITIAL, min_nodes=2, on_round_end=records.append, evaluate_round=lambda r: r != 2)
+    strategy = FedBip(
+        initial_adapter=INITIAL, min_nodes=2, on_round_end=records.append, evaluate_round=lambda r: r != 2
+    )
     run_rounds(strategy, FakeGrid({7: clients[0], 8: clients[1]}), 3)
     assert [record["failures"] for record in records] == [[], [], []]
     assert [set(record["eval"]) for record in records] == [{"0", "1"}, set(), {"0", "1"}]

@@ -1,5 +1,7 @@
 """Tests for the embedded synthetic federation."""
 
+import re
+
 import pytest
 
 from fedbilevel.data import synthetic
@@ -156,7 +158,7 @@ def test_no_train_test_overlap():
     ],
 )
 def test_one_line_errors(kwargs, fragments):
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ValueError, match=re.escape(fragments[0])) as info:
         _data(**kwargs)
     message = str(info.value)
     assert "\n" not in message
@@ -165,7 +167,7 @@ def test_one_line_errors(kwargs, fragments):
 
 
 def test_unknown_task_message_exact():
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ValueError, match="unknown task 'sort'") as info:
         task_of_client(0, 4, ["sort"])
     assert str(info.value) == ("synthetic-tasks: unknown task 'sort'; allowed: reverse, uppercase, count, initials")
 

@@ -126,7 +126,8 @@ def test_a_text_model_on_image_data_is_refused_with_the_key():
     )
     with pytest.raises(
         ValueError,
-        match="run-config key 'model-name': value 'tiny-random-llama' is a causal language model, but data='digits' holds images",
+        match="run-config key 'model-name': value 'tiny-random-llama' is a causal language model, "
+        "but data='digits' holds images",
     ):
         ClientSession(context, overrides=None)
 

@@ -58,7 +58,8 @@ def test_paper_rule_by_hand():
 
 
 def test_softmax_by_hand():
-    # Row [1, 0.5, 0] with T = 0.5: logits [2, 1, 0], exp = [7.38905609893065, 2.718281828459045, 1] summing to 11.107337927389695.
+    # Row [1, 0.5, 0] with T = 0.5: logits [2, 1, 0], exp = [7.38905609893065, 2.718281828459045, 1]
+    # summing to 11.107337927389695.
     s = np.array([[1.0, 0.5, 0.0], [0.5, 1.0, 0.5], [0.0, 0.5, 1.0]])
     w = similarity_weights(s, rule="softmax", temperature=0.5)
     np.testing.assert_allclose(w[0], [0.6652409557748219, 0.24472847105479764, 0.09003057317038046], rtol=1e-14)
@@ -110,7 +111,8 @@ def test_zscore_softmax_by_hand():
     w = similarity_weights(S3, rule="zscore-softmax", z_temperature=1.0, std_floor=0.01)
     big, small = 0.46831053083348123, 0.06337893833303763
     np.testing.assert_allclose(w, [[big, big, small], [big, big, small], [small, big, big]], rtol=1e-14)
-    # std_floor 0.2 exceeds the 0.15 spread of rows 1 and 2: z = ±0.15 / 0.2 = ±0.75, so [e^.75, e^.75, e^-.75] normalised.
+    # std_floor 0.2 exceeds the 0.15 spread of rows 1 and 2: z = ±0.15 / 0.2 = ±0.75,
+    # so [e^.75, e^.75, e^-.75] normalised.
     w = similarity_weights(S3, rule="zscore-softmax", z_temperature=1.0, std_floor=0.2)
     np.testing.assert_allclose(w[0], [big, big, small], rtol=1e-14)
     np.testing.assert_allclose(w[1], [0.4498162176582742, 0.4498162176582742, 0.10036756468345168], rtol=1e-14)

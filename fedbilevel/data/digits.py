@@ -39,7 +39,7 @@ def _split() -> tuple[np.ndarray, np.ndarray]:
     """Indices of the pretraining set and of the federation pool (fixed, disjoint)."""
     images, _ = _digits()
     order = np.random.default_rng(_SPLIT_SEED).permutation(len(images))
-    cut = int(round(PRETRAIN_FRACTION * len(images)))
+    cut = round(PRETRAIN_FRACTION * len(images))
     return np.sort(order[:cut]), np.sort(order[cut:])
 
 
@@ -121,7 +121,7 @@ def make_digits_client_data(
     pixels = transform(images[mine], domain)[:, None]
     examples = [ImageExample(pixels[i], int(labels[mine[i]]), domain) for i in range(len(mine))]
     order = np.random.default_rng([seed, partition_id, 1]).permutation(len(examples))
-    cut = int(round(test_fraction * len(examples)))
+    cut = round(test_fraction * len(examples))
     test = [examples[i] for i in np.sort(order[:cut])]
     train = [examples[i] for i in np.sort(order[cut:])]
     return ClientData(domain, train, test)

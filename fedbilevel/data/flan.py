@@ -154,7 +154,8 @@ def load_flan_json(
     ids = sorted(files)
     if len(ids) != num_partitions:
         raise ValueError(
-            f"num-partitions {num_partitions} but folder {folder} has {_describe(ids)}; allowed: one client file per partition"
+            f"num-partitions {num_partitions} but folder {folder} has {_describe(ids)}; "
+            "allowed: one client file per partition"
         )
     if partition_id not in files:
         raise ValueError(

@@ -142,7 +142,8 @@ def _examples(
         for column, value in ((instruction_column, instruction), (output_column, output)):
             if not isinstance(value, str) or not value.strip():
                 raise ValueError(
-                    f"{where} row {index}: column {column!r} is {str(value)[:40]!r} ({type(value).__name__}); allowed: a non-empty string"
+                    f"{where} row {index}: column {column!r} is {str(value)[:40]!r} ({type(value).__name__}); "
+                    "allowed: a non-empty string"
                 )
         if extra is not None and not isinstance(extra, str):
             raise ValueError(
@@ -272,19 +273,22 @@ def client_data_from_dataset(
             train_ids, test_ids = sorted(dataset_train.unique(partition_by)), sorted(dataset_test.unique(partition_by))
             if train_ids != test_ids:
                 raise ValueError(
-                    f"partition-by {partition_by!r}: the test split has values {test_ids} but the train split {train_ids}; allowed: the same values"
+                    f"partition-by {partition_by!r}: the test split has values {test_ids} "
+                    f"but the train split {train_ids}; allowed: the same values"
                 )
         test_rows = partition_dataset(dataset_test, partition_id, num_partitions, **options)
     else:
         if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
             raise ValueError(
-                f"test-fraction: {test_fraction!r}; allowed: a number with 0 < test-fraction < 1 (there is no test split)"
+                f"test-fraction: {test_fraction!r}; "
+                "allowed: a number with 0 < test-fraction < 1 (there is no test split)"
             )
         order = np.random.default_rng([seed, partition_id]).permutation(len(train_rows))
         num_test = round(test_fraction * len(train_rows))
         if not 0 < num_test < len(train_rows):
             raise ValueError(
-                f"{where}: test-fraction {test_fraction} of {len(train_rows)} rows leaves an empty train or test set; allowed: more rows per client"
+                f"{where}: test-fraction {test_fraction} of {len(train_rows)} rows leaves an empty train or test set; "
+                "allowed: more rows per client"
             )
         test_rows, train_rows = (
             train_rows.select(np.sort(order[:num_test])),

@@ -69,7 +69,8 @@ class DataSettings:
         "max-train-examples",
         0,
         integer(0),
-        "`flan-json` / `hub`: keep at most this many per client, a seeded subset that is the same for every strategy (0: all)",
+        "`flan-json` / `hub`: keep at most this many per client, "
+        "a seeded subset that is the same for every strategy (0: all)",
     )
     max_test_examples: int = option(
         "max-test-examples", 0, integer(0), "`flan-json` / `hub`: keep at most this many test items per client (0: all)"
@@ -124,7 +125,8 @@ class DataSettings:
             raise not_allowed(
                 "synthetic-split",
                 "iid",
-                "with synthetic-instruction='shared' use 'per-task' (with one instruction for all tasks they cannot be told apart)",
+                "with synthetic-instruction='shared' use 'per-task' "
+                "(with one instruction for all tasks they cannot be told apart)",
             )
 
     @property

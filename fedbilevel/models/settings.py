@@ -22,8 +22,8 @@ class ModelSettings:
         choice(PRECISIONS),
         "base-model weights and compute: `fp32`; `bf16-autocast` (fp32 weights, bf16 compute); `bf16` (bf16 weights: "
         "half the memory); `4bit` (NF4 weights through bitsandbytes, QLoRA-style: a third of the memory; CUDA only, "
-        "`pip install bitsandbytes`). Adapters are float32 in every mode, so clients of different precision can share a "
-        "federation. On CPUs without native bf16 every mode but `fp32` is very slow",
+        "`pip install bitsandbytes`). Adapters are float32 in every mode, so clients of different precision can "
+        "share a federation. On CPUs without native bf16 every mode but `fp32` is very slow",
     )
     client_threads: int = option(
         "client-threads", 1, integer(0), "torch threads per client process (0 = torch's default)"

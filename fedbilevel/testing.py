@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.server.superlink.linkstate.utils import NODE_UNAVAILABLE_ERROR_REASON
 from flwr.serverapp import Grid
 
 from fedbilevel import protocol
@@ -67,12 +69,12 @@ class InProcessGrid(Grid):
 
 class UnavailableNode:
     """A node the SuperLink still lists but that stopped answering (e.g. a killed SuperNode): the
-    reply to each message is Flower's own "Node Unavailable" error, sent by the SuperLink (node 0)."""
+    reply to each message is Flower's own "Node Unavailable" error, sent by the SuperLink (its own node id)."""
 
     def handle(self, message: Message) -> Message:
         """Flower's error reply to ``message``, from the SuperLink."""
-        reply = Message(Error(code=5, reason="Error: Node Unavailable"), reply_to=message)
-        reply.metadata.__dict__["_src_node_id"] = 0  # the SuperLink's node id, not the client's
+        reply = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason=NODE_UNAVAILABLE_ERROR_REASON), reply_to=message)
+        reply.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID  # as Flower's SuperLink sends it
         return reply
 
 

@@ -27,7 +27,7 @@ def test_a_restarted_supernode_is_one_failure_per_phase_for_its_partition_then_s
     strategy = FedBip(initial_adapter=INITIAL, min_nodes=2, min_available_fraction=0.5, on_round_end=on_round_end)
     strategy.start(grid, ArrayRecord(), num_rounds=3)
 
-    # Round 2: Flower's "Node Unavailable" replies (sent by the SuperLink, node 0) are matched to the
+    # Round 2: Flower's "Node Unavailable" replies (sent by the SuperLink, node 1) are matched to the
     # messages they answer: one failure per phase, both for partition 1, none "missing" or for partition None.
     failures = [(f["phase"], f["partition_id"], f["node_id"]) for f in records[1]["failures"]]
     assert failures == [("train", 1, 11), ("evaluate", 1, 11)]

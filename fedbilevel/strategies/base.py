@@ -323,8 +323,15 @@ class PersonalizedStrategy(Strategy):
                 continue
             holder = next((n for n, p in self.node_partitions.items() if p == partition_id), None)
             if holder is not None:
-                reason = f"claims partition {partition_id}, already served by node {holder}"
-                self._round.note_start_failure(node_id, partition_id, reason)
+                # Not a failure of the partition: its holder serves it (and its failures are recorded). A
+                # restarted SuperNode waits here until the SuperLink drops its old node, then takes over.
+                log(
+                    WARNING,
+                    "node %d claims partition %d, already served by node %d; it waits",
+                    node_id,
+                    partition_id,
+                    holder,
+                )
                 continue
             known = self.clients.get(partition_id, {}).get(protocol.DATA_DIGEST)
             if known is not None and info.get(protocol.DATA_DIGEST) != known:

@@ -1,6 +1,7 @@
 """The one evaluation loop every strategy shares: batched greedy generation, option scoring, then scores.
 
-Every test item is answered by greedy generation and scored by ROUGE and exact match. Items whose
+Every test item is answered by greedy generation and scored by ROUGE and exact match
+(:mod:`fedbilevel.client.metrics`: answers and references are cut, normalised and tokenized alike). Items whose
 instruction lists answer options (Flan's ``OPTIONS:`` lists, see :func:`fedbilevel.data.flan.answer_options`)
 are also classified by option likelihood, the standard Flan/T0 rank-classification evaluation: the
 predicted option is the one whose tokens (and the EOS token) the model finds most likely after the prompt.
@@ -54,10 +55,14 @@ def generate_answers(
     bf16_autocast: bool,
     device: torch.device | str = "cpu",
 ) -> list[str]:
-    """Greedy answers to the instructions, cut at the end-of-response marker.
+    """Greedy answers to the instructions, cut at the end of the response.
 
     Prompts are left-padded (the tokenizer's padding side must be "left") so that every
-    sequence in a batch continues from its own last prompt token.
+    sequence in a batch continues from its own last prompt token. Each continuation is cut at its
+    first end-of-sequence token, decoded as written (special tokens dropped, no clean-up of spaces
+    before punctuation, which would change the answer but not the reference), then cut where it
+    starts a new template block (:func:`clean_answer`: a line starting ``### Instruction:`` or
+    ``### Response:``).
 
     Parameters
     ----------
@@ -79,7 +84,7 @@ def generate_answers(
     Returns
     -------
     list of str
-        One cleaned answer (see :func:`clean_answer`) per instruction, in order.
+        One answer per instruction, in order.
 
     Raises
     ------
@@ -101,9 +106,19 @@ def generate_answers(
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
             )
-        new_tokens = output[:, inputs["input_ids"].shape[1] :]
-        answers += [clean_answer(text) for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        new_tokens = [
+            _before_eos(row.tolist(), tokenizer.eos_token_id) for row in output[:, inputs["input_ids"].shape[1] :]
+        ]
+        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        answers += [clean_answer(text) for text in texts]
     return answers
+
+
+def _before_eos(token_ids: list[int], eos_token_id: int | None) -> list[int]:
+    """The token ids before the first end-of-sequence token (all of them if there is none)."""
+    if eos_token_id is None or eos_token_id not in token_ids:
+        return token_ids
+    return token_ids[: token_ids.index(eos_token_id)]
 
 
 def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
@@ -244,8 +259,15 @@ def option_scores(
     for chunk in batches(with_options, batch_size):
         prompts = [encode_prompt(tokenizer, examples[i].instruction) for i in chunk]
         answers = [[encode_answer(tokenizer, option) for option in options[i]] for i in chunk]
-        totals = _options_log_probs(model, prompts, answers, pad_id=tokenizer.pad_token_id, bf16_autocast=bf16_autocast,
-                                    device=device, length_normalised=length_normalised)
+        totals = _options_log_probs(
+            model,
+            prompts,
+            answers,
+            pad_id=tokenizer.pad_token_id,
+            bf16_autocast=bf16_autocast,
+            device=device,
+            length_normalised=length_normalised,
+        )
         for i, item_scores in zip(chunk, totals):
             scores[i] = item_scores
     return scores
@@ -343,7 +365,8 @@ def evaluate_adapter(
           (list of float): only if ``score_options`` and at least one item lists options
           (otherwise the keys are absent). ``items-option_correct`` has one entry per item
           *with options* (1.0 if its most likely option exactly matches the reference, see
-          :func:`fedbilevel.client.metrics.exact_match`, else 0.0), in the order of ``examples``,
+          :func:`fedbilevel.client.metrics.exact_match`: the same normalisation as for generated
+          answers, case-sensitive; else 0.0), in the order of ``examples``,
           skipping items without options; ``option_items`` is its length and
           ``option_accuracy`` its mean.
         * ``"eval-seconds"`` (float): wall-clock time of the whole evaluation (generation and
@@ -377,7 +400,9 @@ def evaluate_adapter(
             device=device,
             length_normalised=option_length_normalised,
         )
-        correct = [exact_match(option, reference) for option, reference in zip(chosen, references) if option is not None]
+        correct = [
+            exact_match(option, reference) for option, reference in zip(chosen, references) if option is not None
+        ]
         if correct:
             scores["option_accuracy"] = mean_scores({"option_correct": correct})["option_correct"]
             scores["option_items"] = len(correct)

@@ -43,6 +43,7 @@ from fedbilevel.protocol import AlaSettings
 from fedbilevel.strategies import FEDBIP_PRESETS, strategy_names
 from fedbilevel.strategies.fedamp import FedAmpSettings
 from fedbilevel.strategies.fedprox import FedProxSettings
+from fedbilevel.strategies.sampling import SamplingSettings
 
 __all__ = ["RESUMABLE_KEYS", "SCHEMA", "ConfigError", "RunConfig", "load_app_config", "resolve_user_path"]
 
@@ -115,6 +116,7 @@ class RunConfig:
         "a round aggregates only if at least this fraction of the clients replied validly; "
         "otherwise every adapter is kept",
     )
+    sampling: SamplingSettings = component(SamplingSettings)
     model: ModelSettings = component(ModelSettings)
     lora: LoraSettings = component(LoraSettings)
     data: DataSettings = component(DataSettings)

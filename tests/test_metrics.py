@@ -10,7 +10,7 @@ def test_clean_answer_cuts_at_next_instruction():
 
 
 def test_clean_answer_cuts_at_earliest_marker():
-    assert clean_answer("a b ### Response: c ### Instruction: d") == "a b"
+    assert clean_answer("a b\n### Response: c\n### Instruction: d") == "a b"
 
 
 def test_clean_answer_without_marker_strips():

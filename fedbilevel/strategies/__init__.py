@@ -59,7 +59,13 @@ def build_strategy(config: RunConfig, **common: Any) -> Strategy:
         raise ValueError(
             f"run-config key 'strategy': value {config.strategy!r} is not allowed; choose one of {', '.join(_REGISTRY)}"
         )
-    common = {"min_nodes": config.min_nodes, "min_available_fraction": config.min_available_fraction, **common}
+    common = {
+        "min_nodes": config.min_nodes,
+        "min_available_fraction": config.min_available_fraction,
+        "sampling": config.sampling,
+        "seed": config.seed,
+        **common,
+    }
     return _REGISTRY[config.strategy](config, **common)
 
 

@@ -28,6 +28,7 @@ from fedbilevel.mixing import weighted_average
 from fedbilevel.options import ConfigError
 from fedbilevel.strategies.replies import RejectedReply, check_adapter, check_reply, last_line, sender_of
 from fedbilevel.strategies.rounds import RoundLog
+from fedbilevel.strategies.sampling import SamplingSettings, sample_clients, sample_size
 
 Adapter = dict[str, np.ndarray]
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -56,6 +57,11 @@ class PersonalizedStrategy(Strategy):
         Evaluate messages also carry the global adapter (the training-set-size weighted
         mean of all personalized adapters, what FedAvg would deploy), which every client
         scores on its own test split too.
+    sampling : SamplingSettings, optional
+        The fraction (and minimum) of clients that train, and that evaluate, each round
+        (default: every client); the round's ``sampled`` record lists them.
+    seed : int (default: 0)
+        The run seed: each round's sample is drawn from it and the round.
     """
 
     # Attributes holding partition id -> adapter that a checkpoint must keep.
@@ -70,6 +76,8 @@ class PersonalizedStrategy(Strategy):
         evaluate_round: Callable[[int], bool] | None = None,
         min_available_fraction: float = 0.5,
         evaluate_global: bool = False,
+        sampling: SamplingSettings | None = None,
+        seed: int = 0,
     ) -> None:
         if not initial_adapter:
             raise ValueError("initial_adapter: must contain at least one array")
@@ -78,6 +86,8 @@ class PersonalizedStrategy(Strategy):
                 f"min_available_fraction: {min_available_fraction} is not allowed; expected a number in (0, 1]"
             )
         self.min_available_fraction = min_available_fraction
+        self.sampling = sampling or SamplingSettings()
+        self.seed = seed
         self.evaluate_global = evaluate_global
         self.round_offset = 0  # rounds completed before a resume: Flower counts from 1 again
         self.initial_adapter: Adapter = {k: np.asarray(v) for k, v in initial_adapter.items()}
@@ -240,10 +250,14 @@ class PersonalizedStrategy(Strategy):
     # ------------------------------------------------------------------ internals
 
     def _messages(self, server_round: int, config: ConfigRecord, message_type: str) -> list[Message]:
+        """One message per client sampled for this phase (:mod:`fedbilevel.strategies.sampling`)."""
         messages = []
+        phase = "train" if message_type == MessageType.TRAIN else "evaluate"
+        sampled = set(self._sample(server_round, phase))
         adapter_of = self.adapter_for if message_type == MessageType.TRAIN else self.personalized_adapter
         shared = self.global_adapter() if message_type == MessageType.EVALUATE and self.evaluate_global else None
-        for node_id, partition_id in sorted(self.node_partitions.items(), key=lambda item: item[1]):
+        chosen = {node: partition for node, partition in self.node_partitions.items() if partition in sampled}
+        for node_id, partition_id in sorted(chosen.items(), key=lambda item: item[1]):
             round_config = ConfigRecord({**dict(config), **self.client_config()})
             round_config[protocol.SERVER_ROUND] = server_round
             round_config[protocol.PARTITION_ID] = partition_id
@@ -257,10 +271,25 @@ class PersonalizedStrategy(Strategy):
                 content[protocol.GLOBAL] = protocol.adapter_to_record(shared)
             self._round.note_sent(content)
             messages.append(Message(content=content, message_type=message_type, dst_node_id=node_id))
-        phase = "train" if message_type == MessageType.TRAIN else "evaluate"
-        self._sent[phase] = dict(self.node_partitions)
+        self._sent[phase] = chosen
         self._outbox[phase] = messages  # Flower gives them their ids when it sends them
         return messages
+
+    def _sample(self, server_round: int, phase: str) -> list[int]:
+        """The clients of this phase, recorded in the round's ``sampled``: all unless a fraction is set."""
+        settings = self.sampling
+        fraction, minimum, key = (
+            (settings.fraction_train, settings.min_train_nodes, "min-train-nodes")
+            if phase == "train"
+            else (settings.fraction_evaluate, settings.min_evaluate_nodes, "min-evaluate-nodes")
+        )
+        available = sorted(self.node_partitions.values())
+        # The federation includes the clients that could not start: a minimum above it can never be met.
+        sample_size(len(available) + self._round.start_failures, fraction, minimum, key=key)
+        size = min(sample_size(len(available), fraction, min(minimum, len(available)), key=key), len(available))
+        chosen = sample_clients(available, size, seed=self.seed, server_round=server_round, phase=phase)
+        self._round.record.setdefault("sampled", {})[phase] = chosen
+        return chosen
 
     def _valid_replies(
         self, phase: str, replies: Iterable[Message]

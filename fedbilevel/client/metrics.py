@@ -18,9 +18,10 @@ from collections.abc import Mapping, Sequence
 from rouge_score import rouge_scorer
 
 from fedbilevel import protocol
+from fedbilevel.data.prompts import PROMPT_TEMPLATE
 
-# The block headers of fedbilevel.data.prompts.PROMPT_TEMPLATE ("### Instruction:\n...\n\n### Response:\n").
-TEMPLATE_HEADERS: tuple[str, ...] = ("### Instruction:", "### Response:")
+# The block headers of the prompt template ("### Instruction:", "### Response:"), read from it.
+TEMPLATE_HEADERS: tuple[str, ...] = tuple(re.findall(r"(?m)^###[^\n]*:", PROMPT_TEMPLATE))
 
 # Line boundaries as str.splitlines() knows them: a header counts only at the start of a line.
 _LINE_START = r"(?:\A|(?<=[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]))"

@@ -53,7 +53,7 @@ def adapter_digest(adapter: Mapping[str, np.ndarray]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _check_same_experiment(run_dir: Path, experiment: Mapping[str, str]) -> None:
+def check_same_experiment(run_dir: Path, experiment: Mapping[str, str]) -> None:
     """Refuse to resume when anything earlier rounds depend on besides the run config has changed:
     a package version, the base model's files, the initial adapter (the clients' data is checked
     when they report it, :class:`~fedbilevel.strategies.base.PersonalizedStrategy`)."""
@@ -81,7 +81,7 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
     initial = initial_adapter_arrays(config.model.name, config.lora, seed=config.seed)
     experiment = {"model": model_digest(config.model.name), "initial_adapter": adapter_digest(initial)}
     if resumed:
-        _check_same_experiment(resumed[0], experiment)
+        check_same_experiment(resumed[0], experiment)
     run_dir = resumed[0] if resumed else make_run_dir(config)
     resumed_after = resumed[2]["round"] if resumed else 0
     recorder = RunRecorder(config, run_dir, resumed_round=resumed_after if resumed else None, experiment=experiment)

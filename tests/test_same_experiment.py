@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord
 from fedbilevel.data.types import ClientData, Example, ImageExample, data_digest
 from fedbilevel.options import ConfigError
 from fedbilevel.results import package_versions
-from fedbilevel.server import _check_same_experiment, adapter_digest
+from fedbilevel.server import adapter_digest, check_same_experiment
 from fedbilevel.strategies.fedbip import FedBip
 from fedbilevel.testing import INITIAL, FakeClient, FakeGrid
 
@@ -34,13 +34,13 @@ def _saved_run(tmp_path, versions=None, experiment=None):
 
 
 def test_a_changed_package_version_or_model_is_refused_naming_it(tmp_path):
-    _check_same_experiment(_saved_run(tmp_path), {"model": "m1"})  # the same: accepted
+    check_same_experiment(_saved_run(tmp_path), {"model": "m1"})  # the same: accepted
     with pytest.raises(ConfigError, match=r"package 'torch': version .* differs from the resumed run's 0\.0"):
-        _check_same_experiment(_saved_run(tmp_path, versions={**package_versions(), "torch": "0.0"}), {"model": "m1"})
+        check_same_experiment(_saved_run(tmp_path, versions={**package_versions(), "torch": "0.0"}), {"model": "m1"})
     with pytest.raises(ConfigError, match="model: digest m2 differs from the resumed run's m1"):
-        _check_same_experiment(_saved_run(tmp_path), {"model": "m2"})
+        check_same_experiment(_saved_run(tmp_path), {"model": "m2"})
     with pytest.raises(ConfigError, match="initial adapter: digest b differs from the resumed run's a"):
-        _check_same_experiment(_saved_run(tmp_path, experiment={"initial_adapter": "a"}), {"initial_adapter": "b"})
+        check_same_experiment(_saved_run(tmp_path, experiment={"initial_adapter": "a"}), {"initial_adapter": "b"})
 
 
 def test_digests_see_every_value_and_name():

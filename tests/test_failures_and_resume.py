@@ -161,3 +161,14 @@ def test_clients_that_cannot_start_are_recorded_every_round_and_count_against_mi
         assert starts == [(1, "ValueError: test.jsonl: no lines"), (2, "ValueError: test.jsonl: no lines")]
         # 1 valid reply of 4 clients (2 could not start, 1 silent): below one half, so nothing is aggregated.
         assert record["aggregation_skipped"].startswith("1 of 4 clients replied validly, 2 needed")
+
+
+def test_too_few_clients_able_to_start_stop_the_run_at_start_up_with_the_reason():
+    # Issue input, kind: a max-seq-len that leaves 6 of 8 clients' data unusable ran every round training
+    # nothing for them; now the run stops before any work, with the counts and the first reason.
+    clients = {p: (CannotStart(p) if p >= 2 else FakeClient(p)) for p in range(8)}
+    strategy = FedBip(initial_adapter=INITIAL, min_nodes=8, min_available_fraction=0.5)
+    match = r"only 2 of 8 clients could start, 4 needed \(min-available-fraction\); the first error: ValueError"
+    with pytest.raises(RuntimeError, match=match):
+        strategy.start(FakeGrid({70 + p: c for p, c in clients.items()}), ArrayRecord(), num_rounds=1)
+    assert [client.received for client in clients.values()] == [[]] * 8  # nobody trained

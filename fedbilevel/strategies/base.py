@@ -372,11 +372,20 @@ class PersonalizedStrategy(Strategy):
             self.node_partitions[node_id] = partition_id
             self.clients[partition_id] = info
             log(INFO, "node %d is client %d (%s)", node_id, partition_id, info.get(protocol.TASK, "?"))
+        failures = self._round.record["failures"]
+        first = failures[0]["reason"] if failures else "no reply to the partition query"
         if not self.node_partitions:
             # Every client failed to start (e.g. a bad data-path): stop with the reason, not train nothing.
-            failures = self._round.record["failures"]
-            first = failures[0]["reason"] if failures else "no reply to the partition query"
             raise RuntimeError(f"no client could start; the first error: {first}")
+        started, total = len(self.node_partitions), len(self.node_partitions) + self._round.start_failures
+        needed = math.ceil(self.min_available_fraction * total)
+        if not self.history and started < needed:
+            # At start-up (e.g. a max-seq-len too short for most clients' data) no round could ever
+            # aggregate: stop with the reason now, not after rounds of work.
+            raise RuntimeError(
+                f"only {started} of {total} clients could start, {needed} needed (min-available-fraction); "
+                f"the first error: {first}"
+            )
 
     def _finish_round(self) -> None:
         record = self._round.finish()

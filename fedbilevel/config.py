@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedbilevel import options
 from fedbilevel.aggregation import FedBipSettings
 from fedbilevel.data.settings import DataSettings
 from fedbilevel.models.settings import LoraSettings, ModelSettings
@@ -30,13 +31,10 @@ from fedbilevel.options import (
     choice,
     component,
     declared,
-    from_run_config,
     integer,
     number,
     option,
-    resolve_user_path,
     text,
-    to_run_config,
     validate,
 )
 from fedbilevel.protocol import AlaSettings
@@ -45,7 +43,16 @@ from fedbilevel.strategies.fedamp import FedAmpSettings
 from fedbilevel.strategies.fedprox import FedProxSettings
 from fedbilevel.strategies.sampling import SamplingSettings
 
-__all__ = ["RESUMABLE_KEYS", "SCHEMA", "ConfigError", "RunConfig", "load_app_config", "resolve_user_path"]
+__all__ = [
+    "PYPROJECT",
+    "RESUMABLE_KEYS",
+    "SCHEMA",
+    "ConfigError",
+    "RunConfig",
+    "load_app_config",
+    "parse_assignment",
+    "resolve",
+]
 
 
 @dataclass(frozen=True)
@@ -147,11 +154,11 @@ class RunConfig:
             raise ConfigError(
                 f"run-config key '{missing[0]}': missing; add it to [tool.flwr.app.config] in pyproject.toml"
             )
-        return from_run_config(cls, _with_preset(merged))
+        return options.from_run_config(cls, _with_preset(merged))
 
     def to_run_config(self) -> dict[str, Any]:
         """Back to the flat kebab-case mapping (what config.json stores and run-config accepts), in SCHEMA order."""
-        flat = to_run_config(self)
+        flat = options.to_run_config(self)
         return {key: flat[key] for key in SCHEMA}
 
     def evaluates_in_round(self, server_round: int) -> bool:

@@ -107,11 +107,6 @@ def defaults(component: type) -> dict[str, Any]:
     return out
 
 
-def help_text(component: type) -> dict[str, str]:
-    """Run-config key -> its one-line help, for the README's key table."""
-    return {key: field.metadata["help"] for key, field in declared(component)}
-
-
 # ---------------------------------------------------------------------------- checks
 
 

@@ -506,7 +506,9 @@ def plot_similarity(run: Run, path: Path) -> Path:
         2, len(shown), figsize=(size * len(shown), 2 * size), squeeze=False, constrained_layout=True
     )
     for column, record in enumerate(shown):
-        index = [int(p) for p in record.get("participants", range(len(labels)))]
+        # Matrices over every client (absent ones None) since client sampling; over the participants before.
+        full = len(record["similarity"]) == len(labels)
+        index = range(len(labels)) if full else [int(p) for p in record.get("participants", range(len(labels)))]
         names = [labels[i] for i in index]
         for row, (key, title, cmap, limits) in enumerate(
             [
@@ -514,10 +516,12 @@ def plot_similarity(run: Run, path: Path) -> Path:
                 ("weights", "aggregation weight", "viridis", (0, 1)),
             ]
         ):
-            matrix = np.asarray(record[key])
+            matrix = np.array([[np.nan if v is None else v for v in line] for line in record[key]], dtype=float)
             ax = axes[row, column]
-            image = ax.imshow(matrix, cmap=cmap, vmin=limits[0], vmax=limits[1])
+            image = ax.imshow(matrix, cmap=cmap, vmin=limits[0], vmax=limits[1])  # absent clients: blank
             for (i, j), value in np.ndenumerate(matrix):
+                if np.isnan(value):
+                    continue
                 ax.text(
                     j,
                     i,

@@ -13,6 +13,7 @@ from fedbilevel.comparison import (
     load_run,
     markdown,
     per_client_rows,
+    plot_similarity,
     summary_rows,
     write_plots,
     write_tables,
@@ -77,6 +78,18 @@ def test_per_client_rows_by_hand(runs):
     assert rows[("fedbip", 0)]["exact_match_std"] == pytest.approx(math.sqrt(0.02))
     assert rows[("fedbip", 1)]["task"] == "count" and rows[("fedbip", 1)]["seeds"] == 2
     assert rows[("fedavg", 1)]["exact_match_mean"] == 0.0
+
+
+def test_similarity_plot_of_a_sampled_round_leaves_absent_clients_blank(tmp_path):
+    folder = write_run(tmp_path / "s0", "fedbip", 0, [(0.2, 0.4)], similarity=True)
+    results = json.loads((folder / "results.json").read_text())
+    # Client 1 was not sampled: its row and column are None over all clients (not a 1×1 matrix).
+    results["rounds"][0].update(
+        participants=[0], similarity=[[1, None], [None, None]], weights=[[1, None], [None, None]]
+    )
+    (folder / "results.json").write_text(json.dumps(results))
+    path = plot_similarity(load_run(folder), tmp_path / "similarity.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_tables_and_plots_are_written(runs, tmp_path):

@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, MessageType
 from fedbilevel.config import RunConfig, load_app_config
 from fedbilevel.options import ConfigError
 from fedbilevel.strategies.fedbip import FedBip
+from fedbilevel.strategies.rounds import over_all_clients
 from fedbilevel.strategies.sampling import SamplingSettings, sample_clients, sample_size
 from fedbilevel.testing import INITIAL, FakeClient, FakeGrid
 
@@ -108,3 +109,29 @@ def test_a_minimum_above_the_federation_stops_the_first_round_naming_the_key():
         ConfigError, match="run-config key 'min-train-nodes': value 5 is not allowed; the federation has 3"
     ):
         strategy.start(FakeGrid({60 + p: FakeClient(p) for p in range(3)}), ArrayRecord(), num_rounds=1)
+
+
+def test_matrices_spread_over_every_client_with_absent_ones_none():
+    fields = {"participants": [0, 2], "similarity": [[1.0, 0.5], [0.5, 1.0]], "weights": [[0.6, 0.4], [0.3, 0.7]]}
+    spread = over_all_clients(fields, [0, 1, 2])
+    assert spread["similarity"] == [[1.0, None, 0.5], [None, None, None], [0.5, None, 1.0]]
+    assert spread["weights"] == [[0.6, None, 0.4], [None, None, None], [0.3, None, 0.7]]
+    assert spread["participants"] == [0, 2]
+    everyone = {"participants": [0, 1], "similarity": [[1.0, 0.2], [0.2, 1.0]]}
+    assert over_all_clients(everyone, [0, 1]) == everyone
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_a_sampled_round_records_its_matrices_over_all_clients():
+    records = []
+    sampling = SamplingSettings(fraction_train=0.5, min_train_nodes=2)
+    strategy = FedBip(initial_adapter=INITIAL, min_nodes=6, sampling=sampling, seed=2, on_round_end=records.append)
+    strategy.start(FakeGrid({80 + p: FakeClient(p) for p in range(6)}), ArrayRecord(), num_rounds=1)
+    (record,) = records
+    similarity = record["similarity"]
+    assert len(similarity) == 6 and all(len(row) == 6 for row in similarity)
+    for i in range(6):
+        for j in range(6):
+            taking_part = i in record["participants"] and j in record["participants"]
+            assert (similarity[i][j] is not None) == taking_part
+    assert all(np.isclose(sum(v for v in record["weights"][i] if v is not None), 1.0) for i in record["participants"])

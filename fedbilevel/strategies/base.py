@@ -27,7 +27,7 @@ from fedbilevel import protocol
 from fedbilevel.mixing import weighted_average
 from fedbilevel.options import ConfigError
 from fedbilevel.strategies.replies import RejectedReply, check_adapter, check_reply, last_line, sender_of
-from fedbilevel.strategies.rounds import RoundLog
+from fedbilevel.strategies.rounds import RoundLog, over_all_clients
 from fedbilevel.strategies.sampling import SamplingSettings, sample_clients, sample_size
 
 Adapter = dict[str, np.ndarray]
@@ -219,7 +219,7 @@ class PersonalizedStrategy(Strategy):
             self._round.note_skipped(reason)
             return None, None
         started = time.time()
-        fields = self.personalize(server_round, trained, num_examples)
+        fields = over_all_clients(self.personalize(server_round, trained, num_examples), sorted(self.clients))
         self._round.note_aggregation(fields, time.time() - started)
         total = sum(num_examples.values())
         losses = self._round.record["train"]

@@ -8,7 +8,7 @@ into client training, client evaluation, server aggregation and the rest (Flower
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from logging import WARNING
 from typing import Any
 
@@ -45,6 +45,40 @@ def _covered(intervals: list[tuple[float, float]], start: float | None, end: flo
     if current_end is not None:
         total += current_end - current_start
     return total
+
+
+def over_all_clients(fields: Mapping[str, Any], clients: Sequence[int]) -> dict[str, Any]:
+    """A strategy's round fields with its matrices (``similarity``, ``weights``: rows and columns over
+    ``participants``) spread over every known client, None where a row or column's client did not take part.
+
+    So heatmaps compare across rounds when a fraction of the clients trains: row and column k are always
+    client ``clients[k]`` (ascending partition id); ``participants`` still says who took part.
+
+    Parameters
+    ----------
+    fields : mapping
+        What :meth:`~fedbilevel.strategies.base.PersonalizedStrategy.personalize` returned.
+    clients : sequence of int
+        Every known partition id, ascending.
+
+    Returns
+    -------
+    dict
+        ``fields`` with N×N lists (None for absent clients); unchanged when everyone took part.
+    """
+    participants = list(fields.get("participants", []))
+    if participants == list(clients):
+        return dict(fields)
+    position = {partition: k for k, partition in enumerate(participants)}
+    out = dict(fields)
+    for key in ("similarity", "weights"):
+        if key in fields:
+            matrix = fields[key]
+            out[key] = [
+                [matrix[position[i]][position[j]] if i in position and j in position else None for j in clients]
+                for i in clients
+            ]
+    return out
 
 
 class RoundLog:

@@ -518,7 +518,8 @@ def plot_similarity(run: Run, path: Path) -> Path:
         ):
             matrix = np.array([[np.nan if v is None else v for v in line] for line in record[key]], dtype=float)
             ax = axes[row, column]
-            image = ax.imshow(matrix, cmap=cmap, vmin=limits[0], vmax=limits[1])  # absent clients: blank
+            ax.set_facecolor("0.85")  # grey where a client did not take part (NaN cells are not drawn)
+            image = ax.imshow(matrix, cmap=cmap, vmin=limits[0], vmax=limits[1])
             for (i, j), value in np.ndenumerate(matrix):
                 if np.isnan(value):
                     continue
@@ -535,7 +536,10 @@ def plot_similarity(run: Run, path: Path) -> Path:
             ax.set_yticks(range(len(names)), names, fontsize=8)
             ax.set_title(f"{title}, round {record['round']}", fontsize=10)
             figure.colorbar(image, ax=ax, shrink=0.8)
-    figure.suptitle(f"{run.label}, seed {run.seed}: rows = receiving client, columns = contributing client")
+    figure.suptitle(
+        f"{run.label}, seed {run.seed}: rows = receiving client, columns = contributing client"
+        + ("; grey: not in the round" if any(None in line for r in shown for line in r["similarity"]) else "")
+    )
     figure.savefig(path, dpi=130)
     plt.close(figure)
     return path

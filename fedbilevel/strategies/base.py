@@ -182,7 +182,7 @@ class PersonalizedStrategy(Strategy):
     # ------------------------------------------------------------------ Flower hooks
 
     def configure_train(self, server_round: int, arrays, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        """One TRAIN message per known partition, carrying that partition's own adapter."""
+        """One TRAIN message per sampled partition, carrying that partition's own adapter."""
         server_round += self.round_offset
         self._round = RoundLog(server_round)
         # Who was messaged is per round: a round without evaluation expects no evaluate replies.
@@ -227,7 +227,7 @@ class PersonalizedStrategy(Strategy):
         return None, MetricRecord({protocol.TRAIN_LOSS: mean_loss, protocol.NUM_EXAMPLES: total})
 
     def configure_evaluate(self, server_round: int, arrays, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        """One EVALUATE message per partition with its (new) personalized adapter."""
+        """One EVALUATE message per sampled partition with its current personalized adapter."""
         server_round += self.round_offset
         if not self.evaluate_round(server_round):
             return []

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from fedbilevel.client.evaluate import evaluate_adapter
-from fedbilevel.client.metrics import score_answers
+from fedbilevel.client.metrics import answer_text, score_answers
 from fedbilevel.client.train import TextCodec, train_adapter
 from fedbilevel.data.common import most_common_answer
 from fedbilevel.data.flan import load_flan_json
@@ -145,7 +145,7 @@ def main() -> int:
     datasets, majority = [], {}
     for partition_id in clients:
         data = load_flan_json(args.data_path, partition_id, num_clients, max_test=args.max_test, seed=args.seed)
-        answer, _ = most_common_answer(data.train)
+        answer, _ = most_common_answer(data.train, key=answer_text)
         majority[data.task] = score_answers([answer] * len(data.test), [example.output for example in data.test])[
             "exact_match"
         ]

@@ -288,3 +288,13 @@ def test_generate_answers_cuts_at_eos_and_template_headers_only():
     assert answers == ["Use C# ### here", "### Ingredients\n- 2 eggs", "Hello , world ."]
     references = ["Use C# ### here", "### Ingredients\n- 2 eggs", "Hello , world ."]
     assert score_items(answers, references) == {name: [1.0, 1.0, 1.0] for name in ALL_ONE}
+
+
+def test_the_majority_answer_is_counted_as_answers_are_scored():
+    from fedbilevel.data.common import most_common_answer
+    from fedbilevel.data.types import Example
+
+    outputs = ["yes", "yes ", "ｙｅｓ", "no", "no"]  # three spellings of one scored answer
+    examples = [Example("q", out, "t") for out in outputs]
+    assert most_common_answer(examples) == ("no", 0.4)  # raw counting: "no" wins
+    assert most_common_answer(examples, key=answer_text) == ("yes", 0.6)

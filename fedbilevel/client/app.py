@@ -25,7 +25,7 @@ from fedbilevel.client.ala import (
     remember_local,
 )
 from fedbilevel.client.evaluate import evaluate_adapter
-from fedbilevel.client.metrics import score_answers
+from fedbilevel.client.metrics import answer_text, score_answers
 from fedbilevel.client.train import Codec, TextCodec, fit_report, proximal_term, train_adapter
 from fedbilevel.client.vision import ImageCodec, evaluate_classifier
 from fedbilevel.config import RunConfig
@@ -171,7 +171,7 @@ class ClientSession:
         if self.images:
             majority, _ = most_common(example.label for example in self.data.train)
             return sum(example.label == majority for example in self.data.test) / len(self.data.test)
-        answer, _ = most_common_answer(self.data.train)
+        answer, _ = most_common_answer(self.data.train, key=answer_text)
         return score_answers([answer] * len(self.data.test), [e.output for e in self.data.test])["exact_match"]
 
     def load_model(self, message: Message, context: Context):

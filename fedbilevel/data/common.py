@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from numbers import Integral
 from typing import TypeVar
 
@@ -64,19 +64,23 @@ def seeded_subset(items: Sequence[T], n: int | None, seed: int) -> list[T]:
     return [items[i] for i in chosen]
 
 
-def most_common_answer(examples: Sequence[Example]) -> tuple[str, float]:
+def most_common_answer(examples: Sequence[Example], key: Callable[[str], str] | None = None) -> tuple[str, float]:
     """The most frequent output and its share: the majority-answer baseline of a task.
 
     Parameters
     ----------
     examples : sequence of Example
         At least one example.
+    key : callable, optional
+        Outputs are counted as ``key(output)``: the scoring's normalisation
+        (:func:`fedbilevel.client.metrics.answer_text`), so that ``"yes"``, ``"yes "`` and ``"ｙｅｓ"``
+        count as the one answer they are scored as.
 
     Returns
     -------
     tuple of (str, float)
-        The most frequent ``output`` (ties: the lexicographically smallest) and the fraction of
-        examples that have it.
+        The most frequent (keyed) ``output`` (ties: the lexicographically smallest) and the fraction
+        of examples that have it.
 
     Raises
     ------
@@ -85,7 +89,7 @@ def most_common_answer(examples: Sequence[Example]) -> tuple[str, float]:
     """
     if not examples:
         raise ValueError("most_common_answer: no examples; allowed: at least one example")
-    return most_common(example.output for example in examples)
+    return most_common((key or str)(example.output) for example in examples)
 
 
 def most_common(values: Iterable[V]) -> tuple[V, float]:

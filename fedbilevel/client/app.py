@@ -80,11 +80,12 @@ def _model(settings: ModelSettings, lora: LoraSettings):
     if settings.client_threads > 0:
         torch.set_num_threads(settings.client_threads)
     model = build_lora_model(settings.name, lora, precision=settings.precision, device=resolve_device(settings.device))
-    return model, None if is_image_classifier(settings.name) else load_tokenizer(settings.name)
+    return model, None if is_image_classifier(settings.name) else _tokenizer(settings.name)
 
 
 @functools.lru_cache(maxsize=1)
 def _tokenizer(model_name: str):
+    # One per process, shared by the start-up length check (query) and every train/evaluate message.
     return load_tokenizer(model_name)
 
 

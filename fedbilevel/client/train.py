@@ -62,19 +62,22 @@ class FitReport:
     longest: int  # tokens of the longest example before any cut
 
 
-def _fit(tokenizer, example: Example, max_seq_len: int) -> tuple[list[int], list[int], int] | None:
+def _fit(
+    tokenizer, example: Example, max_seq_len: int, template: tuple[list[int], list[int]]
+) -> tuple[list[int], list[int], int] | None:
     """(input ids, labels, tokens before any cut) with the instruction cut to fit, or None if it cannot be.
 
     An example longer than ``max_seq_len`` keeps the template and the whole answer (+ EOS) and loses
     the middle of its instruction: its start (the task) and its end (question, options) stay, as
     SFT tools keep the answer a model is trained on. None: the template and the answer alone do not fit.
+    ``template``: the token ids of the template before and after the instruction.
     """
     prompt_ids = encode_prompt(tokenizer, example.instruction)
     answer_ids = encode_answer(tokenizer, example.output)
     full = len(prompt_ids) + len(answer_ids)
     if full <= max_seq_len:
         return prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids, full
-    before, after = (tokenizer(part, add_special_tokens=False)["input_ids"] for part in _TEMPLATE_PARTS)
+    before, after = template
     instruction = tokenizer(example.instruction, add_special_tokens=False)["input_ids"]
     budget = max_seq_len - len(before) - len(after) - len(answer_ids)
     if budget < 1:
@@ -92,7 +95,7 @@ def fit_report(tokenizer, examples: Sequence[Example], max_seq_len: int) -> FitR
     ------
     ValueError
         One line naming ``max-seq-len``, when the template and the whole answer of some example do
-        not fit: with the count, the longest such example and the length that would hold them all.
+        not fit: with their count and the length that would hold them all.
     """
     return _encode(tokenizer, examples, max_seq_len)[1]
 
@@ -109,18 +112,13 @@ def encode_for_training(tokenizer, examples: Sequence[Example], max_seq_len: int
 
 
 def _encode(tokenizer, examples: Sequence[Example], max_seq_len: int):
+    template = tuple(tokenizer(part, add_special_tokens=False)["input_ids"] for part in _TEMPLATE_PARTS)
     encoded, truncated, unfit, longest, needed = [], 0, 0, 0, 0
     for example in examples:
-        fitted = _fit(tokenizer, example, max_seq_len)
-        if fitted is None:
+        fitted = _fit(tokenizer, example, max_seq_len, template)
+        if fitted is None:  # needed: the template, the whole answer and one instruction token
             unfit += 1
-            answer = len(encode_answer(tokenizer, example.output))
-            needed = max(
-                needed,
-                answer
-                + sum(len(tokenizer(part, add_special_tokens=False)["input_ids"]) for part in _TEMPLATE_PARTS)
-                + 1,
-            )
+            needed = max(needed, sum(map(len, template)) + len(encode_answer(tokenizer, example.output)) + 1)
             continue
         input_ids, labels, full = fitted
         truncated += full > max_seq_len

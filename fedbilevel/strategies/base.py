@@ -26,7 +26,7 @@ from flwr.supercore import log
 from fedbilevel import protocol
 from fedbilevel.mixing import weighted_average
 from fedbilevel.options import ConfigError
-from fedbilevel.strategies.replies import RejectedReply, check_adapter, check_reply, last_line, sender_of
+from fedbilevel.strategies.replies import RejectedReply, check_adapter, check_reply, last_line, senders_of
 from fedbilevel.strategies.rounds import RoundLog, over_all_clients
 from fedbilevel.strategies.sampling import SamplingSettings, sample_clients, sample_size
 
@@ -284,9 +284,10 @@ class PersonalizedStrategy(Strategy):
             else (settings.fraction_evaluate, settings.min_evaluate_nodes, "min-evaluate-nodes")
         )
         available = sorted(self.node_partitions.values())
-        # The federation includes the clients that could not start: a minimum above it can never be met.
+        # Refuse a minimum the federation (the clients that could not start included) can never meet; sample
+        # among the clients that started, all of them when fewer than the minimum did.
         sample_size(len(available) + self._round.start_failures, fraction, minimum, key=key)
-        size = min(sample_size(len(available), fraction, min(minimum, len(available)), key=key), len(available))
+        size = sample_size(len(available), fraction, min(minimum, len(available)), key=key)
         chosen = sample_clients(available, size, seed=self.seed, server_round=server_round, phase=phase)
         self._round.record.setdefault("sampled", {})[phase] = chosen
         return chosen
@@ -300,7 +301,7 @@ class PersonalizedStrategy(Strategy):
         are logged and recorded as failures. Lazy, so each reply's log lines stay in order.
         """
         replies = list(replies)
-        senders = [sender_of(message, self._outbox.get(phase, [])) for message in replies]
+        senders = senders_of(replies, self._outbox.get(phase, []))
         self._round.note_missing(phase, self._sent.get(phase, {}), set(senders))
         for message, node_id in zip(replies, senders):
             self._round.note_received(message)
@@ -331,8 +332,8 @@ class PersonalizedStrategy(Strategy):
             )
             for node_id in new
         ]
-        replies = grid.send_and_receive(queries, timeout=QUERY_TIMEOUT_S)
-        senders = [sender_of(reply, queries) for reply in replies]
+        replies = list(grid.send_and_receive(queries, timeout=QUERY_TIMEOUT_S))  # read twice below
+        senders = senders_of(replies, queries)
         for node_id in sorted(set(new) - set(senders)):
             self._round.note_start_failure(node_id, None, "no reply to the partition query within its timeout")
         for reply, node_id in zip(replies, senders):

@@ -9,7 +9,7 @@ rejection is the strategy's part (:mod:`fedbilevel.strategies.rounds`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -56,28 +56,31 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else text
 
 
-def sender_of(reply: Message, sent: Iterable[Message]) -> int:
-    """The node a reply answers for: its source, or, for an error Flower itself sends (e.g. "Node
+def senders_of(replies: Sequence[Message], sent: Sequence[Message]) -> list[int]:
+    """The node each reply answers for: its source, or, for an error Flower itself sends (e.g. "Node
     Unavailable" from the SuperLink, whose node id is not the client's), the destination of the
     message it replies to. Without this, one lost node counts twice: once missing, once unknown.
 
     Parameters
     ----------
-    reply : Message
-        A reply from ``grid.send_and_receive``.
-    sent : iterable of Message
+    replies : sequence of Message
+        The replies from ``grid.send_and_receive``.
+    sent : sequence of Message
         The messages of this phase, after sending (Flower's grids give them their message ids).
 
     Returns
     -------
-    int
-        The node id.
+    list[int]
+        One node id per reply, in order.
     """
-    sources = {message.metadata.dst_node_id for message in sent}
-    if reply.metadata.src_node_id in sources:
-        return reply.metadata.src_node_id
+    destinations = {message.metadata.dst_node_id for message in sent}
     answered = {message.metadata.message_id: message.metadata.dst_node_id for message in sent}
-    return answered.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+    return [
+        reply.metadata.src_node_id
+        if reply.metadata.src_node_id in destinations
+        else answered.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        for reply in replies
+    ]
 
 
 def check_reply(message: Message, expected_partition: int | None, phase: str) -> tuple[int, dict[str, Any]]:

@@ -25,11 +25,13 @@ from fedbilevel.results import RunRecorder, make_run_dir, package_versions
 from fedbilevel.strategies import build_strategy
 
 
-def _resume_point(config: RunConfig) -> tuple[Path, dict, dict]:
-    """The run folder, checkpoint arrays and record to continue; the config must match the run's."""
+def _resume_point(config: RunConfig) -> tuple[Path, dict, dict, dict]:
+    """The run folder, checkpoint arrays and record to continue, and the run's config.json; the run
+    config must match the run's."""
     run_dir = resolve_user_path(config.resume_from)
     arrays, meta = load_checkpoint(run_dir)
-    saved = json.loads((run_dir / "config.json").read_text())["run_config"]
+    record = json.loads((run_dir / "config.json").read_text())
+    saved = record["run_config"]
     for key, value in config.to_run_config().items():
         if key not in RESUMABLE_KEYS and saved.get(key) != value:
             raise ConfigError(
@@ -41,7 +43,7 @@ def _resume_point(config: RunConfig) -> tuple[Path, dict, dict]:
             f"run-config key 'num-server-rounds': value {config.num_server_rounds} is not allowed; "
             f"the run in {run_dir} already completed round {meta['round']} (raise it to continue)"
         )
-    return run_dir, arrays, meta
+    return run_dir, arrays, meta, record
 
 
 def adapter_digest(adapter: Mapping[str, np.ndarray]) -> str:
@@ -53,11 +55,11 @@ def adapter_digest(adapter: Mapping[str, np.ndarray]) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_same_experiment(run_dir: Path, experiment: Mapping[str, str]) -> None:
+def check_same_experiment(saved: Mapping[str, Any], experiment: Mapping[str, str]) -> None:
     """Refuse to resume when anything earlier rounds depend on besides the run config has changed:
     a package version, the base model's files, the initial adapter (the clients' data is checked
-    when they report it, :class:`~fedbilevel.strategies.base.PersonalizedStrategy`)."""
-    saved = json.loads((run_dir / "config.json").read_text())
+    when they report it, :class:`~fedbilevel.strategies.base.PersonalizedStrategy`). ``saved`` is
+    the resumed run's config.json."""
     for name, version in package_versions().items():
         if name in saved.get("versions", {}) and saved["versions"][name] != version:
             raise ConfigError(
@@ -81,7 +83,7 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
     initial = initial_adapter_arrays(config.model.name, config.lora, seed=config.seed)
     experiment = {"model": model_digest(config.model.name), "initial_adapter": adapter_digest(initial)}
     if resumed:
-        check_same_experiment(resumed[0], experiment)
+        check_same_experiment(resumed[3], experiment)
     run_dir = resumed[0] if resumed else make_run_dir(config)
     resumed_after = resumed[2]["round"] if resumed else 0
     recorder = RunRecorder(config, run_dir, resumed_round=resumed_after if resumed else None, experiment=experiment)

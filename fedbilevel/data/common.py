@@ -1,4 +1,4 @@
-"""Helpers every loader shares: argument checks, seeded subsets, majority answers."""
+"""Helpers every loader shares: argument checks, seeded subsets and shares, majority answers."""
 
 from __future__ import annotations
 
@@ -62,6 +62,34 @@ def seeded_subset(items: Sequence[T], n: int | None, seed: int) -> list[T]:
         return list(items)
     chosen = np.sort(np.random.default_rng(seed).permutation(len(items))[:n])
     return [items[i] for i in chosen]
+
+
+def seeded_share(items: Sequence[T], parts: int, index: int, seed: Sequence[int]) -> list[T]:
+    """Share ``index`` of ``parts`` disjoint shares of ``items``, drawn with ``seed``, in original order.
+
+    A permutation drawn by ``numpy.random.default_rng(seed)`` is cut into ``parts`` runs whose
+    lengths differ by at most one (:func:`numpy.array_split`), so the shares are disjoint, their
+    union is ``items`` and each is an IID sample; ``parts = 1`` returns ``items`` unchanged.
+
+    Parameters
+    ----------
+    items : sequence
+        The items to share out.
+    parts : int
+        Number of shares, ``1 <= parts <= len(items)`` (so that none is empty).
+    index : int
+        Which share, ``0 <= index < parts``.
+    seed : sequence of int
+        Entropy of the permutation (e.g. the run seed and the task): the same seed gives the same
+        shares to every client, in every process.
+
+    Returns
+    -------
+    list
+        The share's items.
+    """
+    order = np.random.default_rng(list(seed)).permutation(len(items))
+    return [items[i] for i in np.sort(np.array_split(order, parts)[index])]
 
 
 def most_common_answer(examples: Sequence[Example], key: Callable[[str], str] | None = None) -> tuple[str, float]:

@@ -1,9 +1,24 @@
 """The FedDPA "flan-json" federation folder: ``client_K.json`` train files and one ``test.jsonl``.
 
-Client K trains on ``client_K.json`` (a JSON list of records) and is evaluated on the lines of
-``test.jsonl`` whose ``"category"`` is its own. Records have the keys ``instruction``, ``output``,
-``task`` (the source FLAN dataset) and ``category`` (the task group a client holds); the category is
-what the federation's personalisation is about, so it is the task label of the examples.
+Each ``client_K.json`` holds one task: a JSON list of records with the keys ``instruction``,
+``output``, ``task`` (the source FLAN dataset) and ``category`` (the task group the file holds);
+``test.jsonl`` holds the test lines of every category. The category is what the federation's
+personalisation is about, so it is the task label of the examples.
+
+With ``clients-per-task = k`` the F files make F·k clients, each task's clients adjacent:
+partition p holds task ``client_<p // k>.json`` as member ``p % k``, so partitions 0..k−1 hold
+client_0's task, k..2k−1 client_1's, and a heatmap ordered by partition id is ordered by task.
+The member gets the ``(p % k)``-th of k disjoint, near-equal IID shares of the file's training
+examples and of its category's test lines, drawn from the run seed and the file
+(:func:`~fedbilevel.data.common.seeded_share`); ``max-train-examples`` / ``max-test-examples``
+then cap each client's share. Test lines are split, not shared: as with k = 1 each test item
+belongs to one client, so at a given per-client evaluation cost
+(``max-test-examples``) the k clients of a task cover k times as many distinct items and the
+federation's mean score is tighter; each client holds its own test data as in a real
+federation; and since the split depends on the seed only, every strategy scores a client on
+the same items. Every client of a task reports the category as its task label, which only the
+cluster oracle (:mod:`fedbilevel.strategies.cluster_oracle`) acts on. k = 1 is one client per
+file with all of its category's test lines, as before.
 """
 
 from __future__ import annotations
@@ -14,8 +29,9 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedbilevel.data.common import check_int, check_partition, seeded_subset
+from fedbilevel.data.common import check_int, check_partition, seeded_share, seeded_subset
 from fedbilevel.data.types import ClientData, Example
+from fedbilevel.options import not_allowed
 
 KEYS = ("instruction", "output", "task", "category")
 TEST_FILE = "test.jsonl"
@@ -110,6 +126,7 @@ def load_flan_json(
     partition_id: int,
     num_partitions: int,
     *,
+    clients_per_task: int = 1,
     max_train: int | None = None,
     max_test: int | None = None,
     seed: int = 0,
@@ -119,32 +136,40 @@ def load_flan_json(
     Parameters
     ----------
     folder : str or Path
-        Folder with ``client_0.json`` .. ``client_<num_partitions-1>.json`` and ``test.jsonl``.
+        Folder with ``client_0.json`` .. ``client_<F-1>.json`` and ``test.jsonl``.
     partition_id : int
-        The client, ``0 <= partition_id < num_partitions``; it trains on ``client_<partition_id>.json``.
+        The client, ``0 <= partition_id < num_partitions``; it holds the task of
+        ``client_<partition_id // clients_per_task>.json``.
     num_partitions : int
-        Number of clients; must equal the number of client files.
+        Number of clients; must equal the number of client files times ``clients_per_task``.
+    clients_per_task : int, optional
+        k: each file's training examples and its category's test lines are split into k seeded,
+        disjoint IID shares, one a client (see the module docstring); 1 (default): the whole
+        file and all its category's test lines.
     max_train, max_test : int or None, optional
-        Keep at most this many train / test examples, chosen by :func:`seeded_subset` (the same
-        items in every run with that seed); ``None`` keeps all.
+        Keep at most this many of the client's train / test examples, chosen by
+        :func:`seeded_subset` (the same items in every run with that seed); ``None`` keeps all.
     seed : int, optional
-        Seed of the subsets.
+        Seed of the shares and the subsets (the run seed).
 
     Returns
     -------
     ClientData
-        ``task`` is the client's category, ``train`` its file's examples and ``test`` the
-        ``test.jsonl`` examples of that category, both in file order.
+        ``task`` is the client's category, ``train`` its share of its file's examples and
+        ``test`` its share of the ``test.jsonl`` examples of that category, both in file order.
 
     Raises
     ------
     ValueError
         One line naming what is wrong and what is allowed: missing folder or file, a number of
-        client files other than ``num_partitions``, invalid JSON (file and line), an invalid
-        record (file, record index or line, key), training records of several categories, no
-        test lines of the client's category, or test lines of a category no client file holds.
+        partitions other than client files × ``clients_per_task``, invalid JSON (file and line),
+        an invalid record (file, record index or line, key), training records of several
+        categories, no test lines of the client's category, test lines of a category no client
+        file holds, or a ``clients_per_task`` above the task's training examples or test lines
+        (the key, the task and the counts).
     """
     partition_id, num_partitions = check_partition(partition_id, num_partitions)
+    clients_per_task = check_int("clients-per-task", clients_per_task, 1)
     max_train = None if max_train is None else check_int("max-train-examples", max_train, 1)
     max_test = None if max_test is None else check_int("max-test-examples", max_test, 1)
     folder = Path(folder)
@@ -152,14 +177,16 @@ def load_flan_json(
         raise ValueError(f"data folder {folder}: not found; allowed: a folder with client_K.json files and {TEST_FILE}")
     files = _client_files(folder)
     ids = sorted(files)
-    if len(ids) != num_partitions:
+    if len(ids) * clients_per_task != num_partitions:
         raise ValueError(
-            f"num-partitions {num_partitions} but folder {folder} has {_describe(ids)}; "
-            "allowed: one client file per partition"
+            f"num-partitions {num_partitions} but folder {folder} has {_describe(ids)} and clients-per-task is "
+            f"{clients_per_task}; allowed: num-partitions = client files × clients-per-task "
+            f"({len(ids)} × {clients_per_task} = {len(ids) * clients_per_task})"
         )
-    if partition_id not in files:
+    file_id, member = divmod(partition_id, clients_per_task)
+    if file_id not in files:
         raise ValueError(
-            f"partition {partition_id}: folder {folder} has no client_{partition_id}.json (it has {_describe(ids)})"
+            f"partition {partition_id}: folder {folder} has no client_{file_id}.json (it has {_describe(ids)})"
         )
     test_path = folder / TEST_FILE
     if not test_path.is_file():
@@ -167,12 +194,10 @@ def load_flan_json(
             f"data folder {folder}: no {TEST_FILE}; allowed: a folder with client_K.json files and {TEST_FILE}"
         )
 
-    train = read_client_file(files[partition_id])
+    train = read_client_file(files[file_id])
     categories = sorted({example.task for example in train})
     if len(categories) != 1:
-        raise ValueError(
-            f"{files[partition_id]}: categories {categories}; allowed: exactly one category per client file"
-        )
+        raise ValueError(f"{files[file_id]}: categories {categories}; allowed: exactly one category per client file")
     category = categories[0]
     test_rows = _read_test_file(test_path.resolve())
     held = {other for path in files.values() for other in _categories(path.resolve())}
@@ -185,9 +210,17 @@ def load_flan_json(
         )
     test = [example for example in test_rows if example.task == category]
     if not test:
-        raise ValueError(
-            f"{test_path}: no lines with category {category!r} (the category of client_{partition_id}.json)"
+        raise ValueError(f"{test_path}: no lines with category {category!r} (the category of client_{file_id}.json)")
+    if clients_per_task > min(len(train), len(test)):  # a share would be empty
+        raise not_allowed(
+            "clients-per-task",
+            clients_per_task,
+            f"task {category!r} (client_{file_id}.json) has {len(train)} training examples and {len(test)} test "
+            f"lines; allowed: at most {min(len(train), len(test))} clients for it",
         )
+    # Every client of the task draws the same permutations (run seed, file), so the shares are disjoint.
+    train = seeded_share(train, clients_per_task, member, (seed, file_id, 0))
+    test = seeded_share(test, clients_per_task, member, (seed, file_id, 1))
     return ClientData(category, seeded_subset(train, max_train, seed), seeded_subset(test, max_test, seed))
 
 

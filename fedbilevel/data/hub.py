@@ -24,6 +24,7 @@ from flwr_datasets.partitioner import (
 from fedbilevel.data.common import check_int, check_partition, most_common, seeded_subset
 from fedbilevel.data.settings import PARTITIONERS
 from fedbilevel.data.types import ClientData, Example, ImageExample
+from fedbilevel.options import not_allowed
 
 # Task label of examples when neither a task column nor a partition-by column is given.
 DEFAULT_TASK = "all"
@@ -68,6 +69,7 @@ def partition_dataset(
     partition_by: str | None,
     alpha: float,
     seed: int,
+    clients_per_task: int = 1,
 ) -> datasets.Dataset:
     """One partition of ``dataset`` under a flwr-datasets partitioner.
 
@@ -94,6 +96,9 @@ def partition_dataset(
         Dirichlet concentration (> 0; only ``"dirichlet"``); smaller is more skewed.
     seed : int
         Seed of the shuffle and of the Dirichlet draw.
+    clients_per_task : int, optional
+        ``"natural"`` only: k > 1 states the clients per natural id, and ``num_partitions`` must
+        then be k × the number of values; 1 (default) takes k = ``num_partitions`` / values.
 
     Returns
     -------
@@ -104,16 +109,26 @@ def partition_dataset(
     ------
     ValueError
         One line for an unknown partitioner, a missing or unknown ``partition_by`` column, a bad
-        ``alpha``, or a number of natural ids other than ``num_partitions``.
+        ``alpha``, a number of natural ids that does not fit ``num_partitions`` and
+        ``clients_per_task``, or a natural id with fewer rows than its clients (naming the id
+        and the counts).
     """
     partition_id, num_partitions = check_partition(partition_id, num_partitions)
     seed = check_int("seed", seed, 0)
+    clients_per_task = check_int("clients-per-task", clients_per_task, 1)
     chosen = _make_partitioner(partitioner, num_partitions, partition_by, alpha, seed)
     if partitioner != "iid":
         _check_columns(dataset, "dataset", {"partition-by": partition_by})
     chosen.dataset = dataset.shuffle(seed=seed)
     if partitioner == "natural":
         ids = chosen.num_partitions
+        if clients_per_task > 1 and num_partitions != ids * clients_per_task:
+            raise not_allowed(
+                "clients-per-task",
+                clients_per_task,
+                f"partition-by {partition_by!r} has {ids} distinct values but num-partitions is {num_partitions}; "
+                f"allowed: num-partitions = values × clients-per-task ({ids} × {clients_per_task})",
+            )
         if num_partitions % ids:
             raise ValueError(
                 f"partition-by {partition_by!r} has {ids} distinct values but num-partitions is {num_partitions}; "
@@ -121,6 +136,13 @@ def partition_dataset(
             )
         per_id = num_partitions // ids  # clients p·k … p·k + k − 1 share natural id p, IID shards of it
         rows = chosen.load_partition(partition_id // per_id)
+        if per_id > len(rows):  # a shard would be empty
+            raise not_allowed(
+                "clients-per-task",
+                per_id,
+                f"natural id {chosen.partition_id_to_natural_id[partition_id // per_id]!r} of partition-by "
+                f"{partition_by!r} has {len(rows)} rows; allowed: at most {len(rows)} clients for it",
+            )
         return rows.shard(num_shards=per_id, index=partition_id % per_id, contiguous=True) if per_id > 1 else rows
     return chosen.load_partition(partition_id)
 
@@ -183,6 +205,7 @@ def client_data_from_dataset(
     partitioner: str,
     partition_by: str | None,
     alpha: float,
+    clients_per_task: int = 1,
     instruction_column: str,
     input_column: str,
     output_column: str,
@@ -208,8 +231,9 @@ def client_data_from_dataset(
         client's partition is split into train and test instead (``test_fraction``).
     partition_id, num_partitions : int
         The client and the number of clients.
-    partitioner, partition_by, alpha :
-        See :func:`partition_dataset`.
+    partitioner, partition_by, alpha, clients_per_task :
+        See :func:`partition_dataset`. The k clients of a natural id split its test rows too:
+        the test split's rows of that id, or each holds out ``test_fraction`` of its own shard.
     instruction_column, output_column : str
         Columns with the instruction and the reference output (non-empty strings).
     input_column : str
@@ -260,7 +284,13 @@ def client_data_from_dataset(
     for split, dataset in (("train", dataset_train), ("test", dataset_test)):
         if dataset is not None:
             _check_columns(dataset, split, columns)
-    options = {"partitioner": partitioner, "partition_by": partition_by, "alpha": alpha, "seed": seed}
+    options = {
+        "partitioner": partitioner,
+        "partition_by": partition_by,
+        "alpha": alpha,
+        "seed": seed,
+        "clients_per_task": clients_per_task,
+    }
     train_rows = partition_dataset(dataset_train, partition_id, num_partitions, **options)
     where = f"partition {partition_id} of {num_partitions} ({partitioner})"
     if len(train_rows) == 0:
@@ -323,6 +353,7 @@ def load_hub_client_data(
     partitioner: str,
     partition_by: str | None,
     alpha: float,
+    clients_per_task: int = 1,
     instruction_column: str,
     input_column: str,
     output_column: str,
@@ -349,8 +380,8 @@ def load_hub_client_data(
         Split to partition for training.
     split_test : str or None
         Separate test split, or ``None`` to hold out ``test_fraction`` of each client's rows.
-    partitioner, partition_by, alpha, instruction_column, input_column, output_column, task_column,
-    test_fraction, max_train, max_test, seed, image_column, label_column, preprocess :
+    partitioner, partition_by, alpha, clients_per_task, instruction_column, input_column, output_column,
+    task_column, test_fraction, max_train, max_test, seed, image_column, label_column, preprocess :
         See :func:`client_data_from_dataset`.
 
     Returns
@@ -371,6 +402,7 @@ def load_hub_client_data(
         partitioner=partitioner,
         partition_by=partition_by,
         alpha=alpha,
+        clients_per_task=clients_per_task,
         instruction_column=instruction_column,
         input_column=input_column,
         output_column=output_column,

@@ -28,8 +28,8 @@ class DataSettings:
     """Which federation each client loads its partition of, and how it is split.
 
     Cross-field rules (one line naming the key when broken): ``flan-json`` needs ``data-path``,
-    ``hub`` needs ``hub-dataset`` and, unless IID, ``partition-by``; the IID synthetic split
-    needs per-task instructions.
+    ``hub`` needs ``hub-dataset`` and, unless IID, ``partition-by``; ``clients-per-task`` above
+    1 needs ``flan-json`` or hub natural ids; the IID synthetic split needs per-task instructions.
     """
 
     source: str = option(
@@ -74,6 +74,14 @@ class DataSettings:
     )
     max_test_examples: int = option(
         "max-test-examples", 0, integer(0), "`flan-json` / `hub`: keep at most this many test items per client (0: all)"
+    )
+    clients_per_task: int = option(
+        "clients-per-task",
+        1,
+        integer(1),
+        "`flan-json`: k clients a task, partition p holding a seeded IID share of the training and test items "
+        "of file p // k (num-partitions = files × k); `hub` with `partitioner='natural'`: k clients a natural id "
+        "(1: num-partitions / ids)",
     )
     hub_dataset: str = option("hub-dataset", "", text(empty_ok=True), "`hub`: dataset name")
     hub_subset: str = option("hub-subset", "", text(empty_ok=True), "`hub`: the dataset's configuration")
@@ -121,6 +129,16 @@ class DataSettings:
             raise not_allowed("hub-dataset", "", "with data='hub' name the dataset")
         if self.source == "hub" and self.partitioner != "iid" and not self.partition_by:
             raise not_allowed("partition-by", "", f"with partitioner='{self.partitioner}' name the column")
+        if self.clients_per_task > 1 and not (
+            self.source == "flan-json" or (self.source == "hub" and self.partitioner == "natural")
+        ):
+            where = f"partitioner='{self.partitioner}'" if self.source == "hub" else f"data='{self.source}'"
+            raise not_allowed(
+                "clients-per-task",
+                self.clients_per_task,
+                f"with {where} use 1; it splits the tasks of data='flan-json' and of hub natural ids "
+                "(the synthetic tasks and digits domains go to num-partitions / tasks clients each already)",
+            )
         if self.source == "synthetic" and self.synthetic_split == "iid" and self.synthetic_instruction != "per-task":
             raise not_allowed(
                 "synthetic-split",

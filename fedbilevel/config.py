@@ -57,10 +57,20 @@ __all__ = [
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Local training, the same loop for every strategy (AdamW)."""
+    """Local training, the same loop for every strategy (AdamW).
 
-    local_steps: int = option("local-steps", 10, integer(1), "optimizer steps per client and round")
-    batch_size: int = option("batch-size", 8, integer(1), "training batch size")
+    ``local-steps`` counts optimizer steps: with ``gradient-accumulation-steps`` k each step
+    consumes k batches of ``batch-size``. The learning-rate schedule runs over one round's
+    local steps, since each round starts a fresh optimizer.
+    """
+
+    local_steps: int = option(
+        "local-steps",
+        10,
+        integer(1),
+        "optimizer steps per client and round (each consumes `gradient-accumulation-steps` batches)",
+    )
+    batch_size: int = option("batch-size", 8, integer(1), "training batch size (of one forward and backward pass)")
     learning_rate: float = option("learning-rate", 0.001, number(0.0, low_open=True), "AdamW learning rate")
     max_seq_len: int = option(
         "max-seq-len",
@@ -69,9 +79,49 @@ class TrainSettings:
         "tokens per training example: a longer one loses the middle of its instruction (template and answer kept "
         "whole; counted as `num_truncated`); one whose template and answer alone exceed it stops the run at start-up",
     )
+    gradient_accumulation_steps: int = option(
+        "gradient-accumulation-steps",
+        1,
+        integer(1),
+        "batches whose gradients add up to one optimizer step: k batches of b give the update of one batch of k·b",
+    )
+    lr_scheduler: str = option(
+        "lr-scheduler",
+        "constant",
+        choice(("constant", "constant_with_warmup", "linear", "cosine")),
+        "transformers' learning-rate schedule over a round's local steps (fresh each round, as the optimizer)",
+    )
+    warmup_steps: int = option(
+        "warmup-steps",
+        0,
+        integer(0),
+        "local steps of linear warm-up from 0 to `learning-rate` (a schedule other than constant; ≤ local-steps)",
+    )
+    max_grad_norm: float = option(
+        "max-grad-norm",
+        0.0,
+        number(0.0, low_open=False),
+        "clip the gradient's global L2 norm to this before each optimizer step; 0: no clipping",
+    )
+    gradient_checkpointing: bool = option(
+        "gradient-checkpointing",
+        False,
+        boolean,
+        "recompute activations in the backward pass: less activation memory for one more forward pass per batch",
+    )
 
     def __post_init__(self) -> None:
         validate(self)
+        if self.warmup_steps > self.local_steps:
+            raise options.not_allowed(
+                "warmup-steps", self.warmup_steps, f"expected at most local-steps ({self.local_steps})"
+            )
+        if self.warmup_steps and self.lr_scheduler == "constant":
+            raise options.not_allowed(
+                "warmup-steps",
+                self.warmup_steps,
+                "lr-scheduler 'constant' has no warm-up: expected 0, or another lr-scheduler",
+            )
 
 
 @dataclass(frozen=True)

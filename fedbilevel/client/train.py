@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+from transformers import get_scheduler
 
 from fedbilevel.data.prompts import PROMPT_TEMPLATE, format_prompt
 from fedbilevel.data.types import Example
+from fedbilevel.models.adapter import enable_gradient_checkpointing
 
 IGNORE_INDEX = -100  # label value that PyTorch's cross-entropy skips
 # The template's text before and after the instruction: kept whole when an instruction is cut.
@@ -179,37 +181,109 @@ def train_adapter(
     seed: int,
     device: torch.device | str = "cpu",
     extra_loss: Callable[[torch.nn.Module], torch.Tensor] | None = None,
+    gradient_accumulation_steps: int = 1,
+    lr_scheduler: str = "constant",
+    warmup_steps: int = 0,
+    max_grad_norm: float = 0.0,
+    gradient_checkpointing: bool = False,
 ) -> TrainResult:
-    """Fine-tune the model's trainable (LoRA) parameters in place for ``steps`` steps.
+    """Fine-tune the model's trainable (LoRA) parameters in place for ``steps`` optimizer steps.
 
     Batches are drawn without replacement from a seeded shuffle, reshuffled each epoch,
     so a run is reproducible for a given seed.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A peft model; only its parameters that require grad are trained.
+    codec : Codec
+    examples : sequence
+        The client's training examples (at least one).
+    steps : int
+        Optimizer steps (run-config ``local-steps``).
+    batch_size : int
+        Examples per forward and backward pass.
+    learning_rate : float
+        AdamW's peak learning rate.
+    bf16_autocast : bool
+        Compute in bfloat16 under ``torch.autocast``.
+    seed : int
+        Of the shuffle and of LoRA dropout.
+    device : torch.device or str, default "cpu"
+        Where the model is.
+    extra_loss : callable, optional
+        A term of the parameters (e.g. :func:`proximal_term`), added once per optimizer step.
+    gradient_accumulation_steps : int, default 1
+        Batches per optimizer step. Each batch's mean loss is weighted by its share of the
+        step's labelled targets, so k batches of b give the gradient of one batch of k·b.
+    lr_scheduler : str, default "constant"
+        A transformers schedule name (``transformers.get_scheduler``) over the ``steps``.
+    warmup_steps : int, default 0
+        Of the schedule's linear warm-up from 0.
+    max_grad_norm : float, default 0.0
+        When positive, the gradient's global L2 norm is clipped to it before each step.
+    gradient_checkpointing : bool, default False
+        Switch the model to recompute activations in the backward pass
+        (:func:`~fedbilevel.models.adapter.enable_gradient_checkpointing`; it stays on).
+
+    Returns
+    -------
+    TrainResult
+        The losses are per optimizer step (over all its batches, ``extra_loss`` included).
+
+    Raises
+    ------
+    fedbilevel.options.ConfigError
+        When ``gradient_checkpointing`` is set for a model that cannot checkpoint.
     """
     if not examples:
         raise ValueError("examples: a client needs at least one training example")
     started = time.time()
     encoded = codec.encode(examples)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # LoRA dropout draws from the global generator
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
+    scheduler = get_scheduler(lr_scheduler, optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps)
     order: list[int] = []
     losses = []
     model.train()
     for _ in range(steps):
-        if len(order) < batch_size:
-            order += torch.randperm(len(encoded), generator=generator).tolist()
-            if len(order) < batch_size:  # fewer examples than one batch: repeat the data
-                order += torch.randperm(len(encoded), generator=generator).tolist() * (batch_size // len(encoded) + 1)
-        batch, order = order[:batch_size], order[batch_size:]
-        inputs = {k: v.to(device) for k, v in codec.collate([encoded[i] for i in batch]).items()}
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16_autocast):
-            loss = model(**inputs).loss
-            if extra_loss is not None:
-                loss = loss + extra_loss(model)
+        batches = []
+        for _ in range(gradient_accumulation_steps):
+            batch, order = _next_batch(order, batch_size, len(encoded), generator)
+            batches.append(codec.collate([encoded[i] for i in batch]))
+        # A model's loss is the mean over a batch's labelled targets (a causal LM's first label is
+        # always a masked prompt token, so its shift changes no count): weighting each batch by its
+        # share of the step's targets makes their sum the mean over all of them.
+        targets = [int((inputs["labels"] != IGNORE_INDEX).sum()) for inputs in batches]
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        step_loss = 0.0
+        for index, inputs in enumerate(batches):
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16_autocast):
+                loss = model(**inputs).loss * (targets[index] / sum(targets))
+                if extra_loss is not None and index == 0:
+                    loss = loss + extra_loss(model)
+            loss.backward()
+            step_loss += loss.item()
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
         optimizer.step()
-        losses.append(loss.item())
+        scheduler.step()
+        losses.append(step_loss)
     model.eval()
     return TrainResult(loss=sum(losses) / len(losses), last_loss=losses[-1], seconds=time.time() - started)
+
+
+def _next_batch(
+    order: list[int], batch_size: int, num_examples: int, generator: torch.Generator
+) -> tuple[list[int], list[int]]:
+    """(the next batch's example indices, the indices left) from this epoch's shuffled ``order``."""
+    if len(order) < batch_size:
+        order = order + torch.randperm(num_examples, generator=generator).tolist()
+        if len(order) < batch_size:  # fewer examples than one batch: repeat the data
+            order += torch.randperm(num_examples, generator=generator).tolist() * (batch_size // num_examples + 1)
+    return order[:batch_size], order[batch_size:]

@@ -34,6 +34,7 @@ from transformers import PreTrainedModel
 from fedbilevel.models.base import load_base_model
 from fedbilevel.models.settings import LoraSettings
 from fedbilevel.models.zoo import auto_class, classifier_head, is_image_classifier, model_config, resolve_model_source
+from fedbilevel.options import not_allowed
 
 
 def lora_config(model_name: str, lora: LoraSettings) -> LoraConfig:
@@ -96,6 +97,38 @@ def build_lora_model(
     pretrained = {name: value for name, value in get_adapter_arrays(model).items() if not _is_lora(name)}
     set_adapter_arrays(model, _initialise_adapter(_adapter_shapes(model), seed, pretrained))
     return model.eval()
+
+
+def enable_gradient_checkpointing(model: PeftModel) -> None:
+    """Make the base model recompute its layers' activations in the backward pass, in place.
+
+    Checkpointing is non-reentrant, so gradients reach the LoRA weights inside a checkpointed
+    layer although the frozen layers' inputs need none; transformers also hooks a text model's
+    input embeddings so that their output requires grad, as peft prepares a model. Activations
+    are recomputed in training mode only. Calling it again changes nothing (a client process
+    trains its one model every round).
+
+    Parameters
+    ----------
+    model : peft.PeftModel
+
+    Raises
+    ------
+    fedbilevel.options.ConfigError
+        One line naming ``gradient-checkpointing``, when the base model cannot checkpoint its layers.
+    """
+    base = model.get_base_model()
+    if any(getattr(module, "gradient_checkpointing", False) for module in base.modules()):
+        return  # a second call would hook the embeddings again
+    try:
+        with warnings.catch_warnings():
+            # transformers 5 renames it activation_checkpointing_enable; the old name is kept until 6.
+            warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*", category=FutureWarning)
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    except ValueError as error:  # transformers: the architecture has no checkpointable layers
+        raise not_allowed(
+            "gradient-checkpointing", True, f"{type(base).__name__} cannot checkpoint its layers; expected false"
+        ) from error
 
 
 def get_adapter_arrays(model: PeftModel) -> dict[str, np.ndarray]:

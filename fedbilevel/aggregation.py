@@ -66,18 +66,20 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fedbilevel.options import choice, component, number, option, validate
+from fedbilevel.options import choice, component, integer, number, option, validate
 from fedbilevel.weighting import (
     NEGATIVE_COSINE_MODES,
     Weighting,
     centered_gram,
     check_choice,
     normalised_weights,
+    staleness_discounted,
 )
 
 TASK_VECTOR_MODES = ("round", "cumulative")
 LAYER_GROUPINGS = ("array", "block")
 SIMILARITY_MODES = ("flat", "lora-product")
+ABSENT_CLIENT_RULES = ("keep", "remember")
 
 # Largest N×width float32 temporary of one weighted-sum product: small enough to stay in
 # cache for the additions that follow, large enough to keep the BLAS product efficient.
@@ -135,6 +137,27 @@ class FedBipSettings:
         number(0.0, low_open=False, high=1.0),
         "decay of a moving average of each pair's cosine across rounds (0: off)",
     )
+    absent_clients: str = option(
+        "absent-clients",
+        "keep",
+        choice(ABSENT_CLIENT_RULES),
+        "with a fraction of clients a round: `keep` (the round's clients are weighted among themselves; the others "
+        "keep their adapters) or `remember` (the round's clients also weigh each absent client's last task vector, "
+        'discounted by `staleness-decay` per round of age); see "Sampling clients"',
+    )
+    staleness_decay: float = option(
+        "staleness-decay",
+        0.5,
+        number(0.0, low_open=False, high=1.0, high_open=False),
+        "`remember`: a task vector a rounds old counts γᵃ times (γ = 1: MIFA's undiscounted memory; 0: `keep`)",
+    )
+    max_staleness: int = option(
+        "max-staleness",
+        5,
+        integer(1),
+        "`remember`: task vectors older than this many rounds are forgotten (the server keeps two adapters per "
+        "client trained within it)",
+    )
     weighting: Weighting = component(Weighting)
 
     def __post_init__(self) -> None:
@@ -152,7 +175,8 @@ class FedBipResult:
     similarity : np.ndarray
         N×N cosine similarity of task vectors (FedBip-L: mean over layer groups).
     weights : np.ndarray
-        N×N aggregation weights, rows summing to 1 (FedBip-L: mean over layer groups).
+        m×N aggregation weights (m = ``outputs``, N by default), rows summing to 1 (FedBip-L: mean over
+        layer groups).
     group_similarity : dict[str, np.ndarray]
         Per layer group similarity (FedBip-L only; empty for FedBip).
     group_weights : dict[str, np.ndarray]
@@ -264,6 +288,8 @@ def fedbip_aggregate_detailed(
     similarity: str = "flat",
     weighting: Weighting | None = None,
     smooth: Callable[[np.ndarray], np.ndarray] | None = None,
+    discount: Sequence[float] | None = None,
+    outputs: int | None = None,
 ) -> FedBipResult:
     """Like :func:`fedbip_aggregate`, also returning the similarity and weight matrices.
 
@@ -271,6 +297,10 @@ def fedbip_aggregate_detailed(
     ``negative`` then applies, and the ``negative`` argument must stay "clip"). ``smooth``
     maps the G×N×N cosine stack to the one the weights are computed from (e.g. an
     exponential moving average across rounds); the result reports the cosines used.
+    ``discount`` (N numbers in [0, 1]) scales each client's column of the weights, rows
+    normalised again (:func:`fedbilevel.weighting.staleness_discounted`: remembered task
+    vectors of absent clients). ``outputs`` = m computes new adapters, and reports weight
+    rows, for the first m clients only (the others only lend their task vectors).
     """
     check_choice("negative", negative, NEGATIVE_COSINE_MODES)
     if weighting is None:
@@ -313,8 +343,14 @@ def fedbip_aggregate_detailed(
     if smooth is not None:
         cosines = smooth(cosines)
     weights = weighting.weights(cosines)
+    if discount is not None:
+        weights = staleness_discounted(weights, np.asarray(discount))
+    count = len(trained) if outputs is None else outputs
+    if not 0 < count <= len(trained):
+        raise ValueError(f"outputs: {outputs} is not allowed; expected 1 to {len(trained)}")
+    weights = weights[:, :count]
 
-    adapters = layout.empty_adapters(len(trained), names)
+    adapters = layout.empty_adapters(count, names)
     for members, group_weights in zip(groups.values(), weights):
         layout.weighted_sums(tau, group_weights, members, starts, adapters)
     return FedBipResult(
@@ -405,7 +441,7 @@ class _Layout:
         starts: Sequence[Adapter],
         out: list[dict[str, np.ndarray]],
     ) -> None:
-        """``out[i][name] = start_i[name] + Σₖ pᵢₖ τₖ[name]`` for the group's arrays.
+        """``out[i][name] = start_i[name] + Σₖ pᵢₖ τₖ[name]`` for the group's arrays (i over the rows of ``weights``).
 
         One BLAS product per segment of the group's columns, then one addition per client
         and array (part) in it.
@@ -414,7 +450,7 @@ class _Layout:
         # Also at most a quarter of τ, so that small adapters stay within ~2.25× τ's memory.
         width = max(1, min(_SEGMENT_BYTES // (4 * len(tau)), -(-self.size // 4)))
         group = self.columns(members)
-        buffer = np.empty((len(tau), min(width, group.stop - group.start)), dtype=np.float32)
+        buffer = np.empty((len(mix), min(width, group.stop - group.start)), dtype=np.float32)
         for segment in self._segments(members, width):
             lo, hi = segment[0][1], segment[-1][2]
             mixed = np.matmul(mix, tau[:, lo:hi], out=buffer[:, : hi - lo])

@@ -4,11 +4,16 @@ Query (partition discovery), server -> client: ``config`` with ``query`` = ``par
 carries the ``info`` ConfigRecord: ``partition-id``, ``num-partitions``, ``task``, ``num-train``,
 ``num-test`` and ``majority-exact-match`` (the score of always giving the most common training answer).
 
-Train / evaluate, server -> client: ``arrays`` (the client's own adapter) and ``config``
-(``server-round`` and ``partition-id``, the partition the adapter belongs to; the client refuses a
-message addressed to another partition), plus what the strategy asks of the client: FedProx's and
-FedAMP's ``proximal-mu``, FedALA's ``fedala-*`` values (:class:`AlaSettings`). Evaluate messages may
-also carry ``global`` (the mean adapter, whose scores come back prefixed ``global-``).
+Train / evaluate, server -> client: ``config`` (``server-round``, ``partition-id``, the partition the
+adapter belongs to: the client refuses a message addressed to another partition, and
+``adapter-digest``, which adapter the message is about) and ``arrays``, that adapter, unless the
+server knows the client holds it already: a client keeps the adapter it last received or trained in
+its ``context.state``, so each adapter is downloaded once (the evaluate message of round t brings
+θ̄ᵢ, the train message of round t + 1 names it). A client that does not hold the named adapter (a
+SuperNode that lost its state) replies ``missing-adapter`` = 1 and is sent it in full. The config
+also holds what the strategy asks of the client: FedProx's and FedAMP's ``proximal-mu``, FedALA's
+``fedala-*`` values (:class:`AlaSettings`). Evaluate messages may also carry ``global`` (the mean
+adapter, whose scores come back prefixed ``global-``).
 
 Client -> server: ``arrays`` (train only) and ``metrics``: ``partition-id``, ``num-examples``,
 ``client-started`` and ``client-ended``; train replies add ``train-loss``, ``train-last-loss``,
@@ -19,6 +24,7 @@ Client -> server: ``arrays`` (train only) and ``metrics``: ``partition-id``, ``n
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
@@ -38,6 +44,8 @@ PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 NUM_EXAMPLES = "num-examples"
 SERVER_ROUND = "server-round"
+ADAPTER_DIGEST = "adapter-digest"  # config: adapter_digest() of the adapter a message is about
+MISSING_ADAPTER = "missing-adapter"  # reply metric: 1 when the client does not hold the adapter named
 # Evaluation metrics with this prefix are per-test-item lists (e.g. "items-exact_match").
 ITEMS_PREFIX = "items-"
 # Wall-clock time (time.time()) when a client started and finished handling a message;
@@ -136,6 +144,19 @@ class AlaSettings:
 
 # AlaSettings field -> message config key: the run-config keys of the same names.
 _MESSAGE_KEYS = {declared.name: declared.metadata["key"] for declared in fields(AlaSettings)}
+
+
+def adapter_digest(adapter: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 (hex, 16 characters) of named arrays: names, dtypes, shapes and values, in order.
+
+    Identifies an adapter on both sides of a message (which adapter a client holds) and in a
+    run's record (which initial adapter it started from). About 2 GB/s: 10 ms for 4.2 M float32.
+    """
+    digest = hashlib.sha256()
+    for name, array in adapter.items():
+        digest.update(f"{name}\x1f{array.dtype}\x1f{array.shape}\x1e".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def adapter_to_record(adapter: Mapping[str, np.ndarray]) -> ArrayRecord:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Mapping
@@ -10,13 +9,12 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from fedbilevel import protocol
-from fedbilevel.checkpoint import load_checkpoint, save_checkpoint
+from fedbilevel.checkpoint import STORE, load_checkpoint, save_checkpoint
 from fedbilevel.config import RESUMABLE_KEYS, ConfigError, RunConfig
 from fedbilevel.models.adapter import initial_adapter_arrays, save_adapter
 from fedbilevel.models.zoo import model_digest
@@ -25,11 +23,11 @@ from fedbilevel.results import RunRecorder, make_run_dir, package_versions
 from fedbilevel.strategies import build_strategy
 
 
-def _resume_point(config: RunConfig) -> tuple[Path, dict, dict, dict]:
-    """The run folder, checkpoint arrays and record to continue, and the run's config.json; the run
+def _resume_point(config: RunConfig) -> tuple[Path, dict, dict]:
+    """The run folder, the checkpoint record to continue from, and the run's config.json; the run
     config must match the run's."""
     run_dir = resolve_user_path(config.resume_from)
-    arrays, meta = load_checkpoint(run_dir)
+    meta = load_checkpoint(run_dir)
     record = json.loads((run_dir / "config.json").read_text())
     saved = record["run_config"]
     for key, value in config.to_run_config().items():
@@ -43,16 +41,7 @@ def _resume_point(config: RunConfig) -> tuple[Path, dict, dict, dict]:
             f"run-config key 'num-server-rounds': value {config.num_server_rounds} is not allowed; "
             f"the run in {run_dir} already completed round {meta['round']} (raise it to continue)"
         )
-    return run_dir, arrays, meta, record
-
-
-def adapter_digest(adapter: Mapping[str, np.ndarray]) -> str:
-    """SHA-256 (hex, 16 characters) of named arrays: names, dtypes, shapes and values, in order."""
-    digest = hashlib.sha256()
-    for name, array in adapter.items():
-        digest.update(f"{name}\x1f{array.dtype}\x1f{array.shape}\x1e".encode())
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()[:16]
+    return run_dir, meta, record
 
 
 def check_same_experiment(saved: Mapping[str, Any], experiment: Mapping[str, str]) -> None:
@@ -81,11 +70,11 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
     """
     resumed = _resume_point(config) if config.resume_from else None
     initial = initial_adapter_arrays(config.model.name, config.lora, seed=config.seed)
-    experiment = {"model": model_digest(config.model.name), "initial_adapter": adapter_digest(initial)}
+    experiment = {"model": model_digest(config.model.name), "initial_adapter": protocol.adapter_digest(initial)}
     if resumed:
-        check_same_experiment(resumed[3], experiment)
+        check_same_experiment(resumed[2], experiment)
     run_dir = resumed[0] if resumed else make_run_dir(config)
-    resumed_after = resumed[2]["round"] if resumed else 0
+    resumed_after = resumed[1]["round"] if resumed else 0
     recorder = RunRecorder(config, run_dir, resumed_round=resumed_after if resumed else None, experiment=experiment)
     log(INFO, "fedbilevel: strategy %s, %d rounds, results in %s", config.strategy, config.num_server_rounds, run_dir)
     started = time.time()
@@ -93,7 +82,7 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
     def on_round_end(record: Mapping[str, Any]) -> None:
         recorder.set_clients(strategy.clients)
         recorder.record_round(record)
-        save_checkpoint(run_dir, *strategy.checkpoint())
+        save_checkpoint(run_dir, strategy.checkpoint())
         done = record["round"]
         eta = (time.time() - started) / (done - resumed_after) * (config.num_server_rounds - done)
         mean = recorder.results["rounds"][-1].get("personalized_mean")
@@ -129,8 +118,9 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
         evaluate_round=config.evaluates_in_round,
         evaluate_global=config.eval.include_global,
     )
+    strategy.store.attach(run_dir / STORE)
     if resumed:
-        strategy.restore(resumed[1], resumed[2])
+        strategy.restore(resumed[1])
         log(INFO, "resuming %s after round %d (checkpoint in %s)", config.strategy, strategy.round_offset, run_dir)
         if config.strategy == "fedala":
             log(

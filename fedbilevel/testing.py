@@ -109,17 +109,21 @@ class FakeClient:
     ----------
     partition_id : int
         The partition it holds.
-    behaviour : {"good", "silent", "raise", "nan", "huge", "shape", "impostor"} (default: "good")
+    behaviour : {"good", "silent", "raise", "nan", "huge", "shape", "impostor", "forgetful"} (default: "good")
         How it answers train messages: normally; never; with a client error; with a NaN
         value; with its update scaled by 1e25 (finite, but its square overflows float32); with
-        an array of the wrong shape; claiming partition 0.
+        an array of the wrong shape; claiming partition 0; normally, but it forgets the adapter
+        it holds after every message (a SuperNode that loses its state), so a message naming it
+        by digest gets a ``missing-adapter`` reply.
     data_digest : str, optional
         Reported in the query reply as the partition's data digest (a resumed run compares it).
 
     Attributes
     ----------
     received : list[tuple[str, int, dict[str, np.ndarray]]]
-        (message type, server round, adapter) of every train and evaluate message.
+        (message type, server round, adapter) of every train and evaluate message it could use.
+    full : list[bool]
+        Whether each train and evaluate message carried the adapter (else it named one by digest).
     configs : list[dict]
         Their configs.
     globals : list[dict[str, np.ndarray]]
@@ -133,6 +137,8 @@ class FakeClient:
         self.received: list[tuple[str, int, dict[str, np.ndarray]]] = []
         self.configs: list[dict] = []
         self.globals: list[dict[str, np.ndarray]] = []
+        self.full: list[bool] = []
+        self._held: tuple[str, dict[str, np.ndarray]] | None = None  # (digest, adapter), as the ClientApp holds it
 
     def handle(self, message: Message) -> Message | None:
         """The reply to ``message``, or None (a ``silent`` client's train reply)."""
@@ -141,11 +147,22 @@ class FakeClient:
             info = ConfigRecord({protocol.PARTITION_ID: self.partition_id, protocol.TASK: task})
             if self.data_digest is not None:
                 info[protocol.DATA_DIGEST] = self.data_digest
+            if self.behaviour != "forgetful":  # as the ClientApp, it derives θ⁰ itself and holds it
+                self._held = (protocol.adapter_digest(INITIAL), INITIAL)
             return Message(RecordDict({protocol.INFO: info}), reply_to=message)
         config = message.content.config_records[protocol.CONFIG]
         self.configs.append(dict(config))
         assert config[protocol.PARTITION_ID] == self.partition_id, "message routed to the wrong client"
-        adapter = protocol.record_to_adapter(message.content.array_records[protocol.ARRAYS])
+        wanted = config[protocol.ADAPTER_DIGEST]
+        self.full.append(protocol.ARRAYS in message.content.array_records)
+        if self.full[-1]:
+            adapter = protocol.record_to_adapter(message.content.array_records[protocol.ARRAYS])
+        elif self._held is not None and self._held[0] == wanted:
+            adapter = self._held[1]
+        else:
+            metrics = MetricRecord({protocol.PARTITION_ID: self.partition_id, protocol.MISSING_ADAPTER: 1})
+            return Message(RecordDict({protocol.METRICS: metrics}), reply_to=message)
+        self._held = None if self.behaviour == "forgetful" else (wanted, adapter)
         server_round = int(config[protocol.SERVER_ROUND])
         self.received.append((message.metadata.message_type, server_round, adapter))
         if protocol.GLOBAL in message.content.array_records:
@@ -182,6 +199,8 @@ class FakeClient:
         if self.behaviour == "impostor":
             metrics[protocol.PARTITION_ID] = 0
         metrics[protocol.TRAIN_LOSS] = 1.0
+        if self.behaviour != "forgetful":
+            self._held = (protocol.adapter_digest(trained), trained)
         content = RecordDict(
             {protocol.ARRAYS: protocol.adapter_to_record(trained), protocol.METRICS: MetricRecord(metrics)}
         )

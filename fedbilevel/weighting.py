@@ -423,6 +423,41 @@ def normalised_weights(similarity: np.ndarray, negative: str) -> np.ndarray:
     return weights
 
 
+def staleness_discounted(weights: np.ndarray, discount: np.ndarray) -> np.ndarray:
+    """Weights with column k scaled by its discount dₖ, rows normalised again: p̃ᵢₖ = dₖ pᵢₖ / Σⱼ dⱼ pᵢⱼ.
+
+    FedBip's ``absent-clients = "remember"`` rule: a column k that is an absent client's last
+    task vector has dₖ = γ^aₖ for its age aₖ in rounds (a fresh one: d = 1), so stale updates
+    count less the older they are, as asynchronous FL discounts stale updates (FedAsync, Xie et
+    al. 2019, uses a polynomial s(a); MIFA, Gu et al., NeurIPS 2021, reuses every client's
+    latest update undiscounted). With the paper's rule this is pᵢₖ ∝ dₖ Sᵢₖ. A row that cannot
+    be normalised (its discounted sum ≤ 1e-8) falls back to pᵢᵢ = 1.
+
+    Parameters
+    ----------
+    weights : np.ndarray
+        G×N×N (or N×N) weights, rows summing to 1; column k belongs to client k.
+    discount : np.ndarray
+        N discounts in [0, 1].
+
+    Returns
+    -------
+    np.ndarray
+        float64 weights of the same shape, rows summing to 1.
+    """
+    stack, squeeze = _as_stack("weights", weights)
+    discount = np.asarray(discount, dtype=np.float64)
+    if discount.shape != (stack.shape[-1],) or np.any(discount < 0) or np.any(discount > 1):
+        raise ValueError(f"discount: expected {stack.shape[-1]} numbers in [0, 1], got {discount.tolist()}")
+    scaled = stack * discount[None, None, :]
+    row_sums = scaled.sum(axis=2)
+    normalisable = row_sums > _MIN_ROW_SUM
+    result = np.where(normalisable[:, :, None], scaled / np.where(normalisable, row_sums, 1.0)[:, :, None], 0.0)
+    diagonal = np.arange(stack.shape[1])
+    result[:, diagonal, diagonal] = np.where(normalisable, result[:, diagonal, diagonal], 1.0)
+    return result[0] if squeeze else result
+
+
 def check_choice(key: str, value: object, allowed: Sequence[str]) -> None:
     """Raise ValueError naming the argument ``key`` unless ``value`` is one of ``allowed``."""
     if value not in allowed:

@@ -71,9 +71,11 @@ def test_resume_from_a_checkpoint_matches_an_unbroken_run(make, tmp_path):
 
     first = make()
     run(2, first)
-    save_checkpoint(tmp_path, *first.checkpoint())
+    first.store.attach(tmp_path / "store")
+    save_checkpoint(tmp_path, first.checkpoint())
     resumed = make()
-    resumed.restore(*load_checkpoint(tmp_path))
+    resumed.store.attach(tmp_path / "store")
+    resumed.restore(load_checkpoint(tmp_path))
     assert resumed.round_offset == 2 and resumed.clients == first.clients
     clients = run(1, resumed)
     # The resumed round is numbered 3 (client seeds depend on it) and everything ends equal.
@@ -87,7 +89,7 @@ def test_resume_from_a_checkpoint_matches_an_unbroken_run(make, tmp_path):
 
 
 def test_a_folder_without_checkpoint_is_refused(tmp_path):
-    with pytest.raises(ValueError, match=r"run-config key 'resume-from': .* has no checkpoint\.npz"):
+    with pytest.raises(ValueError, match=r"run-config key 'resume-from': .* has no checkpoint\.json"):
         load_checkpoint(tmp_path)
 
 

@@ -8,18 +8,21 @@ from flwr.app import ArrayRecord
 
 from fedbilevel.data.types import ClientData, Example, ImageExample, data_digest
 from fedbilevel.options import ConfigError
+from fedbilevel.protocol import adapter_digest
 from fedbilevel.results import package_versions
-from fedbilevel.server import adapter_digest, check_same_experiment
+from fedbilevel.server import check_same_experiment
 from fedbilevel.strategies.fedbip import FedBip
 from fedbilevel.testing import INITIAL, FakeClient, FakeGrid
 
 
 @pytest.mark.usefixtures("server_identity")
-def test_a_client_whose_data_changed_since_the_checkpoint_is_refused_naming_it():
+def test_a_client_whose_data_changed_since_the_checkpoint_is_refused_naming_it(tmp_path):
     first = FedBip(initial_adapter=INITIAL, min_nodes=2)
     first.start(FakeGrid({1: FakeClient(0, data_digest="aa"), 2: FakeClient(1, data_digest="bb")}), ArrayRecord(), 1)
     resumed = FedBip(initial_adapter=INITIAL, min_nodes=2)
-    resumed.restore(*first.checkpoint())
+    for strategy in (first, resumed):
+        strategy.store.attach(tmp_path)
+    resumed.restore(first.checkpoint())
     changed = FakeGrid({3: FakeClient(0, data_digest="aa"), 4: FakeClient(1, data_digest="cc")})
     with pytest.raises(ConfigError, match=r"client 1 \(node 4\): its data \(digest cc\) differs .* used \(bb\)"):
         resumed.start(changed, ArrayRecord(), 1)

@@ -77,7 +77,7 @@ def test_half_the_clients_train_each_round_the_others_keep_their_adapters_and_ev
 
 
 @pytest.mark.usefixtures("server_identity")
-def test_a_resumed_run_draws_the_same_clients():
+def test_a_resumed_run_draws_the_same_clients(tmp_path):
     sampling = SamplingSettings(fraction_train=0.5, min_train_nodes=2)
 
     def grid():
@@ -92,7 +92,9 @@ def test_a_resumed_run_draws_the_same_clients():
     resumed = FedBip(
         initial_adapter=INITIAL, min_nodes=6, sampling=sampling, seed=1, on_round_end=resumed_records.append
     )
-    resumed.restore(*first.checkpoint())
+    for strategy in (first, resumed):
+        strategy.store.attach(tmp_path / "store")
+    resumed.restore(first.checkpoint())
     resumed.start(grid(), ArrayRecord(), num_rounds=2)
     assert [r["sampled"] for r in resumed_records] == [r["sampled"] for r in unbroken[1:]]
     for partition_id in range(6):

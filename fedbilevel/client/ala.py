@@ -22,7 +22,6 @@ round t + 1 carry the same Θ, and Wᵢ is learned once for it.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -67,15 +66,6 @@ def ala_weight_step(
     return torch.clamp(weights - eta * gradient * global_minus_local, 0.0, 1.0)
 
 
-def digest(adapter: Mapping[str, np.ndarray]) -> str:
-    """A fingerprint of an adapter's values (which global model a θ̂ was formed from)."""
-    hasher = hashlib.blake2b(digest_size=16)
-    for name, array in adapter.items():
-        hasher.update(name.encode())
-        hasher.update(np.ascontiguousarray(array).tobytes())
-    return hasher.hexdigest()
-
-
 def adaptive_local_aggregation(
     model: torch.nn.Module,
     codec: Codec,
@@ -94,7 +84,7 @@ def adaptive_local_aggregation(
     learned, ``ala-loss`` (last batch) and ``ala-mean-weight``.
     """
     received = get_adapter_arrays(model)
-    received_digest = digest(received)
+    received_digest = protocol.adapter_digest(received)
     if META in state.config_records and state.config_records[META].get("global-digest") == received_digest:
         set_adapter_arrays(model, protocol.record_to_adapter(state.array_records[MIXED]))
         return {protocol.ALA_EPOCHS: 0}

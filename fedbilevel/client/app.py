@@ -15,7 +15,7 @@ from logging import ERROR, INFO
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore import log
 
@@ -33,7 +33,7 @@ from fedbilevel.data import load_client_data
 from fedbilevel.data.common import most_common, most_common_answer
 from fedbilevel.data.settings import DataSettings
 from fedbilevel.data.types import ClientData, ImageExample, data_digest
-from fedbilevel.models.adapter import build_lora_model, get_adapter_arrays, set_adapter_arrays
+from fedbilevel.models.adapter import build_lora_model, get_adapter_arrays, initial_adapter_arrays, set_adapter_arrays
 from fedbilevel.models.settings import LoraSettings, ModelSettings
 from fedbilevel.models.zoo import image_preprocessor, is_image_classifier, load_tokenizer
 from fedbilevel.resources import process_memory_mb
@@ -102,6 +102,43 @@ def _seed(config: RunConfig, partition_id: int, server_round: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+# context.state records: the adapter this client last received or trained, and its digest.
+HELD_ADAPTER = "held-adapter"
+HELD_DIGEST = "held-adapter-digest"
+
+
+class MissingAdapter(Exception):
+    """The message names an adapter this client does not hold (e.g. its SuperNode lost its state)."""
+
+
+def hold(state: RecordDict, adapter: Mapping[str, Any], digest: str) -> None:
+    """Keep ``adapter`` (named arrays or an ArrayRecord) as the one this client holds."""
+    state[HELD_ADAPTER] = adapter if isinstance(adapter, ArrayRecord) else protocol.adapter_to_record(adapter)
+    state[HELD_DIGEST] = ConfigRecord({protocol.ADAPTER_DIGEST: digest})
+
+
+def held_adapter(message: Message, state: RecordDict) -> dict[str, Any] | None:
+    """The adapter a train or evaluate message is about: the one it carries (then held), or the one this
+    client holds if the message names it by digest instead (one download per round); None if not held."""
+    wanted = message.content.config_records[protocol.CONFIG].get(protocol.ADAPTER_DIGEST)
+    if protocol.ARRAYS in message.content.array_records:
+        record = message.content.array_records[protocol.ARRAYS]
+        if wanted is not None:
+            hold(state, record, wanted)
+        return protocol.record_to_adapter(record)
+    held = state.config_records.get(HELD_DIGEST)
+    if wanted is None or held is None or held.get(protocol.ADAPTER_DIGEST) != wanted:
+        return None
+    return protocol.record_to_adapter(state.array_records[HELD_ADAPTER])
+
+
+def missing_adapter_reply(message: Message, partition_id: int, digest: object) -> Message:
+    """Ask the server for the adapter in full (it resends the message with ``arrays``)."""
+    log(INFO, "client %d does not hold adapter %s; asking for it in full", partition_id, digest)
+    metrics = MetricRecord({protocol.PARTITION_ID: partition_id, protocol.MISSING_ADAPTER: 1})
+    return Message(RecordDict({protocol.METRICS: metrics}), reply_to=message)
+
+
 class ClientSession:
     """What one message needs: the validated config, this node's partition and its data."""
 
@@ -116,6 +153,7 @@ class ClientSession:
         self.ala: protocol.AlaSettings | None = (
             None  # FedALA's client-side step, when the message asks for it (load_model)
         )
+        self.received: dict[str, Any] = {}  # the adapter the message is about (load_model)
         self.images = isinstance(next(iter(self.data.train), None), ImageExample)
         if self.images != is_image_classifier(config.model.name):
             kind, model_kind = ("images", "a causal language model") if self.images else ("text", "an image classifier")
@@ -189,8 +227,12 @@ class ClientSession:
                 f"message for partition {addressed_to!r} reached client {self.partition_id}; "
                 "refusing another client's adapter"
             )
+        adapter = held_adapter(message, context.state)
+        if adapter is None:
+            raise MissingAdapter(config.get(protocol.ADAPTER_DIGEST))
+        self.received = adapter
         model, tokenizer = _model(self.config.model, self.config.lora)
-        set_adapter_arrays(model, protocol.record_to_adapter(message.content.array_records[protocol.ARRAYS]))
+        set_adapter_arrays(model, adapter)
         server_round = int(config[protocol.SERVER_ROUND])
         step: dict[str, float] = {}
         self.ala = ala = protocol.AlaSettings.from_config(config)
@@ -264,6 +306,10 @@ def make_client_app(
                     protocol.DATA_DIGEST: data_digest(session.data),
                 }
             )
+            # θ⁰ follows from the run config (cheap: shapes from the meta device), so the first train
+            # message can name it rather than carry it.
+            initial = initial_adapter_arrays(session.config.model.name, session.config.lora, seed=session.config.seed)
+            hold(context.state, initial, protocol.adapter_digest(initial))
         except Exception as error:  # any reason a client cannot start is reported and recorded, not lost
             reason = f"{type(error).__name__}: {' '.join(str(error).split())}"
             log(ERROR, "client %d cannot start: %s", partition_id, reason)
@@ -279,7 +325,10 @@ def make_client_app(
     @app.train()
     def train(message: Message, context: Context) -> Message:
         session = ClientSession(context, overrides)
-        model, tokenizer, server_round, step = session.load_model(message, context)
+        try:
+            model, tokenizer, server_round, step = session.load_model(message, context)
+        except MissingAdapter as missing:
+            return missing_adapter_reply(message, session.partition_id, missing)
         config, settings = session.config, session.config.train
         # Strategies declare client-side loss terms in the message (FedProx's μ, FedAMP's λ).
         mu = float(message.content.config_records[protocol.CONFIG].get(protocol.PROXIMAL_MU, 0.0))
@@ -318,15 +367,18 @@ def make_client_app(
         if session.ala is not None:
             remember_local(context.state, trained)
         if corrupt is not None:
-            received = protocol.record_to_adapter(message.content.array_records[protocol.ARRAYS])
-            trained = corrupt(session.partition_id, server_round, received, trained)
+            trained = corrupt(session.partition_id, server_round, session.received, trained)
+        hold(context.state, trained, protocol.adapter_digest(trained))  # the next message may name it
         content = RecordDict({protocol.ARRAYS: protocol.adapter_to_record(trained), protocol.METRICS: metrics})
         return Message(content, reply_to=message)
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
         session = ClientSession(context, overrides)
-        model, tokenizer, server_round, step = session.load_model(message, context)
+        try:
+            model, tokenizer, server_round, step = session.load_model(message, context)
+        except MissingAdapter as missing:
+            return missing_adapter_reply(message, session.partition_id, missing)
         scores = session.score(model, tokenizer)
         summary = ", ".join(
             f"{key} {scores[key]:.3f}" for key in ("exact_match", "rougeL", "accuracy", "macro_f1") if key in scores

@@ -24,7 +24,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from fedbilevel import protocol
-from fedbilevel.mixing import weighted_average
+from fedbilevel.checkpoint import ClientStore
 from fedbilevel.options import ConfigError
 from fedbilevel.strategies.replies import RejectedReply, check_adapter, check_reply, last_line, senders_of
 from fedbilevel.strategies.rounds import RoundLog, over_all_clients
@@ -33,6 +33,13 @@ from fedbilevel.strategies.sampling import SamplingSettings, sample_clients, sam
 Adapter = dict[str, np.ndarray]
 RoundCallback = Callable[[dict[str, Any]], None]
 QUERY_TIMEOUT_S = 300.0  # a node that cannot say which partition it holds within this is left out
+
+
+def _asks_for_adapter(message: Message) -> bool:
+    """Whether a reply says its client does not hold the adapter the message named (``missing-adapter``)."""
+    if message.has_error() or protocol.METRICS not in message.content.metric_records:
+        return False
+    return message.content.metric_records[protocol.METRICS].get(protocol.MISSING_ADAPTER) == 1
 
 
 class PersonalizedStrategy(Strategy):
@@ -64,9 +71,6 @@ class PersonalizedStrategy(Strategy):
         The run seed: each round's sample is drawn from it and the round.
     """
 
-    # Attributes holding partition id -> adapter that a checkpoint must keep.
-    checkpointed: tuple[str, ...] = ("adapters",)
-
     def __init__(
         self,
         *,
@@ -91,16 +95,25 @@ class PersonalizedStrategy(Strategy):
         self.evaluate_global = evaluate_global
         self.round_offset = 0  # rounds completed before a resume: Flower counts from 1 again
         self.initial_adapter: Adapter = {k: np.asarray(v) for k, v in initial_adapter.items()}
+        self._initial_digest = protocol.adapter_digest(self.initial_adapter)
         self.min_nodes = min_nodes
         self.on_round_end = on_round_end
         self.evaluate_round = evaluate_round or (lambda _round: True)
-        self.adapters: dict[int, Adapter] = {}  # partition id -> θ̄ᵢ
+        # Per-client state lives in the store: only the round's clients in memory (run_server attaches its folder).
+        self.store = ClientStore()
+        self.adapters = self.store.table("adapters")  # partition id -> θ̄ᵢ
         self.node_partitions: dict[int, int] = {}  # node id -> partition id
         self.clients: dict[int, dict[str, Any]] = {}  # partition id -> info from its query reply
         self.history: list[dict[str, Any]] = []
         self._round: RoundLog | None = None  # the round in progress, from configure_train on
         self._sent: dict[str, dict[int, int]] = {}  # phase -> node id -> partition id messaged
         self._outbox: dict[str, list[Message]] = {}  # phase -> the messages sent (replies are matched to them)
+        self._phase_args: dict[str, tuple] = {}  # phase -> (round, config, message type, global adapter or None)
+        # partition id -> (node id, digest of the adapter that node holds): the next message names it, not sends it
+        self._held: dict[int, tuple[int, str]] = {}
+        self._pending: dict[int, tuple[int, str]] = {}  # partition id -> (node id, digest) of its message in flight
+        self._grid: Grid | None = None  # for resending an adapter in full within a phase (start)
+        self._timeout: float | None = None
 
     # ------------------------------------------------------------------ subclass API
 
@@ -126,46 +139,38 @@ class PersonalizedStrategy(Strategy):
 
     # ------------------------------------------------------------------ state
 
-    def checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """The state a resumed run needs: named arrays and a JSON-able record.
+    def checkpoint(self) -> dict[str, Any]:
+        """Write the round's changed per-client state to the store; return the record a resumed run needs.
 
-        Arrays are ``<attribute>/<partition id>/<adapter array name>`` for every
-        attribute in :attr:`checkpointed`; the record has the completed round and the
-        clients' info. Subclasses with more state extend both.
+        The record (:func:`fedbilevel.checkpoint.save_checkpoint` writes it) has the completed
+        round, the clients' info and the store's manifest; subclasses with more small state add it.
         """
-        arrays = {
-            f"{attribute}/{partition_id}/{name}": array
-            for attribute in self.checkpointed
-            for partition_id, adapter in getattr(self, attribute).items()
-            for name, array in adapter.items()
-        }
         completed = self.history[-1]["round"] if self.history else self.round_offset
-        return arrays, {"round": completed, "clients": {str(p): info for p, info in self.clients.items()}}
+        return {
+            "round": completed,
+            "clients": {str(p): info for p, info in self.clients.items()},
+            "store": self.store.flush(completed),
+        }
 
-    def restore(self, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
-        """Load a :meth:`checkpoint`; the next round is ``meta["round"] + 1``."""
-        for attribute in self.checkpointed:
-            getattr(self, attribute).clear()
-        loaded: dict[tuple[str, int], dict[str, np.ndarray]] = {}
-        for key, array in arrays.items():
-            attribute, _, rest = key.partition("/")
-            if attribute in self.checkpointed:  # other keys belong to a subclass
-                partition_id, name = rest.split("/", 1)
-                loaded.setdefault((attribute, int(partition_id)), {})[name] = array
-        for (attribute, partition_id), adapter in loaded.items():
-            if set(adapter) != set(self.initial_adapter):
-                raise ValueError(
-                    f"checkpoint: {attribute} of client {partition_id} has other arrays than this run's adapter"
-                )
-            getattr(self, attribute)[partition_id] = {name: adapter[name] for name in self.initial_adapter}
+    def restore(self, meta: Mapping[str, Any]) -> None:
+        """Continue from a :meth:`checkpoint` record (the store attached to the run's folder); the next
+        round is ``meta["round"] + 1``."""
+        self.store.load(meta["store"])
         self.clients = {int(p): dict(info) for p, info in meta["clients"].items()}
         self.round_offset = int(meta["round"])
 
     def global_adapter(self) -> Adapter:
-        """Σᵢ nᵢ θᵢ / Σᵢ nᵢ over the known clients' personalized adapters (nᵢ: training examples)."""
+        """Σᵢ nᵢ θᵢ / Σᵢ nᵢ over the known clients' personalized adapters (nᵢ: training examples).
+
+        One client at a time from the store, summed in float64, so memory stays that of two adapters.
+        """
         partitions = sorted(self.clients)
-        sizes = [max(int(self.clients[p].get(protocol.NUM_TRAIN) or 1), 1) for p in partitions]
-        return weighted_average([self.personalized_adapter(p) for p in partitions], sizes)
+        sizes = np.array([max(int(self.clients[p].get(protocol.NUM_TRAIN) or 1), 1) for p in partitions], float)
+        total = {name: np.zeros(array.shape) for name, array in self.initial_adapter.items()}
+        for partition_id, weight in zip(partitions, sizes / sizes.sum()):
+            for name, array in self.personalized_adapter(partition_id).items():
+                total[name] += weight * array
+        return {name: total[name].astype(array.dtype) for name, array in self.initial_adapter.items()}
 
     def adapter_for(self, partition_id: int) -> Adapter:
         """The adapter a partition trains from next (θ⁰ until the client has been personalized)."""
@@ -180,6 +185,12 @@ class PersonalizedStrategy(Strategy):
         return self.adapter_for(partition_id)
 
     # ------------------------------------------------------------------ Flower hooks
+
+    def start(self, grid: Grid, *args: Any, timeout: float = 3600, **kwargs: Any):
+        """Flower's round loop (:meth:`flwr.serverapp.strategy.Strategy.start`), keeping the grid and
+        timeout for resending an adapter in full to a client that no longer holds it."""
+        self._grid, self._timeout = grid, timeout
+        return super().start(grid, *args, timeout=timeout, **kwargs)
 
     def configure_train(self, server_round: int, arrays, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """One TRAIN message per sampled partition, carrying that partition's own adapter."""
@@ -251,29 +262,36 @@ class PersonalizedStrategy(Strategy):
 
     def _messages(self, server_round: int, config: ConfigRecord, message_type: str) -> list[Message]:
         """One message per client sampled for this phase (:mod:`fedbilevel.strategies.sampling`)."""
-        messages = []
         phase = "train" if message_type == MessageType.TRAIN else "evaluate"
         sampled = set(self._sample(server_round, phase))
-        adapter_of = self.adapter_for if message_type == MessageType.TRAIN else self.personalized_adapter
         shared = self.global_adapter() if message_type == MessageType.EVALUATE and self.evaluate_global else None
+        self._phase_args[phase] = (server_round, config, message_type, shared)
         chosen = {node: partition for node, partition in self.node_partitions.items() if partition in sampled}
-        for node_id, partition_id in sorted(chosen.items(), key=lambda item: item[1]):
-            round_config = ConfigRecord({**dict(config), **self.client_config()})
-            round_config[protocol.SERVER_ROUND] = server_round
-            round_config[protocol.PARTITION_ID] = partition_id
-            content = RecordDict(
-                {
-                    protocol.ARRAYS: protocol.adapter_to_record(adapter_of(partition_id)),
-                    protocol.CONFIG: round_config,
-                }
-            )
-            if shared is not None:
-                content[protocol.GLOBAL] = protocol.adapter_to_record(shared)
-            self._round.note_sent(content)
-            messages.append(Message(content=content, message_type=message_type, dst_node_id=node_id))
+        messages = [
+            self._message(phase, node_id, partition_id)
+            for node_id, partition_id in sorted(chosen.items(), key=lambda item: item[1])
+        ]
         self._sent[phase] = chosen
         self._outbox[phase] = messages  # Flower gives them their ids when it sends them
         return messages
+
+    def _message(self, phase: str, node_id: int, partition_id: int, *, full: bool = False) -> Message:
+        """The phase's message to one client: its adapter in full, or only its digest when the node holds it."""
+        server_round, config, message_type, shared = self._phase_args[phase]
+        adapter = self.adapter_for(partition_id) if phase == "train" else self.personalized_adapter(partition_id)
+        digest = protocol.adapter_digest(adapter)
+        round_config = ConfigRecord({**dict(config), **self.client_config()})
+        round_config[protocol.SERVER_ROUND] = server_round
+        round_config[protocol.PARTITION_ID] = partition_id
+        round_config[protocol.ADAPTER_DIGEST] = digest
+        content = RecordDict({protocol.CONFIG: round_config})
+        if full or self._held.get(partition_id) != (node_id, digest):
+            content[protocol.ARRAYS] = protocol.adapter_to_record(adapter)
+        if shared is not None:
+            content[protocol.GLOBAL] = protocol.adapter_to_record(shared)
+        self._round.note_sent(content)
+        self._pending[partition_id] = (node_id, digest)
+        return Message(content=content, message_type=message_type, dst_node_id=node_id)
 
     def _sample(self, server_round: int, phase: str) -> list[int]:
         """The clients of this phase, recorded in the round's ``sampled``: all unless a fraction is set."""
@@ -293,26 +311,49 @@ class PersonalizedStrategy(Strategy):
         return chosen
 
     def _valid_replies(
-        self, phase: str, replies: Iterable[Message]
+        self, phase: str, replies: Iterable[Message], *, resent: tuple[dict[int, int], list[Message]] | None = None
     ) -> Iterator[tuple[int, dict[str, Any], Adapter | None]]:
         """(partition id, metrics, adapter: train replies only) of each reply that may be used.
 
         Every reply's bytes are counted; clients that did not answer and rejected replies
-        are logged and recorded as failures. Lazy, so each reply's log lines stay in order.
+        are logged and recorded as failures. A client that no longer holds the adapter its
+        message named is sent it in full, once. Lazy, so each reply's log lines stay in order.
         """
         replies = list(replies)
-        senders = senders_of(replies, self._outbox.get(phase, []))
-        self._round.note_missing(phase, self._sent.get(phase, {}), set(senders))
+        sent, outbox = resent or (self._sent.get(phase, {}), self._outbox.get(phase, []))
+        senders = senders_of(replies, outbox)
+        self._round.note_missing(phase, sent, set(senders))
+        for node_id in set(sent) - set(senders):
+            self._held.pop(sent[node_id], None)
+        lacking: dict[int, int] = {}
         for message, node_id in zip(replies, senders):
             self._round.note_received(message)
+            partition_id = self.node_partitions.get(node_id)
+            if resent is None and partition_id is not None and _asks_for_adapter(message):
+                lacking[node_id] = partition_id
+                continue
             try:
-                partition_id, metrics = check_reply(message, self.node_partitions.get(node_id), phase)
+                partition_id, metrics = check_reply(message, partition_id, phase)
                 adapter = check_adapter(message.content, self.initial_adapter) if phase == "train" else None
             except RejectedReply as error:
-                self._round.note_rejected(phase, node_id, self.node_partitions.get(node_id), error)
+                self._round.note_rejected(phase, node_id, partition_id, error)
+                self._held.pop(partition_id, None)  # what it holds now is unknown
                 continue
             self._round.note_busy(phase, metrics)
+            # The client now holds the adapter it trained, or the one it evaluated.
+            held = protocol.adapter_digest(adapter) if adapter is not None else self._pending[partition_id][1]
+            self._held[partition_id] = (node_id, held)
             yield partition_id, metrics, adapter
+        if lacking:
+            log(
+                INFO,
+                "round %d: clients %s no longer hold their adapter; sending it in full",
+                self._round.record["round"],
+                sorted(lacking.values()),
+            )
+            messages = [self._message(phase, node, partition, full=True) for node, partition in lacking.items()]
+            again = list(self._grid.send_and_receive(messages, timeout=self._timeout))
+            yield from self._valid_replies(phase, again, resent=(lacking, messages))
 
     def _discover_partitions(self, grid: Grid) -> None:
         """Map node ids to partition ids, asking only nodes not seen before."""
@@ -372,6 +413,7 @@ class PersonalizedStrategy(Strategy):
                 )
             self.node_partitions[node_id] = partition_id
             self.clients[partition_id] = info
+            self._held[partition_id] = (node_id, self._initial_digest)  # a client derives θ⁰ itself at start
             log(INFO, "node %d is client %d (%s)", node_id, partition_id, info.get(protocol.TASK, "?"))
         failures = self._round.record["failures"]
         first = failures[0]["reason"] if failures else "no reply to the partition query"

@@ -43,8 +43,6 @@ class FedAmp(PersonalizedStrategy):
         Passed to :class:`~fedbilevel.strategies.base.PersonalizedStrategy`.
     """
 
-    checkpointed = ("adapters", "personal")
-
     def __init__(self, *, proximal_lambda: float, sigma: float, self_weight: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if proximal_lambda < 0:
@@ -52,7 +50,7 @@ class FedAmp(PersonalizedStrategy):
         self.proximal_lambda = proximal_lambda
         self.sigma = sigma
         self.self_weight = self_weight
-        self.personal: dict[int, Adapter] = {}  # partition id -> wᵢ (self.adapters holds uᵢ)
+        self.personal = self.store.table("personal")  # partition id -> wᵢ (self.adapters holds uᵢ)
 
     def summary(self) -> None:
         """Log the FedAMP hyper-parameters."""

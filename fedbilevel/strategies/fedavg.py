@@ -15,14 +15,23 @@ from fedbilevel.strategies.base import Adapter, PersonalizedStrategy
 
 
 class FedAvg(PersonalizedStrategy):
-    """Example-weighted mean of the trained adapters, sent to every known client."""
+    """Example-weighted mean of the trained adapters, sent to every known client.
+
+    The server keeps the one global adapter (store kind ``global``), not a copy per client.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.global_model = self.store.table("global")  # 0 -> θ, once aggregated
+
+    def adapter_for(self, partition_id: int) -> Adapter:
+        """θ, the same for every client (θ⁰ before the first aggregation)."""
+        return self.global_model.get(0, self.initial_adapter)
 
     def personalize(
         self, server_round: int, trained: dict[int, Adapter], num_examples: dict[int, int]
     ) -> dict[str, Any]:
         """θ ← Σₖ (nₖ / n) θₖ over the clients that replied; every client gets θ."""
         partitions = sorted(trained)
-        global_adapter = weighted_average([trained[p] for p in partitions], [num_examples[p] for p in partitions])
-        for partition_id in set(self.clients) | set(partitions):
-            self.adapters[partition_id] = global_adapter
+        self.global_model[0] = weighted_average([trained[p] for p in partitions], [num_examples[p] for p in partitions])
         return {"participants": partitions}

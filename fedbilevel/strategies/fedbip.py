@@ -11,6 +11,7 @@ over the flattened adapter (FedBip) or per layer group (FedBip-L). The math live
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from logging import INFO
 from typing import Any
 
@@ -41,7 +42,10 @@ class FedBip(PersonalizedStrategy):
         super().__init__(**kwargs)
         self.layerwise = layerwise
         self.settings = settings or FedBipSettings()
-        self._smoothed: dict[tuple[int, int], np.ndarray] = {}  # (partition i, partition k) -> cosine per group
+        self._smoothed = self.store.table("similarity-ema")  # partition i -> {str(k): cosine per group}
+        # absent-clients = "remember": each client's last (start, trained) adapters and the round it trained in
+        self._memory = self.store.table("task-vector-memory")
+        self._trained_in: dict[int, int] = {}
 
     def summary(self) -> None:
         """Log the FedBip options."""
@@ -66,55 +70,97 @@ class FedBip(PersonalizedStrategy):
     def personalize(
         self, server_round: int, trained: dict[int, Adapter], num_examples: dict[int, int]
     ) -> dict[str, Any]:
-        """θ̄ᵢ ← θ̄ᵢ + Σₖ pᵢₖ τₖ over the clients that replied (ascending partition id)."""
+        """θ̄ᵢ ← θ̄ᵢ + Σₖ pᵢₖ τₖ for the clients that replied (ascending partition id); k also runs over
+        the remembered task vectors of absent clients with ``absent-clients = "remember"``."""
         partitions = sorted(trained)
+        remembered = self._remembered(server_round, partitions)
+        starts = [self.adapter_for(p) for p in partitions]
+        ends = [trained[p] for p in partitions]
+        for partition_id in remembered:
+            memory = self._memory[partition_id]
+            starts.append({name: memory[f"start/{name}"] for name in self.initial_adapter})
+            ends.append({name: memory[f"trained/{name}"] for name in self.initial_adapter})
+        columns = partitions + list(remembered)
+        decay = self.settings.staleness_decay
         result = fedbip_aggregate_detailed(
-            [self.adapter_for(p) for p in partitions],
-            [trained[p] for p in partitions],
+            starts,
+            ends,
             layerwise=self.layerwise,
             task_vector=self.settings.task_vector,
             initial=self.initial_adapter,
             grouping=self.settings.layer_grouping,
             similarity=self.settings.similarity_space,
             weighting=self.settings.weighting,
-            smooth=self._smoother(partitions) if self.settings.similarity_ema else None,
+            smooth=self._smoother(columns, len(partitions)) if self.settings.similarity_ema else None,
+            discount=[1.0] * len(partitions) + [decay**age for age in remembered.values()] if remembered else None,
+            outputs=len(partitions),
         )
         for partition_id, adapter in zip(partitions, result.adapters):
             self.adapters[partition_id] = adapter
+        if self.settings.absent_clients == "remember":
+            for partition_id, start, end in zip(partitions, starts, ends):
+                self._memory[partition_id] = {
+                    **{f"start/{name}": array for name, array in start.items()},
+                    **{f"trained/{name}": array for name, array in end.items()},
+                }
+                self._trained_in[partition_id] = server_round
         with np.printoptions(precision=2, suppress=True):
             log(
-                INFO, "round %d: FedBip weights (rows/cols = clients %s):\n%s", server_round, partitions, result.weights
+                INFO,
+                "round %d: FedBip weights (rows = clients %s, columns = clients %s%s):\n%s",
+                server_round,
+                partitions,
+                columns,
+                f", of which {list(remembered)} remembered" if remembered else "",
+                result.weights,
             )
-        return {
+        fields = {
             "participants": partitions,
-            "similarity": result.similarity.round(6).tolist(),
+            "similarity": result.similarity[: len(partitions)].round(6).tolist(),
             "weights": result.weights.round(6).tolist(),
         }
+        if remembered:
+            fields["columns"] = columns
+            fields["remembered"] = {str(p): age for p, age in remembered.items()}
+        return fields
 
-    def checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """Also the smoothed cosine of every client pair (``ema/<i>-<k>``)."""
-        arrays, meta = super().checkpoint()
-        arrays.update({f"ema/{i}-{k}": values for (i, k), values in self._smoothed.items()})
-        return arrays, meta
+    def _remembered(self, server_round: int, partitions: list[int]) -> dict[int, int]:
+        """Absent clients whose last task vector is still remembered -> its age in rounds (ascending id).
 
-    def restore(self, arrays, meta) -> None:
-        """Also the smoothed cosines."""
-        super().restore(arrays, meta)
-        pairs = (key.removeprefix("ema/").split("-") for key in arrays if key.startswith("ema/"))
-        self._smoothed = {(int(i), int(k)): arrays[f"ema/{i}-{k}"] for i, k in pairs}
+        Forgets (deletes from the store) the task vectors older than ``max-staleness``.
+        """
+        if self.settings.absent_clients != "remember":
+            return {}
+        ages = {p: server_round - trained_in for p, trained_in in self._trained_in.items() if p not in partitions}
+        for partition_id in [p for p, age in ages.items() if age > self.settings.max_staleness]:
+            del self._memory[partition_id], self._trained_in[partition_id]
+        return {p: age for p, age in sorted(ages.items()) if age <= self.settings.max_staleness}
 
-    def _smoother(self, partitions: list[int]):
-        """EMA of each client pair's cosines over the rounds both took part in (keyed by partition ids)."""
+    def checkpoint(self) -> dict[str, Any]:
+        """Also the round each remembered task vector was trained in."""
+        return {**super().checkpoint(), "trained_in": {str(p): r for p, r in self._trained_in.items()}}
+
+    def restore(self, meta: Mapping[str, Any]) -> None:
+        """Also the rounds of the remembered task vectors."""
+        super().restore(meta)
+        self._trained_in = {int(p): int(r) for p, r in meta.get("trained_in", {}).items()}
+
+    def _smoother(self, partitions: list[int], rows: int):
+        """EMA of each client pair's cosines over the rounds both took part in (store kind
+        ``similarity-ema``: client i -> its partner k's smoothed cosines under the name ``k``). Only the
+        first ``rows`` clients (this round's) have their rows updated; the others lend their columns."""
 
         def smooth(cosines: np.ndarray) -> np.ndarray:
             previous = cosines.copy()  # a pair seen for the first time starts from its current cosine
-            pairs = [(a, b, (i, k)) for a, i in enumerate(partitions) for b, k in enumerate(partitions)]
-            for a, b, pair in pairs:
-                if pair in self._smoothed:
-                    previous[:, a, b] = self._smoothed[pair]
+            known = {i: dict(self._smoothed.get(i, {})) for i in partitions}
+            for a, i in enumerate(partitions):
+                for b, k in enumerate(partitions):
+                    if str(k) in known[i]:
+                        previous[:, a, b] = known[i][str(k)]
             smoothed = ema_similarity(previous, cosines, self.settings.similarity_ema)
-            for a, b, pair in pairs:
-                self._smoothed[pair] = smoothed[:, a, b]
+            for a, i in enumerate(partitions[:rows]):
+                known[i].update({str(k): smoothed[:, a, b] for b, k in enumerate(partitions)})
+                self._smoothed[i] = known[i]
             return smoothed
 
         return smooth

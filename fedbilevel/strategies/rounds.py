@@ -48,8 +48,9 @@ def _covered(intervals: list[tuple[float, float]], start: float | None, end: flo
 
 
 def over_all_clients(fields: Mapping[str, Any], clients: Sequence[int]) -> dict[str, Any]:
-    """A strategy's round fields with its matrices (``similarity``, ``weights``: rows and columns over
-    ``participants``) spread over every known client, None where a row or column's client did not take part.
+    """A strategy's round fields with its matrices (``similarity``, ``weights``: rows over ``participants``,
+    columns over ``columns`` if given, else also ``participants``) spread over every known client, None
+    where a row or column's client did not take part (``columns`` itself is dropped: the layout says it).
 
     So heatmaps compare across rounds when a fraction of the clients trains: row and column k are always
     client ``clients[k]`` (ascending partition id); ``participants`` still says who took part.
@@ -67,16 +68,17 @@ def over_all_clients(fields: Mapping[str, Any], clients: Sequence[int]) -> dict[
         ``fields`` with N×N lists (None for absent clients); unchanged when everyone took part.
     """
     participants = list(fields.get("participants", []))
-    if participants == list(clients):
-        return dict(fields)
-    position = {partition: k for k, partition in enumerate(participants)}
     out = dict(fields)
+    columns = out.pop("columns", participants)
+    if participants == columns == list(clients):
+        return out
+    row = {partition: k for k, partition in enumerate(participants)}
+    column = {partition: k for k, partition in enumerate(columns)}
     for key in ("similarity", "weights"):
         if key in fields:
             matrix = fields[key]
             out[key] = [
-                [matrix[position[i]][position[j]] if i in position and j in position else None for j in clients]
-                for i in clients
+                [matrix[row[i]][column[j]] if i in row and j in column else None for j in clients] for i in clients
             ]
     return out
 

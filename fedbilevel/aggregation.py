@@ -137,8 +137,8 @@ class FedBipSettings:
         number(0.0, low_open=False, high=1.0),
         "decay of a moving average of each pair's cosine across rounds (0: off)",
     )
-    absent_clients: str = option(
-        "absent-clients",
+    absent_rule: str = option(
+        "absent-client-rule",
         "keep",
         choice(ABSENT_CLIENT_RULES),
         "with a fraction of clients a round: `keep` (the round's clients are weighted among themselves; the others "

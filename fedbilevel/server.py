@@ -79,10 +79,15 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
     log(INFO, "fedbilevel: strategy %s, %d rounds, results in %s", config.strategy, config.num_server_rounds, run_dir)
     started = time.time()
 
-    def on_round_end(record: Mapping[str, Any]) -> None:
+    def on_round_end(record: dict[str, Any]) -> None:
+        # The store files first (the heavy part, timed and recorded), then the round, then the record
+        # naming the files: a crash in between resumes from the previous checkpoint.
+        checkpoint_started = time.time()
+        checkpoint = strategy.checkpoint()
+        record["seconds_checkpoint"] = time.time() - checkpoint_started
         recorder.set_clients(strategy.clients)
         recorder.record_round(record)
-        save_checkpoint(run_dir, strategy.checkpoint())
+        save_checkpoint(run_dir, checkpoint)
         done = record["round"]
         eta = (time.time() - started) / (done - resumed_after) * (config.num_server_rounds - done)
         mean = recorder.results["rounds"][-1].get("personalized_mean")
@@ -90,11 +95,14 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
         split = record["time_split"]
         log(
             INFO,
-            "round %d/%d done in %.0f s (%d clients, %d failures); personalized mean: %s; ETA %.0f s",
+            "round %d/%d done in %.0f s (of %d clients %d trained, %d evaluated; %d failures); "
+            "personalized mean: %s; ETA %.0f s",
             done,
             config.num_server_rounds,
             record["seconds"],
+            len(strategy.clients),
             len(record["train"]),
+            len(record["eval"]),
             len(record["failures"]),
             scores,
             eta,
@@ -102,13 +110,14 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
         log(
             INFO,
             "round %d time: clients training %.1f s, evaluating %.1f s, aggregation %.2f s, "
-            "other (Flower) %.1f s = %.1f%%",
+            "other (Flower) %.1f s = %.1f%%; then checkpoint %.2f s",
             done,
             split["client_train"],
             split["client_evaluate"],
             split["aggregation"],
             split["other"],
             100 * split["other_fraction"],
+            record["seconds_checkpoint"],
         )
 
     strategy = build_strategy(

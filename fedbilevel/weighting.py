@@ -426,7 +426,7 @@ def normalised_weights(similarity: np.ndarray, negative: str) -> np.ndarray:
 def staleness_discounted(weights: np.ndarray, discount: np.ndarray) -> np.ndarray:
     """Weights with column k scaled by its discount dₖ, rows normalised again: p̃ᵢₖ = dₖ pᵢₖ / Σⱼ dⱼ pᵢⱼ.
 
-    FedBip's ``absent-clients = "remember"`` rule: a column k that is an absent client's last
+    FedBip's ``absent-client-rule = "remember"`` rule: a column k that is an absent client's last
     task vector has dₖ = γ^aₖ for its age aₖ in rounds (a fresh one: d = 1), so stale updates
     count less the older they are, as asynchronous FL discounts stale updates (FedAsync, Xie et
     al. 2019, uses a polynomial s(a); MIFA, Gu et al., NeurIPS 2021, reuses every client's

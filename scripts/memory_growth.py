@@ -40,6 +40,8 @@ class _Client:
 
     def __init__(self, partition_id: int):
         self.partition_id = partition_id
+        # (digest, adapter) it last received or trained, as the ClientApp holds it (not θ⁰: it asks for that)
+        self.held: tuple[str, dict[str, np.ndarray]] = ("", {})
 
     def handle(self, message: Message) -> Message:
         if message.metadata.message_type == MessageType.QUERY:
@@ -55,6 +57,12 @@ class _Client:
             return Message(RecordDict({protocol.INFO: info}), reply_to=message)
         config = message.content.config_records[protocol.CONFIG]
         server_round = int(config[protocol.SERVER_ROUND])
+        if protocol.ARRAYS in message.content.array_records:
+            adapter = protocol.record_to_adapter(message.content.array_records[protocol.ARRAYS])
+            self.held = (config[protocol.ADAPTER_DIGEST], adapter)
+        elif self.held[0] != config[protocol.ADAPTER_DIGEST]:
+            metrics = MetricRecord({protocol.PARTITION_ID: self.partition_id, protocol.MISSING_ADAPTER: 1})
+            return Message(RecordDict({protocol.METRICS: metrics}), reply_to=message)
         now = time.time()
         metrics = {
             protocol.PARTITION_ID: self.partition_id,
@@ -65,13 +73,14 @@ class _Client:
         if message.metadata.message_type == MessageType.EVALUATE:
             metrics.update(dict.fromkeys(protocol.TEXT_METRICS, 0.5))
             return Message(RecordDict({protocol.METRICS: MetricRecord(metrics)}), reply_to=message)
-        adapter = protocol.record_to_adapter(message.content.array_records[protocol.ARRAYS])
+        adapter = self.held[1]
         rng = np.random.default_rng(1000 * self.partition_id + server_round)
         trained = {
             name: (value + 1e-3 * rng.standard_normal(value.shape)).astype(np.float32)
             for name, value in adapter.items()
         }
         metrics[protocol.TRAIN_LOSS] = 1.0
+        self.held = (protocol.adapter_digest(trained), trained)
         content = RecordDict(
             {protocol.ARRAYS: protocol.adapter_to_record(trained), protocol.METRICS: MetricRecord(metrics)}
         )

@@ -32,7 +32,7 @@ def two_rounds(**settings):
 
 
 def test_keep_weighs_the_rounds_clients_among_themselves_and_leaves_absent_ones_unchanged():
-    _, (_, (change, fields)) = two_rounds(absent_clients="keep")
+    _, (_, (change, fields)) = two_rounds(absent_rule="keep")
     # cos([1,0], [0,2]) = 0: each client keeps its own update.
     np.testing.assert_allclose(change[0], [1, 0], atol=1e-6)
     np.testing.assert_allclose(change[1], [0, 2], atol=1e-6)
@@ -41,7 +41,7 @@ def test_keep_weighs_the_rounds_clients_among_themselves_and_leaves_absent_ones_
 
 
 def test_remember_weighs_the_absent_clients_last_task_vector_discounted_by_its_age():
-    _, (_, (change, fields)) = two_rounds(absent_clients="remember", staleness_decay=0.5)
+    _, (_, (change, fields)) = two_rounds(absent_rule="remember", staleness_decay=0.5)
     # Columns 0, 1, 2 (2 remembered, age 1): cos(τ0, τ2) = cos(τ1, τ2) = 1/√2, cos(τ0, τ1) = 0.
     # Row 0: S = [1, 0, 0.70711] · d = [1, 1, 0.5] -> [1, 0, 0.35355] / 1.35355;
     #   Δθ̄0 = ([1, 0] + 0.35355 · [1, 1]) / 1.35355 = [1, 0.26120].
@@ -55,17 +55,17 @@ def test_remember_weighs_the_absent_clients_last_task_vector_discounted_by_its_a
 
 
 def test_remember_without_decay_is_mifas_undiscounted_memory_and_decay_zero_is_keep():
-    _, (_, (change, _)) = two_rounds(absent_clients="remember", staleness_decay=1.0)
+    _, (_, (change, _)) = two_rounds(absent_rule="remember", staleness_decay=1.0)
     # Row 0: [1, 0, 0.70711] / 1.70711; Δθ̄0 = [1.70711, 0.70711] / 1.70711 = [1, 0.41421].
     np.testing.assert_allclose(change[0], [1, 0.41421], atol=1e-5)
-    _, (_, (zero, _)) = two_rounds(absent_clients="remember", staleness_decay=0.0)
-    _, (_, (keep, _)) = two_rounds(absent_clients="keep")
+    _, (_, (zero, _)) = two_rounds(absent_rule="remember", staleness_decay=0.0)
+    _, (_, (keep, _)) = two_rounds(absent_rule="keep")
     for p in range(3):
         np.testing.assert_allclose(zero[p], keep[p], atol=1e-7)
 
 
 def test_a_task_vector_older_than_max_staleness_is_forgotten():
-    strategy, _ = two_rounds(absent_clients="remember", max_staleness=1)
+    strategy, _ = two_rounds(absent_rule="remember", max_staleness=1)
     trained = {p: {"w": strategy.adapter_for(p)["w"] + np.float32(1)} for p in (0, 1)}
     fields = strategy.personalize(3, trained, {0: 10, 1: 10})  # client 2 is now 2 rounds old
     assert "remembered" not in fields and 2 not in strategy._memory and list(strategy._memory) == [0, 1]
@@ -76,14 +76,14 @@ def test_bad_staleness_values_are_refused_naming_the_key():
         FedBipSettings(staleness_decay=1.5)
     with pytest.raises(ConfigError, match=r"run-config key 'max-staleness': value 0 is not allowed"):
         FedBipSettings(max_staleness=0)
-    with pytest.raises(ConfigError, match=r"run-config key 'absent-clients': value 'drop' is not allowed"):
-        FedBipSettings(absent_clients="drop")
+    with pytest.raises(ConfigError, match=r"run-config key 'absent-client-rule': value 'drop' is not allowed"):
+        FedBipSettings(absent_rule="drop")
 
 
 @pytest.mark.usefixtures("server_identity")
 def test_remember_over_sampled_rounds_records_ages_and_resumes_to_the_same_state(tmp_path):
     sampling = SamplingSettings(fraction_train=0.5, min_train_nodes=2)
-    settings = FedBipSettings(absent_clients="remember", similarity_ema=0.5)
+    settings = FedBipSettings(absent_rule="remember", similarity_ema=0.5)
 
     def make(records):
         return FedBip(

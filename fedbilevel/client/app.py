@@ -343,6 +343,11 @@ def make_client_app(
             device=model.device,
             seed=_seed(config, session.partition_id, server_round),
             extra_loss=proximal_term(model, mu) if mu > 0 else None,
+            gradient_accumulation_steps=settings.gradient_accumulation_steps,
+            lr_scheduler=settings.lr_scheduler,
+            warmup_steps=settings.warmup_steps,
+            max_grad_norm=settings.max_grad_norm,
+            gradient_checkpointing=settings.gradient_checkpointing,
         )
         log(
             INFO,

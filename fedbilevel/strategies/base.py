@@ -322,6 +322,7 @@ class PersonalizedStrategy(Strategy):
         replies = list(replies)
         sent, outbox = resent or (self._sent.get(phase, {}), self._outbox.get(phase, []))
         senders = senders_of(replies, outbox)
+        self._outbox[phase] = []  # the adapters they carry are no longer needed (one per client of the round)
         self._round.note_missing(phase, sent, set(senders))
         for node_id in set(sent) - set(senders):
             self._held.pop(sent[node_id], None)

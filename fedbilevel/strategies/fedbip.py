@@ -43,7 +43,7 @@ class FedBip(PersonalizedStrategy):
         self.layerwise = layerwise
         self.settings = settings or FedBipSettings()
         self._smoothed = self.store.table("similarity-ema")  # partition i -> {str(k): cosine per group}
-        # absent-clients = "remember": each client's last (start, trained) adapters and the round it trained in
+        # absent-client-rule = "remember": each client's last (start, trained) adapters and the round it trained in
         self._memory = self.store.table("task-vector-memory")
         self._trained_in: dict[int, int] = {}
 
@@ -71,7 +71,7 @@ class FedBip(PersonalizedStrategy):
         self, server_round: int, trained: dict[int, Adapter], num_examples: dict[int, int]
     ) -> dict[str, Any]:
         """θ̄ᵢ ← θ̄ᵢ + Σₖ pᵢₖ τₖ for the clients that replied (ascending partition id); k also runs over
-        the remembered task vectors of absent clients with ``absent-clients = "remember"``."""
+        the remembered task vectors of absent clients with ``absent-client-rule = "remember"``."""
         partitions = sorted(trained)
         remembered = self._remembered(server_round, partitions)
         starts = [self.adapter_for(p) for p in partitions]
@@ -97,7 +97,7 @@ class FedBip(PersonalizedStrategy):
         )
         for partition_id, adapter in zip(partitions, result.adapters):
             self.adapters[partition_id] = adapter
-        if self.settings.absent_clients == "remember":
+        if self.settings.absent_rule == "remember":
             for partition_id, start, end in zip(partitions, starts, ends):
                 self._memory[partition_id] = {
                     **{f"start/{name}": array for name, array in start.items()},
@@ -129,7 +129,7 @@ class FedBip(PersonalizedStrategy):
 
         Forgets (deletes from the store) the task vectors older than ``max-staleness``.
         """
-        if self.settings.absent_clients != "remember":
+        if self.settings.absent_rule != "remember":
             return {}
         ages = {p: server_round - trained_in for p, trained_in in self._trained_in.items() if p not in partitions}
         for partition_id in [p for p, age in ages.items() if age > self.settings.max_staleness]:

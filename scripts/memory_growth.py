@@ -11,7 +11,9 @@ adapter; FedBip keeps one per client.
     .venv/bin/python scripts/memory_growth.py --rounds 40 --out outputs/memory-growth
 
 Writes memory.json (every round, the command, the settings) and memory.md (growth per round
-over the second half of the rounds, where start-up allocations are done) to --out.
+over the second half of the rounds, where start-up allocations are done, and the bytes sent
+down and up) to --out. The clients hold the adapter they last received or trained, as the
+ClientApp does, but not θ⁰ (they ask for it in full in round 1).
 """
 
 from __future__ import annotations
@@ -115,7 +117,16 @@ def run_one(strategy: str, rounds: int, model_name: str) -> dict:
     # tracemalloc's figure is read here for the last round only; RSS comes from every round.
     heap_mb = tracemalloc.get_traced_memory()[0] / 2**20
     return {
-        "rounds": [{"round": r["round"], **r["server_memory_mb"], "seconds": r["seconds"]} for r in rounds_recorded],
+        "rounds": [
+            {
+                "round": r["round"],
+                **r["server_memory_mb"],
+                "seconds": r["seconds"],
+                "bytes_down": r["bytes_down"],
+                "bytes_up": r["bytes_up"],
+            }
+            for r in rounds_recorded
+        ],
         "heap-mb-at-end": heap_mb,
     }
 
@@ -181,14 +192,15 @@ def main() -> int:
     )
     lines = [
         "| strategy | RSS round 1 (MB) | RSS last round (MB) | peak (MB) | growth, 2nd half (MB/round) "
-        "| Python heap at end (MB) |",
-        "|---|---|---|---|---|---|",
+        "| Python heap at end (MB) | bytes down, round 1 / last | bytes up, last round |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for strategy, result in results.items():
         rows = result["rounds"]
         lines.append(
             f"| {strategy} | {rows[0]['rss-mb']:.0f} | {rows[-1]['rss-mb']:.0f} | {rows[-1]['peak-rss-mb']:.0f} | "
-            f"{result['growth-mb-per-round']:+.2f} | {result['heap-mb-at-end']:.0f} |"
+            f"{result['growth-mb-per-round']:+.2f} | {result['heap-mb-at-end']:.0f} | "
+            f"{rows[0]['bytes_down']:,} / {rows[-1]['bytes_down']:,} | {rows[-1]['bytes_up']:,} |"
         )
     (args.out / "memory.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

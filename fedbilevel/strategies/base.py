@@ -2,9 +2,13 @@
 
 State is keyed by each client's stable partition id, never by the transport node id
 (node ids change when a SuperNode restarts). Partition ids are discovered with a QUERY
-message the first time a node id is seen. Every train/evaluate message carries only the
-adapter of the partition it is addressed to, and names that partition so the client can
-refuse a misrouted message. Replies are validated before anything is aggregated
+message the first time a node id is seen. Every train/evaluate message is about the adapter
+of the partition it is addressed to, and names that partition so the client can refuse a
+misrouted message; it carries the adapter only when the server does not know the node to
+hold it already (the client keeps what it last received or trained), so a client downloads
+its adapter once a round. Per-client state lives in a
+:class:`~fedbilevel.checkpoint.ClientStore` (on disk in a run), so only the round's clients
+are held in memory. Replies are validated before anything is aggregated
 (:mod:`fedbilevel.strategies.replies`); the round's record is kept by
 :class:`~fedbilevel.strategies.rounds.RoundLog`.
 """
@@ -193,7 +197,7 @@ class PersonalizedStrategy(Strategy):
         return super().start(grid, *args, timeout=timeout, **kwargs)
 
     def configure_train(self, server_round: int, arrays, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        """One TRAIN message per sampled partition, carrying that partition's own adapter."""
+        """One TRAIN message per sampled partition, about (carrying or naming) that partition's own adapter."""
         server_round += self.round_offset
         self._round = RoundLog(server_round)
         # Who was messaged is per round: a round without evaluation expects no evaluate replies.
@@ -238,7 +242,7 @@ class PersonalizedStrategy(Strategy):
         return None, MetricRecord({protocol.TRAIN_LOSS: mean_loss, protocol.NUM_EXAMPLES: total})
 
     def configure_evaluate(self, server_round: int, arrays, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        """One EVALUATE message per sampled partition with its current personalized adapter."""
+        """One EVALUATE message per sampled partition, about its current personalized adapter."""
         server_round += self.round_offset
         if not self.evaluate_round(server_round):
             return []

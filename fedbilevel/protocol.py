@@ -11,9 +11,9 @@ server knows the client holds it already: a client keeps the adapter it last rec
 its ``context.state``, so each adapter is downloaded once (the evaluate message of round t brings
 θ̄ᵢ, the train message of round t + 1 names it). A client that does not hold the named adapter (a
 SuperNode that lost its state) replies ``missing-adapter`` = 1 and is sent it in full. The config
-also holds what the strategy asks of the client: FedProx's and FedAMP's ``proximal-mu``, FedALA's
-``fedala-*`` values (:class:`AlaSettings`). Evaluate messages may also carry ``global`` (the mean
-adapter, whose scores come back prefixed ``global-``).
+also holds what the strategy asks of the client: FedProx's and FedAMP's ``proximal-mu``, FFA-LoRA's
+``freeze-lora-a``, FedALA's ``fedala-*`` values (:class:`AlaSettings`). Evaluate messages may also
+carry ``global`` (the mean adapter, whose scores come back prefixed ``global-``).
 
 Client -> server: ``arrays`` (train only) and ``metrics``: ``partition-id``, ``num-examples``,
 ``client-started`` and ``client-ended``; train replies add ``train-loss``, ``train-last-loss``,
@@ -65,6 +65,7 @@ START_ERROR = "start-error"  # why the client cannot start (e.g. its data failed
 
 # Client-side steps a strategy declares in the train / evaluate config.
 PROXIMAL_MU = "proximal-mu"  # μ of the proximal term μ/2 ‖θ − θ_received‖² (FedProx; FedAMP's λ)
+FREEZE_LORA_A = "freeze-lora-a"  # True: train with the lora_A parameters frozen (FFA-LoRA)
 
 # The scores an evaluate reply carries (each also per test item, under ITEMS_PREFIX).
 TEXT_METRICS = ("rouge1", "rougeL", "exact_match")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -117,6 +118,10 @@ class FakeClient:
         by digest gets a ``missing-adapter`` reply.
     data_digest : str, optional
         Reported in the query reply as the partition's data digest (a resumed run compares it).
+    initial : dict[str, np.ndarray] (default: :data:`INITIAL`)
+        θ⁰, the adapter it derives at start as the ClientApp does (the strategy's ``initial_adapter``).
+    update : callable (default: :func:`update_of`)
+        ``(partition id, round) -> update`` shaped like ``initial``: what its training adds.
 
     Attributes
     ----------
@@ -130,10 +135,20 @@ class FakeClient:
         The global adapters of evaluate messages (eval-global).
     """
 
-    def __init__(self, partition_id: int, behaviour: str = "good", *, data_digest: str | None = None):
+    def __init__(
+        self,
+        partition_id: int,
+        behaviour: str = "good",
+        *,
+        data_digest: str | None = None,
+        initial: Mapping[str, np.ndarray] = INITIAL,
+        update: Callable[[int, int], Mapping[str, np.ndarray]] = update_of,
+    ):
         self.partition_id = partition_id
         self.behaviour = behaviour
         self.data_digest = data_digest
+        self.initial = dict(initial)
+        self.update = update
         self.received: list[tuple[str, int, dict[str, np.ndarray]]] = []
         self.configs: list[dict] = []
         self.globals: list[dict[str, np.ndarray]] = []
@@ -148,7 +163,7 @@ class FakeClient:
             if self.data_digest is not None:
                 info[protocol.DATA_DIGEST] = self.data_digest
             if self.behaviour != "forgetful":  # as the ClientApp, it derives θ⁰ itself and holds it
-                self._held = (protocol.adapter_digest(INITIAL), INITIAL)
+                self._held = (protocol.adapter_digest(self.initial), self.initial)
             return Message(RecordDict({protocol.INFO: info}), reply_to=message)
         config = message.content.config_records[protocol.CONFIG]
         self.configs.append(dict(config))
@@ -188,11 +203,11 @@ class FakeClient:
                 "RuntimeError: CUDA out of memory'>"
             )
             return Message(Error(code=0, reason=trace), reply_to=message)
-        trained = {k: v + update_of(self.partition_id, server_round)[k] for k, v in adapter.items()}
+        trained = {k: v + self.update(self.partition_id, server_round)[k] for k, v in adapter.items()}
         if self.behaviour == "nan":
             trained["b"][0] = np.nan
         if self.behaviour == "huge":
-            update = update_of(self.partition_id, server_round)
+            update = self.update(self.partition_id, server_round)
             trained = {k: v + np.float32(1e25) * update[k] for k, v in adapter.items()}
         if self.behaviour == "shape":
             trained["b"] = np.zeros(5, np.float32)

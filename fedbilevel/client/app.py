@@ -330,8 +330,9 @@ def make_client_app(
         except MissingAdapter as missing:
             return missing_adapter_reply(message, session.partition_id, missing)
         config, settings = session.config, session.config.train
-        # Strategies declare client-side loss terms in the message (FedProx's μ, FedAMP's λ).
-        mu = float(message.content.config_records[protocol.CONFIG].get(protocol.PROXIMAL_MU, 0.0))
+        # Strategies declare client-side steps in the message (FedProx's μ, FedAMP's λ, FFA-LoRA's frozen A).
+        declared = message.content.config_records[protocol.CONFIG]
+        mu = float(declared.get(protocol.PROXIMAL_MU, 0.0))
         result = train_adapter(
             model,
             session.codec(tokenizer),
@@ -348,6 +349,7 @@ def make_client_app(
             warmup_steps=settings.warmup_steps,
             max_grad_norm=settings.max_grad_norm,
             gradient_checkpointing=settings.gradient_checkpointing,
+            freeze_lora_a=bool(declared.get(protocol.FREEZE_LORA_A, False)),
         )
         log(
             INFO,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -19,7 +20,7 @@ from transformers import get_scheduler
 
 from fedbilevel.data.prompts import PROMPT_TEMPLATE, format_prompt
 from fedbilevel.data.types import Example
-from fedbilevel.models.adapter import enable_gradient_checkpointing
+from fedbilevel.models.adapter import enable_gradient_checkpointing, lora_a_frozen
 
 IGNORE_INDEX = -100  # label value that PyTorch's cross-entropy skips
 # The template's text before and after the instruction: kept whole when an instruction is cut.
@@ -186,6 +187,7 @@ def train_adapter(
     warmup_steps: int = 0,
     max_grad_norm: float = 0.0,
     gradient_checkpointing: bool = False,
+    freeze_lora_a: bool = False,
 ) -> TrainResult:
     """Fine-tune the model's trainable (LoRA) parameters in place for ``steps`` optimizer steps.
 
@@ -225,6 +227,9 @@ def train_adapter(
     gradient_checkpointing : bool, default False
         Switch the model to recompute activations in the backward pass
         (:func:`~fedbilevel.models.adapter.enable_gradient_checkpointing`; it stays on).
+    freeze_lora_a : bool, default False
+        Train with the LoRA A factors frozen, for this call only
+        (:func:`~fedbilevel.models.adapter.lora_a_frozen`; FFA-LoRA's ``freeze-lora-a``).
 
     Returns
     -------
@@ -244,37 +249,39 @@ def train_adapter(
         enable_gradient_checkpointing(model)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # LoRA dropout draws from the global generator
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
-    scheduler = get_scheduler(lr_scheduler, optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps)
-    order: list[int] = []
-    losses = []
-    model.train()
-    for _ in range(steps):
-        batches = []
-        for _ in range(gradient_accumulation_steps):
-            batch, order = _next_batch(order, batch_size, len(encoded), generator)
-            batches.append(codec.collate([encoded[i] for i in batch]))
-        # A model's loss is the mean over a batch's labelled targets (a causal LM's first label is
-        # always a masked prompt token, so its shift changes no count): weighting each batch by its
-        # share of the step's targets makes their sum the mean over all of them.
-        targets = [int((inputs["labels"] != IGNORE_INDEX).sum()) for inputs in batches]
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for index, inputs in enumerate(batches):
-            inputs = {k: v.to(device) for k, v in inputs.items()}
-            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16_autocast):
-                loss = model(**inputs).loss * (targets[index] / sum(targets))
-                if extra_loss is not None and index == 0:
-                    loss = loss + extra_loss(model)
-            loss.backward()
-            step_loss += loss.item()
-        if max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        losses.append(step_loss)
-    model.eval()
+    # FFA-LoRA: A stays as received; requires_grad is restored afterwards (the model serves every client).
+    with lora_a_frozen(model) if freeze_lora_a else nullcontext():
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
+        scheduler = get_scheduler(lr_scheduler, optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps)
+        order: list[int] = []
+        losses = []
+        model.train()
+        for _ in range(steps):
+            batches = []
+            for _ in range(gradient_accumulation_steps):
+                batch, order = _next_batch(order, batch_size, len(encoded), generator)
+                batches.append(codec.collate([encoded[i] for i in batch]))
+            # A model's loss is the mean over a batch's labelled targets (a causal LM's first label is
+            # always a masked prompt token, so its shift changes no count): weighting each batch by its
+            # share of the step's targets makes their sum the mean over all of them.
+            targets = [int((inputs["labels"] != IGNORE_INDEX).sum()) for inputs in batches]
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for index, inputs in enumerate(batches):
+                inputs = {k: v.to(device) for k, v in inputs.items()}
+                with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16_autocast):
+                    loss = model(**inputs).loss * (targets[index] / sum(targets))
+                    if extra_loss is not None and index == 0:
+                        loss = loss + extra_loss(model)
+                loss.backward()
+                step_loss += loss.item()
+            if max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            losses.append(step_loss)
+        model.eval()
     return TrainResult(loss=sum(losses) / len(losses), last_loss=losses[-1], seconds=time.time() - started)
 
 

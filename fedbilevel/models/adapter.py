@@ -13,8 +13,10 @@ An image classifier's adapter also carries its classification head (peft
 from __future__ import annotations
 
 import math
+import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +37,9 @@ from fedbilevel.models.base import load_base_model
 from fedbilevel.models.settings import LoraSettings
 from fedbilevel.models.zoo import auto_class, classifier_head, is_image_classifier, model_config, resolve_model_source
 from fedbilevel.options import not_allowed
+
+# peft's parameter names of LoRA A factors: "...q_proj.lora_A.default.weight", "...lora_embedding_A.default".
+_LORA_A_PARAMETER = re.compile(r"(?:^|\.)lora_(?:embedding_)?A\.")
 
 
 def lora_config(model_name: str, lora: LoraSettings) -> LoraConfig:
@@ -129,6 +134,35 @@ def enable_gradient_checkpointing(model: PeftModel) -> None:
         raise not_allowed(
             "gradient-checkpointing", True, f"{type(base).__name__} cannot checkpoint its layers; expected false"
         ) from error
+
+
+@contextmanager
+def lora_a_frozen(model: PeftModel) -> Iterator[None]:
+    """Within the block, the model's LoRA A factors require no gradient: training moves only the rest.
+
+    FFA-LoRA's client step (``freeze-lora-a``). A process's one model serves every client it
+    runs, so the parameters frozen here require a gradient again when the block ends, also when
+    it raises.
+
+    Parameters
+    ----------
+    model : peft.PeftModel
+
+    Raises
+    ------
+    ValueError
+        One line naming ``freeze-lora-a``, when the model has no trainable lora_A parameter.
+    """
+    frozen = [p for name, p in model.named_parameters() if p.requires_grad and _LORA_A_PARAMETER.search(name)]
+    if not frozen:
+        raise ValueError("freeze-lora-a: the model has no trainable lora_A parameter; expected a LoRA model")
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter in frozen:
+            parameter.requires_grad_(True)
 
 
 def get_adapter_arrays(model: PeftModel) -> dict[str, np.ndarray]:

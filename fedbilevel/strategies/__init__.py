@@ -19,6 +19,8 @@ from fedbilevel.strategies.fedamp import FedAmp
 from fedbilevel.strategies.fedavg import FedAvg
 from fedbilevel.strategies.fedbip import FedBip
 from fedbilevel.strategies.fedprox import FedProx
+from fedbilevel.strategies.fedsa_lora import FedSaLora
+from fedbilevel.strategies.ffa_lora import FfaLora
 from fedbilevel.strategies.local import LocalOnly
 
 if TYPE_CHECKING:  # the config composes the strategies' settings, so it imports this package
@@ -102,6 +104,16 @@ def _fedamp(config: RunConfig, **common: Any) -> Strategy:
 @register("fedala")
 def _fedala(config: RunConfig, **common: Any) -> Strategy:
     return FedAla(ala=config.fedala, **common)
+
+
+@register("fedsa-lora")
+def _fedsa_lora(config: RunConfig, **common: Any) -> Strategy:
+    return FedSaLora(**common)
+
+
+@register("ffa-lora")
+def _ffa_lora(config: RunConfig, **common: Any) -> Strategy:
+    return FfaLora(**common)
 
 
 @register("cluster-oracle")

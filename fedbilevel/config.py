@@ -146,6 +146,13 @@ class EvalSettings:
         "what FedAvg would deploy); clients score it too (`global-*` scores, `global_mean` per round). "
         "Doubles evaluation time",
     )
+    split: str = option(
+        "eval-split",
+        "test",
+        choice(("test", "validation")),
+        "the split clients score (and the majority baseline is measured on): `test`, or `validation` (the items "
+        "`val-fraction` holds out of training: for tuning, scripts/tune.py; needs `val-fraction` > 0)",
+    )
 
     def __post_init__(self) -> None:
         validate(self)
@@ -191,6 +198,10 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         validate(self)
+        if self.eval.split == "validation" and self.data.val_fraction == 0:
+            raise options.not_allowed(
+                "eval-split", "validation", "with val-fraction = 0 there is no validation split: set val-fraction > 0"
+            )
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> RunConfig:

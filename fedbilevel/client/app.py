@@ -167,16 +167,17 @@ class ClientSession:
         return ImageCodec() if self.images else TextCodec(tokenizer, self.config.train.max_seq_len)
 
     def score(self, model, tokenizer) -> dict:
-        """The model's scores on this client's test split (the family's eval loop)."""
+        """The model's scores on this client's ``eval-split`` (test, or validation) (the family's eval loop)."""
         settings, bf16 = self.config.eval, self.config.model.bf16_compute
+        items = self.data.split(settings.split)
         if self.images:
             return evaluate_classifier(
-                model, self.data.test, batch_size=settings.batch_size, bf16_autocast=bf16, device=model.device
+                model, items, batch_size=settings.batch_size, bf16_autocast=bf16, device=model.device
             )
         return evaluate_adapter(
             model,
             tokenizer,
-            self.data.test,
+            items,
             batch_size=settings.batch_size,
             max_new_tokens=settings.max_new_tokens,
             bf16_autocast=bf16,
@@ -206,12 +207,14 @@ class ClientSession:
         return report.truncated
 
     def majority_score(self) -> float:
-        """Exact match of always giving the most common training answer (label): the prior to beat."""
+        """Exact match of always giving the most common training answer (label) on the ``eval-split``
+        the client scores: the prior to beat, on the same items as the scores."""
+        items = self.data.split(self.config.eval.split)
         if self.images:
             majority, _ = most_common(example.label for example in self.data.train)
-            return sum(example.label == majority for example in self.data.test) / len(self.data.test)
+            return sum(example.label == majority for example in items) / len(items)
         answer, _ = most_common_answer(self.data.train, key=answer_text)
-        return score_answers([answer] * len(self.data.test), [e.output for e in self.data.test])["exact_match"]
+        return score_answers([answer] * len(items), [e.output for e in items])["exact_match"]
 
     def load_model(self, message: Message, context: Context):
         """The shared model with this client's adapter for the message (refusing a misrouted one).

@@ -1,4 +1,4 @@
-"""Federations: run-config ``data`` name -> each client's train and test examples.
+"""Federations: run-config ``data`` name -> each client's train, test and validation examples.
 
 One loader per format (:mod:`.synthetic`, :mod:`.flan`, :mod:`.hub`, :mod:`.digits`), the
 records they produce (:mod:`.types`), the helpers they share (:mod:`.common`) and their
@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from fedbilevel.data.common import hold_out_validation
 from fedbilevel.data.digits import make_digits_client_data
 from fedbilevel.data.flan import load_flan_json
 from fedbilevel.data.hub import load_hub_client_data
@@ -105,6 +106,8 @@ def load_client_data(
     """The partition ``partition_id`` of ``num_partitions`` of the federation ``data.source``.
 
     ``seed`` (the run seed) fixes every draw of the split; ``preprocess`` prepares hub images
-    for the model (:func:`fedbilevel.models.zoo.image_preprocessor`).
+    for the model (:func:`fedbilevel.models.zoo.image_preprocessor`). ``val-fraction`` of the
+    loader's training examples become the validation split, here for every format alike.
     """
-    return DATA_LOADERS[data.source](data, partition_id, num_partitions, seed, preprocess)
+    loaded = DATA_LOADERS[data.source](data, partition_id, num_partitions, seed, preprocess)
+    return hold_out_validation(loaded, data.val_fraction, seed=seed, partition_id=partition_id)

@@ -1,7 +1,9 @@
-"""Helpers every loader shares: argument checks, seeded subsets and shares, majority answers."""
+"""Helpers every loader shares: argument checks, seeded subsets and shares, the validation hold-out,
+majority answers."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from numbers import Integral
@@ -9,7 +11,8 @@ from typing import TypeVar
 
 import numpy as np
 
-from fedbilevel.data.types import Example
+from fedbilevel.data.types import ClientData, Example
+from fedbilevel.options import not_allowed
 
 T = TypeVar("T")
 V = TypeVar("V")
@@ -90,6 +93,62 @@ def seeded_share(items: Sequence[T], parts: int, index: int, seed: Sequence[int]
     """
     order = np.random.default_rng(list(seed)).permutation(len(items))
     return [items[i] for i in np.sort(np.array_split(order, parts)[index])]
+
+
+# Entropy word of the validation draw, so it is not the stream a loader draws from (seed, partition).
+_VALIDATION_STREAM = 0x76616C
+
+
+def hold_out_validation(data: ClientData, fraction: float, *, seed: int, partition_id: int) -> ClientData:
+    """``data`` with round(``fraction`` × its training examples) moved into ``validation``.
+
+    The held-out examples are a seeded draw (``numpy.random.default_rng([seed, partition_id, ·])``,
+    the same for every strategy), and both splits keep the loader's order. They come out of the
+    training examples only, so validation never shares an example with train or test; ``fraction``
+    0 returns ``data`` itself.
+
+    Parameters
+    ----------
+    data : ClientData
+        A loader's partition (its ``validation`` empty).
+    fraction : float
+        ``val-fraction``, in [0, 1).
+    seed : int
+        The run seed.
+    partition_id : int
+        The client's partition (named in the error).
+
+    Returns
+    -------
+    ClientData
+        The partition with its validation split.
+
+    Raises
+    ------
+    ConfigError
+        One line naming ``val-fraction``, the client and the counts, when it would leave the client
+        without training or without validation examples.
+    """
+    if fraction == 0:
+        return data
+    total = len(data.train)
+    held = round(fraction * total)
+    if not 0 < held < total:
+        left = "validation" if held == 0 else "training"
+        raise not_allowed(
+            "val-fraction",
+            fraction,
+            f"client {partition_id} ({data.task}) has {total} training examples, so it would hold out {held} "
+            f"and keep {total - held}, leaving no {left} examples; expected a fraction that keeps at least one of each",
+        )
+    chosen = np.random.default_rng([seed, partition_id, _VALIDATION_STREAM]).permutation(total)[:held]
+    mask = np.zeros(total, dtype=bool)
+    mask[chosen] = True
+    return dataclasses.replace(
+        data,
+        train=[example for example, out in zip(data.train, mask) if not out],
+        validation=[example for example, out in zip(data.train, mask) if out],
+    )
 
 
 def most_common_answer(examples: Sequence[Example], key: Callable[[str], str] | None = None) -> tuple[str, float]:

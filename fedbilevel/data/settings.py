@@ -120,6 +120,14 @@ class DataSettings:
         number(0.0, low_open=True, high=1.0),
         "`hub` without a test split, and `digits`: held-out share",
     )
+    val_fraction: float = option(
+        "val-fraction",
+        0.0,
+        number(0.0, low_open=False, high=1.0),
+        "share of each client's training examples held out as its validation split (a seeded draw, the same for "
+        "every strategy; after `max-train-examples`), never trained on and never test items: what `eval-split = "
+        "'validation'` scores (scripts/tune.py); 0: none, the data unchanged",
+    )
 
     def __post_init__(self) -> None:
         validate(self)

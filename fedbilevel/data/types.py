@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -46,27 +46,40 @@ class ImageExample:
     task: str
 
 
+SPLITS = ("train", "validation", "test")
+
+
 @dataclass(frozen=True)
 class ClientData:
-    """One client's partition: its task label and its own train and test examples.
+    """One client's partition: its task label and its own train, test and validation examples.
 
     Examples are :class:`Example` (text) or
-    :class:`ImageExample` (images), one kind per federation.
+    :class:`ImageExample` (images), one kind per federation. ``validation`` holds the
+    training examples that ``val-fraction`` keeps out of training (empty by default); the
+    three splits never share an example.
     """
 
     task: str
     train: list[Example] | list[ImageExample]
     test: list[Example] | list[ImageExample]
+    validation: list[Example] | list[ImageExample] = field(default_factory=list)
+
+    def split(self, name: str) -> list[Example] | list[ImageExample]:
+        """The examples of split ``name``, one of :data:`SPLITS`."""
+        if name not in SPLITS:
+            raise ValueError(f"split: {name!r} is not allowed; choose one of {', '.join(SPLITS)}")
+        return getattr(self, name)
 
 
 def data_digest(data: ClientData) -> str:
-    """SHA-256 (hex, 16 characters) of a partition's task, train and test examples, in order.
+    """SHA-256 (hex, 16 characters) of a partition's task, train, test and validation examples, in order.
 
     A resumed run compares it per client: data that changed since the checkpoint would make the
-    resumed rounds another experiment.
+    resumed rounds another experiment. An empty validation split adds nothing, so partitions
+    without one keep the digests they had before validation splits existed.
     """
     digest = hashlib.sha256(data.task.encode())
-    for split in (data.train, data.test):
+    for split in (data.train, data.test, *([data.validation] if data.validation else [])):
         digest.update(b"\x1d")
         for example in split:
             if isinstance(example, Example):

@@ -3,12 +3,14 @@
 Reads what every run leaves behind (``config.json``, ``results.json``; see
 :mod:`fedbilevel.results`), so it works on runs from ``scripts/compare.py``, from
 ``flwr run`` or from a deployment alike. Personalized score = the unweighted mean over
-clients of each client's own adapter on its own test split.
+clients of each client's own adapter on its own test split (validation split for runs with
+``eval-split = "validation"``, e.g. scripts/tune.py's).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from collections.abc import Sequence
@@ -18,12 +20,45 @@ from typing import Any
 
 import numpy as np
 
+from fedbilevel.config import RunConfig
+from fedbilevel.options import declared, defaults
 from fedbilevel.protocol import TEXT_METRICS
 from fedbilevel.results import METRIC_LABELS
 
 OPTION_METRIC = "option_accuracy"  # a client's eval score where its task lists options
 OPTION_ITEMS = "option_correct"  # its per-item scores
 REFERENCE = "local"  # personalization is measured against training alone
+
+# A strategy's own knobs: the keys of the RunConfig component it reads (field name), plus the
+# learning rate, which every strategy's clients train with (tuned per strategy where needed).
+_OWN_COMPONENT = {
+    "fedprox": "fedprox",
+    "fedamp": "fedamp",
+    "fedala": "fedala",
+    "fedbip": "fedbip",
+    "fedbip-l": "fedbip",
+    "fedbip-plus": "fedbip",
+    "fedbip-plus-l": "fedbip",
+}
+SHARED_KNOBS = ("learning-rate",)
+_DEFAULTS = defaults(RunConfig)
+
+
+def strategy_keys(strategy: str) -> tuple[str, ...]:
+    """The run-config keys that tune ``strategy``: its own option component's, then :data:`SHARED_KNOBS`."""
+    components = {field.name: field.metadata.get("component") for field in dataclasses.fields(RunConfig)}
+    own = _OWN_COMPONENT.get(strategy)
+    return (*(key for key, _ in declared(components[own])), *SHARED_KNOBS) if own else SHARED_KNOBS
+
+
+def strategy_settings(strategy: str, run_config: dict[str, Any]) -> str:
+    """``key=value, ...`` of the keys of :func:`strategy_keys` that ``run_config`` sets away from their
+    defaults (absent keys count as defaults); "" when none."""
+    return ", ".join(
+        f"{key}={run_config[key]}"
+        for key in strategy_keys(strategy)
+        if key in run_config and run_config[key] != _DEFAULTS[key]
+    )
 
 
 @dataclass(frozen=True)
@@ -39,6 +74,8 @@ class Run:
     rounds: list[dict[str, Any]]
     seconds: float
     metrics: tuple[str, ...] = TEXT_METRICS
+    settings: str = ""  # the strategy's knobs away from their defaults (strategy_settings)
+    split: str = "test"  # what the clients scored (eval-split)
 
     @property
     def evaluated(self) -> list[dict[str, Any]]:
@@ -79,6 +116,8 @@ def load_run(folder: str | Path, label: str | None = None) -> Run:
         rounds=results["rounds"],
         seconds=float(results["summary"].get("seconds", 0.0)),
         metrics=tuple(results["summary"].get("metrics", TEXT_METRICS)),
+        settings=strategy_settings(results["strategy"], config["run_config"]),
+        split=config["run_config"].get("eval-split", "test"),
     )
     if not run.evaluated:
         raise ValueError(f"run folder {str(folder)!r}: no evaluated round in results.json")
@@ -185,7 +224,7 @@ def summary_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
     and a 95% bootstrap interval (seeds and test items) of the last round's primary metric."""
     rows = []
     for strategy, group in group_by_label(runs).items():
-        row: dict[str, Any] = {"strategy": strategy, "seeds": _seeds(group)}
+        row: dict[str, Any] = {"strategy": strategy, "settings": group[0].settings, "seeds": _seeds(group)}
         for when in ("last", "best"):
             for metric in group[0].metrics:
                 mean, std = _mean_std([getattr(r, when)["personalized_mean"][metric] for r in group])
@@ -305,25 +344,31 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def markdown(runs: Sequence[Run]) -> str:
     """The comparison as Markdown: the summary table, then the per-client table (primary metric)."""
-    primary, metrics = runs[0].primary_metric, runs[0].metrics
+    primary, metrics, split = runs[0].primary_metric, runs[0].metrics, runs[0].split
     header = " | ".join(f"{METRIC_LABELS[m]} {when}" for when in ("last", "best") for m in metrics)
+    summary = summary_rows(runs)
+    # The tuned knobs beside each strategy, when any run set them (scripts/tune.py's conf files).
+    settings = any(row["settings"] for row in summary)
     lines = [
-        "Personalized score (mean over clients of each client's own adapter on its own test split),"
+        f"Personalized score (mean over clients of each client's own adapter on its own {split} split),"
         " mean ± std over seeds; *best* is each run's best round by "
         f"{METRIC_LABELS[primary]}.",
         "",
-        f"*95% CI*: percentile bootstrap of the last round's {METRIC_LABELS[primary]} over seeds and test items"
-        " (– where a run recorded no per-item scores).",
+        f"*95% CI*: percentile bootstrap of the last round's {METRIC_LABELS[primary]} over seeds and {split} items"
+        " (– where a run recorded no per-item scores)"
+        + ("; *settings*: the strategy's keys set away from their defaults." if settings else "."),
         "",
-        f"| strategy | seeds | {header} | {METRIC_LABELS[primary]} last, 95% CI | best round | minutes |",
-        "|---|---|" + "---|" * (2 * len(metrics)) + "---|---|---|",
+        f"| strategy |{' settings |' if settings else ''} seeds | {header} | {METRIC_LABELS[primary]} last, 95% CI "
+        "| best round | minutes |",
+        "|---|---|" + "---|" * (2 * len(metrics) + settings) + "---|---|---|",
     ]
-    for row in summary_rows(runs):
+    for row in summary:
         cells = [_format(row[f"{when}_{m}_mean"], row[f"{when}_{m}_std"]) for when in ("last", "best") for m in metrics]
         low, high = row["last_primary_ci_low"], row["last_primary_ci_high"]
         ci = "–" if math.isnan(low) else f"[{low:.3f}, {high:.3f}]"
+        knobs = f" {row['settings'] or '–'} |" if settings else ""
         lines.append(
-            f"| {row['strategy']} | {row['seeds']} | "
+            f"| {row['strategy']} |{knobs} {row['seeds']} | "
             + " | ".join(cells)
             + f" | {ci} | {row['best_round_mean']:.1f} | {row['minutes_mean']:.1f} |"
         )

@@ -1,0 +1,338 @@
+"""Tune each strategy's own knobs on the clients' validation splits, never on their test items.
+
+Every strategy runs each point of its grid (the product of the values of its keys) with
+``val-fraction`` of every client's training examples held out and ``eval-split =
+"validation"``, through scripts/compare.py (same run config otherwise, one fresh process a
+run, finished runs reused: an interrupted tuning continues) into ``<out>/runs/<point>-seed<k>/``.
+Per strategy the point with the best mean over seeds of the last round's personalized primary
+metric on validation is chosen (ties: the first in grid order). Writes:
+
+    <out>/tune.json     every point's scores per seed and their mean, the command, the settings, the choice
+    <out>/tune.md       the same as tables
+    <out>/comparison.md compare.py's tables of the grid (on validation, each point's settings beside it)
+    --write-conf FILE   the chosen values as a compare.py --variants file, one [strategy] table each
+
+Default grids (``--grid`` replaces a key's values, or adds a key the strategy declares):
+
+    fedprox   proximal-mu 0.001, 0.01, 0.1, 1
+    fedamp    fedamp-sigma 5, 50, 200 × fedamp-lambda 0.01, 0.1
+    fedala    fedala-eta 1, 10, 100
+
+Any other strategy (e.g. fedavg, the reference) runs once at its defaults unless ``--grid``
+gives it a key. A strategy's keys are its own option component's (fedbilevel.comparison.
+strategy_keys) and ``learning-rate``. Example (docs/BENCHMARKS.md, "Tuning the baselines"):
+
+    .venv/bin/python scripts/tune.py --strategies fedavg,fedprox,fedamp,fedala --seeds 0 \\
+        --out outputs/tune-synthetic --write-conf conf/tuned-synthetic.toml
+
+then, on the test split with the same training data (the validation items stay held out):
+
+    .venv/bin/python scripts/compare.py --variants conf/tuned-synthetic.toml --seeds 0,1 \\
+        --set val-fraction=0.25 --out outputs/compare-tuned
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tomli_w
+
+from fedbilevel.comparison import load_run, strategy_keys
+from fedbilevel.config import ConfigError, RunConfig, parse_assignment, resolve
+from fedbilevel.options import defaults
+from fedbilevel.results import METRIC_LABELS
+from fedbilevel.strategies import strategy_names
+
+COMPARE = Path(__file__).resolve().parent / "compare.py"
+DEFAULT_GRIDS: dict[str, dict[str, list[Any]]] = {
+    "fedprox": {"proximal-mu": [0.001, 0.01, 0.1, 1.0]},
+    "fedamp": {"fedamp-sigma": [5.0, 50.0, 200.0], "fedamp-lambda": [0.01, 0.1]},
+    "fedala": {"fedala-eta": [1.0, 10.0, 100.0]},
+}
+# The keys tune.py sets for every run itself.
+OWN_KEYS = ("strategy", "seed", "output-dir", "run-name", "eval-split", "val-fraction")
+_LABEL = re.compile(r"[A-Za-z0-9_.+-]+")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One grid point: a strategy and its values of the grid's keys (in grid order)."""
+
+    strategy: str
+    values: tuple[tuple[str, Any], ...]
+
+    @property
+    def label(self) -> str:
+        """The variant label (run folder prefix): ``fedprox_proximal-mu_0.1``; the strategy when no keys."""
+        return "_".join([self.strategy, *(f"{key}_{value}" for key, value in self.values)])
+
+    @property
+    def setting(self) -> str:
+        """``key=value, ...`` ("–" for none)."""
+        return ", ".join(f"{key}={value}" for key, value in self.values) or "–"
+
+
+def parse_grid(texts: list[str], strategies: list[str]) -> dict[str, dict[str, list[Any]]]:
+    """Each strategy's grid: the defaults, with each ``[STRATEGY:]KEY=V1,V2`` of ``texts`` applied.
+
+    A qualified key applies to that strategy; a bare one to every listed strategy that declares
+    it. Values are TOML literals (a bare word is a string).
+
+    Raises
+    ------
+    SystemExit
+        One line naming the ``--grid`` entry and, for a key no listed strategy declares, each
+        strategy's keys.
+    """
+    grids = {strategy: {key: list(v) for key, v in DEFAULT_GRIDS.get(strategy, {}).items()} for strategy in strategies}
+    for text in texts:
+        target, _, assignment = text.partition(":") if ":" in text.partition("=")[0] else ("", "", text)
+        key, sep, raw = assignment.partition("=")
+        key = key.strip()
+        values = [parse_assignment(f"{key}={part}")[1] for part in raw.split(",") if part.strip()]
+        if not sep or not key or not values:
+            raise SystemExit(
+                f"--grid {text!r} is not allowed; expected [STRATEGY:]KEY=V1,V2,..., e.g. proximal-mu=0.01,0.1"
+            )
+        if target and target not in strategies:
+            raise SystemExit(
+                f"--grid {text!r}: strategy {target!r} is not tuned; --strategies lists {', '.join(strategies)}"
+            )
+        users = [s for s in ([target] if target else strategies) if key in strategy_keys(s)]
+        if not users:
+            keys = "; ".join(f"{s}: {', '.join(strategy_keys(s))}" for s in ([target] if target else strategies))
+            raise SystemExit(f"--grid key {key!r} is not used by {target or ', '.join(strategies)}; their keys: {keys}")
+        for strategy in users:
+            grids[strategy][key] = values
+    return grids
+
+
+def grid_points(strategy: str, grid: dict[str, list[Any]]) -> list[Point]:
+    """The grid's points in order (the last key varies fastest); one point without keys."""
+    keys = list(grid)
+    points = [Point(strategy, tuple(zip(keys, combo))) for combo in itertools.product(*(grid[k] for k in keys))]
+    bad = [p.label for p in points if not _LABEL.fullmatch(p.label)]
+    if bad:
+        raise SystemExit(
+            f"--grid: point {bad[0]!r} cannot name a run folder; expected values of letters, digits, . _ + -"
+        )
+    return points
+
+
+def point_scores(point: Point, runs_dir: Path, seeds: list[int]) -> dict[int, dict[str, float]] | None:
+    """Per seed, the last round's personalized scores of ``point`` (all metrics); None unless every seed finished."""
+    scores = {}
+    for seed in seeds:
+        folder = runs_dir / f"{point.label}-seed{seed}"
+        try:
+            run = load_run(folder, point.label)
+        except ValueError:
+            return None
+        scores[seed] = dict(run.last["personalized_mean"])
+    return scores
+
+
+def choose(rows: list[dict[str, Any]], metric: str) -> dict[str, dict[str, Any]]:
+    """Per strategy, the row with the highest ``mean[metric]`` (the first in grid order on ties)."""
+    chosen: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        best = chosen.get(row["strategy"])
+        if best is None or row["mean"][metric] > best["mean"][metric]:
+            chosen[row["strategy"]] = row
+    return chosen
+
+
+def summarize(points: list[Point], runs_dir: Path, seeds: list[int]) -> tuple[list[dict[str, Any]], str]:
+    """Rows of the finished points (strategy, label, values, per-seed scores, the mean of each of the runs'
+    metrics) and the primary metric."""
+    rows, metric = [], None
+    for point in points:
+        scores = point_scores(point, runs_dir, seeds)
+        if scores is None:
+            continue
+        if metric is None:
+            first = load_run(runs_dir / f"{point.label}-seed{seeds[0]}")
+            metric, metrics = first.primary_metric, first.metrics
+        rows.append(
+            {
+                "strategy": point.strategy,
+                "label": point.label,
+                "values": dict(point.values),
+                "scores": {str(seed): s for seed, s in scores.items()},
+                "mean": {m: float(np.mean([s[m] for s in scores.values()])) for m in metrics},
+            }
+        )
+    if not rows:
+        raise SystemExit(f"no finished grid point in {runs_dir}")
+    return rows, metric
+
+
+def markdown(rows: list[dict[str, Any]], chosen: dict[str, dict[str, Any]], *, metric: str, info: dict) -> str:
+    """tune.md: the command, the settings, every point's validation scores, the choices."""
+    metrics = list(rows[0]["mean"])
+    reference = chosen.get("fedavg")
+    lines = [
+        "# Tuning on the validation split",
+        "",
+        f"`{info['command']}`",
+        "",
+        f"Each client holds out val-fraction {info['val_fraction']} of its training examples and scores them"
+        f' (`eval-split = "validation"`); seeds {" ".join(map(str, info["seeds"]))}; run config away from'
+        f" the defaults: {', '.join(f'{k}={v}' for k, v in info['changed'].items()) or 'none'}. Score: the last"
+        f" round's personalized {METRIC_LABELS[metric]} (mean over clients, then over seeds); the chosen point"
+        " (✓) has the highest, the first in grid order on ties"
+        + ("; *vs fedavg*: its difference to FedAvg's." if reference else "."),
+        "",
+        "| strategy | setting | "
+        + " | ".join(f"{METRIC_LABELS[m]} (validation)" for m in metrics)
+        + (" | vs fedavg" if reference else "")
+        + " | per seed | chosen |",
+        "|---|---|" + "---|" * (len(metrics) + bool(reference)) + "---|---|",
+    ]
+    for row in rows:
+        per_seed = " ".join(f"{s[metric]:.3f}" for s in row["scores"].values())
+        difference = f" | {row['mean'][metric] - reference['mean'][metric]:+.3f}" if reference else ""
+        setting = ", ".join(f"{k}={v}" for k, v in row["values"].items()) or "–"
+        mark = "✓" if chosen[row["strategy"]] is row else ""
+        cells = " | ".join(f"{row['mean'][m]:.3f}" for m in metrics)
+        lines.append(f"| {row['strategy']} | {setting} | {cells}{difference} | {per_seed} | {mark} |")
+    return "\n".join(lines) + "\n"
+
+
+def conf_text(chosen: dict[str, dict[str, Any]], *, command: str) -> str:
+    """The chosen values as a compare.py ``--variants`` file (one ``[strategy]`` table each)."""
+    header = [
+        "# Each baseline's own knobs, tuned on the clients' validation splits (never the test items) by:",
+        f"#   {command}",
+        "# A compare.py --variants file; run it with the tuning's --run-config / --set (and its val-fraction,",
+        "# so that clients train on the same examples), e.g.",
+        "#   .venv/bin/python scripts/compare.py --variants THIS.toml --seeds 0,1 --out outputs/compare-tuned",
+        "",
+    ]
+    tables = {strategy: {"strategy": strategy, **row["values"]} for strategy, row in chosen.items()}
+    return "\n".join(header) + tomli_w.dumps(tables)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
+    parser.add_argument("--strategies", required=True, help="comma-separated strategies to tune (e.g. fedavg,fedprox)")
+    parser.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="[STRATEGY:]KEY=V1,V2",
+        help="a key's grid values (repeatable); replaces that key's default grid",
+    )
+    parser.add_argument("--seeds", default="0", help="comma-separated run seeds (default: 0)")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument(
+        "--val-fraction", type=float, default=0.25, help="share of each client's training examples held out (0.25)"
+    )
+    parser.add_argument(
+        "--run-config", action="append", default=[], metavar="FILE.toml", help="run-config file(s) applied to every run"
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="run-config override for every run (repeatable)"
+    )
+    parser.add_argument("--num-clients", type=int, default=8, help="simulated SuperNodes = clients (default: 8)")
+    parser.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per client (default: 1)")
+    parser.add_argument("--write-conf", type=Path, metavar="FILE.toml", help="write the chosen values here")
+    parser.add_argument(
+        "--report-only", action="store_true", help="only tabulate the grid points that finished (runs nothing)"
+    )
+    args = parser.parse_args()
+
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    unknown = [s for s in strategies if s not in strategy_names()]
+    if not strategies or unknown or len(set(strategies)) != len(strategies):
+        raise SystemExit(
+            f"--strategies: {args.strategies!r} is not allowed; "
+            f"expected distinct names of {', '.join(strategy_names())}"
+        )
+    grids = parse_grid(args.grid, strategies)
+    points = [point for strategy in strategies for point in grid_points(strategy, grids[strategy])]
+    overrides = dict(parse_assignment(a) for a in args.set)
+    taken = [k for k in overrides if k in OWN_KEYS or any(k in grid for grid in grids.values())]
+    if taken:
+        raise SystemExit(
+            f"--set {taken[0]}: not allowed; tune.py sets it for every run "
+            "(use --strategies, --seeds, --out, --val-fraction, --grid)"
+        )
+    own = {"eval-split": "validation", "val-fraction": args.val_fraction}
+    try:
+        base = resolve({**overrides, **own}, args.run_config)
+        for point in points:  # every point's values checked before anything runs
+            resolve({**overrides, **own, "strategy": point.strategy, **dict(point.values)}, args.run_config)
+    except ConfigError as error:
+        raise SystemExit(str(error)) from None
+
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "grid.toml").write_text(
+        tomli_w.dumps({p.label: {"strategy": p.strategy, **dict(p.values)} for p in points}), encoding="utf-8"
+    )
+    command = [
+        sys.executable,
+        str(COMPARE),
+        "--variants",
+        str(out / "grid.toml"),
+        "--seeds",
+        args.seeds,
+        "--out",
+        str(out),
+        "--num-clients",
+        str(args.num_clients),
+        "--cpus-per-client",
+        str(args.cpus_per_client),
+        *(f"--run-config={path}" for path in args.run_config),
+        *(f"--set={a}" for a in [*args.set, *(f"{k}={json.dumps(v)}" for k, v in own.items())]),
+        *(["--report-only"] if args.report_only else []),
+    ]
+    finished = subprocess.run(command, check=False)
+    if finished.returncode != 0:
+        raise SystemExit(finished.returncode)
+
+    seeds = [int(s) for s in args.seeds.split(",")]  # compare.py has checked them
+    rows, metric = summarize(points, out / "runs", seeds)
+    chosen = choose(rows, metric)
+    settings = RunConfig.from_run_config(base).to_run_config()
+    default = defaults(RunConfig)
+    info = {
+        "command": shlex.join(["scripts/tune.py", *sys.argv[1:]]),
+        "val_fraction": args.val_fraction,
+        "seeds": seeds,
+        "changed": {k: v for k, v in settings.items() if v != default[k] and k not in OWN_KEYS},
+    }
+    report = {
+        **info,
+        "metric": metric,
+        "settings": settings,
+        "grids": grids,
+        "points": rows,
+        "chosen": {strategy: row["values"] for strategy, row in chosen.items()},
+    }
+    (out / "tune.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    text = markdown(rows, chosen, metric=metric, info=info)
+    (out / "tune.md").write_text(text, encoding="utf-8")
+    print(text)
+    written = [out / "tune.json", out / "tune.md"]
+    if args.write_conf:
+        args.write_conf.write_text(conf_text(chosen, command=info["command"]), encoding="utf-8")
+        written.append(args.write_conf)
+    print("wrote:\n  " + "\n  ".join(str(p) for p in written))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""scripts/tune.py (grids, refusals, the choice on fabricated run folders) and the comparison's settings column."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedbilevel.comparison import load_run, markdown, strategy_keys, strategy_settings, summary_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tune():
+    spec = importlib.util.spec_from_file_location("tune", ROOT / "scripts" / "tune.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["tune"] = module  # its dataclass looks its module up while being defined
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["tune"]
+
+
+def write_run(folder: Path, strategy: str, seed: int, exact: float, run_config: dict | None = None) -> None:
+    """A finished two-client run scored ``exact`` (and ROUGE-L 0.5) on validation in its last round."""
+    mean = {"rouge1": 0.6, "rougeL": 0.5, "exact_match": exact}
+    rounds = [{"round": 1, "eval": {"0": mean, "1": mean}, "failures": [], "personalized_mean": mean}]
+    folder.mkdir(parents=True)
+    config = {"strategy": strategy, "eval-split": "validation", "val-fraction": 0.25, **(run_config or {})}
+    (folder / "config.json").write_text(json.dumps({"seed": seed, "run_config": config}))
+    clients = {"0": {"task": "reverse"}, "1": {"task": "count"}}
+    summary = {"primary_metric": "exact_match", "seconds": 60.0}
+    (folder / "results.json").write_text(
+        json.dumps({"strategy": strategy, "clients": clients, "rounds": rounds, "summary": summary})
+    )
+
+
+def test_default_grids_and_overrides(tune):
+    grids = tune.parse_grid([], ["fedavg", "fedprox", "fedamp", "fedala"])
+    assert grids["fedavg"] == {} and grids["fedprox"] == {"proximal-mu": [0.001, 0.01, 0.1, 1.0]}
+    assert [p.setting for p in tune.grid_points("fedamp", grids["fedamp"])][:2] == [
+        "fedamp-sigma=5.0, fedamp-lambda=0.01",
+        "fedamp-sigma=5.0, fedamp-lambda=0.1",
+    ]
+    assert len(tune.grid_points("fedamp", grids["fedamp"])) == 6
+    assert [p.label for p in tune.grid_points("fedavg", grids["fedavg"])] == ["fedavg"]
+    # A bare key replaces its values wherever declared; a qualified one for that strategy only;
+    # learning-rate belongs to every strategy.
+    grids = tune.parse_grid(
+        ["fedala-eta=1,100", "fedamp:fedamp-self-weight=0.3,0.7", "fedavg:learning-rate=1e-3,3e-3"],
+        ["fedavg", "fedamp", "fedala"],
+    )
+    assert grids["fedala"] == {"fedala-eta": [1, 100]} and grids["fedavg"] == {"learning-rate": [1e-3, 3e-3]}
+    assert grids["fedamp"]["fedamp-self-weight"] == [0.3, 0.7] and len(grids["fedamp"]) == 3
+    assert tune.grid_points("fedala", grids["fedala"])[1].label == "fedala_fedala-eta_100"
+
+
+def test_a_key_the_strategy_does_not_use_is_refused_in_one_line(tune):
+    with pytest.raises(SystemExit) as refused:
+        tune.parse_grid(["fedamp-sigma=1,2"], ["fedprox"])
+    assert str(refused.value) == (
+        "--grid key 'fedamp-sigma' is not used by fedprox; their keys: fedprox: proximal-mu, learning-rate"
+    )
+    with pytest.raises(SystemExit, match=r"--grid key 'proximal-mu' is not used by fedavg; .*fedavg: learning-rate$"):
+        tune.parse_grid(["fedavg:proximal-mu=1"], ["fedavg", "fedprox"])
+    with pytest.raises(SystemExit, match="strategy 'fedala' is not tuned"):
+        tune.parse_grid(["fedala:fedala-eta=1"], ["fedprox"])
+    with pytest.raises(SystemExit, match=r"expected \[STRATEGY:\]KEY=V1,V2"):
+        tune.parse_grid(["proximal-mu="], ["fedprox"])
+    assert "fedamp-self-weight" in strategy_keys("fedamp") and "weighting" in strategy_keys("fedbip-l")
+
+
+def test_the_cli_refuses_before_running(tmp_path):
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "tune.py"), "--out", str(tmp_path / "out"), *args],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+
+    refused = run("--strategies", "fedprox", "--grid", "fedala-eta=1,10")
+    assert refused.returncode != 0 and refused.stderr.strip().splitlines() == [
+        "--grid key 'fedala-eta' is not used by fedprox; their keys: fedprox: proximal-mu, learning-rate"
+    ]
+    refused = run("--strategies", "fedprox", "--grid", "proximal-mu=-1")
+    assert refused.stderr.strip().splitlines() == [
+        "run-config key 'proximal-mu': value -1 is not allowed; expected a number in [0.0, inf)"
+    ]
+    refused = run("--strategies", "fedprox", "--set", "proximal-mu=0.1")
+    assert "--set proximal-mu: not allowed" in refused.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_choice_is_the_best_mean_on_fabricated_runs(tune, tmp_path):
+    runs = tmp_path / "runs"
+    points = tune.grid_points("fedprox", {"proximal-mu": [0.01, 0.1, 1.0]}) + tune.grid_points("fedavg", {})
+    scores = {  # label -> exact match per seed
+        "fedprox_proximal-mu_0.01": (0.2, 0.4),
+        "fedprox_proximal-mu_0.1": (0.5, 0.3),  # mean 0.4: ties with 1.0, first in grid order wins
+        "fedprox_proximal-mu_1.0": (0.4, 0.4),
+        "fedavg": (0.25, 0.35),
+    }
+    for point in points:
+        for seed, exact in enumerate(scores[point.label]):
+            write_run(runs / f"{point.label}-seed{seed}", point.strategy, seed, exact, dict(point.values))
+    rows, metric = tune.summarize(points, runs, [0, 1])
+    assert metric == "exact_match" and [r["mean"]["exact_match"] for r in rows] == pytest.approx([0.3, 0.4, 0.4, 0.3])
+    chosen = tune.choose(rows, metric)
+    assert chosen["fedprox"]["values"] == {"proximal-mu": 0.1} and chosen["fedavg"]["values"] == {}
+    info = {"command": "scripts/tune.py --strategies fedavg,fedprox", "val_fraction": 0.25, "seeds": [0, 1]}
+    text = tune.markdown(rows, chosen, metric=metric, info={**info, "changed": {"local-steps": 5}})
+    assert "| fedprox | proximal-mu=0.1 | 0.600 | 0.500 | 0.400 | +0.100 | 0.500 0.300 | ✓ |" in text
+    assert "| fedavg | – | 0.600 | 0.500 | 0.300 | +0.000 | 0.250 0.350 | ✓ |" in text and "local-steps=5" in text
+    conf = tomllib.loads(tune.conf_text(chosen, command=info["command"]))
+    assert conf == {"fedprox": {"strategy": "fedprox", "proximal-mu": 0.1}, "fedavg": {"strategy": "fedavg"}}
+
+
+def test_a_point_without_every_seed_is_left_out(tune, tmp_path):
+    points = tune.grid_points("fedala", {"fedala-eta": [1.0, 100.0]})
+    write_run(tmp_path / "fedala_fedala-eta_1.0-seed0", "fedala", 0, 0.1)
+    write_run(tmp_path / "fedala_fedala-eta_100.0-seed0", "fedala", 0, 0.3, {"fedala-eta": 100.0})
+    write_run(tmp_path / "fedala_fedala-eta_100.0-seed1", "fedala", 1, 0.3, {"fedala-eta": 100.0})
+    rows, _ = tune.summarize(points, tmp_path, [0, 1])
+    assert [r["label"] for r in rows] == ["fedala_fedala-eta_100.0"]
+    with pytest.raises(SystemExit, match="no finished grid point"):
+        tune.summarize(points, tmp_path, [2])
+
+
+def test_comparison_tables_show_the_tuned_knobs(tmp_path):
+    assert strategy_settings("fedprox", {"proximal-mu": 0.1, "fedamp-sigma": 5.0, "learning-rate": 0.001}) == (
+        "proximal-mu=0.1"
+    )
+    assert strategy_settings("fedavg", {"learning-rate": 0.003, "proximal-mu": 1.0}) == "learning-rate=0.003"
+    write_run(tmp_path / "a", "fedprox", 0, 0.4, {"proximal-mu": 0.1})
+    write_run(tmp_path / "b", "fedavg", 0, 0.3)
+    runs = [load_run(tmp_path / "a"), load_run(tmp_path / "b")]
+    assert [row["settings"] for row in summary_rows(runs)] == ["proximal-mu=0.1", ""]
+    text = markdown(runs)
+    assert "own validation split" in text and "| strategy | settings | seeds |" in text
+    assert "| fedprox | proximal-mu=0.1 | 0 |" in text and "| fedavg | – | 0 |" in text

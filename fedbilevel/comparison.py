@@ -13,7 +13,7 @@ import csv
 import dataclasses
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -458,8 +458,9 @@ def write_tables(runs: Sequence[Run], out: Path) -> list[Path]:
     return paths
 
 
-def _client_labels(run: Run) -> list[str]:
-    return [f"{client} {info.get('task')}" for client, info in run.clients.items()]
+def client_labels(clients: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Every client's label, ``<partition id> <task>``, in the order of ``clients`` (results.json's)."""
+    return [f"{client} {info.get('task')}" for client, info in clients.items()]
 
 
 def strategy_colours(count: int) -> list[tuple[float, float, float, float]]:
@@ -527,7 +528,7 @@ def plot_per_client(runs: Sequence[Run], path: Path) -> Path:
             color=colour,
             capsize=2,
         )
-    axes.set_xticks(np.arange(len(clients)), _client_labels(runs[0]), rotation=30, ha="right")
+    axes.set_xticks(np.arange(len(clients)), client_labels(runs[0].clients), rotation=30, ha="right")
     axes.set_xlabel("client (task)")
     axes.set_ylabel(f"{METRIC_LABELS[primary]}, last round")
     axes.set_title("Final score of each client's own adapter")
@@ -539,48 +540,61 @@ def plot_per_client(runs: Sequence[Run], path: Path) -> Path:
     return path
 
 
+# The matrices a round may record: key -> (panel title, colour map, colour limits).
+MATRICES = {
+    "similarity": ("cosine similarity", "RdBu_r", (-1, 1)),
+    "weights": ("aggregation weight", "viridis", (0, 1)),
+}
+
+
+def matrix_names(record: Mapping[str, Any], key: str, labels: Sequence[str]) -> list[str]:
+    """The row and column labels of a round's matrix ``key``, from every client's ``labels``."""
+    # Matrices over every client (absent ones None) since client sampling; over the participants before.
+    if len(record[key]) == len(labels):
+        return list(labels)
+    return [labels[int(p)] for p in record.get("participants", range(len(labels)))]
+
+
+def draw_matrix(figure: Any, ax: Any, record: Mapping[str, Any], key: str, names: Sequence[str]) -> None:
+    """One heatmap panel of a round's matrix ``key`` (see :data:`MATRICES`) on ``ax``, values written
+    in the cells, grey where a client did not take part, with its colour bar."""
+    title, cmap, limits = MATRICES[key]
+    matrix = np.array([[np.nan if v is None else v for v in line] for line in record[key]], dtype=float)
+    ax.set_facecolor("0.85")  # grey where a client did not take part (NaN cells are not drawn)
+    image = ax.imshow(matrix, cmap=cmap, vmin=limits[0], vmax=limits[1])
+    for (i, j), value in np.ndenumerate(matrix):
+        if np.isnan(value):
+            continue
+        ax.text(
+            j,
+            i,
+            f"{value:.2f}",
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="white" if (abs(value) > 0.6 if key == "similarity" else value > 0.5) else "black",
+        )
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_title(f"{title}, round {record['round']}", fontsize=10)
+    figure.colorbar(image, ax=ax, shrink=0.8)
+
+
 def plot_similarity(run: Run, path: Path) -> Path:
     """Similarity (top) and aggregation weights (bottom), first and last round, labelled by task."""
     import matplotlib.pyplot as plt
 
     recorded = [r for r in run.rounds if "similarity" in r]
     shown = [recorded[0], recorded[-1]] if len(recorded) > 1 else recorded[:1]
-    labels = _client_labels(run)
+    labels = client_labels(run.clients)
     size = 0.5 * len(labels) + 2.5
     figure, axes = plt.subplots(
         2, len(shown), figsize=(size * len(shown), 2 * size), squeeze=False, constrained_layout=True
     )
     for column, record in enumerate(shown):
-        # Matrices over every client (absent ones None) since client sampling; over the participants before.
-        full = len(record["similarity"]) == len(labels)
-        index = range(len(labels)) if full else [int(p) for p in record.get("participants", range(len(labels)))]
-        names = [labels[i] for i in index]
-        for row, (key, title, cmap, limits) in enumerate(
-            [
-                ("similarity", "cosine similarity", "RdBu_r", (-1, 1)),
-                ("weights", "aggregation weight", "viridis", (0, 1)),
-            ]
-        ):
-            matrix = np.array([[np.nan if v is None else v for v in line] for line in record[key]], dtype=float)
-            ax = axes[row, column]
-            ax.set_facecolor("0.85")  # grey where a client did not take part (NaN cells are not drawn)
-            image = ax.imshow(matrix, cmap=cmap, vmin=limits[0], vmax=limits[1])
-            for (i, j), value in np.ndenumerate(matrix):
-                if np.isnan(value):
-                    continue
-                ax.text(
-                    j,
-                    i,
-                    f"{value:.2f}",
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="white" if (abs(value) > 0.6 if key == "similarity" else value > 0.5) else "black",
-                )
-            ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
-            ax.set_yticks(range(len(names)), names, fontsize=8)
-            ax.set_title(f"{title}, round {record['round']}", fontsize=10)
-            figure.colorbar(image, ax=ax, shrink=0.8)
+        names = matrix_names(record, "similarity", labels)
+        for row, key in enumerate(MATRICES):
+            draw_matrix(figure, axes[row, column], record, key, names)
     figure.suptitle(
         f"{run.label}, seed {run.seed}: rows = receiving client, columns = contributing client"
         + ("; grey: not in the round" if any(None in line for r in shown for line in r["similarity"]) else "")

@@ -195,6 +195,14 @@ class RunConfig:
     resume_from: str = option(
         "resume-from", "", text(empty_ok=True), "a run folder to continue from its last checkpoint (below)"
     )
+    tracker: str = option(
+        "tracker",
+        "none",
+        choice(("none", "tensorboard")),
+        "`tensorboard`: TensorBoard event files in `<run>/tensorboard/`, one step per round (personalized mean, "
+        "per-client scores and train loss, time split, bytes, similarity and weight heatmaps; the `[tensorboard]` "
+        "extra); `none`: none",
+    )
 
     def __post_init__(self) -> None:
         validate(self)
@@ -242,6 +250,7 @@ RESUMABLE_KEYS = frozenset(
         "min-available-fraction",
         "device",
         "client-threads",
+        "tracker",
         "output-dir",
         "run-name",
     }

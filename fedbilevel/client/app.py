@@ -26,6 +26,7 @@ from fedbilevel.client.ala import (
 )
 from fedbilevel.client.evaluate import evaluate_adapter
 from fedbilevel.client.metrics import answer_text, score_answers
+from fedbilevel.client.privacy import ClientPrivacy, plan_for
 from fedbilevel.client.train import Codec, TextCodec, fit_report, proximal_term, train_adapter
 from fedbilevel.client.vision import ImageCodec, evaluate_classifier
 from fedbilevel.config import RunConfig
@@ -37,6 +38,7 @@ from fedbilevel.models.adapter import build_lora_model, get_adapter_arrays, init
 from fedbilevel.models.settings import LoraSettings, ModelSettings
 from fedbilevel.models.zoo import image_preprocessor, is_image_classifier, load_tokenizer
 from fedbilevel.resources import process_memory_mb
+from fedbilevel.strategies.fedsa_lora import is_lora_a
 
 NODE_CONFIG_KEYS = ("device", "data-path")  # run-config keys a SuperNode's --node-config overrides
 
@@ -294,6 +296,8 @@ def make_client_app(
         partition_id, num_partitions = partition_of(context)  # a bad node config has no partition to name
         try:
             session = ClientSession(context, overrides)
+            if session.config.privacy.enabled:  # a DP budget this client's data cannot meet stops it here
+                plan_for(session.config, num_examples=len(session.data.train), num_clients=session.num_partitions)
             info = ConfigRecord(
                 {
                     protocol.PARTITION_ID: session.partition_id,
@@ -336,6 +340,29 @@ def make_client_app(
         # Strategies declare client-side steps in the message (FedProx's μ, FedAMP's λ, FFA-LoRA's frozen A).
         declared = message.content.config_records[protocol.CONFIG]
         mu = float(declared.get(protocol.PROXIMAL_MU, 0.0))
+        freeze_lora_a = bool(declared.get(protocol.FREEZE_LORA_A, False))
+        privacy = ClientPrivacy.for_message(
+            config,
+            num_examples=len(session.data.train),
+            num_clients=session.num_partitions,
+            state=context.state,
+            declared=declared,
+        )
+        if privacy is not None and privacy.exhausted:  # the adapter goes back as received: a zero update
+            log(
+                INFO,
+                "client %d, round %d: stops training, its next round would exceed dp-epsilon (%s)",
+                session.partition_id,
+                server_round,
+                privacy.describe(),
+            )
+            values = {protocol.TRAIN_LOSS: 0.0, protocol.TRAIN_LAST_LOSS: 0.0, protocol.TRAIN_SECONDS: 0.0}
+            metrics = session.metrics({**values, **privacy.stopped()}, len(session.data.train))
+            hold(context.state, session.received, protocol.adapter_digest(session.received))
+            content = RecordDict(
+                {protocol.ARRAYS: protocol.adapter_to_record(session.received), protocol.METRICS: metrics}
+            )
+            return Message(content, reply_to=message)
         result = train_adapter(
             model,
             session.codec(tokenizer),
@@ -352,7 +379,8 @@ def make_client_app(
             warmup_steps=settings.warmup_steps,
             max_grad_norm=settings.max_grad_norm,
             gradient_checkpointing=settings.gradient_checkpointing,
-            freeze_lora_a=bool(declared.get(protocol.FREEZE_LORA_A, False)),
+            freeze_lora_a=freeze_lora_a,
+            dp_sgd=privacy.dp_sgd() if privacy is not None else None,
         )
         log(
             INFO,
@@ -372,10 +400,16 @@ def make_client_app(
             **step,
             **process_memory_mb(),
         }
+        if privacy is not None:  # this round's release is counted before it is sent
+            values.update(privacy.spend(context.state))
+            log(INFO, "client %d, round %d: %s", session.partition_id, server_round, privacy.describe())
         metrics = session.metrics(values, len(session.data.train))
         trained = get_adapter_arrays(model)
         if session.ala is not None:
             remember_local(context.state, trained)
+        if privacy is not None:  # dp = "update": the clipped, noised update; frozen arrays go back as received
+            names = [name for name in trained if not (freeze_lora_a and is_lora_a(name))]
+            trained = privacy.release(session.received, trained, names=names)
         if corrupt is not None:
             trained = corrupt(session.partition_id, server_round, session.received, trained)
         hold(context.state, trained, protocol.adapter_digest(trained))  # the next message may name it

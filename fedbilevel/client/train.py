@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from transformers import get_scheduler
@@ -21,6 +21,9 @@ from transformers import get_scheduler
 from fedbilevel.data.prompts import PROMPT_TEMPLATE, format_prompt
 from fedbilevel.data.types import Example
 from fedbilevel.models.adapter import enable_gradient_checkpointing, lora_a_frozen
+
+if TYPE_CHECKING:
+    from fedbilevel.client.privacy import DpSgd
 
 IGNORE_INDEX = -100  # label value that PyTorch's cross-entropy skips
 # The template's text before and after the instruction: kept whole when an instruction is cut.
@@ -188,6 +191,7 @@ def train_adapter(
     max_grad_norm: float = 0.0,
     gradient_checkpointing: bool = False,
     freeze_lora_a: bool = False,
+    dp_sgd: DpSgd | None = None,
 ) -> TrainResult:
     """Fine-tune the model's trainable (LoRA) parameters in place for ``steps`` optimizer steps.
 
@@ -230,6 +234,10 @@ def train_adapter(
     freeze_lora_a : bool, default False
         Train with the LoRA A factors frozen, for this call only
         (:func:`~fedbilevel.models.adapter.lora_a_frozen`; FFA-LoRA's ``freeze-lora-a``).
+    dp_sgd : DpSgd, optional
+        Train with DP-SGD (:class:`~fedbilevel.client.privacy.DpSgd`): each step's batch is its
+        Poisson sample of the examples (not the shuffle), each example's gradient is clipped and
+        noise is added; ``extra_loss`` and ``max_grad_norm`` then apply to the noisy gradient.
 
     Returns
     -------
@@ -250,14 +258,26 @@ def train_adapter(
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # LoRA dropout draws from the global generator
     # FFA-LoRA: A stays as received; requires_grad is restored afterwards (the model serves every client).
-    with lora_a_frozen(model) if freeze_lora_a else nullcontext():
+    with lora_a_frozen(model) if freeze_lora_a else nullcontext(), ExitStack() as private:
         parameters = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
         scheduler = get_scheduler(lr_scheduler, optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps)
         order: list[int] = []
         losses = []
         model.train()
+        if dp_sgd is not None:
+            private.enter_context(
+                dp_sgd.attach(
+                    model, optimizer, num_examples=len(encoded), extra_loss=extra_loss, max_grad_norm=max_grad_norm
+                )
+            )
         for _ in range(steps):
+            if dp_sgd is not None:
+                losses.append(
+                    dp_sgd.step(codec, encoded, batch_size=batch_size, device=device, bf16_autocast=bf16_autocast)
+                )
+                scheduler.step()
+                continue
             batches = []
             for _ in range(gradient_accumulation_steps):
                 batch, order = _next_batch(order, batch_size, len(encoded), generator)

@@ -30,6 +30,7 @@ from flwr.supercore import log
 from fedbilevel import protocol
 from fedbilevel.checkpoint import ClientStore
 from fedbilevel.options import ConfigError
+from fedbilevel.privacy import PrivacyLedger
 from fedbilevel.strategies.replies import RejectedReply, check_adapter, check_reply, last_line, senders_of
 from fedbilevel.strategies.rounds import RoundLog, over_all_clients
 from fedbilevel.strategies.sampling import SamplingSettings, sample_clients, sample_size
@@ -118,6 +119,9 @@ class PersonalizedStrategy(Strategy):
         self._pending: dict[int, tuple[int, str]] = {}  # partition id -> (node id, digest) of its message in flight
         self._grid: Grid | None = None  # for resending an adapter in full within a phase (start)
         self._timeout: float | None = None
+        # Each client's DP account as its replies report it: checkpointed, and sent back so a client
+        # that lost its own (a resumed run) continues it (fedbilevel.privacy).
+        self.privacy = PrivacyLedger()
 
     # ------------------------------------------------------------------ subclass API
 
@@ -150,11 +154,14 @@ class PersonalizedStrategy(Strategy):
         round, the clients' info and the store's manifest; subclasses with more small state add it.
         """
         completed = self.history[-1]["round"] if self.history else self.round_offset
-        return {
+        record = {
             "round": completed,
             "clients": {str(p): info for p, info in self.clients.items()},
             "store": self.store.flush(completed),
         }
+        if self.privacy.histories:
+            record["privacy"] = self.privacy.to_record()
+        return record
 
     def restore(self, meta: Mapping[str, Any]) -> None:
         """Continue from a :meth:`checkpoint` record (the store attached to the run's folder); the next
@@ -162,6 +169,7 @@ class PersonalizedStrategy(Strategy):
         self.store.load(meta["store"])
         self.clients = {int(p): dict(info) for p, info in meta["clients"].items()}
         self.round_offset = int(meta["round"])
+        self.privacy.restore(meta.get("privacy", {}))
 
     def global_adapter(self) -> Adapter:
         """Σᵢ nᵢ θᵢ / Σᵢ nᵢ over the known clients' personalized adapters (nᵢ: training examples).
@@ -217,6 +225,9 @@ class PersonalizedStrategy(Strategy):
             trained[partition_id] = adapter
             num_examples[partition_id] = int(metrics[protocol.NUM_EXAMPLES])
             self._round.note_train(partition_id, metrics)
+            spent = self.privacy.note(partition_id, metrics)
+            if spent is not None:
+                log(INFO, "round %d: client %d %s", server_round, partition_id, spent)
             log(
                 INFO,
                 "round %d: client %d (%s) trained on %d examples, loss %.4f",
@@ -285,6 +296,8 @@ class PersonalizedStrategy(Strategy):
         adapter = self.adapter_for(partition_id) if phase == "train" else self.personalized_adapter(partition_id)
         digest = protocol.adapter_digest(adapter)
         round_config = ConfigRecord({**dict(config), **self.client_config()})
+        if phase == "train":
+            round_config.update(self.privacy.config_for(partition_id))
         round_config[protocol.SERVER_ROUND] = server_round
         round_config[protocol.PARTITION_ID] = partition_id
         round_config[protocol.ADAPTER_DIGEST] = digest

@@ -13,7 +13,10 @@ its ``context.state``, so each adapter is downloaded once (the evaluate message 
 SuperNode that lost its state) replies ``missing-adapter`` = 1 and is sent it in full. The config
 also holds what the strategy asks of the client: FedProx's and FedAMP's ``proximal-mu``, FFA-LoRA's
 ``freeze-lora-a``, FedALA's ``fedala-*`` values (:class:`AlaSettings`). Evaluate messages may also
-carry ``global`` (the mean adapter, whose scores come back prefixed ``global-``).
+carry ``global`` (the mean adapter, whose scores come back prefixed ``global-``). With differential
+privacy, train messages also carry the client's privacy account (``dp-history``) and train replies
+add ``dp-epsilon-spent``, ``dp-noise-multiplier``, ``dp-sample-rate``, ``dp-steps`` and
+``dp-stopped``; those keys are declared with the settings in :mod:`fedbilevel.privacy`.
 
 Client -> server: ``arrays`` (train only) and ``metrics``: ``partition-id``, ``num-examples``,
 ``client-started`` and ``client-ended``; train replies add ``train-loss``, ``train-last-loss``,

@@ -168,10 +168,15 @@ class ClientSession:
         """How this client's examples become batches for the shared train loop."""
         return ImageCodec() if self.images else TextCodec(tokenizer, self.config.train.max_seq_len)
 
+    @property
+    def scored(self) -> list:
+        """The items this client scores: its ``eval-split`` (test, or validation)."""
+        return self.data.split(self.config.eval.split)
+
     def score(self, model, tokenizer) -> dict:
         """The model's scores on this client's ``eval-split`` (test, or validation) (the family's eval loop)."""
         settings, bf16 = self.config.eval, self.config.model.bf16_compute
-        items = self.data.split(settings.split)
+        items = self.scored
         if self.images:
             return evaluate_classifier(
                 model, items, batch_size=settings.batch_size, bf16_autocast=bf16, device=model.device
@@ -211,7 +216,7 @@ class ClientSession:
     def majority_score(self) -> float:
         """Exact match of always giving the most common training answer (label) on the ``eval-split``
         the client scores: the prior to beat, on the same items as the scores."""
-        items = self.data.split(self.config.eval.split)
+        items = self.scored
         if self.images:
             majority, _ = most_common(example.label for example in self.data.train)
             return sum(example.label == majority for example in items) / len(items)
@@ -304,7 +309,7 @@ def make_client_app(
                     protocol.NUM_PARTITIONS: session.num_partitions,
                     protocol.TASK: session.data.task,
                     protocol.NUM_TRAIN: len(session.data.train),
-                    protocol.NUM_TEST: len(session.data.test),
+                    protocol.NUM_TEST: len(session.scored),  # the items scored (eval-split)
                     # The score of always giving the most common training answer: what the model
                     # must beat to have learned more than the label prior.
                     protocol.MAJORITY_EXACT_MATCH: session.majority_score(),
@@ -433,7 +438,7 @@ def make_client_app(
             session.partition_id,
             session.data.task,
             server_round,
-            len(session.data.test),
+            len(session.scored),
             scores[protocol.EVAL_SECONDS],
             summary,
         )
@@ -442,8 +447,6 @@ def make_client_app(
             shared = session.score(model, tokenizer)
             scores.update({f"{protocol.GLOBAL_PREFIX}{k}": v for k, v in shared.items() if not isinstance(v, list)})
         scores.update(step)  # e.g. FedALA's weight learning for this global model
-        return Message(
-            RecordDict({protocol.METRICS: session.metrics(scores, len(session.data.test))}), reply_to=message
-        )
+        return Message(RecordDict({protocol.METRICS: session.metrics(scores, len(session.scored))}), reply_to=message)
 
     return app

@@ -197,6 +197,13 @@ class RunConfig:
     resume_from: str = option(
         "resume-from", "", text(empty_ok=True), "a run folder to continue from its last checkpoint (below)"
     )
+    log_level: str = option(
+        "log-level",
+        "info",
+        choice(("info", "verbose", "debug")),
+        "`info`: the run's report; library warnings, library log lines and progress bars off, and simulated "
+        "clients' own lines off (the server logs each reply); `verbose`: those too; `debug`: also DEBUG lines",
+    )
     tracker: str = option(
         "tracker",
         "none",
@@ -257,6 +264,7 @@ RESUMABLE_KEYS = frozenset(
         "min-available-fraction",
         "device",
         "client-threads",
+        "log-level",
         "tracker",
         "output-dir",
         "run-name",

@@ -3,14 +3,17 @@
 # Flower's default local SuperLink installs the app's dependencies into a fresh
 # environment per run (network, CUDA torch). Extra arguments go to `flwr run`, e.g.
 #   scripts/flwr_run.sh --run-config "strategy='fedbip-l' num-server-rounds=5"
+# Environment: FEDBILEVEL_NUM_SUPERNODES (default 8), FEDBILEVEL_CPUS_PER_CLIENT (1),
+# FEDBILEVEL_GPUS_PER_CLIENT (0; 0.5 puts two clients on each GPU), FEDBILEVEL_SUPERLINK_PORT
+# (39191); RAY_ADDRESS attaches the simulation to an existing Ray cluster (README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
 export FLWR_HOME="$PWD/.flwr"
 export FEDBILEVEL_OUTPUT_ROOT="$PWD"  # relative output-dir = ./outputs here
 PORT="${FEDBILEVEL_SUPERLINK_PORT:-39191}"
-NUM_SUPERNODES="${FEDBILEVEL_NUM_SUPERNODES:-8}"
-CPUS_PER_CLIENT="${FEDBILEVEL_CPUS_PER_CLIENT:-1}"
+# The federation's size and resources, checked before anything starts (a bad value: one line naming it).
+FEDERATION_CONFIG="$(python -m fedbilevel.federation)"
 mkdir -p "$FLWR_HOME"
 cat > "$FLWR_HOME/config.toml" <<TOML
 [superlink]
@@ -33,8 +36,7 @@ for _ in $(seq 1 60); do
   sleep 1
 done
 
-flwr run . fedbilevel-local --stream \
-  --federation-config "num-supernodes=$NUM_SUPERNODES client-resources-num-cpus=$CPUS_PER_CLIENT" "$@"
+flwr run . fedbilevel-local --stream --federation-config "$FEDERATION_CONFIG" "$@"
 
 # `flwr run --stream` exits 0 even when the ServerApp failed: ask the SuperLink (private to this
 # script, so its last run is ours) how the run ended, and fail with the reason as the last line.

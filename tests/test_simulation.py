@@ -1,4 +1,4 @@
-"""End to end: Flower's simulation runtime, the real ClientApp/ServerApp, the tiny model.
+"""End to end: Flower's simulation runtime (flwr run), the real ClientApp/ServerApp, the tiny model.
 
 One simulation per strategy (module-scoped) feeds several assertions on what a run leaves
 in outputs/<run-name>/: config.json, results.json (the documented contract) and one PEFT
@@ -25,7 +25,7 @@ NUM_CLIENTS = 4
 ROUNDS = 2
 
 
-def simulate(tmp_path: Path, **overrides) -> tuple[dict, Path]:
+def simulate(tmp_path: Path, harness: dict | None = None, **overrides) -> tuple[dict, Path]:
     config = {
         **load_app_config(ROOT / "pyproject.toml"),
         "model-name": TINY_MODEL,
@@ -41,7 +41,7 @@ def simulate(tmp_path: Path, **overrides) -> tuple[dict, Path]:
         "run-name": "e2e",
         **overrides,
     }
-    run_in_simulation(config, num_supernodes=NUM_CLIENTS)
+    run_in_simulation(config, num_supernodes=NUM_CLIENTS, **(harness or {}))
     return config, tmp_path / "e2e"
 
 
@@ -141,6 +141,15 @@ def test_fedala_keeps_client_state_across_rounds(tmp_path):
     assert set(second["eval"]) == {str(p) for p in range(NUM_CLIENTS)} and first["eval"] == {}
     # The evaluate message brings the new global model: W is learned again, for one epoch.
     assert {scores["ala-epochs"] for scores in second["eval"].values()} == {1.0}
+
+
+def test_an_absent_client_of_the_robustness_harness_fails_every_round(tmp_path):
+    # The harness needs a ClientApp the app's entry point does not build: flwr run gets a generated app.
+    _, run_dir = simulate(tmp_path, harness={"absent_clients": [3]}, **{"num-server-rounds": 1})
+    (record,) = json.loads((run_dir / "results.json").read_text())["rounds"]
+    assert [(f["phase"], f["partition_id"]) for f in record["failures"]] == [("train", 3)]
+    assert "client 3 is absent (test harness --absent-clients): no update in round 1" in record["failures"][0]["reason"]
+    assert set(record["train"]) == {"0", "1", "2"}
 
 
 def test_a_run_resumed_from_its_checkpoint_matches_an_unbroken_run(tmp_path):

@@ -13,7 +13,7 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from fedbilevel import protocol
+from fedbilevel import logs, protocol
 from fedbilevel.checkpoint import STORE, load_checkpoint, save_checkpoint
 from fedbilevel.config import RESUMABLE_KEYS, ConfigError, RunConfig
 from fedbilevel.models.adapter import initial_adapter_arrays, save_adapter
@@ -69,6 +69,7 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
 
     With ``resume-from``, continue that run from its checkpoint, in its folder.
     """
+    logs.configure(config.log_level, client=False)
     tracker = make_tracker(config.tracker)  # first: a missing [tensorboard] extra stops the run before any work
     resumed = _resume_point(config) if config.resume_from else None
     initial = initial_adapter_arrays(config.model.name, config.lora, seed=config.seed)

@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.supercore import log
 
-from fedbilevel import protocol
+from fedbilevel import logs, protocol
 from fedbilevel.client.ala import (
     adaptive_local_aggregation,
     remember_local,
@@ -149,6 +149,7 @@ class ClientSession:
         # A SuperNode may set machine-specific keys for itself (its GPU, where its data lives).
         own = {key: context.node_config[key] for key in NODE_CONFIG_KEYS if key in context.node_config}
         self.config = RunConfig.from_run_config(context.run_config, {**(overrides or {}), **own})
+        logs.configure(self.config.log_level, client=True)
         self.partition_id, self.num_partitions = partition_of(context)
         config = self.config
         self.data = _data(config.data, config.seed, config.model.name, self.partition_id, self.num_partitions)

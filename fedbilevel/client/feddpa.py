@@ -131,6 +131,7 @@ def local_adapter(model: PeftModel, arrays: Mapping[str, np.ndarray]) -> Iterato
     """
     with torch.random.fork_rng(devices=[]):  # peft draws the new adapter's values (overwritten below)
         model.add_adapter(LOCAL, copy.deepcopy(model.peft_config[GLOBAL]))
+    model.train(model.training)  # the new adapter's dropout modules are in training mode, whatever the model's
     mixer = None
     try:
         set_adapter_arrays(model, arrays, adapter_name=LOCAL)

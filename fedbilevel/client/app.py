@@ -396,7 +396,7 @@ def make_client_app(
             )
             return Message(content, reply_to=message)
 
-        def local_training() -> TrainResult:
+        def run_training() -> TrainResult:
             """The shared loop on the model's trainable parameters, for this client and round."""
             return train_adapter(
                 model,
@@ -421,7 +421,7 @@ def make_client_app(
         local, phase = session.local, {}
         if session.dpa is not None and server_round > 1:  # FedDPA-T: the local adapter first, from round 2 on
             local, local_result = train_local_adapter(
-                model, session.local, local_training, local_weight=session.dpa.local_weight
+                model, session.local, run_training, local_weight=session.dpa.local_weight
             )
             phase = {protocol.DPA_LOCAL_LOSS: local_result.loss}
             log(
@@ -432,7 +432,7 @@ def make_client_app(
                 local_result.seconds,
                 local_result.loss,
             )
-        result = local_training()  # FedDPA: its global adapter, alone
+        result = run_training()  # FedDPA: its global adapter, alone
         log(
             INFO,
             "client %d (%s), round %d: %d steps in %.1f s, mean loss %.4f, last %.4f",

@@ -42,7 +42,7 @@ def batches(items: Sequence[T], batch_size: int) -> Iterator[Sequence[T]]:
         yield items[start : start + batch_size]
 
 
-def in_groups(count: int, size: int, rows: Rows | None, run: Callable[[slice], list[T]]) -> list[T]:
+def _in_groups(count: int, size: int, rows: Rows | None, run: Callable[[slice], list[T]]) -> list[T]:
     """``run`` over the ``count`` items at once, or, with ``rows``, over consecutive groups of at most ``size``
     items, each inside ``rows(their indices)``; the results concatenated."""
     if rows is None:
@@ -401,7 +401,7 @@ def evaluate_adapter(
     started = time.time()
     references = [example.output for example in examples]
     instructions = [example.instruction for example in examples]
-    predictions = in_groups(
+    predictions = _in_groups(
         len(examples),
         batch_size,
         rows,
@@ -418,7 +418,7 @@ def evaluate_adapter(
     items = score_items(predictions, references)
     scores: dict[str, float | int | list[float]] = dict(mean_scores(items))
     if score_options:
-        chosen = in_groups(
+        chosen = _in_groups(
             len(examples),
             1,
             rows,

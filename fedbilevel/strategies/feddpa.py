@@ -39,8 +39,8 @@ client keeps it.
 
 The other variant, **FedDPA-F** (not implemented), learns the global adapter by FedIT for all
 rounds, then each client fine-tunes a copy of it on its own data as its local adapter (the
-maintainer's recipe, issue #2: train one more round and take a client's locally trained global
-adapter); inference is the same.
+maintainer's recipe, github.com/Lydia-yang/FedDPA/issues/2: train one more round and take a client's
+locally trained global adapter); inference is the same.
 
 An image classifier's head (peft ``modules_to_save``) belongs to both adapters, as peft gives every
 adapter its own copy: the global head is averaged with the global LoRA arrays, the local head stays

@@ -41,6 +41,7 @@ from fedbilevel.privacy import PrivacySettings
 from fedbilevel.protocol import AlaSettings
 from fedbilevel.strategies import FEDBIP_PRESETS, strategy_names
 from fedbilevel.strategies.fedamp import FedAmpSettings
+from fedbilevel.strategies.feddpa import DpaSettings
 from fedbilevel.strategies.fedprox import FedProxSettings
 from fedbilevel.strategies.sampling import SamplingSettings
 
@@ -191,6 +192,7 @@ class RunConfig:
     fedprox: FedProxSettings = component(FedProxSettings)
     fedamp: FedAmpSettings = component(FedAmpSettings)
     fedala: AlaSettings = component(AlaSettings)
+    feddpa: DpaSettings = component(DpaSettings)
     fedbip: FedBipSettings = component(FedBipSettings)
     output_dir: str = option("output-dir", "outputs", text(empty_ok=False), "where run folders are written")
     run_name: str = option("run-name", "", text(empty_ok=True), 'the run folder\'s name ("": strategy + UTC time)')

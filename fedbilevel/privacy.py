@@ -130,8 +130,9 @@ class PrivacySettings:
         fedbilevel.options.ConfigError
             ``dp-sgd`` with ``precision='4bit'`` (per-example gradients through bitsandbytes are not
             verified), with ``gradient-checkpointing`` (Opacus's hooks capture a checkpointed layer's
-            activations twice and produce no per-example gradient), or with ``strategy='fedala'``
-            (its mixing weights are learned on the training data without noise).
+            activations twice and produce no per-example gradient), with ``strategy='fedala'``
+            (its mixing weights are learned on the training data without noise), or with
+            ``strategy='feddpa'`` (it trains two adapters a round; the accountant counts one training).
         """
         if self.mode != "dp-sgd":
             return
@@ -155,6 +156,13 @@ class PrivacySettings:
                 strategy,
                 "dp='dp-sgd' cannot cover FedALA's mixing weights, learned on the training data without noise; "
                 "expected another strategy, or dp='update'",
+            )
+        if strategy == "feddpa":
+            raise not_allowed(
+                "strategy",
+                strategy,
+                "dp='dp-sgd' accounts for one training a round, and FedDPA trains its local and its global adapter "
+                "each round; expected another strategy, or dp='update'",
             )
 
 

@@ -12,8 +12,10 @@ its ``context.state``, so each adapter is downloaded once (the evaluate message 
 θ̄ᵢ, the train message of round t + 1 names it). A client that does not hold the named adapter (a
 SuperNode that lost its state) replies ``missing-adapter`` = 1 and is sent it in full. The config
 also holds what the strategy asks of the client: FedProx's and FedAMP's ``proximal-mu``, FFA-LoRA's
-``freeze-lora-a``, FedALA's ``fedala-*`` values (:class:`AlaSettings`). Evaluate messages may also
-carry ``global`` (the mean adapter, whose scores come back prefixed ``global-``). With differential
+``freeze-lora-a``, FedALA's ``fedala-*`` values (:class:`AlaSettings`), FedDPA's ``feddpa-*`` values
+(:class:`~fedbilevel.strategies.feddpa.DpaSettings`; its adapter then holds the global adapter and,
+prefixed ``local/``, the client's local one). Evaluate messages may also carry ``global`` (the mean
+adapter, FedDPA's global adapter, whose scores come back prefixed ``global-``). With differential
 privacy, train messages also carry the client's privacy account (``dp-history``) and train replies
 add ``dp-epsilon-spent``, ``dp-noise-multiplier``, ``dp-sample-rate``, ``dp-steps`` and
 ``dp-stopped``; those keys are declared with the settings in :mod:`fedbilevel.privacy`.
@@ -22,7 +24,9 @@ Client -> server: ``arrays`` (train only) and ``metrics``: ``partition-id``, ``n
 ``client-started`` and ``client-ended``; train replies add ``train-loss``, ``train-last-loss``,
 ``train-seconds`` and the client process's ``rss-mb`` and ``peak-rss-mb``; evaluate replies add
 ``eval-seconds``, the scores and their per-test-item lists (``items-<score>``). With FedALA both add
-``ala-epochs`` and, when the mixing weights were learned, ``ala-loss`` and ``ala-mean-weight``.
+``ala-epochs`` and, when the mixing weights were learned, ``ala-loss`` and ``ala-mean-weight``. With
+FedDPA train replies add ``feddpa-local-loss`` (once its local adapter trains) and evaluate replies
+``feddpa-mean-weight``.
 """
 
 from __future__ import annotations
@@ -84,6 +88,8 @@ PEAK_RSS_MB = "peak-rss-mb"  # and at its peak
 ALA_EPOCHS = "ala-epochs"  # FedALA's weight learning for the received global adapter
 ALA_LOSS = "ala-loss"
 ALA_MEAN_WEIGHT = "ala-mean-weight"
+DPA_MEAN_WEIGHT = "feddpa-mean-weight"  # FedDPA evaluate replies: the mean α(x) over the scored items
+DPA_LOCAL_LOSS = "feddpa-local-loss"  # FedDPA train replies: the local phase's mean loss
 
 
 @dataclass(frozen=True)

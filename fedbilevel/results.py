@@ -3,7 +3,8 @@
 - ``config.json``: the resolved run config, seed, package versions, command line.
 - ``results.json``: per client info, one record per round, a summary; rewritten
   atomically after every round so a crashed run still leaves what it finished.
-- ``clients/<partition id>/``: each final personalized adapter as a PEFT folder.
+- ``clients/<partition id>/``: each final personalized adapter as a PEFT folder (FedDPA: its
+  global and local adapters in ``global/`` and ``local/``).
 """
 
 from __future__ import annotations

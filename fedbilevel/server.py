@@ -154,12 +154,8 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
     finally:
         tracker.close()
     for partition_id in sorted(strategy.clients):
-        save_adapter(
-            strategy.personalized_adapter(partition_id),
-            run_dir / "clients" / str(partition_id),
-            config.model.name,
-            config.lora,
-        )
+        for folder, adapter in strategy.saved_adapters(partition_id).items():
+            save_adapter(adapter, run_dir / "clients" / str(partition_id) / folder, config.model.name, config.lora)
     log(INFO, "final personalized scores (%s):\n%s", config.strategy, recorder.table())
     log(INFO, "results: %s", run_dir / "results.json")
     return run_dir

@@ -24,10 +24,11 @@ from fedbilevel.client.ala import (
     adaptive_local_aggregation,
     remember_local,
 )
-from fedbilevel.client.evaluate import evaluate_adapter
+from fedbilevel.client.evaluate import Rows, evaluate_adapter
+from fedbilevel.client.feddpa import image_representations, score_dual, text_representations, train_local_adapter
 from fedbilevel.client.metrics import answer_text, score_answers
 from fedbilevel.client.privacy import ClientPrivacy, plan_for
-from fedbilevel.client.train import Codec, TextCodec, fit_report, proximal_term, train_adapter
+from fedbilevel.client.train import Codec, TextCodec, TrainResult, fit_report, proximal_term, train_adapter
 from fedbilevel.client.vision import ImageCodec, evaluate_classifier
 from fedbilevel.config import RunConfig
 from fedbilevel.data import load_client_data
@@ -38,6 +39,7 @@ from fedbilevel.models.adapter import build_lora_model, get_adapter_arrays, init
 from fedbilevel.models.settings import LoraSettings, ModelSettings
 from fedbilevel.models.zoo import image_preprocessor, is_image_classifier, load_tokenizer
 from fedbilevel.resources import process_memory_mb
+from fedbilevel.strategies.feddpa import DpaSettings, dual_adapter, split_adapter
 from fedbilevel.strategies.fedsa_lora import is_lora_a
 
 NODE_CONFIG_KEYS = ("device", "data-path")  # run-config keys a SuperNode's --node-config overrides
@@ -157,6 +159,8 @@ class ClientSession:
             None  # FedALA's client-side step, when the message asks for it (load_model)
         )
         self.received: dict[str, Any] = {}  # the adapter the message is about (load_model)
+        self.dpa: DpaSettings | None = None  # FedDPA's settings, when the message declares them (load_model)
+        self.local: dict[str, Any] = {}  # FedDPA: the local adapter of the message (the global one is loaded)
         self.images = isinstance(next(iter(self.data.train), None), ImageExample)
         if self.images != is_image_classifier(config.model.name):
             kind, model_kind = ("images", "a causal language model") if self.images else ("text", "an image classifier")
@@ -174,13 +178,14 @@ class ClientSession:
         """The items this client scores: its ``eval-split`` (test, or validation)."""
         return self.data.split(self.config.eval.split)
 
-    def score(self, model, tokenizer) -> dict:
-        """The model's scores on this client's ``eval-split`` (test, or validation) (the family's eval loop)."""
+    def score(self, model, tokenizer, rows: Rows | None = None) -> dict:
+        """The model's scores on this client's ``eval-split`` (test, or validation) (the family's eval loop);
+        ``rows``: entered around the model's calls on those items (FedDPA's per-item weights)."""
         settings, bf16 = self.config.eval, self.config.model.bf16_compute
         items = self.scored
         if self.images:
             return evaluate_classifier(
-                model, items, batch_size=settings.batch_size, bf16_autocast=bf16, device=model.device
+                model, items, batch_size=settings.batch_size, bf16_autocast=bf16, device=model.device, rows=rows
             )
         return evaluate_adapter(
             model,
@@ -191,6 +196,23 @@ class ClientSession:
             bf16_autocast=bf16,
             device=model.device,
             score_options=settings.option_scoring,
+            rows=rows,
+        )
+
+    def represent(self, model, tokenizer, items: list):
+        """FedDPA's representations E(x) of ``items`` (training or scored ones) under the model as it is."""
+        settings, bf16 = self.config.eval, self.config.model.bf16_compute
+        if self.images:
+            return image_representations(
+                model, items, batch_size=settings.batch_size, bf16_autocast=bf16, device=model.device
+            )
+        return text_representations(
+            model,
+            tokenizer,
+            [item.instruction for item in items],
+            batch_size=settings.batch_size,
+            bf16_autocast=bf16,
+            device=model.device,
         )
 
     def fit_training_examples(self) -> int:
@@ -228,7 +250,8 @@ class ClientSession:
         """The shared model with this client's adapter for the message (refusing a misrouted one).
 
         That is the adapter the message carries, unless the strategy declares FedALA's
-        adaptive local aggregation: then the client mixes it with its local model.
+        adaptive local aggregation: then the client mixes it with its local model. A FedDPA
+        message's global adapter is loaded and its local one kept aside (``self.local``).
         Returns (model, tokenizer, server round, metrics of the client-side step).
         """
         config = message.content.config_records[protocol.CONFIG]
@@ -242,6 +265,9 @@ class ClientSession:
         if adapter is None:
             raise MissingAdapter(config.get(protocol.ADAPTER_DIGEST))
         self.received = adapter
+        self.dpa = DpaSettings.from_config(config)
+        if self.dpa is not None:
+            adapter, self.local = split_adapter(adapter)
         model, tokenizer = _model(self.config.model, self.config.lora)
         set_adapter_arrays(model, adapter)
         server_round = int(config[protocol.SERVER_ROUND])
@@ -369,25 +395,44 @@ def make_client_app(
                 {protocol.ARRAYS: protocol.adapter_to_record(session.received), protocol.METRICS: metrics}
             )
             return Message(content, reply_to=message)
-        result = train_adapter(
-            model,
-            session.codec(tokenizer),
-            session.data.train,
-            steps=settings.local_steps,
-            batch_size=settings.batch_size,
-            learning_rate=settings.learning_rate,
-            bf16_autocast=config.model.bf16_compute,
-            device=model.device,
-            seed=_seed(config, session.partition_id, server_round),
-            extra_loss=proximal_term(model, mu) if mu > 0 else None,
-            gradient_accumulation_steps=settings.gradient_accumulation_steps,
-            lr_scheduler=settings.lr_scheduler,
-            warmup_steps=settings.warmup_steps,
-            max_grad_norm=settings.max_grad_norm,
-            gradient_checkpointing=settings.gradient_checkpointing,
-            freeze_lora_a=freeze_lora_a,
-            dp_sgd=privacy.dp_sgd() if privacy is not None else None,
-        )
+
+        def run_training() -> TrainResult:
+            """The shared loop on the model's trainable parameters, for this client and round."""
+            return train_adapter(
+                model,
+                session.codec(tokenizer),
+                session.data.train,
+                steps=settings.local_steps,
+                batch_size=settings.batch_size,
+                learning_rate=settings.learning_rate,
+                bf16_autocast=config.model.bf16_compute,
+                device=model.device,
+                seed=_seed(config, session.partition_id, server_round),
+                extra_loss=proximal_term(model, mu) if mu > 0 else None,
+                gradient_accumulation_steps=settings.gradient_accumulation_steps,
+                lr_scheduler=settings.lr_scheduler,
+                warmup_steps=settings.warmup_steps,
+                max_grad_norm=settings.max_grad_norm,
+                gradient_checkpointing=settings.gradient_checkpointing,
+                freeze_lora_a=freeze_lora_a,
+                dp_sgd=privacy.dp_sgd() if privacy is not None else None,
+            )
+
+        local, phase = session.local, {}
+        if session.dpa is not None and server_round > 1:  # FedDPA-T: the local adapter first, from round 2 on
+            local, local_result = train_local_adapter(
+                model, session.local, run_training, local_weight=session.dpa.local_weight
+            )
+            phase = {protocol.DPA_LOCAL_LOSS: local_result.loss}
+            log(
+                INFO,
+                "client %d, round %d: FedDPA's local adapter trained in %.1f s, mean loss %.4f",
+                session.partition_id,
+                server_round,
+                local_result.seconds,
+                local_result.loss,
+            )
+        result = run_training()  # FedDPA: its global adapter, alone
         log(
             INFO,
             "client %d (%s), round %d: %d steps in %.1f s, mean loss %.4f, last %.4f",
@@ -404,6 +449,7 @@ def make_client_app(
             protocol.TRAIN_LAST_LOSS: result.last_loss,
             protocol.TRAIN_SECONDS: result.seconds,
             **step,
+            **phase,
             **process_memory_mb(),
         }
         if privacy is not None:  # this round's release is counted before it is sent
@@ -411,6 +457,8 @@ def make_client_app(
             log(INFO, "client %d, round %d: %s", session.partition_id, server_round, privacy.describe())
         metrics = session.metrics(values, len(session.data.train))
         trained = get_adapter_arrays(model)
+        if session.dpa is not None:
+            trained = dual_adapter(trained, local)
         if session.ala is not None:
             remember_local(context.state, trained)
         if privacy is not None:  # dp = "update": the clipped, noised update; frozen arrays go back as received
@@ -429,7 +477,19 @@ def make_client_app(
             model, tokenizer, server_round, step = session.load_model(message, context)
         except MissingAdapter as missing:
             return missing_adapter_reply(message, session.partition_id, missing)
-        scores = session.score(model, tokenizer)
+        if session.dpa is None:
+            scores = session.score(model, tokenizer)
+        else:  # FedDPA: the global and local adapters, mixed per item
+            scores = score_dual(
+                model,
+                session.local,
+                session.dpa,
+                training=session.data.train,
+                scored=session.scored,
+                represent=lambda items: session.represent(model, tokenizer, items),
+                score=lambda rows: session.score(model, tokenizer, rows),
+                seed=_seed(session.config, session.partition_id, server_round),
+            )
         summary = ", ".join(
             f"{key} {scores[key]:.3f}" for key in ("exact_match", "rougeL", "accuracy", "macro_f1") if key in scores
         )

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from typing import TypeVar
 
 import torch
@@ -29,6 +30,8 @@ from fedbilevel.data.prompts import format_prompt
 from fedbilevel.data.types import Example
 
 T = TypeVar("T")
+# Entered around the model's calls on the evaluated items at these indices (FedDPA's per-item adapter weights).
+Rows = Callable[[range], AbstractContextManager]
 
 
 def batches(items: Sequence[T], batch_size: int) -> Iterator[Sequence[T]]:
@@ -37,6 +40,19 @@ def batches(items: Sequence[T], batch_size: int) -> Iterator[Sequence[T]]:
         raise ValueError(f"batch_size: {batch_size}; expected an integer >= 1")
     for start in range(0, len(items), batch_size):
         yield items[start : start + batch_size]
+
+
+def _in_groups(count: int, size: int, rows: Rows | None, run: Callable[[slice], list[T]]) -> list[T]:
+    """``run`` over the ``count`` items at once, or, with ``rows``, over consecutive groups of at most ``size``
+    items, each inside ``rows(their indices)``; the results concatenated."""
+    if rows is None:
+        return run(slice(0, count))
+    out: list[T] = []
+    for start in range(0, count, size):
+        part = range(start, min(start + size, count))
+        with rows(part):
+            out += run(slice(part.start, part.stop))
+    return out
 
 
 def autocast_bf16(device: torch.device | str, enabled: bool) -> torch.autocast:
@@ -326,6 +342,7 @@ def evaluate_adapter(
     device: torch.device | str = "cpu",
     score_options: bool = True,
     option_length_normalised: bool = False,
+    rows: Rows | None = None,
 ) -> dict[str, float | int | list[float]]:
     """Scores of the model's greedy answers on ``examples``, and its option accuracy.
 
@@ -350,6 +367,10 @@ def evaluate_adapter(
         (:func:`option_predictions`); one extra forward pass per batch of such items.
     option_length_normalised : bool, default False
         Rank options by mean instead of summed token log-probability (see :func:`option_scores`).
+    rows : callable, optional
+        ``indices -> context manager`` entered around the model's calls on the items at those indices
+        (FedDPA's per-item adapter weights): generation then runs ``batch_size`` items at a time and
+        option scoring one item (with all its options) at a time.
 
     Returns
     -------
@@ -379,26 +400,37 @@ def evaluate_adapter(
     """
     started = time.time()
     references = [example.output for example in examples]
-    predictions = generate_answers(
-        model,
-        tokenizer,
-        [example.instruction for example in examples],
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        bf16_autocast=bf16_autocast,
-        device=device,
+    instructions = [example.instruction for example in examples]
+    predictions = _in_groups(
+        len(examples),
+        batch_size,
+        rows,
+        lambda part: generate_answers(
+            model,
+            tokenizer,
+            instructions[part],
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            bf16_autocast=bf16_autocast,
+            device=device,
+        ),
     )
     items = score_items(predictions, references)
     scores: dict[str, float | int | list[float]] = dict(mean_scores(items))
     if score_options:
-        chosen = option_predictions(
-            model,
-            tokenizer,
-            examples,
-            batch_size=batch_size,
-            bf16_autocast=bf16_autocast,
-            device=device,
-            length_normalised=option_length_normalised,
+        chosen = _in_groups(
+            len(examples),
+            1,
+            rows,
+            lambda part: option_predictions(
+                model,
+                tokenizer,
+                examples[part],
+                batch_size=batch_size,
+                bf16_autocast=bf16_autocast,
+                device=device,
+                length_normalised=option_length_normalised,
+            ),
         )
         correct = [
             exact_match(option, reference) for option, reference in zip(chosen, references) if option is not None

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 
 from fedbilevel import protocol
-from fedbilevel.client.evaluate import autocast_bf16, batches
+from fedbilevel.client.evaluate import Rows, autocast_bf16
 from fedbilevel.client.metrics import macro_f1
 from fedbilevel.data.digits import ImageExample
 
@@ -41,12 +42,14 @@ def evaluate_classifier(
     batch_size: int,
     bf16_autocast: bool,
     device: torch.device | str = "cpu",
+    rows: Rows | None = None,
 ) -> dict[str, float | list[float]]:
     """Accuracy and macro F1 of the model's predictions on ``examples``.
 
     Returns ``accuracy``, ``macro_f1`` (over the classes present in the labels or the
     predictions), ``items-accuracy`` (1.0 / 0.0 per example, for intervals over items) and
-    ``eval-seconds``.
+    ``eval-seconds``. ``rows``, if given, is entered around each batch's forward pass with the
+    batch's indices (FedDPA's per-item adapter weights).
     """
     if not examples:
         raise ValueError("examples: a client needs at least one test example")
@@ -54,9 +57,11 @@ def evaluate_classifier(
     codec = ImageCodec()
     predictions: list[int] = []
     model.eval()
-    for chunk in batches(examples, batch_size):
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
         batch = codec.collate(codec.encode(chunk))
-        with autocast_bf16(device, bf16_autocast):
+        setting = nullcontext() if rows is None else rows(range(start, start + len(chunk)))
+        with setting, autocast_bf16(device, bf16_autocast):
             logits = model(pixel_values=batch["pixel_values"].to(device)).logits
         predictions += logits.argmax(dim=-1).tolist()
     labels = [example.label for example in examples]

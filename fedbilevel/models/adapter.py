@@ -165,12 +165,14 @@ def lora_a_frozen(model: PeftModel) -> Iterator[None]:
             parameter.requires_grad_(True)
 
 
-def get_adapter_arrays(model: PeftModel) -> dict[str, np.ndarray]:
+def get_adapter_arrays(model: PeftModel, adapter_name: str = "default") -> dict[str, np.ndarray]:
     """Copy the adapter weights out of a model.
 
     Parameters
     ----------
     model : peft.PeftModel
+    adapter_name : str, default "default"
+        Which of the model's adapters (FedDPA's client has a second one).
 
     Returns
     -------
@@ -181,7 +183,7 @@ def get_adapter_arrays(model: PeftModel) -> dict[str, np.ndarray]:
     """
     return {
         name: tensor.detach().to("cpu", torch.float32).numpy().copy()
-        for name, tensor in get_peft_model_state_dict(model).items()
+        for name, tensor in get_peft_model_state_dict(model, adapter_name=adapter_name).items()
     }
 
 
@@ -200,7 +202,7 @@ def adapter_parameters(model: PeftModel) -> dict[str, torch.nn.Parameter]:
     return parameters
 
 
-def set_adapter_arrays(model: PeftModel, arrays: Mapping[str, np.ndarray]) -> None:
+def set_adapter_arrays(model: PeftModel, arrays: Mapping[str, np.ndarray], adapter_name: str = "default") -> None:
     """Load adapter weights into a model, in place.
 
     Parameters
@@ -208,6 +210,8 @@ def set_adapter_arrays(model: PeftModel, arrays: Mapping[str, np.ndarray]) -> No
     model : peft.PeftModel
     arrays : mapping of str to numpy.ndarray
         Exactly the names and shapes returned by :func:`get_adapter_arrays`.
+    adapter_name : str, default "default"
+        Which of the model's adapters.
 
     Raises
     ------
@@ -215,11 +219,11 @@ def set_adapter_arrays(model: PeftModel, arrays: Mapping[str, np.ndarray]) -> No
         If a name is missing or unknown, or a shape differs; the message names
         the first offending key with the shape it got and the one expected.
     """
-    expected = get_peft_model_state_dict(model)
+    expected = get_peft_model_state_dict(model, adapter_name=adapter_name)
     _check_arrays(arrays, {name: tuple(tensor.shape) for name, tensor in expected.items()})
     # torch.tensor copies, so read-only buffers (e.g. from Flower messages) are fine.
     state = {name: torch.tensor(np.asarray(arrays[name]), dtype=tensor.dtype) for name, tensor in expected.items()}
-    result = set_peft_model_state_dict(model, state)
+    result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
     # peft renames keys internally; make sure every tensor found its parameter.
     if result.unexpected_keys:
         raise ValueError(f"peft could not place adapter tensors {result.unexpected_keys[:3]}")

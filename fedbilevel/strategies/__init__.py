@@ -18,6 +18,7 @@ from fedbilevel.strategies.fedala import FedAla
 from fedbilevel.strategies.fedamp import FedAmp
 from fedbilevel.strategies.fedavg import FedAvg
 from fedbilevel.strategies.fedbip import FedBip
+from fedbilevel.strategies.feddpa import FedDpa
 from fedbilevel.strategies.fedprox import FedProx
 from fedbilevel.strategies.fedsa_lora import FedSaLora
 from fedbilevel.strategies.ffa_lora import FfaLora
@@ -114,6 +115,11 @@ def _fedsa_lora(config: RunConfig, **common: Any) -> Strategy:
 @register("ffa-lora")
 def _ffa_lora(config: RunConfig, **common: Any) -> Strategy:
     return FfaLora(**common)
+
+
+@register("feddpa")
+def _feddpa(config: RunConfig, **common: Any) -> Strategy:
+    return FedDpa(settings=config.feddpa, **common)
 
 
 @register("cluster-oracle")

@@ -196,6 +196,14 @@ class PersonalizedStrategy(Strategy):
         """
         return self.adapter_for(partition_id)
 
+    def saved_adapters(self, partition_id: int) -> dict[str, Adapter]:
+        """What is saved for the client at the end: sub-folder of its folder ("": the folder itself) -> adapter.
+
+        Its personalized adapter, unless a strategy's personalized model is more than one adapter
+        (FedDPA's global and local adapters).
+        """
+        return {"": self.personalized_adapter(partition_id)}
+
     # ------------------------------------------------------------------ Flower hooks
 
     def start(self, grid: Grid, *args: Any, timeout: float = 3600, **kwargs: Any):

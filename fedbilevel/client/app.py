@@ -24,6 +24,7 @@ from fedbilevel.client.ala import (
     adaptive_local_aggregation,
     remember_local,
 )
+from fedbilevel.client.cross import other_task_scores
 from fedbilevel.client.evaluate import evaluate_adapter
 from fedbilevel.client.metrics import answer_text, score_answers
 from fedbilevel.client.privacy import ClientPrivacy, plan_for
@@ -174,10 +175,11 @@ class ClientSession:
         """The items this client scores: its ``eval-split`` (test, or validation)."""
         return self.data.split(self.config.eval.split)
 
-    def score(self, model, tokenizer) -> dict:
-        """The model's scores on this client's ``eval-split`` (test, or validation) (the family's eval loop)."""
+    def score(self, model, tokenizer, items: list | None = None) -> dict:
+        """The model's scores on this client's ``eval-split`` (test, or validation), or on ``items`` (the family's
+        eval loop)."""
         settings, bf16 = self.config.eval, self.config.model.bf16_compute
-        items = self.scored
+        items = self.scored if items is None else items
         if self.images:
             return evaluate_classifier(
                 model, items, batch_size=settings.batch_size, bf16_autocast=bf16, device=model.device
@@ -430,6 +432,9 @@ def make_client_app(
         except MissingAdapter as missing:
             return missing_adapter_reply(message, session.partition_id, missing)
         scores = session.score(model, tokenizer)
+        if message.content.config_records[protocol.CONFIG].get(protocol.CROSS_TASK):  # eval-cross: the other tasks
+            score = functools.partial(session.score, model, tokenizer)
+            scores.update(other_task_scores(score, session.config, session.partition_id, session.num_partitions))
         summary = ", ".join(
             f"{key} {scores[key]:.3f}" for key in ("exact_match", "rougeL", "accuracy", "macro_f1") if key in scores
         )

@@ -675,7 +675,6 @@ def plot_cross_task(cross: Mapping[str, Any], metric: str, title: str, path: Pat
         ``path``.
     """
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
 
     tasks, rows = cross["tasks"], cross["scores"][metric]
     matrix = np.array([[np.nan] * len(tasks) if row is None else row for row in rows], dtype=float)
@@ -689,7 +688,9 @@ def plot_cross_task(cross: Mapping[str, Any], metric: str, title: str, path: Pat
                 j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if value < 0.5 else "black"
             )
     for i, task in enumerate(cross["client_tasks"]):
-        ax.add_patch(Rectangle((tasks.index(task) - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
+        ax.add_patch(
+            plt.Rectangle((tasks.index(task) - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5)
+        )
     ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.set_xlabel("task of the items scored")

@@ -39,14 +39,15 @@ def task_order(clients: Mapping[int, Mapping[str, Any]]) -> list[str]:
 
 
 def check_cross_scores(
-    cross: Mapping[str, Any], partition_id: int, clients: Mapping[int, Mapping[str, Any]]
+    metrics: Mapping[str, Any], partition_id: int, clients: Mapping[int, Mapping[str, Any]]
 ) -> dict[str, list]:
     """The per-partition lists of a reply's cross-task part, if they may be used.
 
     Parameters
     ----------
-    cross : mapping
-        The reply's ``cross-`` metrics (:func:`split_cross`; finite, as :func:`check_reply` checked).
+    metrics : mapping
+        The reply's metrics (finite, as :func:`~fedbilevel.strategies.replies.check_reply` checked): its
+        ordinary scores and its ``cross-`` part.
     partition_id : int
         The client that replied.
     clients : mapping of int to mapping
@@ -61,11 +62,16 @@ def check_cross_scores(
     Raises
     ------
     RejectedReply
-        If a list is missing or has another length than the client's ``num-partitions``, a started
-        partition of another task was scored on a number of items other than its owner's
-        ``num-test`` or from data whose digest is not its owner's ``data-digest``, a partition of the
-        client's own task was scored, or a score lies outside [0, 1].
+        If an ordinary text score (the own-task entry) is missing, a list is missing or has another
+        length than the client's ``num-partitions``, a started partition of another task was scored on
+        a number of items other than its owner's ``num-test`` or from data whose digest is not its
+        owner's ``data-digest``, a partition of the client's own task was scored, or a score lies
+        outside [0, 1].
     """
+    missing = [name for name in protocol.TEXT_METRICS if name not in metrics]
+    if missing:
+        raise RejectedReply(f"cross-task scores: no '{missing[0]}' score on its own task")
+    _, cross = split_cross(metrics)
     size = clients[partition_id].get(protocol.NUM_PARTITIONS)
     for key in CROSS_LISTS:
         value = cross.get(key)

@@ -237,7 +237,7 @@ class RoundLog:
         for partition_id, metrics in replied.items():
             ordinary[partition_id], cross = split_cross(metrics)
             try:
-                lists = check_cross_scores(cross, partition_id, clients)
+                lists = check_cross_scores(metrics, partition_id, clients)
             except RejectedReply as error:
                 self.note_rejected("cross-task", node_of.get(partition_id), partition_id, error)
                 continue

@@ -652,7 +652,7 @@ def plot_similarity(run: Run, path: Path) -> Path:
     return path
 
 
-def plot_cross_task(cross: Mapping[str, Any], metric: str, title: str, path: Path) -> Path:
+def plot_cross_task(cross: Mapping[str, Any], metric: str, title: str, path: Path, *, split: str = "test") -> Path:
     """Heatmap of a cross-task matrix (eval-cross): clients (rows, ordered by task) × tasks (columns).
 
     Values are written in the cells, each client's own-task cell is outlined, a client without
@@ -668,6 +668,8 @@ def plot_cross_task(cross: Mapping[str, Any], metric: str, title: str, path: Pat
         The figure's first title line (e.g. the run's label and seed).
     path : Path
         Where the PNG goes.
+    split : str, default "test"
+        What the clients scored (``eval-split``), named in the title.
 
     Returns
     -------
@@ -679,7 +681,8 @@ def plot_cross_task(cross: Mapping[str, Any], metric: str, title: str, path: Pat
     tasks, rows = cross["tasks"], cross["scores"][metric]
     matrix = np.array([[np.nan] * len(tasks) if row is None else row for row in rows], dtype=float)
     names = [f"{client} {task}" for client, task in zip(cross["clients"], cross["client_tasks"])]
-    figure, ax = plt.subplots(figsize=(0.9 * len(tasks) + 3.5, 0.45 * len(names) + 2.5), constrained_layout=True)
+    size = (max(0.9 * len(tasks) + 3.5, 7.0), 0.45 * len(names) + 2.8)
+    figure, ax = plt.subplots(figsize=size, constrained_layout=True)
     ax.set_facecolor("0.85")  # grey where a client has no cross-task scores (NaN cells are not drawn)
     image = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=1, aspect="auto")
     for (i, j), value in np.ndenumerate(matrix):
@@ -699,7 +702,12 @@ def plot_cross_task(cross: Mapping[str, Any], metric: str, title: str, path: Pat
     means = ", ".join(
         f"{what} {value:.3f}" for what, value in (("own task", own), ("other tasks", other)) if value is not None
     )
-    ax.set_title(f"{title}\n{METRIC_LABELS[metric]}; outlined: own task (own items); means: {means}", fontsize=9)
+    ax.set_title(
+        f"{title}\n{METRIC_LABELS[metric]} of each client's final adapter on each task's {split} items\n"
+        f"outlined: its own task (its own items); means over clients: {means}"
+        + ("; grey: no usable scores" if any(row is None for row in rows) else ""),
+        fontsize=9,
+    )
     figure.colorbar(image, ax=ax, shrink=0.8, label=METRIC_LABELS[metric])
     figure.savefig(path, dpi=130)
     plt.close(figure)
@@ -716,8 +724,7 @@ def write_plots(runs: Sequence[Run], out: Path) -> list[Path]:
             paths.append(plot_similarity(group[0], out / f"similarity_{strategy}.png"))
         cross = cross_task_of(group[0])
         if cross is not None:
-            title = (
-                f"{strategy}, seed {group[0].seed}: each client's final adapter on each task's {group[0].split} items"
-            )
-            paths.append(plot_cross_task(cross, group[0].primary_metric, title, out / f"cross_task_{strategy}.png"))
+            path = out / f"cross_task_{strategy}.png"
+            title = f"{strategy}, seed {group[0].seed}"
+            paths.append(plot_cross_task(cross, group[0].primary_metric, title, path, split=group[0].split))
     return paths

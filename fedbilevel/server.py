@@ -178,10 +178,8 @@ def write_cross_task_plot(recorder: RunRecorder, run_dir: Path) -> None:
         log(WARNING, "eval-cross: no client sent usable cross-task scores in the final round (see its failures)")
         return
     config = recorder.config
-    title = (
-        f"{config.strategy}, seed {config.seed}: each client's final adapter on each task's {config.eval.split} items"
-    )
-    path = plot_cross_task(cross, recorder.primary_metric, title, run_dir / "cross_task.png")
+    title = f"{config.strategy}, seed {config.seed}"
+    path = plot_cross_task(cross, recorder.primary_metric, title, run_dir / "cross_task.png", split=config.eval.split)
     log(INFO, "cross-task heatmap: %s", path)
 
 

@@ -155,6 +155,8 @@ class CrossClient(FakeClient):
             metrics[protocol.CROSS_DIGESTS] = [p + 99 for p in range(self.SIZE)]
         if self.cross == "miscount":  # not the items the owner scores
             metrics[protocol.CROSS_ITEMS] = [2 if p in other else 0 for p in range(self.SIZE)]
+        if self.cross == "range":
+            metrics["cross-rouge1"] = [1.5] * self.SIZE
         if self.cross == "nan":
             metrics["cross-exact_match"] = [math.nan] * self.SIZE
         return reply
@@ -176,7 +178,7 @@ def test_final_round_matrix_and_unusable_cross_task_parts_are_recorded_failures(
     reasons = {(f["phase"], f["partition_id"]): f["reason"] for f in final["failures"]}
     assert set(reasons) == {("cross-task", 1), ("cross-task", 2), ("evaluate", 3)}
     assert "'cross-items' is 3 entries; expected one entry per partition (4)" in reasons[("cross-task", 1)]
-    assert "partition 0's data as loaded here differs from its owner's" in reasons[("cross-task", 2)]
+    assert "partition 0's data as this client loaded it differs from its owner's" in reasons[("cross-task", 2)]
     assert "metric 'cross-exact_match'" in reasons[("evaluate", 3)]  # NaN: the whole reply is refused
     # Ordinary scores of the clients whose cross-task part was refused still count, without cross- keys.
     assert set(final["eval"]) == {"0", "1", "2"}
@@ -190,16 +192,18 @@ def test_final_round_matrix_and_unusable_cross_task_parts_are_recorded_failures(
 
 
 @pytest.mark.usefixtures("server_identity")
-def test_miscounted_or_missing_cross_task_scores_are_refused():
-    clients = {0: CrossClient(0, "miscount"), 1: CrossClient(1), 2: CrossClient(2, "none"), 3: CrossClient(3)}
+def test_miscounted_missing_or_impossible_cross_task_scores_are_refused():
+    behaviour = {0: "miscount", 1: "good", 2: "none", 3: "range"}
+    clients = {p: CrossClient(p, behaviour[p]) for p in range(4)}
     records: list = []
     strategy = FedAvg(initial_adapter=INITIAL, min_nodes=4, on_round_end=records.append, evaluate_cross=bool)
     strategy.start(FakeGrid({80 + p: c for p, c in clients.items()}), ArrayRecord(), num_rounds=1)
     (record,) = records
     reasons = {f["partition_id"]: f["reason"] for f in record["failures"]}
     assert reasons[0] == "cross-task scores: 2 items of partition 2 (task1) scored; expected 3"
-    assert reasons[2] == "cross-task scores: 'cross-items' is None; expected one entry per partition (4)"
-    assert [row is None for row in record["cross_task"]["items"]] == [True, False, True, False]
+    assert reasons[2] == "cross-task scores: none in the reply; the evaluate message asked for them"
+    assert reasons[3] == "cross-task scores: rouge1 1.5 on partition 0; expected a score in [0, 1]"
+    assert [row is None for row in record["cross_task"]["items"]] == [True, False, True, True]
 
 
 # ---------------------------------------------------------------- own/other means in the tables
@@ -293,7 +297,6 @@ def test_comparison_tables_show_own_and_other_task_means_over_seeds(tmp_path):
 # ---------------------------------------------------------------- end to end
 
 
-@pytest.mark.xdist_group("simulated-runs")
 def test_a_simulated_run_records_the_matrix_and_draws_its_heatmap(tmp_path):
     _, run_dir = simulate(tmp_path, strategy="fedbip", **{"eval-cross": True})
     results = json.loads((run_dir / "results.json").read_text())

@@ -40,7 +40,7 @@ def task_order(clients: Mapping[int, Mapping[str, Any]]) -> list[str]:
 
 def check_cross_scores(
     metrics: Mapping[str, Any], partition_id: int, clients: Mapping[int, Mapping[str, Any]]
-) -> dict[str, list]:
+) -> dict[str, Any]:
     """The per-partition lists of a reply's cross-task part, if they may be used.
 
     Parameters
@@ -56,22 +56,27 @@ def check_cross_scores(
 
     Returns
     -------
-    dict[str, list]
-        The lists of :data:`CROSS_LISTS`, each with one entry per partition.
+    dict[str, list or float]
+        The lists of :data:`CROSS_LISTS`, each with one entry per partition, and ``cross-seconds``.
 
     Raises
     ------
     RejectedReply
-        If an ordinary text score (the own-task entry) is missing, a list is missing or has another
-        length than the client's ``num-partitions``, a started partition of another task was scored on
-        a number of items other than its owner's ``num-test`` or from data whose digest is not its
-        owner's ``data-digest``, a partition of the client's own task was scored, or a score lies
-        outside [0, 1].
+        If the reply has no cross-task part, an ordinary text score (the own-task entry) or
+        ``cross-seconds`` is missing, a list is missing or has another length than the client's
+        ``num-partitions``, a started partition of another task was scored on a number of items other
+        than its owner's ``num-test`` or from data whose digest is not its owner's ``data-digest``, a
+        partition of the client's own task was scored, or a score lies outside [0, 1].
     """
     missing = [name for name in protocol.TEXT_METRICS if name not in metrics]
     if missing:
         raise RejectedReply(f"cross-task scores: no '{missing[0]}' score on its own task")
     _, cross = split_cross(metrics)
+    if not cross:
+        raise RejectedReply("cross-task scores: none in the reply; the evaluate message asked for them")
+    seconds = cross.get(protocol.CROSS_SECONDS)
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise RejectedReply(f"cross-task scores: '{protocol.CROSS_SECONDS}' is {seconds!r}; expected a number")
     size = clients[partition_id].get(protocol.NUM_PARTITIONS)
     for key in CROSS_LISTS:
         value = cross.get(key)
@@ -88,8 +93,8 @@ def check_cross_scores(
             digest = info.get(protocol.DATA_DIGEST)
             if digest is not None and cross[protocol.CROSS_DIGESTS][partition] != protocol.digest_number(digest):
                 raise RejectedReply(
-                    f"cross-task scores: partition {partition}'s data as loaded here differs from its owner's "
-                    f"(data-digest {digest}); expected the same data-path, seed and data settings"
+                    f"cross-task scores: partition {partition}'s data as this client loaded it differs from its "
+                    f"owner's (data-digest {digest}); expected the same data-path, seed and data settings"
                 )
         if items[partition] != expected:
             raise RejectedReply(
@@ -103,7 +108,7 @@ def check_cross_scores(
             raise RejectedReply(
                 f"cross-task scores: {name} {values[outside]!r} on partition {outside}; expected a score in [0, 1]"
             )
-    return {key: list(cross[key]) for key in CROSS_LISTS}
+    return {**{key: list(cross[key]) for key in CROSS_LISTS}, protocol.CROSS_SECONDS: float(seconds)}
 
 
 def cross_task_row(

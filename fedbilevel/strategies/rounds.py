@@ -235,14 +235,14 @@ class RoundLog:
         ordinary: dict[int, dict[str, Any]] = {}
         rows = {}
         for partition_id, metrics in replied.items():
-            ordinary[partition_id], cross = split_cross(metrics)
+            ordinary[partition_id], _ = split_cross(metrics)
             try:
                 lists = check_cross_scores(metrics, partition_id, clients)
             except RejectedReply as error:
                 self.note_rejected("cross-task", node_of.get(partition_id), partition_id, error)
                 continue
             scores, counts = cross_task_row(lists, metrics, partition_id, tasks, clients)
-            rows[partition_id] = (scores, counts, float(cross[protocol.CROSS_SECONDS]))
+            rows[partition_id] = (scores, counts, lists[protocol.CROSS_SECONDS])
         self.record["cross_task"] = cross_task_record(rows, clients)
         return ordinary
 

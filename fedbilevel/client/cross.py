@@ -31,7 +31,7 @@ Scorer = Callable[[Sequence[Example]], Mapping[str, Any]]
 
 
 @functools.lru_cache(maxsize=1)
-def federation(data: DataSettings, seed: int, num_partitions: int) -> tuple[ClientData, ...]:
+def all_partitions(data: DataSettings, seed: int, num_partitions: int) -> tuple[ClientData, ...]:
     """Every partition of the federation, loaded as its owner loads it (text data: no preprocessing).
 
     Cached: the clients that one simulation process runs share one copy.
@@ -47,7 +47,7 @@ def other_task_items(
     Parameters
     ----------
     partitions : sequence of ClientData
-        The federation, indexed by partition id (:func:`federation`).
+        The federation, indexed by partition id (:func:`all_partitions`).
     partition_id : int
         The scoring client.
     split : str
@@ -117,7 +117,7 @@ def other_task_scores(score: Scorer, config: RunConfig, partition_id: int, num_p
         one entry per partition (see :mod:`fedbilevel.protocol`), and ``cross-seconds`` (float).
     """
     started = time.time()
-    partitions = federation(config.data, config.seed, num_partitions)
+    partitions = all_partitions(config.data, config.seed, num_partitions)
     scored = other_task_items(partitions, partition_id, config.eval.split)
     items = [item for _, chunk in scored for item in chunk]
     out: dict[str, Any] = per_partition(score(items) if items else {}, scored, num_partitions)

@@ -219,10 +219,24 @@ def _bootstrap(per_run: list[list[np.ndarray]], *, samples: int, seed: int, leve
     return float(low), float(high)
 
 
+def cross_task_of(run: Run) -> dict[str, Any] | None:
+    """The last evaluated round's cross-task matrix (eval-cross), or None if it has none or no client's row."""
+    cross = run.last.get("cross_task")
+    if cross is None or all(row is None for row in cross["items"]):
+        return None
+    return cross
+
+
 def summary_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
     """Per strategy: mean and std over seeds of the personalized scores, last and best round,
-    and a 95% bootstrap interval (seeds and test items) of the last round's primary metric."""
+    and a 95% bootstrap interval (seeds and test items) of the last round's primary metric.
+
+    When any run has cross-task scores (eval-cross), also the seeds that have them (``cross_seeds``)
+    and the mean and std over those seeds of the primary metric's own-task and other-task means
+    (``cross_own_*``, ``cross_other_*``; NaN for a strategy without any).
+    """
     rows = []
+    cross = any(cross_task_of(run) for run in runs)
     for strategy, group in group_by_label(runs).items():
         row: dict[str, Any] = {"strategy": strategy, "settings": group[0].settings, "seeds": _seeds(group)}
         for when in ("last", "best"):
@@ -233,8 +247,23 @@ def summary_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
         row["last_primary_ci_low"], row["last_primary_ci_high"] = interval if interval else (math.nan, math.nan)
         row["best_round_mean"] = float(np.mean([r.best["round"] for r in group]))
         row["minutes_mean"] = float(np.mean([r.seconds for r in group])) / 60
+        if cross:
+            row.update(_cross_task_columns(group))
         rows.append(row)
     return rows
+
+
+def _cross_task_columns(group: Sequence[Run]) -> dict[str, Any]:
+    """The summary row's cross-task columns for one strategy's runs (see :func:`summary_rows`)."""
+    with_cross = [run for run in group if cross_task_of(run)]
+    primary = group[0].primary_metric
+    columns: dict[str, Any] = {"cross_seeds": _seeds(with_cross)}
+    for which in ("own", "other"):
+        values = [cross_task_of(run)[f"{which}_task_mean"][primary] for run in with_cross]
+        values = [value for value in values if value is not None]  # other: None with a single task
+        mean, std = _mean_std(values) if values else (math.nan, math.nan)
+        columns[f"cross_{which}_{primary}_mean"], columns[f"cross_{which}_{primary}_std"] = mean, std
+    return columns
 
 
 def per_client_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
@@ -372,6 +401,25 @@ def markdown(runs: Sequence[Run]) -> str:
             + " | ".join(cells)
             + f" | {ci} | {row['best_round_mean']:.1f} | {row['minutes_mean']:.1f} |"
         )
+    if "cross_seeds" in summary[0]:
+        lines += [
+            "",
+            f"Cross-task evaluation (eval-cross), {METRIC_LABELS[primary]} of each client's final adapter on each "
+            f"task's {split} items: *own task*, the mean over clients of their own task's entry (their own items); "
+            "*other tasks*, the mean over clients of the mean over the other tasks' entries (mean ± std over the "
+            "seeds with cross-task scores):",
+            "",
+            "| strategy | seeds | own task | other tasks |",
+            "|---|---|---|---|",
+        ]
+        for row in summary:
+            cells = [
+                "–"
+                if math.isnan(row[f"cross_{w}_{primary}_mean"])
+                else _format(row[f"cross_{w}_{primary}_mean"], row[f"cross_{w}_{primary}_std"])
+                for w in ("own", "other")
+            ]
+            lines.append(f"| {row['strategy']} | {row['cross_seeds'] or '–'} | " + " | ".join(cells) + " |")
     groups = group_by_label(runs)
     if REFERENCE in groups:
         header = (
@@ -604,11 +652,79 @@ def plot_similarity(run: Run, path: Path) -> Path:
     return path
 
 
+def plot_cross_task(cross: Mapping[str, Any], metric: str, title: str, path: Path, *, split: str = "test") -> Path:
+    """Heatmap of a cross-task matrix (eval-cross): clients (rows, ordered by task) × tasks (columns).
+
+    Values are written in the cells, each client's own-task cell is outlined, a client without
+    cross-task scores is a grey row; the colour scale is the metric's [0, 1].
+
+    Parameters
+    ----------
+    cross : mapping
+        A round record's ``cross_task`` entry (:func:`fedbilevel.strategies.cross_task.cross_task_record`).
+    metric : str
+        The score shown (a key of its ``scores``).
+    title : str
+        The figure's first title line (e.g. the run's label and seed).
+    path : Path
+        Where the PNG goes.
+    split : str, default "test"
+        What the clients scored (``eval-split``), named in the title.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    import matplotlib.pyplot as plt
+
+    tasks, rows = cross["tasks"], cross["scores"][metric]
+    matrix = np.array([[np.nan] * len(tasks) if row is None else row for row in rows], dtype=float)
+    names = [f"{client} {task}" for client, task in zip(cross["clients"], cross["client_tasks"])]
+    size = (max(0.9 * len(tasks) + 3.5, 7.0), 0.45 * len(names) + 2.8)
+    figure, ax = plt.subplots(figsize=size, constrained_layout=True)
+    ax.set_facecolor("0.85")  # grey where a client has no cross-task scores (NaN cells are not drawn)
+    image = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    for (i, j), value in np.ndenumerate(matrix):
+        if not np.isnan(value):
+            ax.text(
+                j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if value < 0.5 else "black"
+            )
+    for i, task in enumerate(cross["client_tasks"]):
+        ax.add_patch(
+            plt.Rectangle((tasks.index(task) - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5)
+        )
+    ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_xlabel("task of the items scored")
+    ax.set_ylabel("client (its own task)")
+    own, other = cross["own_task_mean"][metric], cross["other_task_mean"][metric]
+    means = ", ".join(
+        f"{what} {value:.3f}" for what, value in (("own task", own), ("other tasks", other)) if value is not None
+    )
+    ax.set_title(
+        f"{title}\n{METRIC_LABELS[metric]} of each client's final adapter on each task's {split} items\n"
+        f"outlined: its own task (its own items); means over clients: {means}"
+        + ("; grey: no usable scores" if any(row is None for row in rows) else ""),
+        fontsize=9,
+    )
+    figure.colorbar(image, ax=ax, shrink=0.8, label=METRIC_LABELS[metric])
+    figure.savefig(path, dpi=130)
+    plt.close(figure)
+    return path
+
+
 def write_plots(runs: Sequence[Run], out: Path) -> list[Path]:
-    """scores_per_round.png, per_client.png and similarity_<strategy>.png (first seed) in ``out``."""
+    """scores_per_round.png, per_client.png, similarity_<strategy>.png and, for runs with eval-cross,
+    cross_task_<strategy>.png (first seed) in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [plot_scores_per_round(runs, out / "scores_per_round.png"), plot_per_client(runs, out / "per_client.png")]
     for strategy, group in group_by_label(runs).items():
         if any("similarity" in r for r in group[0].rounds):
             paths.append(plot_similarity(group[0], out / f"similarity_{strategy}.png"))
+        cross = cross_task_of(group[0])
+        if cross is not None:
+            path = out / f"cross_task_{strategy}.png"
+            title = f"{strategy}, seed {group[0].seed}"
+            paths.append(plot_cross_task(cross, group[0].primary_metric, title, path, split=group[0].split))
     return paths

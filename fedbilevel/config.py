@@ -155,6 +155,14 @@ class EvalSettings:
         "the split clients score (and the majority baseline is measured on): `test`, or `validation` (the items "
         "`val-fraction` holds out of training: for tuning, scripts/tune.py; needs `val-fraction` > 0)",
     )
+    cross: bool = option(
+        "eval-cross",
+        False,
+        boolean,
+        "cross-task evaluation (FedDPA's test-time personalization): the final round also scores each client's "
+        "adapter on the other tasks' `eval-split` items, those their own clients score (`cross_task` in the round's "
+        "record, `cross_task.png`); costs about tasks − 1 more evaluations per client; needs a task per client",
+    )
 
     def __post_init__(self) -> None:
         validate(self)
@@ -221,6 +229,14 @@ class RunConfig:
             raise options.not_allowed(
                 "eval-split", "validation", "with val-fraction = 0 there is no validation split: set val-fraction > 0"
             )
+        missing = self.data.without_tasks() if self.eval.cross else None
+        if missing:
+            raise options.not_allowed(
+                "eval-cross",
+                True,
+                f"{missing}; cross-task evaluation needs one task per client: data='synthetic' with "
+                "synthetic-split='task', data='flan-json', or text data='hub' with partitioner='natural'",
+            )
         self.privacy.check_with(
             precision=self.model.precision,
             gradient_checkpointing=self.train.gradient_checkpointing,
@@ -251,6 +267,11 @@ class RunConfig:
         if server_round == self.num_server_rounds:
             return True
         return self.eval.every > 0 and server_round % self.eval.every == 0
+
+    def cross_evaluates_in_round(self, server_round: int) -> bool:
+        """With ``eval-cross``, the final round only: cross-task evaluation costs about tasks − 1 more
+        evaluations per client, and the final adapters are the ones a client would deploy."""
+        return self.eval.cross and server_round == self.num_server_rounds
 
 
 # run-config key -> its field, over every component, in declaration order (pyproject's and config.json's).

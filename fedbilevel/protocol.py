@@ -27,6 +27,15 @@ Client -> server: ``arrays`` (train only) and ``metrics``: ``partition-id``, ``n
 ``ala-epochs`` and, when the mixing weights were learned, ``ala-loss`` and ``ala-mean-weight``. With
 FedDPA train replies add ``feddpa-local-loss`` (once its local adapter trains) and evaluate replies
 ``feddpa-mean-weight``.
+
+Cross-task evaluation (``eval-cross``): the final round's evaluate messages carry ``cross-task`` =
+True in their config; the client then also scores its adapter on every partition of another task
+and adds one list per value, each with one entry per partition (``num-partitions`` entries, in
+partition order): ``cross-items`` (items scored: the partition's ``eval-split`` items; 0 for the
+partitions of its own task, itself included, which it does not score again), ``cross-digests``
+(:func:`digest_number` of the partition's data digest as it loaded it: the server compares it with
+the owner's ``data-digest``), ``cross-<score>`` per text score (mean over those items; 0.0 where
+none), and the scalar ``cross-seconds``.
 """
 
 from __future__ import annotations
@@ -69,6 +78,13 @@ MAJORITY_EXACT_MATCH = "majority-exact-match"
 NUM_TRUNCATED = "num-truncated"  # training examples whose instruction is cut to fit max-seq-len
 DATA_DIGEST = "data-digest"  # of the partition's examples: a resumed run must see the same data
 START_ERROR = "start-error"  # why the client cannot start (e.g. its data failed to load), in one line
+
+# Cross-task evaluation (eval-cross): the evaluate config's flag, and the reply's per-partition lists.
+CROSS_TASK = "cross-task"
+CROSS_PREFIX = "cross-"  # reply metrics: cross-items, cross-digests, cross-<score>, cross-seconds
+CROSS_ITEMS = "cross-items"
+CROSS_DIGESTS = "cross-digests"
+CROSS_SECONDS = "cross-seconds"
 
 # Client-side steps a strategy declares in the train / evaluate config.
 PROXIMAL_MU = "proximal-mu"  # μ of the proximal term μ/2 ‖θ − θ_received‖² (FedProx; FedAMP's λ)
@@ -167,6 +183,22 @@ def adapter_digest(adapter: Mapping[str, np.ndarray]) -> str:
         digest.update(f"{name}\x1f{array.dtype}\x1f{array.shape}\x1e".encode())
         digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()[:16]
+
+
+def digest_number(digest: str) -> int:
+    """The first 48 bits of a hex digest (e.g. a ``data-digest``) as an int: a MetricRecord holds numbers only.
+
+    Parameters
+    ----------
+    digest : str
+        Hexadecimal, at least 12 characters.
+
+    Returns
+    -------
+    int
+        In [0, 2⁴⁸): exact in an int64 and in a float64.
+    """
+    return int(digest[:12], 16)
 
 
 def adapter_to_record(adapter: Mapping[str, np.ndarray]) -> ArrayRecord:

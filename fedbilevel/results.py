@@ -204,4 +204,50 @@ class RunRecorder:
             )
         mean = last["personalized_mean"]
         lines.append("| mean | | | | " + " | ".join(f"{mean[m]:.3f}" for m in self.metrics) + " |")
+        if "cross_task" in last:
+            lines += ["", cross_task_table(last["cross_task"], self.primary_metric, self.config.eval.split)]
         return "\n".join(lines)
+
+
+def _cell(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def cross_task_table(cross: Mapping[str, Any], metric: str, split: str) -> str:
+    """A round's cross-task matrix (eval-cross) as a Markdown table, with each client's own-task and
+    other-task scores and their means over clients.
+
+    Parameters
+    ----------
+    cross : mapping
+        The round record's ``cross_task`` entry (:func:`fedbilevel.strategies.cross_task.cross_task_record`).
+    metric : str
+        The score shown (the run's primary metric).
+    split : str
+        What the clients score (``eval-split``), named in the heading.
+
+    Returns
+    -------
+    str
+        A heading line, then one row per client (ordered by task; "–" where it has no scores) and a
+        mean row.
+    """
+    tasks = cross["tasks"]
+    lines = [
+        f"Cross-task {METRIC_LABELS[metric]}: each client's adapter on each task's {split} items (its own task: "
+        "its own items, as above); *other tasks*: the mean over the other tasks' columns:",
+        "",
+        "| client | task | " + " | ".join(tasks) + " | own task | other tasks |",
+        "|---|---|" + "---|" * (len(tasks) + 2),
+    ]
+    for client, task, row in zip(cross["clients"], cross["client_tasks"], cross["scores"][metric]):
+        if row is None:
+            cells = ["–"] * (len(tasks) + 2)
+        else:
+            own = tasks.index(task)
+            others = [value for k, value in enumerate(row) if k != own]
+            cells = [_cell(value) for value in row] + [_cell(row[own]), _cell(np.mean(others) if others else None)]
+        lines.append(f"| {client} | {task} | " + " | ".join(cells) + " |")
+    own_mean, other_mean = cross["own_task_mean"][metric], cross["other_task_mean"][metric]
+    lines.append("| mean | |" + " |" * len(tasks) + f" {_cell(own_mean)} | {_cell(other_mean)} |")
+    return "\n".join(lines)

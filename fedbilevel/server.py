@@ -15,6 +15,7 @@ from flwr.supercore import log
 
 from fedbilevel import logs, protocol
 from fedbilevel.checkpoint import STORE, load_checkpoint, save_checkpoint
+from fedbilevel.comparison import plot_cross_task
 from fedbilevel.config import RESUMABLE_KEYS, ConfigError, RunConfig
 from fedbilevel.models.adapter import initial_adapter_arrays, save_adapter
 from fedbilevel.models.zoo import model_digest
@@ -131,6 +132,7 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
         on_round_end=on_round_end,
         evaluate_round=config.evaluates_in_round,
         evaluate_global=config.eval.include_global,
+        evaluate_cross=config.cross_evaluates_in_round,
     )
     strategy.store.attach(run_dir / STORE)
     if resumed:
@@ -157,8 +159,24 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
         for folder, adapter in strategy.saved_adapters(partition_id).items():
             save_adapter(adapter, run_dir / "clients" / str(partition_id) / folder, config.model.name, config.lora)
     log(INFO, "final personalized scores (%s):\n%s", config.strategy, recorder.table())
+    if config.eval.cross:
+        write_cross_task_plot(recorder, run_dir)
     log(INFO, "results: %s", run_dir / "results.json")
     return run_dir
+
+
+def write_cross_task_plot(recorder: RunRecorder, run_dir: Path) -> None:
+    """``cross_task.png`` in the run folder: the final round's cross-task matrix (eval-cross), or a warning
+    saying why there is none."""
+    final = recorder.results["rounds"][-1] if recorder.results["rounds"] else {}
+    cross = final.get("cross_task")
+    if cross is None or all(row is None for row in cross["items"]):
+        log(WARNING, "eval-cross: no client sent usable cross-task scores in the final round (see its failures)")
+        return
+    config = recorder.config
+    title = f"{config.strategy}, seed {config.seed}"
+    path = plot_cross_task(cross, recorder.primary_metric, title, run_dir / "cross_task.png", split=config.eval.split)
+    log(INFO, "cross-task heatmap: %s", path)
 
 
 def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:

@@ -6,7 +6,7 @@ another, each in a fresh process (``python -m fedbilevel.simulation``), into
 config is reused, so an interrupted comparison continues where it stopped. Then:
 
     <out>/comparison.csv, per_client.csv, comparison.md     tables (mean ± std over seeds)
-    <out>/scores_per_round.png, per_client.png, similarity_<strategy>.png
+    <out>/scores_per_round.png, per_client.png, similarity_<strategy>.png, cross_task_<strategy>.png (eval-cross)
 
 Example (the synthetic comparison in docs/BENCHMARKS.md):
 

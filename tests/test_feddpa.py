@@ -399,6 +399,7 @@ def test_a_federated_run_scores_every_client_and_saves_both_adapters(tmp_path):
         "learning-rate": 0.01,
         "eval-max-new-tokens": 6,
         "eval-global": True,
+        "eval-cross": True,  # FedDPA's test-time personalization: the mixed adapters on the other task too
         "output-dir": str(tmp_path),
         "run-name": "feddpa",
     }
@@ -420,6 +421,8 @@ def test_a_federated_run_scores_every_client_and_saves_both_adapters(tmp_path):
             model = PeftModel.from_pretrained(base, tmp_path / "feddpa" / "clients" / str(p) / folder)
             assert len(get_adapter_arrays(model)) > 0
             base = model.unload()
+    cross = results["rounds"][-1]["cross_task"]
+    assert np.array(cross["scores"]["rougeL"]).shape == (4, 2) and cross["items"] == [[6, 12]] * 2 + [[12, 6]] * 2
 
 
 def test_an_image_client_trains_both_adapters_and_scores_them_mixed(server_identity):

@@ -24,6 +24,7 @@ from fedbilevel.client.ala import (
     adaptive_local_aggregation,
     remember_local,
 )
+from fedbilevel.client.cross import other_task_scores
 from fedbilevel.client.evaluate import Rows, evaluate_adapter
 from fedbilevel.client.feddpa import image_representations, score_dual, text_representations, train_local_adapter
 from fedbilevel.client.metrics import answer_text, score_answers
@@ -178,11 +179,11 @@ class ClientSession:
         """The items this client scores: its ``eval-split`` (test, or validation)."""
         return self.data.split(self.config.eval.split)
 
-    def score(self, model, tokenizer, rows: Rows | None = None) -> dict:
-        """The model's scores on this client's ``eval-split`` (test, or validation) (the family's eval loop);
-        ``rows``: entered around the model's calls on those items (FedDPA's per-item weights)."""
+    def score(self, model, tokenizer, items: list | None = None, rows: Rows | None = None) -> dict:
+        """The model's scores on this client's ``eval-split`` (test, or validation), or on ``items`` (the family's
+        eval loop); ``rows``: entered around the model's calls on those items (FedDPA's per-item weights)."""
         settings, bf16 = self.config.eval, self.config.model.bf16_compute
-        items = self.scored
+        items = self.scored if items is None else items
         if self.images:
             return evaluate_classifier(
                 model, items, batch_size=settings.batch_size, bf16_autocast=bf16, device=model.device, rows=rows
@@ -478,18 +479,24 @@ def make_client_app(
         except MissingAdapter as missing:
             return missing_adapter_reply(message, session.partition_id, missing)
         if session.dpa is None:
-            scores = session.score(model, tokenizer)
+            score = functools.partial(session.score, model, tokenizer)
         else:  # FedDPA: the global and local adapters, mixed per item
-            scores = score_dual(
-                model,
-                session.local,
-                session.dpa,
-                training=session.data.train,
-                scored=session.scored,
-                represent=lambda items: session.represent(model, tokenizer, items),
-                score=lambda rows: session.score(model, tokenizer, rows),
-                seed=_seed(session.config, session.partition_id, server_round),
-            )
+
+            def score(items: list | None = None) -> dict:
+                return score_dual(
+                    model,
+                    session.local,
+                    session.dpa,
+                    training=session.data.train,
+                    scored=session.scored if items is None else items,
+                    represent=lambda chosen: session.represent(model, tokenizer, chosen),
+                    score=lambda rows: session.score(model, tokenizer, items, rows),
+                    seed=_seed(session.config, session.partition_id, server_round),
+                )
+
+        scores = score()
+        if message.content.config_records[protocol.CONFIG].get(protocol.CROSS_TASK):  # eval-cross: the other tasks
+            scores.update(other_task_scores(score, session.config, session.partition_id, session.num_partitions))
         summary = ", ".join(
             f"{key} {scores[key]:.3f}" for key in ("exact_match", "rougeL", "accuracy", "macro_f1") if key in scores
         )

@@ -155,6 +155,21 @@ class DataSettings:
                 "(with one instruction for all tasks they cannot be told apart)",
             )
 
+    def without_tasks(self) -> str | None:
+        """Why the clients of this federation hold no task of their own (``eval-cross`` needs one), or None.
+
+        Each client holds one task with the synthetic task split (contiguous groups), flan-json (a
+        category per file) and hub text data partitioned by natural id (the id, or the ``task-column``
+        label); the synthetic IID split, hub Dirichlet or IID shards and image federations do not.
+        """
+        if self.holds_images:
+            return f"data='{self.source}' holds images (a domain per client), not text tasks"
+        if self.source == "synthetic" and self.synthetic_split == "iid":
+            return "synthetic-split='iid' gives every client every task"
+        if self.source == "hub" and self.partitioner != "natural":
+            return f"partitioner='{self.partitioner}' gives the clients no task of their own"
+        return None
+
     @property
     def holds_images(self) -> bool:
         """Whether the federation holds images (scored by accuracy and macro F1) rather than text."""

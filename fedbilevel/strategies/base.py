@@ -74,6 +74,10 @@ class PersonalizedStrategy(Strategy):
         (default: every client); the round's ``sampled`` record lists them.
     seed : int (default: 0)
         The run seed: each round's sample is drawn from it and the round.
+    evaluate_cross : callable, optional
+        ``server_round -> bool``: whether this round's evaluate messages ask for cross-task scores
+        (eval-cross; default: never); the round's record then holds the ``cross_task`` matrix
+        (:mod:`fedbilevel.strategies.cross_task`).
     """
 
     def __init__(
@@ -87,6 +91,7 @@ class PersonalizedStrategy(Strategy):
         evaluate_global: bool = False,
         sampling: SamplingSettings | None = None,
         seed: int = 0,
+        evaluate_cross: Callable[[int], bool] | None = None,
     ) -> None:
         if not initial_adapter:
             raise ValueError("initial_adapter: must contain at least one array")
@@ -104,6 +109,7 @@ class PersonalizedStrategy(Strategy):
         self.min_nodes = min_nodes
         self.on_round_end = on_round_end
         self.evaluate_round = evaluate_round or (lambda _round: True)
+        self.evaluate_cross = evaluate_cross or (lambda _round: False)
         # Per-client state lives in the store: only the round's clients in memory (run_server attaches its folder).
         self.store = ClientStore()
         self.adapters = self.store.table("adapters")  # partition id -> θ̄ᵢ
@@ -273,6 +279,8 @@ class PersonalizedStrategy(Strategy):
         """Record each client's own scores; return their unweighted mean (personalized score)."""
         self._round.mark("evaluate_received")
         replied = {partition_id: metrics for partition_id, metrics, _ in self._valid_replies("evaluate", replies)}
+        if self.evaluate_cross(self._round.record["round"]):
+            replied = self._round.note_cross_task(replied, self.clients, self.node_partitions)
         scores = self._round.note_eval(replied)
         mean = None
         if scores:
@@ -309,6 +317,8 @@ class PersonalizedStrategy(Strategy):
         round_config[protocol.SERVER_ROUND] = server_round
         round_config[protocol.PARTITION_ID] = partition_id
         round_config[protocol.ADAPTER_DIGEST] = digest
+        if phase == "evaluate" and self.evaluate_cross(server_round):
+            round_config[protocol.CROSS_TASK] = True
         content = RecordDict({protocol.CONFIG: round_config})
         if full or self._held.get(partition_id) != (node_id, digest):
             content[protocol.ARRAYS] = protocol.adapter_to_record(adapter)

@@ -16,6 +16,13 @@ from flwr.app import Message, RecordDict
 from flwr.supercore import log
 
 from fedbilevel import protocol
+from fedbilevel.strategies.cross_task import (
+    check_cross_scores,
+    cross_task_record,
+    cross_task_row,
+    split_cross,
+    task_order,
+)
 from fedbilevel.strategies.replies import RejectedReply
 
 # Train metrics with their own place in the round record; any others are kept under their own key.
@@ -201,6 +208,43 @@ class RoundLog:
         for partition_id in sorted(scores):
             self.record["eval"][str(partition_id)] = scores[partition_id]
         return scores
+
+    def note_cross_task(
+        self,
+        replied: Mapping[int, Mapping[str, Any]],
+        clients: Mapping[int, Mapping[str, Any]],
+        nodes: Mapping[int, int],
+    ) -> dict[int, dict[str, Any]]:
+        """Record the round's ``cross_task`` matrix (eval-cross) from the valid evaluate replies; returns the
+        replies' metrics without their ``cross-`` part, for :meth:`note_eval`.
+
+        A reply whose cross-task part cannot be used (:func:`~fedbilevel.strategies.cross_task.check_cross_scores`)
+        is logged and recorded as a failure of phase ``cross-task``; its row is null, its ordinary scores count.
+
+        Parameters
+        ----------
+        replied : mapping of int to mapping
+            Partition id -> metrics of each valid evaluate reply.
+        clients : mapping of int to mapping
+            Partition id -> query info of every started client.
+        nodes : mapping of int to int
+            Node id -> partition id (for the failures' ``node_id``).
+        """
+        node_of = {partition: node for node, partition in nodes.items()}
+        tasks = task_order(clients)
+        ordinary: dict[int, dict[str, Any]] = {}
+        rows = {}
+        for partition_id, metrics in replied.items():
+            ordinary[partition_id], _ = split_cross(metrics)
+            try:
+                lists = check_cross_scores(metrics, partition_id, clients)
+            except RejectedReply as error:
+                self.note_rejected("cross-task", node_of.get(partition_id), partition_id, error)
+                continue
+            scores, counts = cross_task_row(lists, metrics, partition_id, tasks, clients)
+            rows[partition_id] = (scores, counts, lists[protocol.CROSS_SECONDS])
+        self.record["cross_task"] = cross_task_record(rows, clients)
+        return ordinary
 
     def note_skipped(self, reason: str) -> None:
         """Record why this round aggregated nothing."""

@@ -1,0 +1,317 @@
+"""Cross-task evaluation (eval-cross): the items a client scores for the other tasks, the server's checks
+and matrix, the own/other means in the tables, and one simulated run with the matrix and its heatmap."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, Context, MessageType, RecordDict
+from simulated import NUM_CLIENTS, simulate  # the tiny-model federation: 4 clients, 2 tasks, 2 rounds
+
+from fedbilevel import protocol
+from fedbilevel.client.app import ClientSession
+from fedbilevel.client.cross import other_task_scores
+from fedbilevel.comparison import load_run, markdown, summary_rows, write_plots
+from fedbilevel.config import ConfigError, RunConfig, load_app_config
+from fedbilevel.data.types import data_digest
+from fedbilevel.results import cross_task_table
+from fedbilevel.strategies.cross_task import cross_task_means, cross_task_record
+from fedbilevel.strategies.fedavg import FedAvg
+from fedbilevel.testing import INITIAL, FakeClient, FakeGrid
+
+ROOT = Path(__file__).resolve().parents[1]
+FLAN8 = ROOT.parent / "shared" / "data" / "flan8"
+
+
+# ---------------------------------------------------------------- start-up: data without tasks
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"data": "digits"}, "data='digits' holds images"),
+        ({"synthetic-split": "iid", "synthetic-instruction": "per-task"}, "synthetic-split='iid' gives every client"),
+        ({"data": "hub", "hub-dataset": "x/y", "partitioner": "iid"}, "partitioner='iid' gives the clients no task"),
+        ({"data": "hub", "hub-dataset": "x/y", "partitioner": "dirichlet", "partition-by": "label"}, "'dirichlet'"),
+    ],
+)
+def test_eval_cross_on_data_without_a_task_per_client_is_a_start_up_error(overrides, reason):
+    config = {**load_app_config(ROOT / "pyproject.toml"), **overrides, "eval-cross": True}
+    with pytest.raises(ConfigError, match=r"^run-config key 'eval-cross': value True is not allowed; ") as error:
+        RunConfig.from_run_config(config)
+    assert reason in str(error.value) and "\n" not in str(error.value)
+    RunConfig.from_run_config({**config, "eval-cross": False})  # the data itself is fine
+
+
+def test_eval_cross_is_off_by_default_and_runs_in_the_final_round_only():
+    config = RunConfig.from_run_config(load_app_config(ROOT / "pyproject.toml"))
+    assert config.eval.cross is False and not config.cross_evaluates_in_round(config.num_server_rounds)
+    config = RunConfig.from_run_config({**load_app_config(ROOT / "pyproject.toml"), "eval-cross": True})
+    last = config.num_server_rounds
+    assert [config.cross_evaluates_in_round(r) for r in range(1, last + 1)] == [False] * (last - 1) + [True]
+
+
+# ---------------------------------------------------------------- the client: which items, which scores
+
+
+def session(partition_id: int, num_partitions: int, **run_config) -> ClientSession:
+    context = Context(
+        run_id=1,
+        node_id=7,
+        node_config={"partition-id": partition_id, "num-partitions": num_partitions},
+        state=RecordDict(),
+        run_config={**load_app_config(ROOT / "pyproject.toml"), **run_config},
+    )
+    return ClientSession(context, overrides=None)
+
+
+def item_score(example) -> float:
+    """A made-up per-item score that tells items apart."""
+    return (len(example.instruction) % 7) / 7
+
+
+def recording_scorer(calls: list):
+    def score(items):
+        calls.append(list(items))
+        values = [item_score(item) for item in items]
+        return {f"{protocol.ITEMS_PREFIX}{name}": values for name in protocol.TEXT_METRICS}
+
+    return score
+
+
+FEDERATIONS = {
+    # 4 clients, 2 tasks; validation items (val-fraction) as the scored split.
+    "synthetic": (4, {"synthetic-tasks": "reverse,uppercase", "val-fraction": 0.25, "eval-split": "validation"}),
+    # 16 clients, 2 a task, each task's test lines split between them, capped at 5 a client.
+    "flan8": (16, {"data": "flan-json", "data-path": str(FLAN8), "clients-per-task": 2, "max-test-examples": 5}),
+}
+
+
+@pytest.mark.parametrize("name", list(FEDERATIONS))
+def test_other_task_items_are_exactly_what_their_owners_score(name):
+    if name == "flan8" and not FLAN8.is_dir():
+        pytest.skip(f"{FLAN8} (the shared Flan-8 federation) is not present")
+    size, run_config = FEDERATIONS[name]
+    owners = [session(p, size, **run_config) for p in range(size)]
+    for client in (0, size - 1):
+        calls: list = []
+        me = owners[client]
+        out = other_task_scores(recording_scorer(calls), me.config, client, size)
+        others = [owner for owner in owners if owner.data.task != me.data.task]
+        # One scoring call over the other tasks' owners' scored items, in partition order.
+        assert calls == [[item for owner in others for item in owner.scored]]
+        for p, owner in enumerate(owners):
+            mine = owner.data.task == me.data.task
+            assert out[protocol.CROSS_ITEMS][p] == (0 if mine else len(owner.scored))
+            assert out[protocol.CROSS_DIGESTS][p] == protocol.digest_number(data_digest(owner.data))
+            expected = 0.0 if mine else float(np.mean([item_score(item) for item in owner.scored]))
+            for metric in protocol.TEXT_METRICS:
+                assert out[f"{protocol.CROSS_PREFIX}{metric}"][p] == pytest.approx(expected)
+        assert out[protocol.CROSS_SECONDS] >= 0
+
+
+# ---------------------------------------------------------------- the server: checks and matrix
+
+
+class CrossClient(FakeClient):
+    """A FakeClient with 3 scored items, text scores and cross-task scores when asked; ``cross`` says how."""
+
+    SIZE = 4
+
+    def __init__(self, partition_id: int, cross: str = "good"):
+        super().__init__(partition_id, data_digest=f"{partition_id + 10:012x}ffff")
+        self.cross = cross
+
+    def handle(self, message):
+        reply = super().handle(message)
+        if message.metadata.message_type == MessageType.QUERY:
+            info = reply.content.config_records[protocol.INFO]
+            info[protocol.NUM_TEST], info[protocol.NUM_PARTITIONS] = 3, self.SIZE
+            return reply
+        if message.metadata.message_type != MessageType.EVALUATE:
+            return reply
+        metrics = reply.content.metric_records[protocol.METRICS]
+        own = 0.1 * (self.partition_id + 1)
+        metrics.update({"rouge1": own, "rougeL": own, "exact_match": own, protocol.NUM_EXAMPLES: 3})
+        if not message.content.config_records[protocol.CONFIG].get(protocol.CROSS_TASK) or self.cross == "none":
+            return reply
+        other = [p for p in range(self.SIZE) if p // 2 != self.partition_id // 2]
+        score = [0.0 if p not in other else 0.25 * (p % 2 + 1) for p in range(self.SIZE)]  # 0.25, 0.5
+        metrics.update(
+            {
+                protocol.CROSS_ITEMS: [3 if p in other else 0 for p in range(self.SIZE)],
+                protocol.CROSS_DIGESTS: [p + 10 for p in range(self.SIZE)],
+                protocol.CROSS_SECONDS: 0.5,
+                **{f"{protocol.CROSS_PREFIX}{m}": list(score) for m in protocol.TEXT_METRICS},
+            }
+        )
+        if self.cross == "short":  # one entry too few: another federation size
+            metrics[protocol.CROSS_ITEMS] = metrics[protocol.CROSS_ITEMS][:-1]
+        if self.cross == "foreign":  # scored another copy of the data
+            metrics[protocol.CROSS_DIGESTS] = [p + 99 for p in range(self.SIZE)]
+        if self.cross == "miscount":  # not the items the owner scores
+            metrics[protocol.CROSS_ITEMS] = [2 if p in other else 0 for p in range(self.SIZE)]
+        if self.cross == "range":
+            metrics["cross-rouge1"] = [1.5] * self.SIZE
+        if self.cross == "nan":
+            metrics["cross-exact_match"] = [math.nan] * self.SIZE
+        return reply
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_final_round_matrix_and_unusable_cross_task_parts_are_recorded_failures():
+    behaviour = {0: "good", 1: "short", 2: "foreign", 3: "nan"}
+    clients = {p: CrossClient(p, behaviour[p]) for p in range(4)}
+    records: list = []
+    strategy = FedAvg(
+        initial_adapter=INITIAL, min_nodes=4, on_round_end=records.append, evaluate_cross=lambda r: r == 2
+    )
+    strategy.start(FakeGrid({70 + p: c for p, c in clients.items()}), ArrayRecord(), num_rounds=2)
+    first, final = records
+    evaluate_configs = [c for c in clients[0].configs if protocol.CROSS_TASK in c]
+    assert len(evaluate_configs) == 1 and evaluate_configs[0][protocol.SERVER_ROUND] == 2  # final round only
+    assert "cross_task" not in first and first["failures"] == []
+    reasons = {(f["phase"], f["partition_id"]): f["reason"] for f in final["failures"]}
+    assert set(reasons) == {("cross-task", 1), ("cross-task", 2), ("evaluate", 3)}
+    assert "'cross-items' is 3 entries; expected one entry per partition (4)" in reasons[("cross-task", 1)]
+    assert "partition 0's data as this client loaded it differs from its owner's" in reasons[("cross-task", 2)]
+    assert "metric 'cross-exact_match'" in reasons[("evaluate", 3)]  # NaN: the whole reply is refused
+    # Ordinary scores of the clients whose cross-task part was refused still count, without cross- keys.
+    assert set(final["eval"]) == {"0", "1", "2"}
+    assert all(not k.startswith("cross-") for scores in final["eval"].values() for k in scores)
+    cross = final["cross_task"]
+    assert cross["tasks"] == ["task0", "task1"] and cross["clients"] == [0, 1, 2, 3]
+    # Client 0: own task = its ordinary score on its own 3 items; task1 = items of 2 and 3 (3 each), 0.25 and 0.5.
+    assert cross["scores"]["exact_match"] == [[0.1, 0.375], None, None, None]
+    assert cross["items"] == [[3, 6], None, None, None]
+    assert cross["own_task_mean"]["exact_match"] == 0.1 and cross["other_task_mean"]["exact_match"] == 0.375
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_miscounted_missing_or_impossible_cross_task_scores_are_refused():
+    behaviour = {0: "miscount", 1: "good", 2: "none", 3: "range"}
+    clients = {p: CrossClient(p, behaviour[p]) for p in range(4)}
+    records: list = []
+    strategy = FedAvg(initial_adapter=INITIAL, min_nodes=4, on_round_end=records.append, evaluate_cross=bool)
+    strategy.start(FakeGrid({80 + p: c for p, c in clients.items()}), ArrayRecord(), num_rounds=1)
+    (record,) = records
+    reasons = {f["partition_id"]: f["reason"] for f in record["failures"]}
+    assert reasons[0] == "cross-task scores: 2 items of partition 2 (task1) scored; expected 3"
+    assert reasons[2] == "cross-task scores: none in the reply; the evaluate message asked for them"
+    assert reasons[3] == "cross-task scores: rouge1 1.5 on partition 0; expected a score in [0, 1]"
+    assert [row is None for row in record["cross_task"]["items"]] == [True, False, True, True]
+
+
+# ---------------------------------------------------------------- own/other means in the tables
+
+
+# Three clients of tasks a, b, c; client 2 has no scores. Own: (0.9 + 0.8) / 2; other: (0.15 + 0.2) / 2.
+MATRIX = {
+    "tasks": ["a", "b", "c"],
+    "clients": [0, 1, 2],
+    "client_tasks": ["a", "b", "c"],
+    "scores": {"exact_match": [[0.9, 0.1, 0.2], [0.3, 0.8, 0.1], None]},
+    "items": [[4, 5, 6], [4, 5, 6], None],
+}
+
+
+def test_own_and_other_task_means_by_hand():
+    means = cross_task_means(MATRIX)
+    assert means["own_task"]["exact_match"] == pytest.approx(0.85)
+    assert means["other_task"]["exact_match"] == pytest.approx(0.175)
+    single = {
+        **MATRIX,
+        "tasks": ["a"],
+        "client_tasks": ["a", "a", "a"],
+        "scores": {"exact_match": [[0.4], None, [0.6]]},
+    }
+    assert cross_task_means(single) == {"own_task": {"exact_match": 0.5}, "other_task": {"exact_match": None}}
+
+
+def test_record_orders_clients_by_task_and_the_run_table_shows_the_means():
+    info = {
+        p: {protocol.TASK: task, protocol.NUM_TEST: 2} for p, task in enumerate(["b", "a", "b", "a"])
+    }  # tasks by first partition: b, a
+    row = ({"rouge1": [0.5, 0.25], "rougeL": [0.5, 0.25], "exact_match": [0.5, 0.25]}, [2, 4], 1.0)
+    record = cross_task_record({0: row}, info)
+    assert record["tasks"] == ["b", "a"] and record["clients"] == [0, 2, 1, 3]
+    assert record["client_tasks"] == ["b", "b", "a", "a"] and record["items"] == [[2, 4], None, None, None]
+    assert record["own_task_mean"]["exact_match"] == 0.5 and record["other_task_mean"]["exact_match"] == 0.25
+    table = cross_task_table({**MATRIX, **cross_task_means_fields(MATRIX)}, "exact_match", "test")
+    assert "| 0 | a | 0.900 | 0.100 | 0.200 | 0.900 | 0.150 |" in table
+    assert "| 2 | c | – | – | – | – | – |" in table
+    assert table.splitlines()[-1] == "| mean | | | | | 0.850 | 0.175 |"
+
+
+def cross_task_means_fields(cross):
+    means = cross_task_means(cross)
+    return {"own_task_mean": means["own_task"], "other_task_mean": means["other_task"]}
+
+
+def write_run(folder: Path, seed: int, own: float, other: float | None) -> Path:
+    """A one-round run whose final round holds a 2 × 2 cross-task matrix with these means (None: no matrix)."""
+    scores = {"rouge1": 0.5, "rougeL": 0.5, "exact_match": 0.5}
+    record = {"round": 1, "eval": {"0": scores, "1": scores}, "failures": [], "personalized_mean": scores}
+    if other is not None:
+        matrix = {"exact_match": [[own, other], [other, own]]}
+        record["cross_task"] = {
+            "tasks": ["a", "b"],
+            "clients": [0, 1],
+            "client_tasks": ["a", "b"],
+            "scores": matrix,
+            "items": [[3, 3], [3, 3]],
+            **cross_task_means_fields({"tasks": ["a", "b"], "client_tasks": ["a", "b"], "scores": matrix}),
+        }
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"seed": seed, "run_config": {}}))
+    clients = {"0": {"task": "a"}, "1": {"task": "b"}}
+    summary = {"primary_metric": "exact_match", "seconds": 60.0}
+    results = {"strategy": folder.name.split("-")[0], "clients": clients, "rounds": [record], "summary": summary}
+    (folder / "results.json").write_text(json.dumps(results))
+    return folder
+
+
+def test_comparison_tables_show_own_and_other_task_means_over_seeds(tmp_path):
+    runs = [
+        load_run(write_run(tmp_path / "fedbip-0", 0, 0.8, 0.2)),
+        load_run(write_run(tmp_path / "fedbip-1", 1, 0.6, 0.4)),
+        load_run(write_run(tmp_path / "fedavg-0", 0, 0.5, None)),  # no eval-cross
+    ]
+    fedbip, fedavg = summary_rows(runs)
+    assert fedbip["cross_seeds"] == "0 1" and fedbip["cross_own_exact_match_mean"] == pytest.approx(0.7)
+    assert fedbip["cross_own_exact_match_std"] == pytest.approx(math.sqrt(0.02))
+    assert fedbip["cross_other_exact_match_mean"] == pytest.approx(0.3)
+    assert fedavg["cross_seeds"] == "" and math.isnan(fedavg["cross_own_exact_match_mean"])
+    text = markdown(runs)
+    assert "| fedbip | 0 1 | 0.700 ± 0.141 | 0.300 ± 0.141 |" in text and "| fedavg | – | – | – |" in text
+    assert "cross_seeds" not in summary_rows(runs[2:])[0]  # without eval-cross the tables are as before
+    paths = write_plots(runs, tmp_path / "out")
+    assert tmp_path / "out" / "cross_task_fedbip.png" in paths
+    assert not (tmp_path / "out" / "cross_task_fedavg.png").exists()
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def test_a_simulated_run_records_the_matrix_and_draws_its_heatmap(tmp_path):
+    _, run_dir = simulate(tmp_path, strategy="fedbip", **{"eval-cross": True})
+    results = json.loads((run_dir / "results.json").read_text())
+    first, final = results["rounds"]
+    assert "cross_task" not in first and final["failures"] == []
+    cross = final["cross_task"]
+    assert cross["tasks"] == ["reverse", "uppercase"] and cross["clients"] == list(range(NUM_CLIENTS))
+    for metric in protocol.TEXT_METRICS:
+        assert np.array(cross["scores"][metric]).shape == (NUM_CLIENTS, 2)
+    for row, (client, task) in enumerate(zip(cross["clients"], cross["client_tasks"])):
+        own = cross["tasks"].index(task)
+        for metric in protocol.TEXT_METRICS:  # the own-task entry is the client's ordinary final score
+            assert cross["scores"][metric][row][own] == final["eval"][str(client)][metric]
+        # Own task: its own 6 items; the other task: both of its clients' 6 items.
+        assert cross["items"][row] == ([6, 12] if own == 0 else [12, 6])
+    assert (run_dir / "cross_task.png").stat().st_size > 0
+    # The comparison of this run shows the means.
+    assert "Cross-task evaluation (eval-cross)" in markdown([load_run(run_dir)])

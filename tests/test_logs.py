@@ -34,8 +34,13 @@ def libraries_as_found():
 
 @pytest.fixture
 def console(monkeypatch):
-    """What Flower's console handler prints."""
-    (handler,) = [handler for handler in logging.getLogger("flwr").handlers if isinstance(handler, ConsoleHandler)]
+    """What Flower's console handler prints, from Flower's logger as it is at import: another test in this
+    worker process may have left it disabled or raised (e.g. a logging.config call, which disables loggers)."""
+    flower = logging.getLogger("flwr")
+    monkeypatch.setattr(flower, "disabled", False)
+    monkeypatch.setattr(flower, "level", logging.DEBUG)
+    monkeypatch.setattr(logging.root.manager, "disable", logging.NOTSET)
+    (handler,) = [handler for handler in flower.handlers if isinstance(handler, ConsoleHandler)]
     monkeypatch.setattr(handler, "stream", io.StringIO())
     return handler.stream
 

@@ -3,7 +3,9 @@
 :class:`InProcessGrid` runs a strategy's real server loop against in-process clients: no
 Ray, no SuperLink. :class:`FakeClient` answers QUERY/TRAIN/EVALUATE messages like the real
 ClientApp (with a distinct, seeded update per client and round, :func:`update_of`) and
-remembers every adapter it was sent; :class:`FakeGrid` serves fake clients.
+remembers every adapter it was sent; :class:`FakeGrid` serves fake clients
+(:func:`fake_federation` builds a set of them). :func:`resumed_and_unbroken` runs a strategy
+through a checkpoint and without one; :func:`assert_adapters_equal` compares two adapters.
 """
 
 from __future__ import annotations
@@ -11,15 +13,18 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
-from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.server.superlink.linkstate.utils import NODE_UNAVAILABLE_ERROR_REASON
 from flwr.serverapp import Grid
 
 from fedbilevel import protocol
+from fedbilevel.checkpoint import STORE, load_checkpoint, save_checkpoint
+from fedbilevel.strategies.base import PersonalizedStrategy
 
 INITIAL = {"a": np.zeros((2, 3), np.float32), "b": np.zeros(4, np.float32)}
 
@@ -224,3 +229,85 @@ class FakeClient:
 
 class FakeGrid(InProcessGrid):
     """In-process grid: node id -> FakeClient; node ids can be reassigned (a restart)."""
+
+
+def fake_federation(
+    size: int,
+    *,
+    initial: Mapping[str, np.ndarray] = INITIAL,
+    update: Callable[[int, int], Mapping[str, np.ndarray]] = update_of,
+) -> dict[int, FakeClient]:
+    """Node id -> fake client: partitions 0..size-1 on nodes 10, 11, ...
+
+    Parameters
+    ----------
+    size : int
+        The number of clients.
+    initial : dict[str, np.ndarray] (default: :data:`INITIAL`)
+        θ⁰, the adapter each client derives at start.
+    update : callable (default: :func:`update_of`)
+        ``(partition id, round) -> update``: what each client's training adds.
+
+    Returns
+    -------
+    dict[int, FakeClient]
+        Fresh clients, for a :class:`FakeGrid`.
+    """
+    return {10 + p: FakeClient(p, initial=initial, update=update) for p in range(size)}
+
+
+S = TypeVar("S", bound=PersonalizedStrategy)
+
+
+def resumed_and_unbroken(
+    make: Callable[[], S], clients: Callable[[], dict[int, FakeClient]], folder: Path, *, num_rounds: int
+) -> tuple[S, S, dict[int, FakeClient]]:
+    """A strategy resumed from a checkpoint for its last round, and the same strategy run unbroken.
+
+    One strategy runs ``num_rounds`` rounds; a second runs ``num_rounds - 1``, attaches its
+    store to ``folder/store`` and saves its checkpoint in ``folder``; a third attaches that
+    store, restores the checkpoint and runs the last round. Each run serves fresh clients.
+
+    Parameters
+    ----------
+    make : callable
+        ``() -> strategy``: a new strategy, the same each call.
+    clients : callable
+        ``() -> {node id: client}``: a fresh federation (e.g. :func:`fake_federation`).
+    folder : Path
+        Where the checkpoint and the store are written (a test's ``tmp_path``).
+    num_rounds : int
+        The rounds of the unbroken run.
+
+    Returns
+    -------
+    tuple[strategy, strategy, dict[int, FakeClient]]
+        The resumed strategy, the unbroken one, and the clients of the resumed round.
+    """
+    unbroken = make()
+    unbroken.start(FakeGrid(clients()), ArrayRecord(), num_rounds=num_rounds)
+    first = make()
+    first.start(FakeGrid(clients()), ArrayRecord(), num_rounds=num_rounds - 1)
+    first.store.attach(folder / STORE)
+    save_checkpoint(folder, first.checkpoint())
+    resumed = make()
+    resumed.store.attach(folder / STORE)
+    resumed.restore(load_checkpoint(folder))
+    last = clients()
+    resumed.start(FakeGrid(last), ArrayRecord(), num_rounds=1)
+    return resumed, unbroken, last
+
+
+def assert_adapters_equal(got: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray]) -> None:
+    """Assert that two adapters name the same arrays in the same order, each equal to rtol 1e-6.
+
+    Parameters
+    ----------
+    got : dict[str, np.ndarray]
+        The adapter to check.
+    expected : dict[str, np.ndarray]
+        What it should be.
+    """
+    assert list(got) == list(expected)
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-6, err_msg=name)

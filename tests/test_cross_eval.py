@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, Context, MessageType, RecordDict
+from flwr.app import ArrayRecord, MessageType
+from in_process import client_context
 from simulated import NUM_CLIENTS, simulate  # the tiny-model federation: 4 clients, 2 tasks, 2 rounds
 
 from fedbilevel import protocol
@@ -59,13 +60,8 @@ def test_eval_cross_is_off_by_default_and_runs_in_the_final_round_only():
 
 
 def session(partition_id: int, num_partitions: int, **run_config) -> ClientSession:
-    context = Context(
-        run_id=1,
-        node_id=7,
-        node_config={"partition-id": partition_id, "num-partitions": num_partitions},
-        state=RecordDict(),
-        run_config={**load_app_config(ROOT / "pyproject.toml"), **run_config},
-    )
+    config = {**load_app_config(ROOT / "pyproject.toml"), **run_config}
+    context = client_context(config, partition_id=partition_id, num_partitions=num_partitions, node_id=7)
     return ClientSession(context, overrides=None)
 
 

@@ -2,17 +2,19 @@
 
 import json
 import math
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from in_process import client_context, started_client
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
 from fedbilevel import protocol
-from fedbilevel.checkpoint import load_checkpoint, save_checkpoint
+from fedbilevel.checkpoint import load_checkpoint
 from fedbilevel.client.app import make_client_app
 from fedbilevel.client.evaluate import evaluate_adapter
 from fedbilevel.client.feddpa import (
@@ -33,7 +35,7 @@ from fedbilevel.simulation import simulate
 from fedbilevel.strategies import build_strategy
 from fedbilevel.strategies.feddpa import DpaSettings, FedDpa, dual_adapter, split_adapter
 from fedbilevel.strategies.sampling import SamplingSettings
-from fedbilevel.testing import FakeClient, FakeGrid
+from fedbilevel.testing import FakeGrid, assert_adapters_equal, fake_federation, resumed_and_unbroken
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,15 +67,9 @@ def step(partition_id: int, server_round: int) -> dict[str, np.ndarray]:
     )
 
 
-def federation(size: int) -> dict[int, FakeClient]:
-    """Node id -> fake client: partitions 0..size-1 on nodes 10, 11, ...; each derives θ⁰ (one adapter) at start."""
-    return {10 + p: FakeClient(p, initial=THETA0, update=step) for p in range(size)}
-
-
-def assert_adapters_equal(got, expected):
-    assert list(got) == list(expected)
-    for name in expected:
-        np.testing.assert_allclose(got[name], expected[name], rtol=1e-6, err_msg=name)
+# federation(size): node id -> fake client, partitions 0..size-1 on nodes 10, 11, ...; each derives θ⁰ (one
+# adapter) at start and trains by `step`.
+federation = partial(fake_federation, initial=THETA0, update=step)
 
 
 def test_a_dual_adapter_splits_back_into_its_two_and_anything_else_is_refused():
@@ -171,18 +167,8 @@ def test_resume_from_a_checkpoint_matches_an_unbroken_run(tmp_path):
         sampling = SamplingSettings(fraction_train=0.5, min_train_nodes=2)
         return FedDpa(settings=DpaSettings(), initial_adapter=THETA0, min_nodes=4, sampling=sampling, seed=1)
 
-    unbroken = make()
-    unbroken.start(FakeGrid(federation(4)), ArrayRecord(), num_rounds=3)
-    first = make()
-    first.start(FakeGrid(federation(4)), ArrayRecord(), num_rounds=2)
-    first.store.attach(tmp_path / "store")
-    save_checkpoint(tmp_path, first.checkpoint())
+    resumed, unbroken, clients = resumed_and_unbroken(make, lambda: federation(4), tmp_path, num_rounds=3)
     assert set(load_checkpoint(tmp_path)["store"]) == {"global", "local"}
-    resumed = make()
-    resumed.store.attach(tmp_path / "store")
-    resumed.restore(load_checkpoint(tmp_path))
-    clients = federation(4)
-    resumed.start(FakeGrid(clients), ArrayRecord(), num_rounds=1)
     assert {server_round for client in clients.values() for _, server_round, _ in client.received} == {3}
     for p in range(4):
         assert_adapters_equal(resumed.adapter_for(p), unbroken.adapter_for(p))
@@ -347,14 +333,7 @@ def test_the_client_app_trains_the_global_adapter_as_fedit_does_and_the_local_on
         "local-steps": 2,
         "learning-rate": 0.01,
     }
-    context = Context(
-        run_id=1, node_id=5, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(), run_config=config
-    )
-    app = make_client_app()
-    query = Message(
-        RecordDict({protocol.CONFIG: ConfigRecord({protocol.QUERY: protocol.QUERY_PARTITION})}), 5, MessageType.QUERY
-    )
-    assert protocol.START_ERROR not in app(query, context).content.config_records[protocol.INFO]
+    app, context = started_client(config)
     run_config = RunConfig.from_run_config(config)
     theta0 = initial_adapter_arrays(run_config.model.name, run_config.lora, seed=run_config.seed)
 
@@ -427,9 +406,7 @@ def test_a_federated_run_scores_every_client_and_saves_both_adapters(tmp_path):
 
 def test_an_image_client_trains_both_adapters_and_scores_them_mixed(server_identity):
     config = {**load_app_config(), "model-name": DIGITS_VIT, "data": "digits", "local-steps": 2, "batch-size": 16}
-    context = Context(
-        run_id=1, node_id=5, node_config={"partition-id": 0, "num-partitions": 4}, state=RecordDict(), run_config=config
-    )
+    context = client_context(config, num_partitions=4)
     app = make_client_app()
     run_config = RunConfig.from_run_config(config)
     theta0 = initial_adapter_arrays(run_config.model.name, run_config.lora, seed=run_config.seed)

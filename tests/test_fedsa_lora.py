@@ -1,15 +1,17 @@
 """FedSA-LoRA: the A matrices averaged and shared, each client's B matrices and head its own; by hand."""
 
+from functools import partial
+
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, MessageType
 
-from fedbilevel.checkpoint import load_checkpoint, save_checkpoint
+from fedbilevel.checkpoint import load_checkpoint
 from fedbilevel.config import RunConfig, load_app_config
 from fedbilevel.strategies import build_strategy
 from fedbilevel.strategies.fedsa_lora import FedSaLora, is_lora_a
 from fedbilevel.strategies.sampling import SamplingSettings
-from fedbilevel.testing import INITIAL, FakeClient, FakeGrid
+from fedbilevel.testing import INITIAL, FakeGrid, assert_adapters_equal, fake_federation, resumed_and_unbroken
 
 # A LoRA adapter named as peft saves it: one module's factors and an image classifier's head.
 A = "base_model.model.layers.0.q_proj.lora_A.weight"
@@ -28,20 +30,14 @@ def step(partition_id: int, server_round: int) -> dict[str, np.ndarray]:
     return {A: np.full((2, 3), scale), B: np.full((3, 2), 10 * scale), HEAD: np.full(2, 100 * scale)}
 
 
-def federation(size: int) -> dict[int, FakeClient]:
-    """Node id -> fake client: partitions 0..size-1 on nodes 10, 11, ..."""
-    return {10 + p: FakeClient(p, initial=THETA0, update=step) for p in range(size)}
+# federation(size): node id -> fake client, partitions 0..size-1 on nodes 10, 11, ..., starting from θ⁰ and
+# training by `step`.
+federation = partial(fake_federation, initial=THETA0, update=step)
 
 
 def adapter(a: float, b: float, head: float) -> dict[str, np.ndarray]:
     """θ⁰ plus a on A, b on B and head on the head."""
     return {A: THETA0[A] + a, B: THETA0[B] + b, HEAD: THETA0[HEAD] + head}
-
-
-def assert_adapters_equal(got, expected):
-    assert list(got) == list(expected)
-    for name in expected:
-        np.testing.assert_allclose(got[name], expected[name], rtol=1e-6, err_msg=name)
 
 
 def test_lora_a_names_as_peft_saves_them():
@@ -137,18 +133,8 @@ def test_resume_from_a_checkpoint_matches_an_unbroken_run(tmp_path):
         sampling = SamplingSettings(fraction_train=0.5, min_train_nodes=2)
         return FedSaLora(initial_adapter=THETA0, min_nodes=4, sampling=sampling, seed=1)
 
-    unbroken = make()
-    unbroken.start(FakeGrid(federation(4)), ArrayRecord(), num_rounds=3)
-    first = make()
-    first.start(FakeGrid(federation(4)), ArrayRecord(), num_rounds=2)
-    first.store.attach(tmp_path / "store")
-    save_checkpoint(tmp_path, first.checkpoint())
+    resumed, unbroken, clients = resumed_and_unbroken(make, lambda: federation(4), tmp_path, num_rounds=3)
     assert set(load_checkpoint(tmp_path)["store"]) == {"shared", "local"}
-    resumed = make()
-    resumed.store.attach(tmp_path / "store")
-    resumed.restore(load_checkpoint(tmp_path))
-    clients = federation(4)
-    resumed.start(FakeGrid(clients), ArrayRecord(), num_rounds=1)
     assert {server_round for client in clients.values() for _, server_round, _ in client.received} == {3}
     for p in range(4):
         assert_adapters_equal(resumed.adapter_for(p), unbroken.adapter_for(p))

@@ -1,13 +1,14 @@
 """FFA-LoRA: A fixed at θ⁰'s, B and the head averaged (by hand); clients train with lora_A frozen."""
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from in_process import started_client
 
 from fedbilevel import protocol
-from fedbilevel.checkpoint import load_checkpoint, save_checkpoint
-from fedbilevel.client.app import make_client_app
 from fedbilevel.client.train import train_adapter
 from fedbilevel.client.vision import ImageCodec
 from fedbilevel.config import RunConfig, load_app_config
@@ -25,7 +26,7 @@ from fedbilevel.strategies import build_strategy
 from fedbilevel.strategies.fedsa_lora import FedSaLora, is_lora_a
 from fedbilevel.strategies.ffa_lora import FfaLora
 from fedbilevel.strategies.sampling import SamplingSettings
-from fedbilevel.testing import INITIAL, FakeClient, FakeGrid
+from fedbilevel.testing import INITIAL, FakeGrid, assert_adapters_equal, fake_federation, resumed_and_unbroken
 
 # A LoRA adapter named as peft saves it: one module's factors and an image classifier's head.
 A = "base_model.model.layers.0.q_proj.lora_A.weight"
@@ -45,20 +46,14 @@ def step(partition_id: int, server_round: int) -> dict[str, np.ndarray]:
     return {A: np.full((2, 3), scale), B: np.full((3, 2), 10 * scale), HEAD: np.full(2, 100 * scale)}
 
 
-def federation(size: int) -> dict[int, FakeClient]:
-    """Node id -> fake client: partitions 0..size-1 on nodes 10, 11, ..."""
-    return {10 + p: FakeClient(p, initial=THETA0, update=step) for p in range(size)}
+# federation(size): node id -> fake client, partitions 0..size-1 on nodes 10, 11, ..., starting from θ⁰ and
+# training by `step`.
+federation = partial(fake_federation, initial=THETA0, update=step)
 
 
 def adapter(b: float, head: float, a: float = 0.0) -> dict[str, np.ndarray]:
     """θ⁰ plus b on B, head on the head and a on A."""
     return {A: THETA0[A] + a, B: THETA0[B] + b, HEAD: THETA0[HEAD] + head}
-
-
-def assert_adapters_equal(got, expected):
-    assert list(got) == list(expected)
-    for name in expected:
-        np.testing.assert_allclose(got[name], expected[name], rtol=1e-6, err_msg=name)
 
 
 @pytest.mark.usefixtures("server_identity")
@@ -124,16 +119,7 @@ def test_resume_from_a_checkpoint_matches_an_unbroken_run(tmp_path):
         sampling = SamplingSettings(fraction_train=0.5, min_train_nodes=2)
         return FfaLora(initial_adapter=THETA0, min_nodes=4, sampling=sampling, seed=1)
 
-    unbroken = make()
-    unbroken.start(FakeGrid(federation(4)), ArrayRecord(), num_rounds=3)
-    first = make()
-    first.start(FakeGrid(federation(4)), ArrayRecord(), num_rounds=2)
-    first.store.attach(tmp_path / "store")
-    save_checkpoint(tmp_path, first.checkpoint())
-    resumed = make()
-    resumed.store.attach(tmp_path / "store")
-    resumed.restore(load_checkpoint(tmp_path))
-    resumed.start(FakeGrid(federation(4)), ArrayRecord(), num_rounds=1)
+    resumed, unbroken, _ = resumed_and_unbroken(make, lambda: federation(4), tmp_path, num_rounds=3)
     assert resumed.history[-1]["round"] == 3
     for p in range(4):
         assert_adapters_equal(resumed.adapter_for(p), unbroken.adapter_for(p))
@@ -192,14 +178,7 @@ def test_the_client_app_trains_b_with_a_left_exactly_as_received_then_unfreezes_
         "local-steps": 2,
         "learning-rate": 0.01,
     }
-    context = Context(
-        run_id=1, node_id=5, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(), run_config=config
-    )
-    app = make_client_app()
-    query = Message(
-        RecordDict({protocol.CONFIG: ConfigRecord({protocol.QUERY: protocol.QUERY_PARTITION})}), 5, MessageType.QUERY
-    )
-    assert protocol.START_ERROR not in app(query, context).content.config_records[protocol.INFO]
+    app, context = started_client(config)
     run_config = RunConfig.from_run_config(config)
     sent = with_nonzero_b(initial_adapter_arrays(run_config.model.name, run_config.lora, seed=run_config.seed))
 

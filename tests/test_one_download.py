@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from in_process import started_client
 
 from fedbilevel import protocol
-from fedbilevel.client.app import make_client_app
 from fedbilevel.config import RunConfig, load_app_config
 from fedbilevel.models.adapter import initial_adapter_arrays
 from fedbilevel.strategies.fedamp import FedAmp
@@ -99,16 +99,7 @@ def test_client_app_uses_the_adapter_it_holds_and_asks_for_one_it_does_not(serve
         "local-steps": 1,
         "eval-max-new-tokens": 4,
     }
-    state = RecordDict()
-    context = Context(
-        run_id=1, node_id=5, node_config={"partition-id": 0, "num-partitions": 2}, state=state, run_config=config
-    )
-    app = make_client_app()
-    query = Message(
-        RecordDict({protocol.CONFIG: ConfigRecord({protocol.QUERY: protocol.QUERY_PARTITION})}), 5, MessageType.QUERY
-    )
-    reply = app(query, context)
-    assert protocol.START_ERROR not in reply.content.config_records[protocol.INFO]
+    app, context = started_client(config)
 
     run_config = RunConfig.from_run_config(config)
     initial = initial_adapter_arrays(run_config.model.name, run_config.lora, seed=run_config.seed)

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from in_process import client_context, query_info
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from torch.optim.optimizer import register_optimizer_step_pre_hook
@@ -289,18 +290,9 @@ def client(overrides, partition_id=0, num_partitions=2, state=None):
         "dp-delta": 1e-3,
         **overrides,
     }
-    context = Context(
-        run_id=1,
-        node_id=5,
-        node_config={"partition-id": partition_id, "num-partitions": num_partitions},
-        state=state if state is not None else RecordDict(),
-        run_config=config,
-    )
+    context = client_context(config, partition_id=partition_id, num_partitions=num_partitions, state=state)
     app = make_client_app()
-    query = Message(
-        RecordDict({protocol.CONFIG: ConfigRecord({protocol.QUERY: protocol.QUERY_PARTITION})}), 5, MessageType.QUERY
-    )
-    info = app(query, context).content.config_records[protocol.INFO]
+    info = query_info(app, context)
     return app, context, RunConfig.from_run_config(config), info
 
 

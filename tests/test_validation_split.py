@@ -4,7 +4,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
-from flwr.app import Context, RecordDict
+from in_process import client_context
 
 from fedbilevel.client import app as client_app
 from fedbilevel.client.app import ClientSession
@@ -110,10 +110,7 @@ def test_eval_split_validation_needs_a_validation_split():
 
 
 def session(**run_config):
-    node = {"partition-id": 4, "num-partitions": 8}
-    context = Context(
-        run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={**load_app_config(), **run_config}
-    )
+    context = client_context({**load_app_config(), **run_config}, partition_id=4, num_partitions=8, node_id=7)
     return ClientSession(context, overrides=None)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Context, RecordDict
+from in_process import client_context
 
 from fedbilevel.client.app import ClientSession
 from fedbilevel.client.metrics import macro_f1
@@ -117,13 +117,8 @@ def test_training_moves_lora_and_head_and_raises_accuracy():
 
 
 def test_a_text_model_on_image_data_is_refused_with_the_key():
-    context = Context(
-        run_id=1,
-        node_id=7,
-        node_config={"partition-id": 0, "num-partitions": 8},
-        state=RecordDict(),
-        run_config={**load_app_config(), "data": "digits", "model-name": TINY_MODEL},
-    )
+    config = {**load_app_config(), "data": "digits", "model-name": TINY_MODEL}
+    context = client_context(config, num_partitions=8, node_id=7)
     with pytest.raises(
         ValueError,
         match="run-config key 'model-name': value 'tiny-random-llama' is a causal language model, "

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.metrics import roc_auc_score
 
 from fedbilevel.config import RunConfig
 from fedbilevel.options import declared, defaults
@@ -364,6 +365,164 @@ def robustness_rows(conditions: dict[str, Sequence[Run]], faulty: Sequence[int],
     return rows
 
 
+# group_separation's per-round measures, in its rows' order after ``round`` and ``clients``.
+SEPARATION_MEASURES = (
+    "same_task_cos",
+    "cross_task_cos",
+    "cos_gap",
+    "auroc",
+    "same_task_weight",
+    "uniform_same_task_weight",
+    "self_weight",
+)
+
+
+def group_separation(run: Run) -> list[dict[str, Any]]:
+    """Per recorded round, how well the server's similarity and weights find the clients' task groups.
+
+    From ``similarity`` (the recorded cosines; FedBip-L's are means over layer groups), over the
+    off-diagonal entries whose row and column clients are both present (ordered pairs, so each pair
+    of a symmetric matrix counts twice, which leaves every mean and the AUROC unchanged; a column of
+    a remembered absent client, ``absent-client-rule = "remember"``, counts once):
+
+    - ``same_task_cos``, ``cross_task_cos``: the mean cosine over same-task and over cross-task
+      pairs; ``cos_gap``: the first minus the second;
+    - ``auroc``: the area under the ROC curve of the cosine as a score for "same task"
+      (:func:`sklearn.metrics.roc_auc_score`): the chance that a random same-task pair has the
+      higher cosine than a random cross-task pair; 0.5 is chance, 1 a perfect split.
+
+    From ``weights`` (rows: receiving client), over the present rows:
+
+    - ``same_task_weight``: the mean over rows with a same-task partner present of the weight the
+      row puts on those partners together (itself excluded); ``uniform_same_task_weight``: the same
+      for uniform weights over the row's present columns, the reference a weighting that ignores
+      the tasks reaches (it moves with who was sampled);
+    - ``self_weight``: the mean over rows of the weight a client puts on itself.
+
+    Parameters
+    ----------
+    run : Run
+        A run whose ``clients`` carry a ``task`` and whose rounds may record ``similarity`` and/or
+        ``weights``: N×N lists of float (None for absent clients) over :func:`matrix_clients`.
+
+    Returns
+    -------
+    list of dict
+        One dict per round that records either matrix, in round order: ``round`` (int),
+        ``clients`` (int, the rows present), then :data:`SEPARATION_MEASURES` (float, None where
+        undefined: the round lacks that matrix, or no same-task / no cross-task pair is present).
+        Empty when some client has no task label or no round records a matrix.
+    """
+    if not run.clients or any(info.get("task") is None for info in run.clients.values()):
+        return []
+    rows = []
+    for record in run.rounds:
+        if "similarity" not in record and "weights" not in record:
+            continue
+        values: dict[str, float | None] = {}
+        for key, measures in (("similarity", _cosine_separation), ("weights", _weight_separation)):
+            if key in record:
+                matrix, same = _matrix_and_same_task(run, record, key)
+                present = int((~np.isnan(matrix)).any(axis=1).sum())
+                values.update(measures(matrix, same))
+        rows.append({"round": record["round"], "clients": present, **{m: values.get(m) for m in SEPARATION_MEASURES}})
+    return rows
+
+
+def _matrix_and_same_task(run: Run, record: Mapping[str, Any], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """A round's matrix ``key`` (float64, N×N, NaN where absent) and whether each entry's row and
+    column clients share a task (bool, N×N; the diagonal is True)."""
+    tasks = np.array([run.clients[c]["task"] for c in matrix_clients(record, key, list(run.clients))])
+    matrix = np.array([[np.nan if v is None else v for v in line] for line in record[key]], dtype=np.float64)
+    return matrix, tasks[:, None] == tasks[None, :]
+
+
+def _mean_or_none(values: np.ndarray) -> float | None:
+    return float(values.mean()) if values.size else None
+
+
+def _cosine_separation(similarity: np.ndarray, same: np.ndarray) -> dict[str, float | None]:
+    """``same_task_cos``, ``cross_task_cos``, ``cos_gap``, ``auroc`` of one round (see :func:`group_separation`)."""
+    pairs = ~np.isnan(similarity) & ~np.eye(len(similarity), dtype=bool)
+    scores, labels = similarity[pairs], same[pairs]
+    same_cos, cross_cos = _mean_or_none(scores[labels]), _mean_or_none(scores[~labels])
+    both = same_cos is not None and cross_cos is not None  # the AUROC needs a pair of each kind
+    return {
+        "same_task_cos": same_cos,
+        "cross_task_cos": cross_cos,
+        "cos_gap": same_cos - cross_cos if both else None,
+        "auroc": float(roc_auc_score(labels, scores)) if both else None,
+    }
+
+
+def _weight_separation(weights: np.ndarray, same: np.ndarray) -> dict[str, float | None]:
+    """``same_task_weight``, ``uniform_same_task_weight``, ``self_weight`` of a round (:func:`group_separation`)."""
+    present = ~np.isnan(weights)
+    partners = present & same & ~np.eye(len(weights), dtype=bool)
+    rows = partners.any(axis=1)  # rows with a same-task partner present this round
+    on_partners = np.where(partners, weights, 0.0).sum(axis=1)[rows]
+    uniform = (partners.sum(axis=1) / np.maximum(present.sum(axis=1), 1))[rows]
+    diagonal = np.diag(weights)
+    return {
+        "same_task_weight": _mean_or_none(on_partners),
+        "uniform_same_task_weight": _mean_or_none(uniform),
+        "self_weight": _mean_or_none(diagonal[~np.isnan(diagonal)]),
+    }
+
+
+def separation_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """Per label, the first and the last recorded round of :func:`group_separation`: each measure's
+    mean and std over the seeds that have it.
+
+    Parameters
+    ----------
+    runs : sequence of Run
+        Any runs; labels none of whose runs has a same-task pair in any matrix are left out.
+
+    Returns
+    -------
+    list of dict
+        Two rows per label (``when`` = "first", "last"): ``strategy`` (the label), ``when``,
+        ``rounds`` (str, the rounds those were, e.g. "1" or "18 20"), ``seeds`` (str), then per
+        measure of :data:`SEPARATION_MEASURES` ``<measure>_mean`` and ``<measure>_std`` (float;
+        NaN where no seed has it, std NaN for a single seed). Empty when no label qualifies.
+    """
+    rows = []
+    for label, group in group_by_label(runs).items():
+        separations = [(run, rounds) for run in group if _has_groups(rounds := group_separation(run))]
+        if not separations:
+            continue
+        for when, index in (("first", 0), ("last", -1)):
+            picked = [rounds[index] for _, rounds in separations]
+            row: dict[str, Any] = {
+                "strategy": label,
+                "when": when,
+                "rounds": " ".join(str(r) for r in sorted({p["round"] for p in picked})),
+                "seeds": _seeds([run for run, _ in separations]),
+            }
+            for name in SEPARATION_MEASURES:
+                values = [p[name] for p in picked if p[name] is not None]
+                row[f"{name}_mean"], row[f"{name}_std"] = _mean_std(values) if values else (math.nan, math.nan)
+            rows.append(row)
+    return rows
+
+
+def _has_groups(rounds: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether a run's :func:`group_separation` rows have any same-task measure (so a task has two clients)."""
+    return any(r["same_task_cos"] is not None or r["same_task_weight"] is not None for r in rounds)
+
+
+def separation_per_round(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """separation.csv's rows: ``strategy`` (label), ``seed``, then :func:`group_separation`'s row, for
+    every run with task groups (see :func:`separation_rows`) and every recorded round."""
+    return [
+        {"strategy": run.label, "seed": run.seed, **row}
+        for run in runs
+        if _has_groups(rounds := group_separation(run))
+        for row in rounds
+    ]
+
+
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -372,7 +531,8 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def markdown(runs: Sequence[Run]) -> str:
-    """The comparison as Markdown: the summary table, then the per-client table (primary metric)."""
+    """The comparison as Markdown: the summary table, the cross-task, paired-difference and
+    group-separation tables where they apply, then the per-client tables."""
     primary, metrics, split = runs[0].primary_metric, runs[0].metrics, runs[0].split
     header = " | ".join(f"{METRIC_LABELS[m]} {when}" for when in ("last", "best") for m in metrics)
     summary = summary_rows(runs)
@@ -435,6 +595,7 @@ def markdown(runs: Sequence[Run]) -> str:
                 lines.append(
                     f"| {label} | {_seeds(shared)} | {paired[0]:+.3f} | [{paired[1]:+.3f}, {paired[2]:+.3f}] |"
                 )
+    lines += _separation_markdown(separation_rows(runs))
     clients = runs[0].clients
     lines += [
         "",
@@ -487,6 +648,33 @@ def markdown(runs: Sequence[Run]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _separation_markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The lines of the group-separation table of :func:`separation_rows`'s rows (none without rows)."""
+    if not rows:
+        return []
+    lines = [
+        "",
+        "Do the similarity and the weights find the task groups? Over the pairs of clients present in a round:"
+        " *same-task*, *cross-task*: the mean recorded cosine over pairs that share a task and pairs that do not"
+        " (FedBip-L: mean over layer groups); *AUROC*: the chance that a same-task pair has the higher cosine than"
+        " a cross-task pair (0.5: chance, 1: a perfect split); *on partners*: the weight a client puts on its"
+        " present same-task partners together (mean over the clients with one); *uniform*: the same for equal"
+        " weights; *self*: the weight a client puts on itself. First and last recorded round, mean ± std over"
+        " seeds:",
+        "",
+        "| strategy | round | seeds | same-task cos | cross-task cos | AUROC | on partners | uniform | self |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        cells = [
+            "–" if math.isnan(row[f"{m}_mean"]) else _format(row[f"{m}_mean"], row[f"{m}_std"])
+            for m in SEPARATION_MEASURES
+            if m != "cos_gap"  # the two means beside each other show it
+        ]
+        lines.append(f"| {row['strategy']} | {row['rounds']} | {row['seeds']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _seeds(group: Sequence[Run]) -> str:
     return " ".join(str(run.seed) for run in group)
 
@@ -497,12 +685,17 @@ def _majority(info: dict[str, Any]) -> str:
 
 
 def write_tables(runs: Sequence[Run], out: Path) -> list[Path]:
-    """comparison.csv (summary), per_client.csv and comparison.md in ``out``."""
+    """comparison.csv (summary), per_client.csv, comparison.md and, for runs with task groups and
+    similarity or weight matrices, separation.csv (:func:`separation_per_round`) in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "comparison.csv", out / "per_client.csv", out / "comparison.md"]
     _write_csv(paths[0], summary_rows(runs))
     _write_csv(paths[1], per_client_rows(runs))
     paths[2].write_text(markdown(runs), encoding="utf-8")
+    separation = separation_per_round(runs)
+    if separation:
+        paths.append(out / "separation.csv")
+        _write_csv(paths[-1], separation)
     return paths
 
 
@@ -588,61 +781,138 @@ def plot_per_client(runs: Sequence[Run], path: Path) -> Path:
     return path
 
 
-# The matrices a round may record: key -> (panel title, colour map, colour limits).
+# The matrices a round may record: key -> (panel title, colour map, colour limits, colour-scale
+# exponent, colour of the lines between tasks). Weights get a square-root scale: with many clients
+# they are small (1/16 each among 16) and would all look alike on a linear one. The lines are
+# chosen to show on every colour of their map.
 MATRICES = {
-    "similarity": ("cosine similarity", "RdBu_r", (-1, 1)),
-    "weights": ("aggregation weight", "viridis", (0, 1)),
+    "similarity": ("cosine similarity", "RdBu_r", (-1, 1), 1.0, "black"),
+    "weights": ("aggregation weight", "viridis", (0, 1), 0.5, "white"),
 }
+CELL_VALUES_MAX = 12  # clients up to which a heatmap writes each cell's value; above, the colours alone fit
 
 
-def matrix_names(record: Mapping[str, Any], key: str, labels: Sequence[str]) -> list[str]:
-    """The row and column labels of a round's matrix ``key``, from every client's ``labels``."""
-    # Matrices over every client (absent ones None) since client sampling; over the participants before.
-    if len(record[key]) == len(labels):
-        return list(labels)
-    return [labels[int(p)] for p in record.get("participants", range(len(labels)))]
+def heatmap_inches(count: int) -> float:
+    """Side in inches of one heatmap panel over ``count`` clients: room for the cell values up to
+    :data:`CELL_VALUES_MAX` clients, then a fixed size (colours and small ticks need no more)."""
+    return min(0.5 * count + 2.5, 9.0)
 
 
-def draw_matrix(figure: Any, ax: Any, record: Mapping[str, Any], key: str, names: Sequence[str]) -> None:
-    """One heatmap panel of a round's matrix ``key`` (see :data:`MATRICES`) on ``ax``, values written
-    in the cells, grey where a client did not take part, with its colour bar."""
-    title, cmap, limits = MATRICES[key]
+def matrix_clients(record: Mapping[str, Any], key: str, clients: Sequence[str]) -> list[str]:
+    """The partition ids (results.json's ``clients`` keys) of the rows and columns of a round's matrix ``key``.
+
+    Parameters
+    ----------
+    record : mapping
+        A round of results.json with the N×N list ``record[key]``.
+    key : str
+        ``"similarity"`` or ``"weights"``.
+    clients : sequence of str
+        Every known partition id.
+
+    Returns
+    -------
+    list of str
+        Length N: every client in ascending partition id, or for runs recorded before client
+        sampling (matrices over the participants only) the round's ``participants``.
+    """
+    if len(record[key]) == len(clients):
+        return sorted(clients, key=int)
+    return [str(p) for p in record["participants"]]
+
+
+def task_order(tasks: Sequence[Any]) -> list[int]:
+    """Positions that put same-task clients side by side: tasks in first-seen order, clients in
+    their given order inside a task (the identity when each task's clients are already contiguous)."""
+    first: dict[Any, int] = {}
+    for task in tasks:
+        first.setdefault(task, len(first))
+    return sorted(range(len(tasks)), key=lambda k: first[tasks[k]])
+
+
+def draw_matrix(
+    figure: Any, ax: Any, record: Mapping[str, Any], key: str, clients: Mapping[str, Mapping[str, Any]]
+) -> None:
+    """One heatmap panel of a round's matrix ``key`` (see :data:`MATRICES`) on ``ax``, with its colour bar.
+
+    Grey where a client did not take part; weights on a square-root colour scale. Same-task
+    clients sit side by side with a thin line between tasks; when a task's clients are not
+    contiguous in partition-id order they are reordered, and the panel title says so. Up to
+    :data:`CELL_VALUES_MAX` clients the cells show their values and the ticks read
+    ``<partition id> <task>``; above, the ticks are partition ids and each task is named once
+    beside its block (when some task has several clients).
+
+    Parameters
+    ----------
+    figure, ax
+        A matplotlib Figure (pyplot's or a bare one) and the Axes to draw on.
+    record : mapping
+        A round of results.json holding the N×N list ``record[key]`` (None where absent).
+    key : str
+        A key of :data:`MATRICES`.
+    clients : mapping
+        results.json's ``clients``: partition id -> info with its ``task``.
+    """
+    import matplotlib
+
+    title, cmap, limits, gamma, line_colour = MATRICES[key]
+    ids = matrix_clients(record, key, list(clients))
+    order = task_order([clients[c].get("task") for c in ids])
+    ids = [ids[k] for k in order]
+    tasks = [clients[c].get("task") for c in ids]
     matrix = np.array([[np.nan if v is None else v for v in line] for line in record[key]], dtype=float)
+    matrix = matrix[np.ix_(order, order)]
+    count = len(ids)
     ax.set_facecolor("0.85")  # grey where a client did not take part (NaN cells are not drawn)
-    image = ax.imshow(matrix, cmap=cmap, vmin=limits[0], vmax=limits[1])
-    for (i, j), value in np.ndenumerate(matrix):
-        if np.isnan(value):
-            continue
-        ax.text(
-            j,
-            i,
-            f"{value:.2f}",
-            ha="center",
-            va="center",
-            fontsize=7,
-            color="white" if (abs(value) > 0.6 if key == "similarity" else value > 0.5) else "black",
-        )
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(names)), names, fontsize=8)
-    ax.set_title(f"{title}, round {record['round']}", fontsize=10)
+    norm = matplotlib.colors.PowerNorm(gamma, *limits)
+    image = ax.imshow(matrix, cmap=cmap, norm=norm)
+    if count <= CELL_VALUES_MAX:
+        for (i, j), value in np.ndenumerate(matrix):
+            if not np.isnan(value):
+                red, green, blue, _ = image.cmap(norm(value))
+                dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5  # the cell's luminance: white text on dark
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
+    # Where the task changes along the (task-ordered) clients: block k is starts[k]..starts[k+1]-1.
+    starts = [k for k in range(count) if k == 0 or tasks[k] != tasks[k - 1]]
+    grouped = len(starts) < count  # some task has several clients: its block is worth marking
+    if grouped:
+        for edge in starts[1:]:
+            ax.axhline(edge - 0.5, color=line_colour, linewidth=0.8)
+            ax.axvline(edge - 0.5, color=line_colour, linewidth=0.8)
+    if count <= CELL_VALUES_MAX or not grouped:
+        names = [f"{c} {t}" for c, t in zip(ids, tasks)]
+        size = 8 if count <= CELL_VALUES_MAX else 6
+        ax.set_xticks(range(count), names, rotation=45, ha="right", fontsize=size)
+        ax.set_yticks(range(count), names, fontsize=size)
+    else:
+        ax.set_xticks(range(count), ids, fontsize=6)
+        ax.set_yticks(range(count), ids, fontsize=6)
+        # Each task's name once, at its block's centre: minor ticks placed past the partition ids.
+        centres = [(start + end - 1) / 2 for start, end in zip(starts, [*starts[1:], count])]
+        names = [str(tasks[start]) for start in starts]
+        ax.set_xticks(centres, names, minor=True, rotation=30, ha="right", fontsize=7)
+        ax.set_yticks(centres, names, minor=True, fontsize=7)
+        ax.tick_params(axis="x", which="minor", length=0, pad=12)
+        ax.tick_params(axis="y", which="minor", length=0, pad=16)
+    reordered = order != list(range(count))
+    ax.set_title(f"{title}, round {record['round']}" + (" (clients ordered by task)" if reordered else ""), fontsize=10)
     figure.colorbar(image, ax=ax, shrink=0.8)
 
 
 def plot_similarity(run: Run, path: Path) -> Path:
-    """Similarity (top) and aggregation weights (bottom), first and last round, labelled by task."""
+    """Similarity (top) and aggregation weights (bottom), first and last round, labelled by task
+    (see :func:`draw_matrix`)."""
     import matplotlib.pyplot as plt
 
     recorded = [r for r in run.rounds if "similarity" in r]
     shown = [recorded[0], recorded[-1]] if len(recorded) > 1 else recorded[:1]
-    labels = client_labels(run.clients)
-    size = 0.5 * len(labels) + 2.5
+    size = heatmap_inches(len(run.clients))
     figure, axes = plt.subplots(
-        2, len(shown), figsize=(size * len(shown), 2 * size), squeeze=False, constrained_layout=True
+        2, len(shown), figsize=(size * len(shown), 1.8 * size), squeeze=False, constrained_layout=True
     )
     for column, record in enumerate(shown):
-        names = matrix_names(record, "similarity", labels)
         for row, key in enumerate(MATRICES):
-            draw_matrix(figure, axes[row, column], record, key, names)
+            draw_matrix(figure, axes[row, column], record, key, run.clients)
     figure.suptitle(
         f"{run.label}, seed {run.seed}: rows = receiving client, columns = contributing client"
         + ("; grey: not in the round" if any(None in line for r in shown for line in r["similarity"]) else "")
@@ -714,11 +984,91 @@ def plot_cross_task(cross: Mapping[str, Any], metric: str, title: str, path: Pat
     return path
 
 
+# separation.png's panels: (measure, panel title, y label, reference line and its name).
+_SEPARATION_PANELS = (
+    ("cos_gap", "Same-task minus cross-task cosine", "mean cosine difference", (0.0, "no separation")),
+    ("auroc", "AUROC of the cosine for “same task”", "AUROC", (0.5, "no separation")),
+    ("same_task_weight", "Weight on same-task partners (dashed: equal weights)", "weight, summed over partners", None),
+)
+
+
+def plot_separation(runs: Sequence[Run], path: Path) -> Path:
+    """Per round, how well each label's similarity and weights find the task groups (:func:`group_separation`).
+
+    Three panels: same-task minus cross-task cosine, the cosine's AUROC for "same task", and the
+    weight on same-task partners with its equal-weights reference dashed in the same colour. Lines
+    are the mean over seeds, bands ± one std; labels without task groups are left out, and a label
+    without a similarity matrix (e.g. the cluster oracle) shows in the weight panel only.
+    """
+    import matplotlib.pyplot as plt
+
+    series = {
+        label: per_run
+        for label, group in group_by_label(runs).items()
+        if (per_run := [rounds for run in group if _has_groups(rounds := group_separation(run))])
+    }
+    figure, axes = plt.subplots(1, len(_SEPARATION_PANELS), figsize=(15, 4.8), layout="constrained")
+    for (label, per_run), colour in zip(series.items(), strategy_colours(len(series))):
+        rounds = sorted({row["round"] for rows in per_run for row in rows})
+        name = f"{label} ({len(per_run)} seed{'s' * (len(per_run) > 1)})"
+        for ax, (measure, *_) in zip(axes, _SEPARATION_PANELS):
+            mean, std = _seed_band(per_run, rounds, measure)
+            if np.isnan(mean).all():
+                continue
+            ax.plot(rounds, mean, marker="o", markersize=4, color=colour, label=name)
+            ax.fill_between(rounds, mean - std, mean + std, color=colour, alpha=0.15)
+        uniform, _ = _seed_band(per_run, rounds, "uniform_same_task_weight")
+        axes[-1].plot(rounds, uniform, linestyle="--", linewidth=1, color=colour)
+    for ax, (_, title, ylabel, reference) in zip(axes, _SEPARATION_PANELS):
+        if reference is not None:
+            ax.axhline(reference[0], color="0.4", linestyle=":", linewidth=1, label=reference[1])
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("server round")
+        ax.set_ylabel(ylabel)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+    axes[1].set_ylim(-0.02, 1.02)  # the AUROC's whole range, so 0.5 sits mid-panel
+    axes[2].set_ylim(bottom=0)  # weights among many clients are small: a full [0, 1] would flatten them
+    # One legend for all panels: the weight panel has every label (any matrix gives weights or cosines).
+    handles = {h.get_label(): h for ax in axes for h in ax.get_legend_handles_labels()[0]}
+    figure.legend(handles.values(), handles.keys(), loc="outside lower center", ncols=min(len(handles), 5))
+    some = next(run for run in runs if _has_groups(group_separation(run)))
+    tasks = {info["task"] for info in some.clients.values()}
+    figure.suptitle(
+        f"Do the similarity and the weights find the task groups? {len(some.clients)} clients in {len(tasks)} tasks;"
+        " each round over the clients that took part; mean over seeds, band ± std"
+    )
+    figure.savefig(path, dpi=130)
+    plt.close(figure)
+    return path
+
+
+def _seed_band(
+    per_run: Sequence[Sequence[Mapping[str, Any]]], rounds: Sequence[int], measure: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per round of ``rounds``, the mean and the std (0 for one value) over runs of ``measure``, NaN where none has it.
+
+    Returns
+    -------
+    tuple of np.ndarray
+        Mean and std, float64, shape (len(rounds),).
+    """
+    values = [
+        [row[measure] for rows in per_run for row in rows if row["round"] == rnd and row[measure] is not None]
+        for rnd in rounds
+    ]
+    mean = np.array([np.mean(v) if v else np.nan for v in values])
+    std = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in values])
+    return mean, std
+
+
 def write_plots(runs: Sequence[Run], out: Path) -> list[Path]:
-    """scores_per_round.png, per_client.png, similarity_<strategy>.png and, for runs with eval-cross,
-    cross_task_<strategy>.png (first seed) in ``out``."""
+    """scores_per_round.png, per_client.png, similarity_<strategy>.png, separation.png for runs with
+    task groups and matrices, and cross_task_<strategy>.png (first seed) for runs with eval-cross, in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [plot_scores_per_round(runs, out / "scores_per_round.png"), plot_per_client(runs, out / "per_client.png")]
+    if any(_has_groups(group_separation(run)) for run in runs):
+        paths.append(plot_separation(runs, out / "separation.png"))
     for strategy, group in group_by_label(runs).items():
         if any("similarity" in r for r in group[0].rounds):
             paths.append(plot_similarity(group[0], out / f"similarity_{strategy}.png"))

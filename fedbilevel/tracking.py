@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from fedbilevel.comparison import MATRICES, OPTION_METRIC, client_labels, draw_matrix, matrix_names
+from fedbilevel.comparison import MATRICES, OPTION_METRIC, draw_matrix, heatmap_inches
 from fedbilevel.options import not_allowed
 from fedbilevel.protocol import GLOBAL_PREFIX
 
@@ -107,10 +107,9 @@ class TensorBoardTracker(Tracker):
 
     def _write(self, results: Mapping[str, Any], record: Mapping[str, Any]) -> None:
         values = [Summary.Value(tag=tag, simple_value=value) for tag, value in round_scalars(results, record).items()]
-        labels = client_labels(results["clients"])
         for key in MATRICES:
             if key in record:
-                values.append(Summary.Value(tag=f"matrix/{key}", image=_heatmap(record, key, labels)))
+                values.append(Summary.Value(tag=f"matrix/{key}", image=_heatmap(record, key, results["clients"])))
         self._writer.add_event(Event(wall_time=time.time(), step=record["round"], summary=Summary(value=values)))
 
 
@@ -135,13 +134,12 @@ def round_scalars(results: Mapping[str, Any], record: Mapping[str, Any]) -> dict
     return {tag: float(value) for tag, value in out.items()}
 
 
-def _heatmap(record: Mapping[str, Any], key: str, labels: list[str]) -> Any:
+def _heatmap(record: Mapping[str, Any], key: str, clients: Mapping[str, Mapping[str, Any]]) -> Any:
     """The round's matrix ``key`` as a PNG image summary, drawn as in the comparison plots."""
-    names = matrix_names(record, key, labels)
-    size = 0.5 * len(names) + 2.5
+    size = heatmap_inches(len(record[key]))
     # A bare Figure, not pyplot: the ServerApp may run outside the main thread, where GUI backends fail.
     figure = Figure(figsize=(size + 1, size), layout="constrained")
-    draw_matrix(figure, figure.add_subplot(), record, key, names)
+    draw_matrix(figure, figure.add_subplot(), record, key, clients)
     absent = any(None in line for line in record[key])
     figure.suptitle(
         "rows: receiving client, columns: contributing client" + ("; grey: not in the round" if absent else ""),

@@ -7,6 +7,9 @@ config is reused, so an interrupted comparison continues where it stopped. Then:
 
     <out>/comparison.csv, per_client.csv, comparison.md     tables (mean ± std over seeds)
     <out>/scores_per_round.png, per_client.png, similarity_<strategy>.png, cross_task_<strategy>.png (eval-cross)
+    <out>/separation.csv, separation.png                     with task groups (clients-per-task > 1) and
+                                                             similarity/weight matrices: same- vs cross-task
+                                                             cosine, its AUROC, weight on same-task partners
 
 Example (the synthetic comparison in docs/BENCHMARKS.md):
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedbilevel.comparison import (
@@ -314,3 +315,194 @@ def test_strategy_colours_stay_distinct_past_the_default_cycle():
     for count in (3, 10, 11, 20):
         colours = strategy_colours(count)
         assert len(colours) == count and len(set(colours)) == count
+
+
+def write_grouped_run(folder: Path, strategy: str, seed: int, tasks: list[str], matrices: list[dict]) -> Path:
+    """A run folder over clients 0..N-1 with ``tasks``; round r records ``matrices[r-1]`` (similarity
+    and/or weights, None for absent clients) and evaluates every client at 0.5."""
+    rounds = []
+    for number, fields in enumerate(matrices, start=1):
+        evaluated = {str(c): scores(0.5) for c in range(len(tasks))}
+        rounds.append({"round": number, "eval": evaluated, "personalized_mean": scores(0.5), **fields})
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"seed": seed, "run_config": {}}))
+    clients = {str(c): {"task": task, "majority_exact_match": 0.0} for c, task in enumerate(tasks)}
+    summary = {"primary_metric": "exact_match", "seconds": 60.0}
+    (folder / "results.json").write_text(
+        json.dumps({"strategy": strategy, "clients": clients, "rounds": rounds, "summary": summary})
+    )
+    return folder
+
+
+# Clients 0, 1 hold task "a", 2, 3 task "b". Round 1: client 3 absent (None row and column).
+GROUPED_TASKS = ["a", "a", "b", "b"]
+ROUND_1 = {
+    "participants": [0, 1, 2],
+    "similarity": [[1, 0.8, 0.2, None], [0.8, 1, 0.4, None], [0.2, 0.4, 1, None], [None] * 4],
+    "weights": [[0.5, 0.3, 0.2, None], [0.4, 0.4, 0.2, None], [0.25, 0.25, 0.5, None], [None] * 4],
+}
+ROUND_2 = {
+    "participants": [0, 1, 2, 3],
+    "similarity": [[1, 0.6, 0.1, 0.7], [0.6, 1, 0.3, -0.2], [0.1, 0.3, 1, 0.5], [0.7, -0.2, 0.5, 1]],
+    "weights": [[0.4, 0.3, 0.1, 0.2], [0.3, 0.5, 0.1, 0.1], [0.1, 0.1, 0.6, 0.2], [0.1, 0.1, 0.2, 0.6]],
+}
+
+
+def test_group_separation_by_hand(tmp_path):
+    from fedbilevel.comparison import group_separation
+
+    run = load_run(write_grouped_run(tmp_path / "g0", "fedbip", 0, GROUPED_TASKS, [ROUND_1, ROUND_2, {}]))
+    first, second = group_separation(run)  # round 3 records no matrix: no row
+    # Round 1, pairs of 0, 1, 2: same task (0,1) 0.8; cross (0,2) 0.2, (1,2) 0.4; every same above every cross.
+    assert first["round"] == 1 and first["clients"] == 3
+    assert first["same_task_cos"] == pytest.approx(0.8) and first["cross_task_cos"] == pytest.approx(0.3)
+    assert first["cos_gap"] == pytest.approx(0.5) and first["auroc"] == 1.0
+    # Weights: 0 puts 0.3 on 1, 1 puts 0.4 on 0; 2's partner 3 is absent, so 2 has no partner row.
+    assert first["same_task_weight"] == pytest.approx(0.35)
+    assert first["uniform_same_task_weight"] == pytest.approx(1 / 3)  # 1 partner of 3 present columns
+    assert first["self_weight"] == pytest.approx((0.5 + 0.4 + 0.5) / 3)
+    # Round 2: same (0,1) 0.6, (2,3) 0.5; cross 0.1, 0.7, 0.3, -0.2. Each same pair beats 3 of the 4 cross: 6/8.
+    assert second["clients"] == 4
+    assert second["same_task_cos"] == pytest.approx(0.55) and second["cross_task_cos"] == pytest.approx(0.225)
+    assert second["cos_gap"] == pytest.approx(0.325) and second["auroc"] == pytest.approx(0.75)
+    assert second["same_task_weight"] == pytest.approx(0.25) and second["uniform_same_task_weight"] == 0.25
+    assert second["self_weight"] == pytest.approx(0.525)
+
+
+def test_group_separation_without_tasks_matrices_or_groups(tmp_path, runs):
+    from fedbilevel.comparison import group_separation, separation_rows
+
+    # Weights only (the cluster oracle): the cosine measures are None, the weight measures are there.
+    weights_only = {key: value for key, value in ROUND_1.items() if key != "similarity"}
+    oracle = load_run(write_grouped_run(tmp_path / "o0", "cluster-oracle", 0, GROUPED_TASKS, [weights_only]))
+    (row,) = group_separation(oracle)
+    assert row["same_task_cos"] is None and row["auroc"] is None and row["same_task_weight"] == pytest.approx(0.35)
+    # No task label, or no matrix: nothing to measure.
+    unlabelled = load_run(write_grouped_run(tmp_path / "u0", "fedbip", 0, [None] * 4, [ROUND_2]))
+    assert group_separation(unlabelled) == []
+    assert group_separation(load_run(write_grouped_run(tmp_path / "n0", "fedavg", 0, GROUPED_TASKS, [{}]))) == []
+    # One client per task: no same-task pair, so no separation table or files.
+    assert group_separation(runs[0])[0]["same_task_cos"] is None and group_separation(runs[0])[0]["auroc"] is None
+    assert separation_rows(runs) == []
+
+
+def test_separation_table_and_csv_by_hand(tmp_path):
+    from fedbilevel.comparison import separation_rows
+
+    other_seed = {**ROUND_1, "similarity": [[1, 0.6, 0.2, None], [0.6, 1, 0.4, None], [0.2, 0.4, 1, None], [None] * 4]}
+    weights_only = {key: value for key, value in ROUND_2.items() if key != "similarity"}
+    runs = [
+        load_run(write_grouped_run(tmp_path / "a0", "fedbip", 0, GROUPED_TASKS, [ROUND_1, ROUND_2])),
+        load_run(write_grouped_run(tmp_path / "a1", "fedbip", 1, GROUPED_TASKS, [other_seed, ROUND_2])),
+        load_run(write_grouped_run(tmp_path / "b0", "cluster-oracle", 0, GROUPED_TASKS, [weights_only])),
+        load_run(write_grouped_run(tmp_path / "c0", "fedavg", 0, GROUPED_TASKS, [{}])),  # no matrix: left out
+    ]
+    rows = separation_rows(runs)
+    assert [(r["strategy"], r["when"], r["rounds"], r["seeds"]) for r in rows] == [
+        ("fedbip", "first", "1", "0 1"),
+        ("fedbip", "last", "2", "0 1"),
+        ("cluster-oracle", "first", "1", "0"),
+        ("cluster-oracle", "last", "1", "0"),
+    ]
+    # Round 1's same-task cosine is 0.8 for seed 0, 0.6 for seed 1: mean 0.7, sample std sqrt(0.02).
+    assert rows[0]["same_task_cos_mean"] == pytest.approx(0.7)
+    assert rows[0]["same_task_cos_std"] == pytest.approx(math.sqrt(0.02))
+    assert math.isnan(rows[2]["auroc_mean"]) and rows[2]["same_task_weight_mean"] == pytest.approx(0.25)
+    text = markdown(runs)
+    assert (
+        "| strategy | round | seeds | same-task cos | cross-task cos | AUROC | on partners | uniform | self |" in text
+    )
+    assert "| fedbip | 1 | 0 1 | 0.700 ± 0.141 | 0.300 ± 0.000 | 1.000 ± 0.000 | 0.350 ± 0.000 |" in text
+    assert (
+        "| fedbip | 2 | 0 1 | 0.550 ± 0.000 | 0.225 ± 0.000 | 0.750 ± 0.000 | 0.250 ± 0.000 | 0.250 ± 0.000 |" in text
+    )
+    assert "| cluster-oracle | 1 | 0 | – | – | – | 0.250 | 0.250 | 0.525 |" in text
+    out = tmp_path / "report"
+    paths = write_tables(runs, out) + write_plots(runs, out)
+    assert {out / "separation.csv", out / "separation.png"} <= set(paths)
+    with (out / "separation.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert list(table[0]) == [
+        "strategy",
+        "seed",
+        "round",
+        "clients",
+        "same_task_cos",
+        "cross_task_cos",
+        "cos_gap",
+        "auroc",
+        "same_task_weight",
+        "uniform_same_task_weight",
+        "self_weight",
+    ]
+    assert [(r["strategy"], r["seed"], r["round"]) for r in table] == [
+        ("fedbip", "0", "1"),
+        ("fedbip", "0", "2"),
+        ("fedbip", "1", "1"),
+        ("fedbip", "1", "2"),
+        ("cluster-oracle", "0", "1"),
+    ]
+    assert float(table[1]["auroc"]) == pytest.approx(0.75) and table[4]["auroc"] == ""
+
+
+def synthetic_groups(tasks: list[str], rounds: int, *, seed: int = 0, noise: float = 1.0) -> list[dict]:
+    """Rounds of a federation whose task vectors are their task's centre plus noise: half the
+    clients sampled a round, cosines over them, weights = the positive cosines normalized per row."""
+    rng = np.random.default_rng(seed)
+    names = sorted(set(tasks))
+    centres = rng.normal(size=(len(names), 64))
+    matrices = []
+    for _ in range(rounds):
+        vectors = centres[[names.index(t) for t in tasks]] + noise * rng.normal(size=(len(tasks), 64))
+        unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        cosine = unit @ unit.T
+        weights = np.clip(cosine, 0, None) / np.clip(cosine, 0, None).sum(axis=1, keepdims=True)
+        present = sorted(rng.choice(len(tasks), size=len(tasks) // 2, replace=False).tolist())
+        matrices.append(
+            {
+                "participants": present,
+                **{
+                    key: [
+                        [round(float(m[i, j]), 6) if i in present and j in present else None for j in range(len(tasks))]
+                        for i in range(len(tasks))
+                    ]
+                    for key, m in (("similarity", cosine), ("weights", weights))
+                },
+            }
+        )
+    return matrices
+
+
+FLAN8 = ["definite_pronoun_resolution", "snli", "cola", "glue_qqp", "trec", "web_nlg_en", "fix_punct", "wic"]
+
+
+def test_a_32_client_similarity_plot_stays_readable(tmp_path):
+    """8 tasks × 4 clients (partitions 4t..4t+3 hold task t): no cell values, ids as ticks, task blocks."""
+    from fedbilevel.comparison import group_separation
+
+    tasks = [task for task in FLAN8 for _ in range(4)]
+    run = load_run(write_grouped_run(tmp_path / "f0", "fedbip", 0, tasks, synthetic_groups(tasks, 3)))
+    path = plot_similarity(run, tmp_path / "similarity_32.png")
+    width, height = (int.from_bytes(path.read_bytes()[k : k + 4], "big") for k in (16, 20))
+    assert width <= 2600 and height <= 2600  # the panels stop growing past the cell-value size
+    # Task centres far above the noise: the groups separate from round 1.
+    assert all(row["auroc"] > 0.9 and row["cos_gap"] > 0.3 for row in group_separation(run))
+
+
+def test_clients_not_in_task_order_are_drawn_grouped_and_the_title_says_so():
+    import matplotlib.pyplot as plt
+
+    from fedbilevel.comparison import draw_matrix, task_order
+
+    assert task_order(["a", "a", "b", "b"]) == [0, 1, 2, 3]
+    assert task_order(["a", "b", "a", "c", "b"]) == [0, 2, 1, 4, 3]
+    tasks = [FLAN8[p % 8] for p in range(32)]  # partition p holds task p mod 8: interleaved
+    clients = {str(c): {"task": task} for c, task in enumerate(tasks)}
+    record = synthetic_groups(tasks, 1)[0] | {"round": 1}
+    figure, ax = plt.subplots()
+    draw_matrix(figure, ax, record, "similarity", clients)
+    assert ax.get_title() == "cosine similarity, round 1 (clients ordered by task)"
+    assert [t.get_text() for t in ax.get_yticklabels()][:5] == ["0", "8", "16", "24", "1"]
+    assert [t.get_text() for t in ax.get_yticklabels(minor=True)] == FLAN8
+    assert not ax.texts  # no cell values at 32 clients
+    plt.close(figure)

@@ -42,6 +42,7 @@ import functools
 import hashlib
 import json
 import os
+import signal
 import socket
 import stat
 import struct
@@ -490,8 +491,8 @@ def serve(path: Path, idle: float, watch_pid: int | None = None) -> str:
             with conn:
                 try:
                     final = serve_one(conn)
-                except (OSError, WorkerFailed) as error:  # the ClientApp process went away mid-message
-                    _say("a message broke off: %s", error)
+                except Exception as error:  # e.g. the ClientApp process went away mid-message
+                    _say("a message broke off: %s: %s", type(error).__name__, error)
                     final = False
             wait = min(idle, RUN_END_GRACE_SECONDS) if final else idle
             deadline = time.monotonic() + wait
@@ -507,7 +508,7 @@ def serve(path: Path, idle: float, watch_pid: int | None = None) -> str:
                 except (BlockingIOError, OSError):
                     break
                 conn.setblocking(True)
-                with conn, contextlib.suppress(OSError, WorkerFailed):
+                with conn, contextlib.suppress(Exception):
                     serve_one(conn)
         server.close()
     _say("exits: %s", reason)
@@ -520,6 +521,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--idle-seconds", type=float, default=DEFAULT_IDLE_SECONDS)
     parser.add_argument("--watch-pid", type=int, default=None)
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a stop removes the socket on the way out
     serve(args.socket, args.idle_seconds, args.watch_pid)
 
 

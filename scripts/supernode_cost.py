@@ -14,8 +14,14 @@ that, twice over:
 the commit before a change: ``git worktree add /tmp/sn-base HEAD``) in the same script run,
 so that before/after are ratios on the same machine at the same time.
 
+``--node-worker on`` runs the deploy part with ``node-worker=true`` in the SuperNodes' node
+config (a persistent worker per node keeps the stack and the model loaded between messages,
+fedbilevel/client/node_worker.py); ``both`` runs it with the worker on, then off, in the same
+script run (after = on, before = off). The workers' sockets and log are in ``<out>/<label>/runtime``.
+
     .venv/bin/python scripts/supernode_cost.py --model tiny-random-llama --rounds 3 \
         --baseline /tmp/sn-base --out /tmp/sn-cost
+    .venv/bin/python scripts/supernode_cost.py --model tiny-random-llama --rounds 3 --node-worker both
 """
 
 from __future__ import annotations
@@ -177,9 +183,20 @@ def _timeline(log: Path) -> list[dict]:
     return messages
 
 
-def deploy(model: str, rounds: int, local_steps: int, code: Path, workdir: Path, env: dict[str, str]) -> dict:
-    """Run ``flwr run`` of the app in ``code`` on a local SuperLink and 2 SuperNodes; per-round timings."""
+def deploy(
+    model: str,
+    rounds: int,
+    local_steps: int,
+    code: Path,
+    workdir: Path,
+    env: dict[str, str],
+    node_worker: bool = False,
+) -> dict:
+    """Run ``flwr run`` of the app in ``code`` on a local SuperLink and 2 SuperNodes; per-round timings.
+    ``node_worker``: the SuperNodes' node config turns the persistent per-node worker on."""
     workdir.mkdir(parents=True, exist_ok=True)
+    runtime = workdir / "runtime"  # the workers' private folder (sockets, their log)
+    runtime.mkdir(mode=0o700, exist_ok=True)
     port = _free_port()
     home = workdir / "flwr-home"
     home.mkdir(exist_ok=True)
@@ -192,6 +209,7 @@ def deploy(model: str, rounds: int, local_steps: int, code: Path, workdir: Path,
         "FLWR_HOME": str(home),
         "FEDBILEVEL_OUTPUT_ROOT": str(workdir),
         "PYTHONPATH": str(code),
+        "XDG_RUNTIME_DIR": str(runtime),
     }
     started: list[subprocess.Popen] = []
     logs = []
@@ -238,7 +256,7 @@ def deploy(model: str, rounds: int, local_steps: int, code: Path, workdir: Path,
                 "--superlink",
                 f"127.0.0.1:{port}",
                 "--node-config",
-                f"partition-id={partition_id} num-partitions=2",
+                f"partition-id={partition_id} num-partitions=2" + (" node-worker=true" if node_worker else ""),
                 "--port",
                 str(_free_port()),
             )
@@ -278,6 +296,13 @@ def deploy(model: str, rounds: int, local_steps: int, code: Path, workdir: Path,
                 process.wait()
         for log in logs:
             log.close()
+    # A worker exits when its SuperNode's executor is gone (it checks every second).
+    deadline = time.time() + 30
+    while list(runtime.glob("*/*.sock")) and time.time() < deadline:
+        time.sleep(0.5)
+    left = [str(path) for path in runtime.glob("*/*.sock")]
+    if left:
+        print(f"warning: node workers still listening after the SuperNodes stopped: {left}", file=sys.stderr)
     rounds_ = [
         {
             "round": r["round"],
@@ -317,6 +342,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="fresh processes timed part by part")
     parser.add_argument("--baseline", type=Path, help="a checkout of the code before the change")
     parser.add_argument("--no-deploy", action="store_true", help="only the part-by-part breakdown")
+    parser.add_argument(
+        "--node-worker",
+        choices=("off", "on", "both"),
+        default="off",
+        help="the SuperNodes' node-worker setting in the deploy part; both: on, then off",
+    )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--phase", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -327,23 +358,34 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     codes = [("after", ROOT)] + ([("before", args.baseline.resolve())] if args.baseline else [])
+    workers = {"off": [False], "on": [True], "both": [True, False]}[args.node_worker]
     report = {"model": args.model, "rounds": args.rounds, "local_steps": args.local_steps, "cpus": os.cpu_count()}
     summaries = []
-    for label, code in codes:
+    for name, code in codes:
         message = breakdown(args.model, args.local_steps, code, args.repeats, env)
-        run = None if args.no_deploy else deploy(args.model, args.rounds, args.local_steps, code, out / label, env)
-        report[label] = {"message": message, "deploy": run}
-        summaries.append(_summary(label, message, run))
-        print(json.dumps(summaries[-1]), flush=True)
+        for worker in workers:
+            label = name if args.node_worker != "both" else f"{name}-worker-{'on' if worker else 'off'}"
+            run = (
+                None
+                if args.no_deploy
+                else deploy(args.model, args.rounds, args.local_steps, code, out / label, env, node_worker=worker)
+            )
+            report[label] = {"message": message, "deploy": run, "node_worker": worker}
+            summaries.append(_summary(label, message, run))
+            print(json.dumps(summaries[-1]), flush=True)
     report["summary"] = summaries
     (out / "supernode_cost.json").write_text(json.dumps(report, indent=2))
     keys = [k for k in summaries[0] if k != "label"]
-    print(f"\n{'':8}" + "".join(f"{k:>20}" for k in keys))
+    width = max(8, *(len(summary["label"]) for summary in summaries))
+    print(f"\n{'':{width}}" + "".join(f"{k:>20}" for k in keys))
     for summary in summaries:
-        print(f"{summary['label']:8}" + "".join(f"{summary[k]:>20.2f}" for k in keys))
+        print(f"{summary['label']:{width}}" + "".join(f"{summary[k]:>20.2f}" for k in keys))
     if len(summaries) == 2:
         after, before = summaries
-        print("after/before: " + ", ".join(f"{k} {after[k] / before[k]:.2f}" for k in keys if before.get(k)))
+        print(
+            f"{after['label']}/{before['label']}: "
+            + ", ".join(f"{k} {after[k] / before[k]:.2f}" for k in keys if before.get(k))
+        )
     print(f"details: {out / 'supernode_cost.json'}")
 
 

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -65,11 +66,18 @@ def flat(records: RecordDict) -> dict:
 
 
 @pytest.fixture
-def runtime_dir(tmp_path, monkeypatch):
+def short_dir():
+    """A folder with a short path: a Unix socket's path must fit 107 bytes (pytest's tmp_path under xdist does not)."""
+    with tempfile.TemporaryDirectory(prefix="nw-", dir="/tmp") as folder:
+        yield Path(folder)
+
+
+@pytest.fixture
+def runtime_dir(short_dir, monkeypatch):
     """A private runtime folder for this test's workers; the workers started meanwhile end with it."""
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(short_dir))
     started = len(node_worker._started)
-    yield tmp_path / "fedbilevel"
+    yield short_dir / "fedbilevel"
     for process in node_worker._started[started:]:
         process.kill()
         process.wait()
@@ -175,18 +183,18 @@ def test_a_broken_worker_means_in_process_replies_logged_once(runtime_dir, serve
     assert paths.off.exists() and not node_worker._started  # off for the run: no worker started after it
 
 
-def test_worker_exits_when_idle_and_when_the_supernode_is_gone(tmp_path):
+def test_worker_exits_when_idle_and_when_the_supernode_is_gone(short_dir):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
     def worker(name, *args):
-        command = [sys.executable, "-m", node_worker.MODULE, "--socket", str(tmp_path / name), *args]
+        command = [sys.executable, "-m", node_worker.MODULE, "--socket", str(short_dir / name), *args]
         return subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
 
     idle = worker("idle.sock", "--idle-seconds", "1")
     supernode = subprocess.Popen(["sleep", "60"])
     orphan = worker("orphan.sock", "--idle-seconds", "60", "--watch-pid", str(supernode.pid))
     deadline = time.time() + 30
-    while not (tmp_path / "orphan.sock").exists() and time.time() < deadline:
+    while not (short_dir / "orphan.sock").exists() and time.time() < deadline:
         time.sleep(0.1)
     supernode.kill()
     supernode.wait()
@@ -196,7 +204,7 @@ def test_worker_exits_when_idle_and_when_the_supernode_is_gone(tmp_path):
         for process in (idle, orphan):
             process.kill()
     assert "exits: idle" in idle.stderr.read() and "is gone" in orphan.stderr.read()
-    assert not (tmp_path / "idle.sock").exists() and not (tmp_path / "orphan.sock").exists()
+    assert not (short_dir / "idle.sock").exists() and not (short_dir / "orphan.sock").exists()
 
 
 def test_the_final_rounds_evaluate_reply_ends_the_run(server_identity):

@@ -147,11 +147,16 @@ class Flower:
         self.handler.emit = lambda record: self.lines.append(record.getMessage())
 
     def __enter__(self):
-        logging.getLogger("flwr").addHandler(self.handler)
+        # Another test in this (xdist) process may have left Flower's logger disabled.
+        flower = logging.getLogger("flwr")
+        self.disabled, flower.disabled = flower.disabled, False
+        flower.addHandler(self.handler)
         return self.lines
 
     def __exit__(self, *_):
-        logging.getLogger("flwr").removeHandler(self.handler)
+        flower = logging.getLogger("flwr")
+        flower.removeHandler(self.handler)
+        flower.disabled = self.disabled
 
 
 def test_a_broken_worker_means_in_process_replies_logged_once(runtime_dir, server_identity):

@@ -41,6 +41,7 @@ none), and the scalar ``cross-seconds``.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
@@ -201,14 +202,78 @@ def digest_number(digest: str) -> int:
     return int(digest[:12], 16)
 
 
+# An adapter travels packed: all its arrays' bytes back to back in one uint8 Array, and a manifest.
+# Flower moves every Array of a message as its own object, one pull per object with at most one
+# pull per CPU core in flight; a SmolLM2 adapter's 240 arrays took about 4 s to reach a ClientApp
+# on a 2-core SuperNode, and the packed pair far less (docs/BENCHMARKS.md, issue 21).
+PACKED = "packed"  # uint8, every array's bytes in manifest order, each starting at a multiple of ALIGNMENT
+MANIFEST = "manifest"  # uint8, UTF-8 JSON: [[name, dtype, shape, offset], ...]
+ALIGNMENT = 64  # bytes: array starts in the buffer are multiples of this, so every view is aligned for its dtype
+_PACKABLE_KINDS = "biufc"  # bool, int, uint, float, complex: dtypes whose bytes are their values
+
+
 def adapter_to_record(adapter: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """Named arrays -> ArrayRecord, preserving names and order."""
-    return ArrayRecord({name: Array(np.ascontiguousarray(array)) for name, array in adapter.items()})
+    """Named arrays -> an ArrayRecord of two Arrays, ``manifest`` and ``packed`` (one Flower object each,
+    or a few 5 MB chunks, rather than one per array).
+
+    Parameters
+    ----------
+    adapter : Mapping[str, np.ndarray]
+        Arrays of numeric or bool dtype, any shapes; their order is kept.
+
+    Returns
+    -------
+    ArrayRecord
+        :func:`record_to_adapter` gives back equal arrays (names, order, dtypes, shapes, values).
+
+    Raises
+    ------
+    ValueError
+        If an array's dtype is not numeric (e.g. object or string arrays).
+    """
+    manifest, offset = [], 0
+    for name, array in adapter.items():
+        array = np.asarray(array)
+        if array.dtype.kind not in _PACKABLE_KINDS:
+            raise ValueError(f"array '{name}': dtype {array.dtype} cannot travel in an adapter (numeric or bool only)")
+        manifest.append([name, array.dtype.str, list(array.shape), offset])
+        offset += -(-array.nbytes // ALIGNMENT) * ALIGNMENT
+    packed = np.zeros(offset, dtype=np.uint8)
+    for (name, _, _, start), array in zip(manifest, adapter.values(), strict=True):
+        array = np.ascontiguousarray(array)
+        packed[start : start + array.nbytes] = array.reshape(-1).view(np.uint8)
+    text = np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8)
+    return ArrayRecord({MANIFEST: Array(text.copy()), PACKED: Array(packed)})
 
 
 def record_to_adapter(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """ArrayRecord -> named NumPy arrays, preserving names and order."""
-    return {name: array.numpy() for name, array in record.items()}
+    """An ArrayRecord written by :func:`adapter_to_record` -> named NumPy arrays, names and order kept.
+
+    The arrays are writable views of one buffer, each aligned for its dtype (no copy per array).
+
+    Raises
+    ------
+    ValueError
+        If the record is not a packed adapter: other entries, an unreadable manifest, a dtype that is not
+        numeric, or an array outside the packed bytes (a reply from another version or a faulty client).
+    """
+    if set(record.keys()) != {MANIFEST, PACKED}:
+        raise ValueError(f"not a packed adapter: entries {sorted(record.keys())[:4]}, expected {[MANIFEST, PACKED]}")
+    try:
+        manifest = json.loads(record[MANIFEST].numpy().tobytes().decode())
+        buffer = record[PACKED].numpy()
+        adapter = {}
+        for name, dtype_str, shape, start in manifest:
+            dtype = np.dtype(dtype_str)
+            if dtype.kind not in _PACKABLE_KINDS:
+                raise ValueError(f"array '{name}': dtype {dtype} is not numeric")
+            size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if buffer.dtype != np.uint8 or buffer.ndim != 1 or not 0 <= start <= start + size <= buffer.size:
+                raise ValueError(f"array '{name}': bytes [{start}, {start + size}) outside the packed buffer")
+            adapter[name] = buffer[start : start + size].view(dtype).reshape(shape)
+    except (TypeError, ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+        raise ValueError(f"unreadable packed adapter: {error}") from None
+    return adapter
 
 
 def count_bytes(content: RecordDict) -> int:

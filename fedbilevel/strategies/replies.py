@@ -148,12 +148,16 @@ def check_adapter(content: RecordDict, reference: Mapping[str, np.ndarray]) -> d
     Raises
     ------
     RejectedReply
-        If the adapter is missing, has other names, shapes or dtypes, holds NaN or Inf, or its
+        If the adapter is missing or not packed as :func:`~fedbilevel.protocol.adapter_to_record` packs it, has
+        other names, shapes or dtypes, holds NaN or Inf, or its
         squared L2 norm exceeds :data:`MAX_SQUARED_NORM`.
     """
     if protocol.ARRAYS not in content.array_records:
         raise RejectedReply(f"reply has no '{protocol.ARRAYS}' record")
-    adapter = protocol.record_to_adapter(content.array_records[protocol.ARRAYS])
+    try:
+        adapter = protocol.record_to_adapter(content.array_records[protocol.ARRAYS])
+    except ValueError as error:
+        raise RejectedReply(str(error)) from None
     missing = [k for k in reference if k not in adapter]
     unexpected = [k for k in adapter if k not in reference]
     if missing or unexpected:

@@ -239,7 +239,7 @@ def adapter_to_record(adapter: Mapping[str, np.ndarray]) -> ArrayRecord:
         manifest.append([name, array.dtype.str, list(array.shape), offset])
         offset += -(-array.nbytes // ALIGNMENT) * ALIGNMENT
     packed = np.zeros(offset, dtype=np.uint8)
-    for (name, _, _, start), array in zip(manifest, adapter.values(), strict=True):
+    for (*_, start), array in zip(manifest, adapter.values(), strict=True):
         array = np.ascontiguousarray(array)
         packed[start : start + array.nbytes] = array.reshape(-1).view(np.uint8)
     text = np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8)

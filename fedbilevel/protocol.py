@@ -6,7 +6,8 @@ carries the ``info`` ConfigRecord: ``partition-id``, ``num-partitions``, ``task`
 
 Train / evaluate, server -> client: ``config`` (``server-round``, ``partition-id``, the partition the
 adapter belongs to: the client refuses a message addressed to another partition, and
-``adapter-digest``, which adapter the message is about) and ``arrays``, that adapter, unless the
+``adapter-digest``, which adapter the message is about) and ``arrays``, that adapter (packed:
+:func:`adapter_to_record`), unless the
 server knows the client holds it already: a client keeps the adapter it last received or trained in
 its ``context.state``, so each adapter is downloaded once (the evaluate message of round t brings
 θ̄ᵢ, the train message of round t + 1 names it). A client that does not hold the named adapter (a

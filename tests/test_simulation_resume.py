@@ -40,3 +40,12 @@ def test_a_run_resumed_from_its_checkpoint_matches_an_unbroken_run(tmp_path):
         Exception, match=r"run-config key 'learning-rate': value 0\.5 differs from the resumed run's 0\.01"
     ):
         _resume_point(RunConfig.from_run_config(changed))
+    # A run saved before a key existed ran as that key's default: resuming at the default is allowed,
+    # another value is refused and says why.
+    record = json.loads((broken / "config.json").read_text())
+    del record["run_config"]["eval-cross"]
+    (broken / "config.json").write_text(json.dumps(record))
+    same = {**record["run_config"], "num-server-rounds": 4, "resume-from": str(broken)}
+    assert _resume_point(RunConfig.from_run_config(same))[1]["round"] == 2
+    with pytest.raises(Exception, match=r"'eval-cross': value True differs .* False \(its default: the run predates"):
+        _resume_point(RunConfig.from_run_config({**same, "eval-cross": True}))

@@ -34,7 +34,7 @@ import numpy as np
 from fedbilevel.options import choice, integer, not_allowed, number, option, validate
 
 NEGATIVE_COSINE_MODES = ("clip", "keep")
-WEIGHTING_RULES = ("paper", "softmax", "power", "top-k", "threshold", "zscore-softmax")
+WEIGHTING_RULES = ("paper", "softmax", "power", "top-k", "threshold", "zscore-softmax", "zscore-cosine")
 
 SIMILARITY_CENTERINGS = ("none", "mean")
 
@@ -79,7 +79,7 @@ class Weighting:
         "paper",
         choice(WEIGHTING_RULES),
         'FedBip\'s weighting rule ("Beyond the paper"): '
-        "`paper`, `softmax`, `power`, `top-k`, `threshold`, `zscore-softmax`",
+        "`paper`, `softmax`, `power`, `top-k`, `threshold`, `zscore-softmax`, `zscore-cosine`",
     )
     temperature: float = option(
         "weighting-temperature", 0.1, number(0.0, low_open=True), "`softmax`: temperature, in cosine units"
@@ -96,7 +96,7 @@ class Weighting:
         "weighting-z-temperature",
         1.0,
         number(0.0, low_open=True),
-        "`zscore-softmax`: temperature, in standard deviations",
+        "`zscore-softmax` and `zscore-cosine`: temperature, in standard deviations",
     )
     centering: str = option(
         "similarity-centering",
@@ -228,6 +228,15 @@ def similarity_weights(
         An outlier with no close peer is mixed like an IID client; combine with
         :func:`self_weight_floor` to limit that. With one peer (N = 2) there is no spread
         and the result is averaging.
+    ``"zscore-cosine"`` (adaptive, level-aware)
+        ``"zscore-softmax"``'s weights multiplied by max(Sᵢₖ, 0) (self by Sᵢᵢ, 1 for cosines)
+        and paper-normalised: the z-scores choose whom to trust, the cosines how much.
+        ``"zscore-softmax"`` is blind to the level, so a row whose cosines are all near 0
+        (updates that share no direction, as once each client memorises its few examples)
+        is averaged as if the clients were IID; here such a row stays near local training
+        (peers at cosine c ≪ 1 keep weights of order c), while a clear cluster at a useful
+        level keeps most of its weight and an IID row at cosine c averages with self
+        weighted 1/c against each peer. Measured on grouped Flan-8 (docs/BENCHMARKS.md).
 
     Parameters
     ----------
@@ -247,7 +256,7 @@ def similarity_weights(
     threshold : float
         Smallest similarity (finite) kept by ``"threshold"``.
     z_temperature : float
-        Softmax temperature > 0 of ``"zscore-softmax"``, in standard deviations.
+        Softmax temperature > 0 of ``"zscore-softmax"`` and ``"zscore-cosine"``, in standard deviations.
     std_floor : float
         Lower bound > 0 on the per-row standard deviation of ``"zscore-softmax"``, in
         similarity units: differences much smaller than it are treated as noise.
@@ -289,6 +298,8 @@ def similarity_weights(
         weights = _softmax_rows(scores / temperature, _present(scores))
     else:
         weights = _softmax_rows(_zscores(scores, std_floor) / z_temperature, _present(scores))
+        if rule == "zscore-cosine":
+            weights = normalised_weights(weights * np.clip(scores, 0.0, None), "clip")
     return weights[0] if single else weights
 
 

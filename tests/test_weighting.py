@@ -157,6 +157,49 @@ def test_realistic_federation_paper_vs_adaptive():
     assert np.all(np.take_along_axis(adaptive, pair, axis=1).sum(axis=1) > 0.8)
 
 
+def test_zscore_cosine_by_hand():
+    # zscore-softmax's weights of S3 (test above), times max(S, 0) with self at 1, paper-normalised.
+    big, small = 0.46831053083348123, 0.06337893833303763
+    w = similarity_weights(S3, rule="zscore-cosine", z_temperature=1.0, std_floor=0.01)
+    row0 = np.array([big, 0.8 * big, 0.2 * small])
+    row2 = np.array([0.2 * small, 0.5 * big, big])
+    np.testing.assert_allclose(w[0], row0 / row0.sum(), rtol=1e-14)
+    np.testing.assert_allclose(w[2], row2 / row2.sum(), rtol=1e-14)
+    np.testing.assert_allclose(w.sum(axis=1), 1.0, rtol=1e-14)
+
+
+def test_zscore_cosine_stays_local_where_cosines_carry_no_direction():
+    """Grouped Flan-8's late rounds: 4 clients a task, cosines 0.05 within and 0.02 across tasks.
+    zscore-softmax still ranks the partners first but mixes in everyone (it is blind to the level);
+    zscore-cosine keeps a client's own update."""
+    s = np.full((16, 16), 0.02)
+    for t in range(4):
+        s[4 * t : 4 * t + 4, 4 * t : 4 * t + 4] = 0.05
+    np.fill_diagonal(s, 1.0)
+    blind = similarity_weights(s, rule="zscore-softmax")
+    aware = similarity_weights(s, rule="zscore-cosine")
+    assert np.all(np.diag(blind) < 0.1)
+    # Peers' mean 0.026, spread 0.012 < std_floor 0.05: z = +0.48 (self, partners), −0.12 (others); times the
+    # cosines, self keeps e^.48 / (e^.48 (1 + 3·0.05) + 12·0.02·e^−.12) = 1 / (1.15 + 0.24 e^−.6).
+    np.testing.assert_allclose(np.diag(aware), 1 / (1.15 + 0.24 * np.exp(-0.6)), rtol=1e-12)
+    # Peers sharing no direction at all (cosines ≤ 0) leave exactly local training.
+    np.testing.assert_array_equal(similarity_weights(MIXED_SIGNS * 0 + np.eye(3), rule="zscore-cosine"), np.eye(3))
+
+
+def test_zscore_cosine_keeps_clear_clusters_and_averages_iid_rows():
+    # Same-task pairs at 0.86, 0.42 across: self and partner keep more than zscore-softmax's 0.853.
+    w = similarity_weights(paired(0.86, 0.42), rule="zscore-cosine")
+    for i in range(8):
+        assert w[i, i] + w[i, i ^ 1] > 0.9
+    # IID at cosine c: every peer c, self 1, so self 1 / (1 + c (N − 1)) and each peer c times that.
+    for level in (0.9, 0.3):
+        s = np.full((6, 6), level)
+        np.fill_diagonal(s, 1.0)
+        expected = np.full((6, 6), level / (1 + 5 * level))
+        np.fill_diagonal(expected, 1 / (1 + 5 * level))
+        np.testing.assert_allclose(similarity_weights(s, rule="zscore-cosine"), expected, rtol=1e-14)
+
+
 def test_zscore_softmax_with_fewer_than_two_peers():
     np.testing.assert_array_equal(similarity_weights(np.ones((1, 1)), rule="zscore-softmax"), [[1.0]])
     # One peer has no spread: averaging, even at cosine −1 (centred N = 2).

@@ -45,7 +45,7 @@ def test_a_run_resumed_from_its_checkpoint_matches_an_unbroken_run(tmp_path):
     record = json.loads((broken / "config.json").read_text())
     del record["run_config"]["eval-cross"]
     (broken / "config.json").write_text(json.dumps(record))
-    same = {**record["run_config"], "num-server-rounds": 4, "resume-from": str(broken)}
-    assert _resume_point(RunConfig.from_run_config(same))[1]["round"] == 2
+    same = {**record["run_config"], "eval-cross": False, "num-server-rounds": 4, "resume-from": str(broken)}
+    assert _resume_point(RunConfig.from_run_config(same))[1]["round"] == 3  # resumed to 3 above
     with pytest.raises(Exception, match=r"'eval-cross': value True differs .* False \(its default: the run predates"):
         _resume_point(RunConfig.from_run_config({**same, "eval-cross": True}))

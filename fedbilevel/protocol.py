@@ -205,8 +205,8 @@ def digest_number(digest: str) -> int:
 
 # An adapter travels packed: all its arrays' bytes back to back in one uint8 Array, and a manifest.
 # Flower moves every Array of a message as its own object, one pull per object with at most one
-# pull per CPU core in flight; a SmolLM2 adapter's 240 arrays took about 4 s to reach a ClientApp
-# on a 2-core SuperNode, and the packed pair far less (docs/BENCHMARKS.md, issue 21).
+# pull per CPU core in flight: SmolLM2's 240 arrays one by one made a SuperNode round's overhead
+# 1.8x what it is packed (docs/BENCHMARKS.md, "The cost of a message on a real SuperNode").
 PACKED = "packed"  # uint8, every array's bytes in manifest order, each starting at a multiple of ALIGNMENT
 MANIFEST = "manifest"  # uint8, UTF-8 JSON: [[name, dtype, shape, offset], ...]
 ALIGNMENT = 64  # bytes: array starts in the buffer are multiples of this, so every view is aligned for its dtype

@@ -31,6 +31,7 @@ from fedbilevel.options import (
     choice,
     component,
     declared,
+    defaults,
     integer,
     number,
     option,
@@ -293,6 +294,12 @@ RESUMABLE_KEYS = frozenset(
         "run-name",
     }
 )
+
+
+def saved_run_config(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """The run config of a run's config.json, with the declared default of every key added since it ran:
+    a new key defaults to the old behaviour, so that is what the run did."""
+    return {**defaults(RunConfig), **saved}
 
 
 def _with_preset(values: Mapping[str, Any]) -> dict[str, Any]:

@@ -232,17 +232,16 @@ def adapter_to_record(adapter: Mapping[str, np.ndarray]) -> ArrayRecord:
     ValueError
         If an array's dtype is not numeric (e.g. object or string arrays).
     """
+    arrays = {name: np.asarray(array) for name, array in adapter.items()}
     manifest, offset = [], 0
-    for name, array in adapter.items():
-        array = np.asarray(array)
+    for name, array in arrays.items():
         if array.dtype.kind not in _PACKABLE_KINDS:
             raise ValueError(f"array '{name}': dtype {array.dtype} cannot travel in an adapter (numeric or bool only)")
         manifest.append([name, array.dtype.str, list(array.shape), offset])
         offset += -(-array.nbytes // ALIGNMENT) * ALIGNMENT
     packed = np.zeros(offset, dtype=np.uint8)
-    for (*_, start), array in zip(manifest, adapter.values(), strict=True):
-        array = np.ascontiguousarray(array)
-        packed[start : start + array.nbytes] = array.reshape(-1).view(np.uint8)
+    for (*_, start), array in zip(manifest, arrays.values(), strict=True):
+        packed[start : start + array.nbytes] = array.reshape(-1).view(np.uint8)  # reshape copies a strided array
     text = np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8)
     return ArrayRecord({MANIFEST: Array(text.copy()), PACKED: Array(packed)})
 
@@ -263,13 +262,15 @@ def record_to_adapter(record: ArrayRecord) -> dict[str, np.ndarray]:
     try:
         manifest = json.loads(record[MANIFEST].numpy().tobytes().decode())
         buffer = record[PACKED].numpy()
+        if buffer.dtype != np.uint8 or buffer.ndim != 1:
+            raise ValueError(f"'{PACKED}' is {buffer.dtype} of shape {buffer.shape}, expected 1-d uint8")
         adapter = {}
         for name, dtype_str, shape, start in manifest:
             dtype = np.dtype(dtype_str)
             if dtype.kind not in _PACKABLE_KINDS:
                 raise ValueError(f"array '{name}': dtype {dtype} is not numeric")
             size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            if buffer.dtype != np.uint8 or buffer.ndim != 1 or not 0 <= start <= start + size <= buffer.size:
+            if not 0 <= start <= start + size <= buffer.size:
                 raise ValueError(f"array '{name}': bytes [{start}, {start + size}) outside the packed buffer")
             adapter[name] = buffer[start : start + size].view(dtype).reshape(shape)
     except (TypeError, ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError

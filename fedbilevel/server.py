@@ -16,10 +16,10 @@ from flwr.supercore import log
 from fedbilevel import logs, protocol
 from fedbilevel.checkpoint import STORE, load_checkpoint, save_checkpoint
 from fedbilevel.comparison import plot_cross_task
-from fedbilevel.config import RESUMABLE_KEYS, ConfigError, RunConfig
+from fedbilevel.config import RESUMABLE_KEYS, ConfigError, RunConfig, saved_run_config
 from fedbilevel.models.adapter import initial_adapter_arrays, save_adapter
 from fedbilevel.models.zoo import model_digest
-from fedbilevel.options import defaults, resolve_user_path
+from fedbilevel.options import resolve_user_path
 from fedbilevel.results import RunRecorder, make_run_dir, package_versions
 from fedbilevel.strategies import build_strategy
 from fedbilevel.tracking import make_tracker
@@ -31,8 +31,7 @@ def _resume_point(config: RunConfig) -> tuple[Path, dict, dict]:
     run_dir = resolve_user_path(config.resume_from)
     meta = load_checkpoint(run_dir)
     record = json.loads((run_dir / "config.json").read_text())
-    # A key added after the run was saved ran as its default: new keys default to the old behaviour.
-    saved = {**defaults(RunConfig), **record["run_config"]}
+    saved = saved_run_config(record["run_config"])
     for key, value in config.to_run_config().items():
         if key not in RESUMABLE_KEYS and saved[key] != value:
             was = "" if key in record["run_config"] else " (its default: the run predates the key)"

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from fedbilevel.comparison import load_run, markdown, write_plots, write_tables
-from fedbilevel.config import PYPROJECT, ConfigError, RunConfig, load_app_config, parse_assignment, resolve
+from fedbilevel.config import ConfigError, RunConfig, parse_assignment, resolve, saved_run_config
 from fedbilevel.strategies import strategy_names
 
 POLL_S = 2.0
@@ -92,20 +92,15 @@ def _rounds_done(run_dir: Path) -> list[dict]:
         return []
 
 
-def _config_differences(saved: dict, wanted: dict, defaults: dict) -> list[str]:
-    """The keys on which a saved run's config and the wanted one disagree.
-
-    A key the saved run lacks was added to the project after it ran; a new key's default keeps
-    the old behaviour, so the run matches when the wanted value is that default.
-    """
-    return sorted(key for key in saved.keys() | wanted.keys() if saved.get(key, defaults.get(key)) != wanted.get(key))
+def _config_differences(saved: dict, wanted: dict) -> list[str]:
+    """The keys on which a saved run's config (a key it lacks counts as its default, ``saved_run_config``)
+    and the wanted one disagree."""
+    full = saved_run_config(saved)
+    return sorted(key for key in full.keys() | wanted.keys() if full.get(key) != wanted.get(key))
 
 
-def _is_complete(run_dir: Path, config: dict, defaults: dict) -> bool:
-    """A finished run of exactly this config (an unfinished one is removed, a different one is an error).
-
-    ``defaults``: the project's default run config, which a run saved before a key existed had.
-    """
+def _is_complete(run_dir: Path, config: dict) -> bool:
+    """A finished run of exactly this config (an unfinished one is removed, a different one is an error)."""
     if not run_dir.exists():
         return False
     saved = (
@@ -113,7 +108,7 @@ def _is_complete(run_dir: Path, config: dict, defaults: dict) -> bool:
     )
     if saved is not None:
         wanted = RunConfig.from_run_config(config).to_run_config()
-        differences = _config_differences(saved, wanted, defaults)
+        differences = _config_differences(saved, wanted)
         if differences:
             key = differences[0]
             raise SystemExit(
@@ -227,11 +222,10 @@ def main() -> None:
     started, round_seconds = time.time(), []
     if not args.report_only:
         todo = []
-        defaults = RunConfig.from_run_config(load_app_config(PYPROJECT)).to_run_config()
         for _, name, config in plan:
             if args.force and (runs_dir / name).exists():
                 shutil.rmtree(runs_dir / name)
-            if _is_complete(runs_dir / name, config, defaults):
+            if _is_complete(runs_dir / name, config):
                 print(f"{name}: finished earlier, reused", flush=True)
             else:
                 todo.append((name, config))

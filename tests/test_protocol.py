@@ -59,38 +59,23 @@ def test_arrays_of_objects_or_strings_cannot_travel():
         protocol.adapter_to_record({"names": np.array(["abc"])})
 
 
+def _packed(manifest: bytes, packed: np.ndarray) -> ArrayRecord:
+    """A hand-made packed record: the manifest's JSON text and the buffer as given."""
+    return ArrayRecord(
+        {protocol.MANIFEST: Array(np.frombuffer(manifest, np.uint8).copy()), protocol.PACKED: Array(packed)}
+    )
+
+
 @pytest.mark.parametrize(
     ("record", "reason"),
     [
         # What an older version sent: one Array per name.
         (ArrayRecord({"w": Array(np.ones(3, np.float32))}), "not a packed adapter: entries \\['w'\\]"),
-        (
-            ArrayRecord(
-                {
-                    protocol.MANIFEST: Array(np.frombuffer(b"[[", np.uint8).copy()),
-                    protocol.PACKED: Array(np.zeros(8, np.uint8)),
-                }
-            ),
-            "unreadable packed adapter",
-        ),
-        (  # the manifest claims more bytes than were sent
-            ArrayRecord(
-                {
-                    protocol.MANIFEST: Array(np.frombuffer(b'[["w", "<f4", [4], 0]]', np.uint8).copy()),
-                    protocol.PACKED: Array(np.zeros(8, np.uint8)),
-                }
-            ),
-            "array 'w': bytes \\[0, 16\\) outside the packed buffer",
-        ),
-        (
-            ArrayRecord(
-                {
-                    protocol.MANIFEST: Array(np.frombuffer(b'[["w", "|O", [1], 0]]', np.uint8).copy()),
-                    protocol.PACKED: Array(np.zeros(8, np.uint8)),
-                }
-            ),
-            "array 'w': dtype object is not numeric",
-        ),
+        (_packed(b"[[", np.zeros(8, np.uint8)), "unreadable packed adapter"),
+        # The manifest claims more bytes than were sent.
+        (_packed(b'[["w", "<f4", [4], 0]]', np.zeros(8, np.uint8)), "array 'w': bytes \\[0, 16\\) outside"),
+        (_packed(b'[["w", "|O", [1], 0]]', np.zeros(8, np.uint8)), "array 'w': dtype object is not numeric"),
+        (_packed(b'[["w", "<f4", [2], 0]]', np.zeros(2, np.float32)), "'packed' is float32 of shape \\(2,\\)"),
     ],
 )
 def test_a_reply_whose_adapter_is_not_packed_is_rejected_with_the_reason(record, reason):

@@ -183,7 +183,8 @@ def test_zscore_cosine_stays_local_where_cosines_carry_no_direction():
     # cosines, self keeps e^.48 / (e^.48 (1 + 3·0.05) + 12·0.02·e^−.12) = 1 / (1.15 + 0.24 e^−.6).
     np.testing.assert_allclose(np.diag(aware), 1 / (1.15 + 0.24 * np.exp(-0.6)), rtol=1e-12)
     # Peers sharing no direction at all (cosines ≤ 0) leave exactly local training.
-    np.testing.assert_array_equal(similarity_weights(MIXED_SIGNS * 0 + np.eye(3), rule="zscore-cosine"), np.eye(3))
+    opposed = np.array([[1.0, -0.5, 0.0], [-0.5, 1.0, -0.2], [0.0, -0.2, 1.0]])
+    np.testing.assert_array_equal(similarity_weights(opposed, rule="zscore-cosine"), np.eye(3))
 
 
 def test_zscore_cosine_keeps_clear_clusters_and_averages_iid_rows():

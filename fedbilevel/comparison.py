@@ -922,37 +922,37 @@ def plot_similarity(run: Run, path: Path) -> Path:
     return path
 
 
-def plot_cross_task(cross: Mapping[str, Any], metric: str, title: str, path: Path, *, split: str = "test") -> Path:
-    """Heatmap of a cross-task matrix (eval-cross): clients (rows, ordered by task) × tasks (columns).
+def cross_task_inches(cross: Mapping[str, Any]) -> tuple[float, float]:
+    """(width, height) in inches of a cross-task heatmap: room for its task columns and client rows."""
+    return max(0.9 * len(cross["tasks"]) + 3.5, 7.0), 0.45 * len(cross["clients"]) + 2.8
+
+
+def draw_cross_task(
+    figure: Any, ax: Any, cross: Mapping[str, Any], metric: str, title: str, *, split: str = "test"
+) -> None:
+    """A cross-task matrix (eval-cross) on ``ax``: clients (rows, ordered by task) × tasks (columns).
 
     Values are written in the cells, each client's own-task cell is outlined, a client without
     cross-task scores is a grey row; the colour scale is the metric's [0, 1].
 
     Parameters
     ----------
+    figure, ax
+        A matplotlib Figure (pyplot's or a bare one) and the Axes to draw on.
     cross : mapping
         A round record's ``cross_task`` entry (:func:`fedbilevel.strategies.cross_task.cross_task_record`).
     metric : str
         The score shown (a key of its ``scores``).
     title : str
-        The figure's first title line (e.g. the run's label and seed).
-    path : Path
-        Where the PNG goes.
+        The title's first line (e.g. the run's label and seed).
     split : str, default "test"
         What the clients scored (``eval-split``), named in the title.
-
-    Returns
-    -------
-    Path
-        ``path``.
     """
-    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
 
     tasks, rows = cross["tasks"], cross["scores"][metric]
     matrix = np.array([[np.nan] * len(tasks) if row is None else row for row in rows], dtype=float)
     names = [f"{client} {task}" for client, task in zip(cross["clients"], cross["client_tasks"])]
-    size = (max(0.9 * len(tasks) + 3.5, 7.0), 0.45 * len(names) + 2.8)
-    figure, ax = plt.subplots(figsize=size, constrained_layout=True)
     ax.set_facecolor("0.85")  # grey where a client has no cross-task scores (NaN cells are not drawn)
     image = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=1, aspect="auto")
     for (i, j), value in np.ndenumerate(matrix):
@@ -961,9 +961,7 @@ def plot_cross_task(cross: Mapping[str, Any], metric: str, title: str, path: Pat
                 j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if value < 0.5 else "black"
             )
     for i, task in enumerate(cross["client_tasks"]):
-        ax.add_patch(
-            plt.Rectangle((tasks.index(task) - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5)
-        )
+        ax.add_patch(Rectangle((tasks.index(task) - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
     ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.set_xlabel("task of the items scored")
@@ -979,6 +977,14 @@ def plot_cross_task(cross: Mapping[str, Any], metric: str, title: str, path: Pat
         fontsize=9,
     )
     figure.colorbar(image, ax=ax, shrink=0.8, label=METRIC_LABELS[metric])
+
+
+def plot_cross_task(cross: Mapping[str, Any], metric: str, title: str, path: Path, *, split: str = "test") -> Path:
+    """The PNG at ``path`` of a cross-task matrix (:func:`draw_cross_task`, same arguments); returns ``path``."""
+    import matplotlib.pyplot as plt
+
+    figure, ax = plt.subplots(figsize=cross_task_inches(cross), constrained_layout=True)
+    draw_cross_task(figure, ax, cross, metric, title, split=split)
     figure.savefig(path, dpi=130)
     plt.close(figure)
     return path

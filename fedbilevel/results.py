@@ -165,6 +165,7 @@ class RunRecorder:
         summary: dict[str, Any] = {
             "primary_metric": self.primary_metric,
             "metrics": list(self.metrics),
+            "split": self.config.eval.split,
             "rounds_completed": len(self.results["rounds"]),
             "seconds": time.time() - self._started,
             "failures": sum(len(r["failures"]) for r in self.results["rounds"]),

@@ -23,7 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from fedbilevel.comparison import MATRICES, OPTION_METRIC, draw_matrix, heatmap_inches
+from fedbilevel.comparison import (
+    MATRICES,
+    OPTION_METRIC,
+    cross_task_inches,
+    draw_cross_task,
+    draw_matrix,
+    heatmap_inches,
+)
 from fedbilevel.options import not_allowed
 from fedbilevel.protocol import GLOBAL_PREFIX
 
@@ -64,9 +71,12 @@ class TensorBoardTracker(Tracker):
     ``client/<id>/<score>`` (the run's metrics, option accuracy and global scores where recorded)
     and ``client/<id>/train_loss``; ``train_loss/mean`` over the clients that trained;
     ``time/round``, ``time/client_train``, ``time/client_evaluate``, ``time/aggregation``,
-    ``time/other`` and ``time/checkpoint`` in seconds; ``bytes/down`` and ``bytes/up``. Images:
-    ``matrix/similarity`` and ``matrix/weights``, the heatmaps of
-    :func:`fedbilevel.comparison.plot_similarity`, for strategies that record them.
+    ``time/other`` and ``time/checkpoint`` in seconds; ``bytes/down`` and ``bytes/up``; with
+    eval-cross, ``cross_task/own_task_mean/<metric>`` and ``cross_task/other_task_mean/<metric>``.
+    Images: ``matrix/similarity`` and ``matrix/weights``, the heatmaps of
+    :func:`fedbilevel.comparison.plot_similarity`, for strategies that record them; with
+    eval-cross, ``matrix/cross_task``, the clients × tasks heatmap of the run's primary metric
+    (:func:`fedbilevel.comparison.plot_cross_task`).
 
     Raises
     ------
@@ -107,9 +117,12 @@ class TensorBoardTracker(Tracker):
 
     def _write(self, results: Mapping[str, Any], record: Mapping[str, Any]) -> None:
         values = [Summary.Value(tag=tag, simple_value=value) for tag, value in round_scalars(results, record).items()]
-        for key in MATRICES:
-            if key in record:
-                values.append(Summary.Value(tag=f"matrix/{key}", image=_heatmap(record, key, results["clients"])))
+        figures = {
+            f"matrix/{key}": _matrix_figure(record, key, results["clients"]) for key in MATRICES if key in record
+        }
+        if "cross_task" in record:
+            figures["matrix/cross_task"] = _cross_task_figure(results, record)
+        values += [Summary.Value(tag=tag, image=_png_image(figure)) for tag, figure in figures.items()]
         self._writer.add_event(Event(wall_time=time.time(), step=record["round"], summary=Summary(value=values)))
 
 
@@ -131,11 +144,14 @@ def round_scalars(results: Mapping[str, Any], record: Mapping[str, Any]) -> dict
     if "seconds_checkpoint" in record:
         out["time/checkpoint"] = record["seconds_checkpoint"]
     out["bytes/down"], out["bytes/up"] = record["bytes_down"], record["bytes_up"]
+    for mean in ("own_task_mean", "other_task_mean"):
+        means = record.get("cross_task", {}).get(mean, {})
+        out.update({f"cross_task/{mean}/{m}": v for m, v in means.items() if v is not None})
     return {tag: float(value) for tag, value in out.items()}
 
 
-def _heatmap(record: Mapping[str, Any], key: str, clients: Mapping[str, Mapping[str, Any]]) -> Any:
-    """The round's matrix ``key`` as a PNG image summary, drawn as in the comparison plots."""
+def _matrix_figure(record: Mapping[str, Any], key: str, clients: Mapping[str, Mapping[str, Any]]) -> Any:
+    """The round's matrix ``key`` drawn as in the comparison plots, on a bare Figure."""
     size = heatmap_inches(len(record[key]))
     # A bare Figure, not pyplot: the ServerApp may run outside the main thread, where GUI backends fail.
     figure = Figure(figsize=(size + 1, size), layout="constrained")
@@ -145,6 +161,20 @@ def _heatmap(record: Mapping[str, Any], key: str, clients: Mapping[str, Mapping[
         "rows: receiving client, columns: contributing client" + ("; grey: not in the round" if absent else ""),
         fontsize=8,
     )
+    return figure
+
+
+def _cross_task_figure(results: Mapping[str, Any], record: Mapping[str, Any]) -> Any:
+    """The round's cross-task matrix (eval-cross) of the run's primary metric, on a bare Figure."""
+    figure = Figure(figsize=cross_task_inches(record["cross_task"]), layout="constrained")
+    summary, title = results["summary"], f"{results['strategy']}, round {record['round']}"
+    split = summary.get("split", "test")  # results.json written before the summary named its split
+    draw_cross_task(figure, figure.add_subplot(), record["cross_task"], summary["primary_metric"], title, split=split)
+    return figure
+
+
+def _png_image(figure: Any) -> Any:
+    """``figure`` as a PNG image summary."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     png = buffer.getvalue()

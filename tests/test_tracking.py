@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from flwr.app import ArrayRecord, MessageType
 
-from fedbilevel import tracking
+from fedbilevel import protocol, tracking
 from fedbilevel.config import RESUMABLE_KEYS, ConfigError, RunConfig, load_app_config
 from fedbilevel.results import RunRecorder, make_run_dir
+from fedbilevel.strategies.cross_task import cross_task_record
 from fedbilevel.strategies.fedbip import FedBip
 from fedbilevel.strategies.sampling import SamplingSettings
 from fedbilevel.testing import INITIAL, FakeClient, FakeGrid
@@ -37,8 +38,9 @@ class ScoringClient(FakeClient):
         return reply
 
 
-def tracked_run(tmp_path, tracker_name, *, rounds=3):
-    """A FedBip run of 6 clients (half train each round) recorded and tracked as run_server does it."""
+def tracked_run(tmp_path, tracker_name, *, rounds=3, cross=None):
+    """A FedBip run of 6 clients (half train each round) recorded and tracked as run_server does it;
+    ``cross``, when given, is the final round's ``cross_task`` entry (as eval-cross records it)."""
     config = RunConfig.from_run_config(
         DEFAULTS, {"output-dir": str(tmp_path), "run-name": "run", "tracker": tracker_name}
     )
@@ -48,6 +50,8 @@ def tracked_run(tmp_path, tracker_name, *, rounds=3):
 
     def on_round_end(record):
         record["seconds_checkpoint"] = 0.25
+        if cross is not None and record["round"] == rounds:
+            record["cross_task"] = cross
         recorder.set_clients(strategy.clients)
         recorder.record_round(record)
         tracker.log_round(recorder.results)
@@ -121,6 +125,30 @@ def test_a_resumed_run_writes_the_event_files_afresh_from_the_rounds_it_keeps(tm
     events = read_events(folder)
     assert [event.step for event in events.Scalars("personalized_mean/rougeL")] == [1, 2, 3]
     assert [image.step for image in events.Images("matrix/weights")] == [1, 2, 3]
+
+
+@needs_tensorboard
+@pytest.mark.usefixtures("server_identity")
+def test_eval_cross_puts_its_matrix_and_means_in_the_final_round_only(tmp_path):
+    tasks = {p: {protocol.TASK: "abc"[p // 2]} for p in range(6)}
+    # Client p scores 0.1 * p + 0.2 on its own task and 0.1 on each other task.
+    rows = {
+        p: (
+            {m: [0.1 * p + 0.2 if task == "abc"[p // 2] else 0.1 for task in "abc"] for m in protocol.TEXT_METRICS},
+            [3] * 3,
+            1.0,
+        )
+        for p in range(5)  # client 5 sent no usable cross-task scores
+    }
+    cross = cross_task_record(rows, tasks)
+    recorder = tracked_run(tmp_path, "tensorboard", cross=cross)
+    events = read_events(recorder.run_dir / "tensorboard")
+    own = sum(0.1 * p + 0.2 for p in range(5)) / 5
+    assert scalar_series(events, "cross_task/own_task_mean/rougeL") == {3: pytest.approx(own)}
+    assert scalar_series(events, "cross_task/other_task_mean/rougeL") == {3: pytest.approx(0.1)}
+    [image] = events.Images("matrix/cross_task")
+    assert image.step == 3 and image.encoded_image_string.startswith(b"\x89PNG") and image.width > 400
+    assert recorder.results["summary"]["split"] == "test"
 
 
 @pytest.mark.usefixtures("server_identity")

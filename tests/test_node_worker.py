@@ -226,3 +226,25 @@ def test_the_final_rounds_evaluate_reply_ends_the_run(server_identity):
     assert not node_worker._is_final_evaluate(train, reply({}), context)
     assert not node_worker._is_final_evaluate(evaluate, reply({}), client_context({"num-server-rounds": 4}))
     np.testing.assert_equal(node_worker.idle_seconds({"node-worker-idle-seconds": "5"}), 5.0)
+
+
+def test_a_start_prunes_files_of_nodes_gone_for_a_week_and_nothing_live(short_dir):
+    root = short_dir
+    mine = node_worker.WorkerPaths.of(NODE_ID, 1, root)
+    old = [root / "node9.lock", root / "node9.log", root / "node9-run3-abcd1234.off", root / "dead.sock"]
+    fresh = [root / "node8.lock", root / "node8.log"]
+    for path in [*old, *fresh, mine.lock, mine.log, root / "notes.txt"]:
+        path.write_text("")
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listening.bind(str(root / "live.sock"))
+    listening.listen()
+    week_ago = time.time() - node_worker.STALE_SECONDS - 60
+    for path in [*old, mine.lock, mine.log, root / "notes.txt", root / "live.sock"]:
+        os.utime(path, (week_ago, week_ago))
+    try:
+        removed = node_worker.prune_stale(root, keep=mine)
+    finally:
+        listening.close()
+    assert sorted(removed) == sorted(old)
+    left = {path.name for path in root.iterdir()}
+    assert left == {"node8.lock", "node8.log", mine.lock.name, mine.log.name, "notes.txt", "live.sock"}

@@ -24,7 +24,9 @@ Transport: a Unix socket (mode 0600) in a private directory (mode 0700, owned by
 peer's uid. Message and Context travel as Flower's own protobufs (``flwr.common.serde``),
 never pickled. The ClientApp process passes its stdout and stderr with each message
 (SCM_RIGHTS): the worker writes the message's output, live, to the same console as an
-in-process ClientApp would. Its own lines (start, exit) go to ``node<id>.log`` there.
+in-process ClientApp would. Its own lines (start, exit) go to ``node<id>.log`` there. A SuperNode
+gets a new node id each time it starts, so a worker's start removes the files there untouched for
+:data:`STALE_SECONDS` (:func:`prune_stale`).
 
 A worker that cannot start, or that dies or breaks the connection during a message, makes
 the ClientApp run that message in its own process (nothing is lost: Flower's context is only
@@ -80,6 +82,9 @@ IDLE_KEY = "node-worker-idle-seconds"
 DEFAULT_IDLE_SECONDS = 600.0
 RUN_END_GRACE_SECONDS = 30.0  # after the final round's evaluate reply (a resend may still come)
 START_TIMEOUT_SECONDS = 60.0  # spawn -> listening (the worker imports the stack on its first message)
+# A SuperNode gets a new node id at each start, so each start leaves a lock and a log behind; a worker's
+# start removes those (and dead workers' sockets, run markers) untouched for this long.
+STALE_SECONDS = 7 * 24 * 3600.0
 
 MODULE = "fedbilevel.client.node_worker"  # what the worker runs (python -m)
 APP_DIR = Path(__file__).resolve().parents[2]  # the folder holding fedbilevel/: the app (a FAB's, or a checkout)
@@ -225,11 +230,47 @@ def connect(paths: WorkerPaths, idle: float) -> Iterator[socket.socket]:
             fcntl.flock(lock, fcntl.LOCK_EX)
             sock = _try_connect(paths.socket)
             if sock is None:
+                os.utime(paths.lock)  # in use: not stale
+                prune_stale(paths.socket.parent, keep=paths)
                 sock = _start(paths, idle)
     try:
         yield sock
     finally:
         sock.close()
+
+
+def prune_stale(root: Path, *, keep: WorkerPaths, max_age: float = STALE_SECONDS) -> list[Path]:
+    """Remove the files of nodes and runs gone from ``root``: untouched for ``max_age`` seconds.
+
+    Locks, logs and run markers (``node*.lock``, ``node*.log``, ``*.off``) and sockets no worker
+    listens on; never ``keep``'s own files or a live worker's socket.
+
+    Returns
+    -------
+    list of Path
+        What was removed.
+    """
+    cutoff = time.time() - max_age
+    removed = []
+    for path in root.iterdir():
+        if path in (keep.socket, keep.lock, keep.off, keep.log) or not path.name.endswith(
+            (".lock", ".log", ".off", ".sock")
+        ):
+            continue
+        with contextlib.suppress(FileNotFoundError):  # another node pruned it meanwhile
+            if path.lstat().st_mtime > cutoff:
+                continue
+            if path.suffix == ".sock":
+                try:
+                    live = _try_connect(path)
+                except WorkerFailed:
+                    continue
+                if live is not None:
+                    live.close()
+                    continue
+            path.unlink()
+            removed.append(path)
+    return removed
 
 
 def _try_connect(path: Path) -> socket.socket | None:

@@ -28,6 +28,17 @@ from fedbilevel.strategies.base import PersonalizedStrategy
 
 INITIAL = {"a": np.zeros((2, 3), np.float32), "b": np.zeros(4, np.float32)}
 
+# A LoRA adapter named as peft saves it: one module's factors and an image classifier's head, for the
+# strategies that treat A, B and the head apart (fedsa-lora, ffa-lora, feddpa).
+LORA_A = "base_model.model.layers.0.q_proj.lora_A.weight"
+LORA_B = "base_model.model.layers.0.q_proj.lora_B.weight"
+LORA_HEAD = "base_model.model.classifier.weight"
+LORA_THETA0 = {
+    LORA_A: np.arange(6, dtype=np.float32).reshape(2, 3),
+    LORA_B: np.zeros((3, 2), np.float32),
+    LORA_HEAD: np.array([1.0, -1.0], np.float32),
+}
+
 
 class InProcessGrid(Grid):
     """A Grid that hands every message to an in-process client: no Ray, no SuperLink.

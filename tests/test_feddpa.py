@@ -35,19 +35,20 @@ from fedbilevel.simulation import simulate
 from fedbilevel.strategies import build_strategy
 from fedbilevel.strategies.feddpa import DpaSettings, FedDpa, dual_adapter, split_adapter
 from fedbilevel.strategies.sampling import SamplingSettings
-from fedbilevel.testing import FakeGrid, assert_adapters_equal, fake_federation, resumed_and_unbroken
+from fedbilevel.testing import (
+    LORA_A,
+    LORA_B,
+    LORA_HEAD,
+    LORA_THETA0,
+    FakeGrid,
+    assert_adapters_equal,
+    fake_federation,
+    resumed_and_unbroken,
+)
+
+A, B, HEAD, THETA0 = LORA_A, LORA_B, LORA_HEAD, LORA_THETA0  # short names for the hand-computed cases
 
 ROOT = Path(__file__).resolve().parents[1]
-
-# One LoRA module's factors and an image classifier's head, named as peft saves them.
-A = "base_model.model.layers.0.q_proj.lora_A.weight"
-B = "base_model.model.layers.0.q_proj.lora_B.weight"
-HEAD = "base_model.model.classifier.weight"
-THETA0 = {
-    A: np.arange(6, dtype=np.float32).reshape(2, 3),
-    B: np.zeros((3, 2), np.float32),
-    HEAD: np.array([1.0, -1.0], np.float32),
-}
 
 
 def adapter(global_shift: float, local_shift: float) -> dict[str, np.ndarray]:

@@ -26,17 +26,19 @@ from fedbilevel.strategies import build_strategy
 from fedbilevel.strategies.fedsa_lora import FedSaLora, is_lora_a
 from fedbilevel.strategies.ffa_lora import FfaLora
 from fedbilevel.strategies.sampling import SamplingSettings
-from fedbilevel.testing import INITIAL, FakeGrid, assert_adapters_equal, fake_federation, resumed_and_unbroken
+from fedbilevel.testing import (
+    INITIAL,
+    LORA_A,
+    LORA_B,
+    LORA_HEAD,
+    LORA_THETA0,
+    FakeGrid,
+    assert_adapters_equal,
+    fake_federation,
+    resumed_and_unbroken,
+)
 
-# A LoRA adapter named as peft saves it: one module's factors and an image classifier's head.
-A = "base_model.model.layers.0.q_proj.lora_A.weight"
-B = "base_model.model.layers.0.q_proj.lora_B.weight"
-HEAD = "base_model.model.classifier.weight"
-THETA0 = {
-    A: np.arange(6, dtype=np.float32).reshape(2, 3),
-    B: np.zeros((3, 2), np.float32),
-    HEAD: np.array([1.0, -1.0], np.float32),
-}
+A, B, HEAD, THETA0 = LORA_A, LORA_B, LORA_HEAD, LORA_THETA0  # short names for the hand-computed cases
 
 
 def step(partition_id: int, server_round: int) -> dict[str, np.ndarray]:

@@ -10,9 +10,10 @@ Two modes (``dp``), both applied on the client, so the server never sees what th
   client against everything that sees the client's adapters (the server, other clients).
 * ``update``: client-level DP on the update (DP-FedAvg's clip and noise, McMahan et al., ICLR
   2018, applied by the client itself): the task vector τ = θ_trained − θ_received is clipped to
-  the L2 norm C and N(0, σ²C²) is added to each coordinate before it is sent, so the server
-  never sees an un-noised update. Protects a client's whole training set (add/remove of the
-  client: sensitivity C).
+  the L2 norm C and N(0, σ²(2C)²) is added to each coordinate before it is sent, so the server
+  never sees an un-noised update. Protects a client's whole training set: any two training sets
+  of the client (replace-one-client, sensitivity 2C; add/remove would not fit, because the
+  server sees each client's update alone and knows who took part).
 
 Each client accounts for its own releases with Opacus's RDP accountant (Mironov, CSF 2017; the
 sampled Gaussian mechanism of Mironov, Talwar and Zhang 2019): per optimizer step (σ, q) for
@@ -35,8 +36,12 @@ metrics: ``dp-epsilon-spent`` (after this round), ``dp-noise-multiplier``, ``dp-
 
 from __future__ import annotations
 
+import json
+import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fedbilevel.options import choice, not_allowed, number, option, validate
@@ -53,6 +58,8 @@ DP_STEPS = "dp-steps"  # accountant steps this round: local-steps (dp-sgd), 1 (u
 DP_STOPPED = "dp-stopped"  # 1: the next round would exceed dp-epsilon, so the client did not train
 
 Segment = tuple[float, float, int]  # (noise multiplier σ, sample rate q, steps): Opacus's RDP history entry
+
+JOURNAL = "privacy_journal.jsonl"  # in the run folder: every DP train reply the server received, as it arrived
 
 
 @dataclass(frozen=True)
@@ -195,27 +202,65 @@ def extend(history: Sequence[Segment], noise_multiplier: float, sample_rate: flo
     return out
 
 
+def released(metrics: Mapping[str, Any]) -> tuple[Segment, float, bool] | None:
+    """A train reply's DP round: ((σ, q, steps), ε spent, stopped), or None when it reports no DP.
+
+    Raises
+    ------
+    ValueError
+        If a DP metric is missing or not a finite number.
+    """
+    if DP_EPSILON_SPENT not in metrics:
+        return None
+    keys = (DP_NOISE_MULTIPLIER, DP_SAMPLE_RATE, DP_STEPS, DP_EPSILON_SPENT, DP_STOPPED)
+    values = [metrics.get(key) for key in keys]
+    for key, value in zip(keys, values):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"train metric '{key}': {value!r}; expected a finite number")
+    sigma, rate, steps, spent, stopped = values
+    return (float(sigma), float(rate), int(steps)), float(spent), bool(stopped)
+
+
 class PrivacyLedger:
-    """The server's copy of each client's privacy account, from the train replies it accepted.
+    """The server's copy of each client's privacy account, from the train replies it received.
 
     The client's own account (in its Flower ``context.state``) is the authority while its
     SuperNode keeps its state; this copy is checkpointed with the run and sent back in every
     train message (``dp-history``), so a client that lost its state (a resumed run, a
     restarted SuperNode) continues its account instead of starting a fresh one.
+
+    A checkpoint is written at the end of a round, but clients release during it. So each DP
+    reply is also appended to a journal (:meth:`attach`, :data:`JOURNAL`) as it arrives, before
+    the server uses it, and a resumed run adds the journal's rounds after its checkpoint: a
+    crash between a release and the checkpoint, and the replay of that round, both count. A
+    reply the server rejected counts too (what it carried was released). Not covered: a reply
+    the ServerApp never received (it stopped while that client trained).
     """
 
     def __init__(self) -> None:
         self.histories: dict[int, list[Segment]] = {}
+        self.journal: Path | None = None
 
-    def note(self, partition_id: int, metrics: Mapping[str, Any]) -> str | None:
-        """Add a train reply's DP round to the client's account; the line to log (None without DP)."""
-        if DP_EPSILON_SPENT not in metrics:
+    def attach(self, journal: Path) -> None:
+        """Append every DP reply to ``journal`` (a run folder's :data:`JOURNAL`) from now on."""
+        self.journal = Path(journal)
+
+    def note(self, partition_id: int, metrics: Mapping[str, Any], *, server_round: int = 0) -> str | None:
+        """Add a train reply's DP round to the client's account (journal first); the line to log (None
+        without DP).
+
+        Raises
+        ------
+        ValueError
+            If the reply's DP metrics are malformed (:func:`released`).
+        """
+        release = released(metrics)
+        if release is None:
             return None
-        spent = float(metrics[DP_EPSILON_SPENT])
-        if metrics.get(DP_STOPPED):
+        (sigma, rate, steps), spent, stopped = release
+        if stopped:
             return f"stopped training: its next round would exceed dp-epsilon (ε spent {spent:.3f}); adapter kept"
-        steps = int(metrics.get(DP_STEPS, 0))
-        sigma, rate = float(metrics[DP_NOISE_MULTIPLIER]), float(metrics[DP_SAMPLE_RATE])
+        self._journal(server_round, partition_id, (sigma, rate, steps))
         self.histories[partition_id] = extend(self.histories.get(partition_id, []), sigma, rate, steps)
         return f"ε spent {spent:.3f} (σ {sigma:.4g}, q {rate:.4g}, {steps} steps this round)"
 
@@ -228,6 +273,43 @@ class PrivacyLedger:
         """For checkpoint.json: partition id -> the flattened account."""
         return {str(partition_id): flatten(history) for partition_id, history in sorted(self.histories.items())}
 
-    def restore(self, record: Mapping[str, Sequence[float]]) -> None:
-        """Continue from :meth:`to_record`'s record."""
+    def restore(self, record: Mapping[str, Sequence[float]], *, after_round: int = 0) -> int:
+        """Continue from :meth:`to_record`'s record of the checkpoint after ``after_round``, plus the
+        attached journal's releases of later rounds; returns how many such releases were added.
+
+        A last journal line without its newline (the server stopped while writing it) is ignored.
+
+        Raises
+        ------
+        ValueError
+            If another journal line is not a release.
+        """
         self.histories = {int(partition_id): unflatten(values) for partition_id, values in record.items()}
+        if self.journal is None or not self.journal.is_file():
+            return 0
+        added = 0
+        for line_number, line in enumerate(self.journal.read_text().splitlines(keepends=True), 1):
+            if not line.endswith("\n"):
+                break
+            try:
+                entry = json.loads(line)
+                server_round, partition_id = int(entry["round"]), int(entry["partition_id"])
+                sigma, rate, steps = float(entry["sigma"]), float(entry["sample_rate"]), int(entry["steps"])
+            except (ValueError, KeyError, TypeError) as error:
+                raise ValueError(f"{self.journal}: line {line_number} is not a DP release ({error})") from error
+            if server_round > after_round:
+                self.histories[partition_id] = extend(self.histories.get(partition_id, []), sigma, rate, steps)
+                added += 1
+        return added
+
+    def _journal(self, server_round: int, partition_id: int, segment: Segment) -> None:
+        if self.journal is None:
+            return
+        sigma, rate, steps = segment
+        line = json.dumps(
+            {"round": server_round, "partition_id": partition_id, "sigma": sigma, "sample_rate": rate, "steps": steps}
+        )
+        with open(self.journal, "a") as journal:
+            journal.write(line + "\n")
+            journal.flush()
+            os.fsync(journal.fileno())  # on disk before the server acts on the reply

@@ -108,6 +108,9 @@ ALA_LOSS = "ala-loss"
 ALA_MEAN_WEIGHT = "ala-mean-weight"
 DPA_MEAN_WEIGHT = "feddpa-mean-weight"  # FedDPA evaluate replies: the mean α(x) over the scored items
 DPA_LOCAL_LOSS = "feddpa-local-loss"  # FedDPA train replies: the local phase's mean loss
+# FedDPA evaluate config: whether the client's local adapter has trained; until it has, the client scores
+# the global adapter alone (α = 1), not α(x) times it plus an untrained (zero) local update.
+DPA_LOCAL_TRAINED = "feddpa-local-trained"
 
 
 @dataclass(frozen=True)

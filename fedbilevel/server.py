@@ -13,7 +13,7 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from fedbilevel import logs, protocol
+from fedbilevel import logs, privacy, protocol
 from fedbilevel.checkpoint import STORE, load_checkpoint, save_checkpoint
 from fedbilevel.comparison import plot_cross_task
 from fedbilevel.config import RESUMABLE_KEYS, ConfigError, RunConfig, saved_run_config
@@ -136,6 +136,7 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
         evaluate_cross=config.cross_evaluates_in_round,
     )
     strategy.store.attach(run_dir / STORE)
+    strategy.privacy.attach(run_dir / privacy.JOURNAL)  # each DP release on disk as it arrives
     if resumed:
         strategy.restore(resumed[1])
         log(INFO, "resuming %s after round %d (checkpoint in %s)", config.strategy, strategy.round_offset, run_dir)

@@ -128,6 +128,17 @@ def test_the_global_adapter_is_the_example_weighted_mean_and_a_client_that_never
     assert_adapters_equal(saved["local"], {name: array + 20 for name, array in THETA0.items()})
 
 
+def test_evaluate_messages_say_whether_a_clients_local_adapter_has_trained():
+    strategy = FedDpa(settings=DpaSettings(), initial_adapter=THETA0)
+    strategy.personalize(1, {0: adapter(1, 10), 1: adapter(1, 0)}, {0: 1, 1: 1})  # round 1: client 1's local untouched
+    assert [strategy.partition_config("evaluate", p)[protocol.DPA_LOCAL_TRAINED] for p in range(3)] == [
+        True,
+        False,
+        False,  # never trained
+    ]
+    assert protocol.DPA_LOCAL_TRAINED not in strategy.partition_config("train", 0)
+
+
 @pytest.mark.usefixtures("server_identity")
 def test_absent_clients_keep_their_local_adapter_and_receive_the_current_global_one():
     records = []
@@ -363,6 +374,41 @@ def test_the_client_app_trains_the_global_adapter_as_fedit_does_and_the_local_on
     assert np.isfinite(metrics[protocol.DPA_LOCAL_LOSS])
     # The process's one model serves the next client as if FedDPA had never run on it.
     assert_adapters_equal(train(theta0, 1, feddpa=False)[0], plain_before)
+
+
+def test_a_client_whose_local_adapter_has_not_trained_scores_the_global_adapter_alone(server_identity):
+    config = {
+        **load_app_config(),
+        "model-name": TINY_MODEL,
+        "precision": "fp32",
+        "synthetic-train-examples": 8,
+        "synthetic-test-examples": 4,
+        "eval-max-new-tokens": 4,
+    }
+    app, context = started_client(config)
+    run_config = RunConfig.from_run_config(config)
+    theta0 = initial_adapter_arrays(run_config.model.name, run_config.lora, seed=run_config.seed)
+    rng = np.random.default_rng(0)
+    trained_global = {name: a + 0.05 * rng.standard_normal(a.shape).astype(a.dtype) for name, a in theta0.items()}
+
+    def evaluate(sent: dict, **values) -> dict:
+        values = {
+            protocol.SERVER_ROUND: 1,
+            protocol.PARTITION_ID: 0,
+            protocol.ADAPTER_DIGEST: protocol.adapter_digest(sent),
+            **values,
+        }
+        content = RecordDict({protocol.CONFIG: ConfigRecord(values), protocol.ARRAYS: protocol.adapter_to_record(sent)})
+        reply = app(Message(content, 5, MessageType.EVALUATE), context)
+        return dict(reply.content.metric_records[protocol.METRICS])
+
+    fedit = evaluate(trained_global)
+    dual = dual_adapter(trained_global, theta0)
+    alone = evaluate(dual, **DpaSettings().to_config(), **{protocol.DPA_LOCAL_TRAINED: False})
+    mixed = evaluate(dual, **DpaSettings().to_config(), **{protocol.DPA_LOCAL_TRAINED: True})
+    assert alone[protocol.DPA_MEAN_WEIGHT] == 1.0 and mixed[protocol.DPA_MEAN_WEIGHT] <= 0.5
+    for key in ("rouge1", "rougeL", "exact_match"):
+        assert alone[key] == fedit[key]
 
 
 def test_a_federated_run_scores_every_client_and_saves_both_adapters(tmp_path):

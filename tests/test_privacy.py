@@ -41,6 +41,7 @@ from fedbilevel.privacy import (
     DP_SAMPLE_RATE,
     DP_STEPS,
     DP_STOPPED,
+    JOURNAL,
     PrivacyLedger,
     PrivacySettings,
     extend,
@@ -49,6 +50,7 @@ from fedbilevel.privacy import (
 )
 from fedbilevel.simulation import simulate as run_in_simulation
 from fedbilevel.strategies.fedavg import FedAvg
+from fedbilevel.strategies.replies import RejectedReply, check_reply
 from fedbilevel.testing import INITIAL, FakeClient, FakeGrid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,7 +255,7 @@ def test_per_example_loss_of_a_text_batch_is_each_examples_mean_over_its_targets
 # ------------------------------------------------------------------------------------------ update
 
 
-def test_the_update_is_clipped_to_the_norm_and_noised_with_sigma_times_the_norm():
+def test_the_update_is_clipped_to_the_norm_and_noised_with_sigma_times_twice_the_norm():
     rng = np.random.default_rng(0)
     received = {"a": rng.normal(size=(60, 50)).astype(np.float32), "frozen": np.ones(4, np.float32)}
     trained = {"a": received["a"] + rng.normal(size=(60, 50)).astype(np.float32), "frozen": np.ones(4, np.float32)}
@@ -265,7 +267,7 @@ def test_the_update_is_clipped_to_the_norm_and_noised_with_sigma_times_the_norm(
     np.testing.assert_allclose(sent_update, update * clip / np.linalg.norm(update), atol=1e-6)
     noisy = privatize_update(received, trained, names=["a"], max_norm=clip, noise_multiplier=2.0, rng=rng)
     noise = noisy["a"].astype(np.float64) - received["a"] - sent_update
-    assert noise.std() == pytest.approx(2.0 * clip, rel=0.05) and abs(noise.mean()) < 0.05 * clip
+    assert noise.std() == pytest.approx(2.0 * 2 * clip, rel=0.05) and abs(noise.mean()) < 0.05 * clip  # σ · 2C
     np.testing.assert_array_equal(noisy["frozen"], received["frozen"])  # not trained: sent as received
     assert [a.dtype for a in noisy.values()] == [np.float32, np.float32]
     # No noise and an infinite clip: the trained adapter itself.
@@ -357,8 +359,8 @@ def test_the_update_mode_sends_a_clipped_noised_update_and_accounts_each_round(s
     sent = initial_adapter_arrays(TINY_MODEL, config.lora, seed=0)
     update, metrics = train_message(app, context, sent, 1)
     difference = np.concatenate([(update[name].astype(np.float64) - sent[name]).ravel() for name in sent])
-    # ‖clipped τ‖ ≤ C is small next to the noise: what arrives is N(0, σ²C²) per coordinate, give or take C.
-    expected = mechanism.noise_multiplier * 0.01
+    # ‖clipped τ‖ ≤ C is small next to the noise: what arrives is N(0, σ²(2C)²) per coordinate, give or take C.
+    expected = mechanism.noise_multiplier * 2 * 0.01
     assert np.linalg.norm(difference - difference.mean()) / math.sqrt(difference.size) == pytest.approx(
         expected, rel=0.05
     )
@@ -417,6 +419,79 @@ def test_the_server_keeps_each_clients_account_through_a_resume(tmp_path, server
     sent = [c for c in clients[1].configs if DP_HISTORY in c]
     assert len(sent) == 1 and unflatten(sent[0][DP_HISTORY]) == [(1.0, 0.5, 4)]
     assert resumed.privacy.histories[1] == [(1.0, 0.5, 6)]
+
+
+def test_releases_after_the_last_checkpoint_count_when_the_run_resumes(tmp_path, server_identity):
+    """A server that stops after round 2's replies arrived but before its checkpoint: the resumed run
+    counts round 2's releases from the journal, and again when it replays the round."""
+
+    def strategy():
+        made = FedAvg(initial_adapter=INITIAL, on_round_end=lambda record: checkpoint_after_round_1(made, record))
+        made.store.attach(tmp_path / "store")
+        made.privacy.attach(tmp_path / JOURNAL)
+        return made
+
+    def checkpoint_after_round_1(made, record):
+        if record["round"] == 1:
+            save_checkpoint(tmp_path, made.checkpoint())
+
+    def run(made, rounds):
+        clients = {p: DpClient(p) for p in range(2)}
+        made.start(FakeGrid({20 + p: c for p, c in clients.items()}), ArrayRecord(), num_rounds=rounds)
+        return clients
+
+    run(strategy(), 2)
+    assert load_checkpoint(tmp_path)["privacy"] == {"0": [1.0, 0.5, 2.0], "1": [1.0, 0.5, 2.0]}  # round 1 only
+    resumed = strategy()
+    resumed.restore(load_checkpoint(tmp_path))
+    assert resumed.privacy.histories == {0: [(1.0, 0.5, 4)], 1: [(1.0, 0.5, 4)]}  # round 2 from the journal
+    clients = run(resumed, 1)  # round 2 again: a second release
+    assert unflatten(clients[0].configs[0][DP_HISTORY]) == [(1.0, 0.5, 4)]
+    assert resumed.privacy.histories == {0: [(1.0, 0.5, 6)], 1: [(1.0, 0.5, 6)]}
+    entries = [json.loads(line) for line in (tmp_path / JOURNAL).read_text().splitlines()]
+    assert [(e["round"], e["partition_id"]) for e in entries] == [(1, 0), (1, 1), (2, 0), (2, 1), (2, 0), (2, 1)]
+
+
+class RejectedDpClient(DpClient):
+    """A DpClient whose round-2 adapter holds NaN: the server rejects the reply, which reports its DP round."""
+
+    def handle(self, message):
+        reply = super().handle(message)
+        config = message.content.config_records[protocol.CONFIG]
+        if message.metadata.message_type == MessageType.TRAIN and config[protocol.SERVER_ROUND] == 2:
+            adapter = protocol.record_to_adapter(reply.content.array_records[protocol.ARRAYS])
+            adapter["b"][0] = np.nan
+            reply.content[protocol.ARRAYS] = protocol.adapter_to_record(adapter)
+        return reply
+
+
+def test_a_rejected_reply_still_counts_in_the_account_and_incomplete_dp_metrics_are_rejected(tmp_path, server_identity):
+    made = FedAvg(initial_adapter=INITIAL, min_available_fraction=0.5)
+    made.privacy.attach(tmp_path / JOURNAL)
+    clients = {0: RejectedDpClient(0), 1: DpClient(1)}
+    made.start(FakeGrid({20 + p: c for p, c in clients.items()}), ArrayRecord(), num_rounds=2)
+    assert [(f["phase"], f["partition_id"]) for f in made.history[1]["failures"]] == [("train", 0)]
+    assert made.privacy.histories == {0: [(1.0, 0.5, 4)], 1: [(1.0, 0.5, 4)]}
+    ledger = PrivacyLedger()
+    ledger.attach(tmp_path / JOURNAL)
+    assert ledger.restore({}) == 4  # a resume from before round 1 recounts every release, the rejected one too
+    report = {protocol.TRAIN_LOSS: 1.0, protocol.NUM_EXAMPLES: 10, protocol.PARTITION_ID: 0, DP_EPSILON_SPENT: 1.0}
+    message = Message(RecordDict({protocol.METRICS: MetricRecord(report)}), 7, MessageType.TRAIN)
+    with pytest.raises(RejectedReply, match="train metric 'dp-noise-multiplier': None; expected a finite number"):
+        check_reply(message, 0, "train")
+
+
+def test_a_torn_last_journal_line_is_ignored_and_a_broken_one_before_it_is_an_error(tmp_path):
+    line = '{"round": 3, "partition_id": 1, "sigma": 1.0, "sample_rate": 0.5, "steps": 2}\n'
+    (tmp_path / JOURNAL).write_text(line + line[:20])  # the server stopped while writing the second
+    ledger = PrivacyLedger()
+    ledger.attach(tmp_path / JOURNAL)
+    assert ledger.restore({"1": [1.0, 0.5, 4.0]}, after_round=2) == 1
+    assert ledger.histories == {1: [(1.0, 0.5, 6)]}
+    assert ledger.restore({"1": [1.0, 0.5, 4.0]}, after_round=3) == 0  # round 3 is in the checkpoint
+    (tmp_path / JOURNAL).write_text(line[:20] + "\n" + line)
+    with pytest.raises(ValueError, match="line 1 is not a DP release"):
+        ledger.restore({})
 
 
 def test_the_ledger_merges_rounds_and_ignores_stopped_ones():

@@ -478,7 +478,10 @@ def make_client_app(
             model, tokenizer, server_round, step = session.load_model(message, context)
         except MissingAdapter as missing:
             return missing_adapter_reply(message, session.partition_id, missing)
-        if session.dpa is None:
+        config = message.content.config_records[protocol.CONFIG]
+        # FedDPA before the client's local adapter has trained: the global adapter alone (α = 1)
+        mixed = session.dpa is not None and config.get(protocol.DPA_LOCAL_TRAINED, True)
+        if not mixed:
             score = functools.partial(session.score, model, tokenizer)
         else:  # FedDPA: the global and local adapters, mixed per item
 
@@ -495,7 +498,9 @@ def make_client_app(
                 )
 
         scores = score()
-        if message.content.config_records[protocol.CONFIG].get(protocol.CROSS_TASK):  # eval-cross: the other tasks
+        if session.dpa is not None and not mixed:
+            scores[protocol.DPA_MEAN_WEIGHT] = 1.0
+        if config.get(protocol.CROSS_TASK):  # eval-cross: the other tasks
             scores.update(other_task_scores(score, session.config, session.partition_id, session.num_partitions))
         summary = ", ".join(
             f"{key} {scores[key]:.3f}" for key in ("exact_match", "rougeL", "accuracy", "macro_f1") if key in scores

@@ -10,7 +10,8 @@
   model, is refused with one line), and Opacus's ``DPOptimizer`` clips each to C, adds N(0, σ²C²)
   to their sum and divides by the expected batch size before AdamW's step.
 * :func:`privatize_update`: the clipped and noised update of ``dp = "update"`` (McMahan et al.,
-  ICLR 2018, applied by the client).
+  ICLR 2018, applied by the client; the noise scaled to the sensitivity 2C of replacing the
+  client's whole training set).
 * :class:`PrivacyAccount`: Opacus's RDP accountant (Mironov, CSF 2017) over every round the client
   released, and :func:`plan`, the per-round mechanism with σ calibrated by Opacus's
   ``get_noise_multiplier``.
@@ -67,6 +68,8 @@ from fedbilevel.privacy import (
 )
 
 STATE = "dp-account"  # context.state: this client's account, (σ, q, steps) flattened under DP_HISTORY
+# dp = "update": the sensitivity of the clipped update, in units of C (any two training sets of the client).
+UPDATE_SENSITIVITY = 2.0
 CALIBRATION_TOLERANCE = 0.01  # ε: how far below the target the calibrated σ may land (Opacus's default)
 
 
@@ -394,11 +397,14 @@ def privatize_update(
     noise_multiplier: float,
     rng: np.random.Generator,
 ) -> dict[str, np.ndarray]:
-    """The adapter a client sends under ``dp = "update"``: received + clip(τ, C) + N(0, σ²C²) per coordinate.
+    """The adapter a client sends under ``dp = "update"``: received + clip(τ, C) + N(0, σ²(2C)²) per coordinate.
 
     τ = trained − received over ``names`` (the arrays the client trained), clipped to the L2 norm
     ``max_norm`` as a whole (DP-FedAvg's flat clipping, McMahan et al. 2018); every other array
-    is sent as received, so nothing the client computed leaves it without noise.
+    is sent as received, so nothing the client computed leaves it without noise. The noise is
+    σ times the sensitivity 2C (:data:`UPDATE_SENSITIVITY`): any two training sets of the client
+    give clipped updates at most 2C apart, and the server sees each client's update alone and knows
+    who took part, so add/remove of the client (sensitivity C) is not the relation it can be held to.
 
     Parameters
     ----------
@@ -421,7 +427,7 @@ def privatize_update(
     update = {name: trained[name].astype(np.float64) - received[name] for name in names}
     norm = math.sqrt(sum(float(np.sum(np.square(value))) for value in update.values()))
     scale = min(1.0, max_norm / norm) if norm > 0 else 1.0
-    std = noise_multiplier * max_norm
+    std = noise_multiplier * UPDATE_SENSITIVITY * max_norm
     sent = {}
     for name, array in trained.items():
         if name in update:

@@ -146,6 +146,11 @@ class PersonalizedStrategy(Strategy):
         client code reads them."""
         return {}
 
+    def partition_config(self, phase: str, partition_id: int) -> dict[str, Any]:
+        """Values added to one client's message config for ``phase`` ("train" or "evaluate"): its DP
+        account in train messages; strategies add per-client values."""
+        return self.privacy.config_for(partition_id) if phase == "train" else {}
+
     def summary(self) -> None:
         """Log the strategy's configuration."""
         log(INFO, "\t├──> %s: one adapter per client, keyed by partition id", type(self).__name__)
@@ -175,7 +180,14 @@ class PersonalizedStrategy(Strategy):
         self.store.load(meta["store"])
         self.clients = {int(p): dict(info) for p, info in meta["clients"].items()}
         self.round_offset = int(meta["round"])
-        self.privacy.restore(meta.get("privacy", {}))
+        added = self.privacy.restore(meta.get("privacy", {}), after_round=self.round_offset)
+        if added:
+            log(
+                INFO,
+                "DP accounts: %d release(s) after round %d's checkpoint counted from the journal",
+                added,
+                self.round_offset,
+            )
 
     def global_adapter(self) -> Adapter:
         """Σᵢ nᵢ θᵢ / Σᵢ nᵢ over the known clients' personalized adapters (nᵢ: training examples).
@@ -239,7 +251,7 @@ class PersonalizedStrategy(Strategy):
             trained[partition_id] = adapter
             num_examples[partition_id] = int(metrics[protocol.NUM_EXAMPLES])
             self._round.note_train(partition_id, metrics)
-            spent = self.privacy.note(partition_id, metrics)
+            spent = self.privacy.note(partition_id, metrics, server_round=server_round)
             if spent is not None:
                 log(INFO, "round %d: client %d %s", server_round, partition_id, spent)
             log(
@@ -311,9 +323,9 @@ class PersonalizedStrategy(Strategy):
         server_round, config, message_type, shared = self._phase_args[phase]
         adapter = self.adapter_for(partition_id) if phase == "train" else self.personalized_adapter(partition_id)
         digest = protocol.adapter_digest(adapter)
-        round_config = ConfigRecord({**dict(config), **self.client_config()})
-        if phase == "train":
-            round_config.update(self.privacy.config_for(partition_id))
+        round_config = ConfigRecord(
+            {**dict(config), **self.client_config(), **self.partition_config(phase, partition_id)}
+        )
         round_config[protocol.SERVER_ROUND] = server_round
         round_config[protocol.PARTITION_ID] = partition_id
         round_config[protocol.ADAPTER_DIGEST] = digest
@@ -327,6 +339,26 @@ class PersonalizedStrategy(Strategy):
         self._round.note_sent(content)
         self._pending[partition_id] = (node_id, digest)
         return Message(content=content, message_type=message_type, dst_node_id=node_id)
+
+    def _count_rejected_release(self, message: Message, partition_id: int) -> None:
+        """A rejected train reply that reports a DP round was still released: it counts in the account."""
+        if message.has_error() or protocol.METRICS not in message.content.metric_records:
+            return
+        server_round = self._round.record["round"]
+        try:
+            spent = self.privacy.note(
+                partition_id, message.content.metric_records[protocol.METRICS], server_round=server_round
+            )
+        except ValueError:  # no usable DP round in it (and the client's own account has it, if it has one)
+            return
+        if spent is not None:
+            log(
+                INFO,
+                "round %d: client %d's rejected reply counts in its DP account: %s",
+                server_round,
+                partition_id,
+                spent,
+            )
 
     def _sample(self, server_round: int, phase: str) -> list[int]:
         """The clients of this phase, recorded in the round's ``sampled``: all unless a fraction is set."""
@@ -373,6 +405,8 @@ class PersonalizedStrategy(Strategy):
                 adapter = check_adapter(message.content, self.initial_adapter) if phase == "train" else None
             except RejectedReply as error:
                 self._round.note_rejected(phase, node_id, partition_id, error)
+                if phase == "train" and partition_id is not None:
+                    self._count_rejected_release(message, partition_id)
                 self._held.pop(partition_id, None)  # what it holds now is unknown
                 continue
             self._round.note_busy(phase, metrics)

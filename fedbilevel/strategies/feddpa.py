@@ -195,6 +195,7 @@ class FedDpa(PersonalizedStrategy):
         self._initial_digest = protocol.adapter_digest(initial)  # what a client holds after the partition query
         self.settings = settings
         self.initial_global, self.initial_local = split_adapter(self.initial_adapter)
+        self._initial_local_digest = protocol.adapter_digest(self.initial_local)
         self.shared = self.store.table("global")  # 0 -> the global adapter, once aggregated
         self.local = self.store.table("local")  # partition id -> its local adapter (peft names)
 
@@ -211,6 +212,23 @@ class FedDpa(PersonalizedStrategy):
     def client_config(self) -> dict[str, Any]:
         """Ask clients to train and evaluate the two adapters as FedDPA."""
         return self.settings.to_config()
+
+    def partition_config(self, phase: str, partition_id: int) -> dict[str, Any]:
+        """Evaluate messages also say whether the client's local adapter has trained (:meth:`local_trained`)."""
+        config = super().partition_config(phase, partition_id)
+        if phase == "evaluate":
+            config[protocol.DPA_LOCAL_TRAINED] = self.local_trained(partition_id)
+        return config
+
+    def local_trained(self, partition_id: int) -> bool:
+        """Whether the client's local adapter differs from θ⁰'s: it trains from the client's second round on.
+
+        Until then the client scores the global adapter alone (α = 1, FedIT's model): the official
+        code only evaluates at the end, when every client has trained its local adapter, and α(x)
+        ≤ β would otherwise scale the global update down next to a zero local one.
+        """
+        local = self.local.get(partition_id)
+        return local is not None and protocol.adapter_digest(local) != self._initial_local_digest
 
     def adapter_for(self, partition_id: int) -> Adapter:
         """The current global adapter with the client's local one (θ⁰'s until it has trained)."""

@@ -16,6 +16,7 @@ import numpy as np
 from flwr.app import Message, RecordDict
 
 from fedbilevel import protocol
+from fedbilevel.privacy import released
 
 # The largest squared L2 norm of an adapter the server aggregates. Task vectors τ = θ − θ̄ then have
 # ‖τ‖² ≤ 2‖θ‖² + 2‖θ̄‖² ≤ float32's maximum, so every Gram entry, cosine and weighted sum the strategies
@@ -104,8 +105,8 @@ def check_reply(message: Message, expected_partition: int | None, phase: str) ->
     ------
     RejectedReply
         If the reply is an error, comes from an unknown node, lacks its metrics, names
-        another partition, counts no examples, (train) has no finite loss, or any metric
-        is NaN or Inf.
+        another partition, counts no examples, (train) has no finite loss or incomplete DP
+        metrics (:func:`fedbilevel.privacy.released`), or any metric is NaN or Inf.
     """
     if message.has_error():
         raise RejectedReply(f"client error: {last_line(message.error.reason)}", detail=message.error.reason)
@@ -124,6 +125,11 @@ def check_reply(message: Message, expected_partition: int | None, phase: str) ->
         raise RejectedReply(f"num-examples {count!r}; expected a number > 0")
     if phase == "train" and not np.isfinite(metrics.get(protocol.TRAIN_LOSS, np.nan)):
         raise RejectedReply(f"train-loss {metrics.get(protocol.TRAIN_LOSS)!r}; expected a finite number")
+    if phase == "train":
+        try:
+            released(metrics)
+        except ValueError as error:
+            raise RejectedReply(str(error)) from None
     for key, value in metrics.items():  # a NaN score would make the round's mean NaN
         if not np.all(np.isfinite(value)):
             raise RejectedReply(f"metric '{key}': {value!r} holds NaN or Inf; expected finite numbers")

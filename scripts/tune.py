@@ -17,6 +17,7 @@ Default grids (``--grid`` replaces a key's values, or adds a key the strategy de
     fedprox   proximal-mu 0.001, 0.01, 0.1, 1
     fedamp    fedamp-sigma 5, 50, 200 × fedamp-lambda 0.01, 0.1
     fedala    fedala-eta 1, 10, 100
+    ffa-lora  learning-rate 1, 2, 5 and 10 times the runs' (its paper tunes it apart, well above LoRA's)
 
 Any other strategy (e.g. fedavg, the reference) runs once at its defaults unless ``--grid``
 gives it a key. A strategy's keys are its own option component's (fedbilevel.comparison.
@@ -59,6 +60,9 @@ DEFAULT_GRIDS: dict[str, dict[str, list[Any]]] = {
     "fedamp": {"fedamp-sigma": [5.0, 50.0, 200.0], "fedamp-lambda": [0.01, 0.1]},
     "fedala": {"fedala-eta": [1.0, 10.0, 100.0]},
 }
+# Grids of multiples of the run's learning rate. FFA-LoRA trains B alone from a frozen A, so its learning
+# rate does the work of LoRA's α/r; its paper tunes it apart and finds it best well above LoRA's.
+LEARNING_RATE_MULTIPLES: dict[str, tuple[float, ...]] = {"ffa-lora": (1.0, 2.0, 5.0, 10.0)}
 # The keys tune.py sets for every run itself.
 OWN_KEYS = ("strategy", "seed", "output-dir", "run-name", "eval-split", "val-fraction")
 _LABEL = re.compile(r"[A-Za-z0-9_.+-]+")
@@ -87,8 +91,13 @@ def setting(values: dict[str, Any]) -> str:
     return ", ".join(f"{key}={value}" for key, value in values.items()) or "–"
 
 
-def parse_grid(texts: list[str], strategies: list[str]) -> dict[str, dict[str, list[Any]]]:
+def parse_grid(
+    texts: list[str], strategies: list[str], *, learning_rate: float | None = None
+) -> dict[str, dict[str, list[Any]]]:
     """Each strategy's grid: the defaults, with each ``[STRATEGY:]KEY=V1,V2`` of ``texts`` applied.
+
+    With ``learning_rate`` (the runs' resolved ``learning-rate``), the strategies of
+    :data:`LEARNING_RATE_MULTIPLES` also get a ``learning-rate`` grid of its multiples.
 
     A qualified key applies to that strategy; a bare one to every listed strategy that declares
     it. Values are TOML literals (a bare word is a string).
@@ -100,6 +109,10 @@ def parse_grid(texts: list[str], strategies: list[str]) -> dict[str, dict[str, l
         strategy's keys.
     """
     grids = {strategy: {key: list(v) for key, v in DEFAULT_GRIDS.get(strategy, {}).items()} for strategy in strategies}
+    for strategy in strategies:
+        if learning_rate is not None and strategy in LEARNING_RATE_MULTIPLES:
+            rates = [float(f"{learning_rate * m:.6g}") for m in LEARNING_RATE_MULTIPLES[strategy]]
+            grids[strategy]["learning-rate"] = rates
     for text in texts:
         target, _, assignment = text.partition(":") if ":" in text.partition("=")[0] else ("", "", text)
         key, sep, raw = assignment.partition("=")
@@ -266,10 +279,16 @@ def main() -> None:
             f"--strategies: {args.strategies!r} is not allowed; "
             f"expected distinct names of {', '.join(strategy_names())}"
         )
-    grids = parse_grid(args.grid, strategies)
-    points = [point for strategy in strategies for point in grid_points(strategy, grids[strategy])]
     overrides = dict(parse_assignment(a) for a in args.set)
-    taken = [k for k in overrides if k in OWN_KEYS or any(k in grid for grid in grids.values())]
+    try:
+        learning_rate = resolve(overrides, args.run_config)["learning-rate"]
+    except ConfigError as error:
+        raise SystemExit(str(error)) from None
+    grids = parse_grid(args.grid, strategies, learning_rate=learning_rate)
+    points = [point for strategy in strategies for point in grid_points(strategy, grids[strategy])]
+    # --set learning-rate is the base of the multiples' grids, and the value of every other strategy.
+    explicit = parse_grid(args.grid, strategies)
+    taken = [k for k in overrides if k in OWN_KEYS or any(k in grid for grid in explicit.values())]
     if taken:
         raise SystemExit(
             f"--set {taken[0]}: not allowed; tune.py sets it for every run "

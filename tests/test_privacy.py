@@ -318,7 +318,12 @@ def test_a_client_stops_before_a_round_that_would_exceed_its_epsilon(server_iden
     first = PrivacyAccount([], delta=1e-3).epsilon(one_round)
     second = PrivacyAccount([(1.0, 0.5, 2)], delta=1e-3).epsilon(one_round)
     budget = (first + second) / 2  # room for one round, not two
-    app, context, config, info = client({"dp": "dp-sgd", "dp-noise-multiplier": 1.0, "dp-epsilon": budget})
+    # A run planned for one round (a budget that two planned rounds exceed is refused at start-up), then
+    # extended, as a resume with more num-server-rounds would be.
+    *_, refused = client({"dp": "dp-sgd", "dp-noise-multiplier": 1.0, "dp-epsilon": budget, "num-server-rounds": 2})
+    assert "the planned 2 rounds × 2 steps at sample rate 0.5 spend ε" in refused[protocol.START_ERROR]
+    keys = {"dp": "dp-sgd", "dp-noise-multiplier": 1.0, "dp-epsilon": budget, "num-server-rounds": 1}
+    app, context, config, info = client(keys)
     assert protocol.START_ERROR not in info
     sent = initial_adapter_arrays(TINY_MODEL, config.lora, seed=0)
     trained, metrics = train_message(app, context, sent, 1)
@@ -545,7 +550,8 @@ def test_dp_update_and_fedala_or_4bit_are_allowed():
         (PrivacySettings(mode="dp-sgd", epsilon=0.1), r"'dp-epsilon': value 0\.1 .* reports at least ε 0\.1[0-9]* at"),
         (
             PrivacySettings(mode="dp-sgd", epsilon=0.5, noise_multiplier=0.3),
-            r"'dp-epsilon': value 0\.5 .* one round at dp-noise-multiplier 0\.3 already spends ε",
+            r"'dp-epsilon': value 0\.5 .* at dp-noise-multiplier 0\.3 the planned 20 rounds × 10 steps at sample "
+            r"rate 0\.5 spend ε [0-9.]+; expected",
         ),
     ],
 )

@@ -171,8 +171,8 @@ def plan(
     fedbilevel.options.ConfigError
         One line naming the key: ``dp-delta`` ≥ 1/n (``dp-sgd``) or ≥ 1/clients (``update``);
         a ``dp-epsilon`` at or below the accountant's floor (:func:`epsilon_floor`), or that no σ up
-        to Opacus's 1e6 meets in the planned steps; a ``dp-epsilon`` that one round at the given
-        ``dp-noise-multiplier`` already exceeds.
+        to Opacus's 1e6 meets in the planned steps; a ``dp-epsilon`` that the planned steps at the
+        given ``dp-noise-multiplier`` exceed.
     """
     if settings.mode == "dp-sgd":
         rate, steps = min(1.0, batch_size * accumulation / num_examples), local_steps
@@ -210,14 +210,16 @@ def plan(
                 f"steps at sample rate {rate:.4g}; expected a larger dp-epsilon, or fewer num-server-rounds or steps",
             ) from error
     mechanism = Mechanism(noise_multiplier=float(sigma), sample_rate=rate, steps=steps)
-    first = PrivacyAccount([], delta=settings.delta).epsilon(mechanism)
-    if settings.epsilon > 0 and first > settings.epsilon:
-        raise not_allowed(
-            "dp-epsilon",
-            settings.epsilon,
-            f"one round at dp-noise-multiplier {sigma:g} already spends ε {first:.3f}; expected at least that, "
-            "or a larger dp-noise-multiplier",
-        )
+    if settings.epsilon > 0 and settings.noise_multiplier > 0:  # a set σ: the plan must fit the budget
+        planned = PrivacyAccount([(float(sigma), rate, rounds * steps)], delta=settings.delta).epsilon()
+        if planned > settings.epsilon:
+            raise not_allowed(
+                "dp-epsilon",
+                settings.epsilon,
+                f"at dp-noise-multiplier {sigma:g} the planned {rounds} rounds × {steps} steps at sample rate "
+                f"{rate:.4g} spend ε {planned:.3f}; expected at least that, or a larger dp-noise-multiplier, fewer "
+                "num-server-rounds or steps, or dp-noise-multiplier = 0 (calibrated to dp-epsilon)",
+            )
     return mechanism
 
 

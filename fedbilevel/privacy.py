@@ -245,7 +245,7 @@ class PrivacyLedger:
         """Append every DP reply to ``journal`` (a run folder's :data:`JOURNAL`) from now on."""
         self.journal = Path(journal)
 
-    def note(self, partition_id: int, metrics: Mapping[str, Any], *, server_round: int = 0) -> str | None:
+    def note(self, partition_id: int, metrics: Mapping[str, Any], *, server_round: int) -> str | None:
         """Add a train reply's DP round to the client's account (journal first); the line to log (None
         without DP).
 

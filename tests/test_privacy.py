@@ -502,9 +502,9 @@ def test_a_torn_last_journal_line_is_ignored_and_a_broken_one_before_it_is_an_er
 def test_the_ledger_merges_rounds_and_ignores_stopped_ones():
     ledger = PrivacyLedger()
     report = {DP_EPSILON_SPENT: 1.5, DP_NOISE_MULTIPLIER: 1.0, DP_SAMPLE_RATE: 0.5, DP_STEPS: 2.0, DP_STOPPED: 0.0}
-    assert "ε spent 1.500" in ledger.note(3, report)
-    assert "stopped training" in ledger.note(3, {**report, DP_STEPS: 0.0, DP_STOPPED: 1.0})
-    assert ledger.note(3, {protocol.TRAIN_LOSS: 1.0}) is None  # no DP
+    assert "ε spent 1.500" in ledger.note(3, report, server_round=1)
+    assert "stopped training" in ledger.note(3, {**report, DP_STEPS: 0.0, DP_STOPPED: 1.0}, server_round=1)
+    assert ledger.note(3, {protocol.TRAIN_LOSS: 1.0}, server_round=1) is None  # no DP
     assert ledger.histories == {3: [(1.0, 0.5, 2)]}
     assert extend([(1.0, 0.5, 2)], 2.0, 0.5, 3) == [(1.0, 0.5, 2), (2.0, 0.5, 3)]  # σ changed (a longer resume)
     with pytest.raises(ValueError, match="triples"):

@@ -29,6 +29,8 @@ from fedbilevel.results import METRIC_LABELS
 OPTION_METRIC = "option_accuracy"  # a client's eval score where its task lists options
 OPTION_ITEMS = "option_correct"  # its per-item scores
 REFERENCE = "local"  # personalization is measured against training alone
+# Paired differences are reported against each of these that ran: training alone, and one shared adapter.
+REFERENCES = (REFERENCE, "fedavg")
 
 # A strategy's own knobs: the keys of the RunConfig component it reads (field name), plus the
 # learning rate, which every strategy's clients train with (tuned per strategy where needed).
@@ -287,6 +289,27 @@ def per_client_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
             row[f"{OPTION_METRIC}_mean"], row[f"{OPTION_METRIC}_std"] = (
                 _mean_std(options) if options else (math.nan, math.nan)
             )
+            rows.append(row)
+    return rows
+
+
+def per_task_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """Per strategy and task (first-seen order): the last round's scores averaged over the task's clients
+    that were evaluated, then mean and std over seeds; ``clients`` counts the task's clients."""
+    rows = []
+    for strategy, group in group_by_label(runs).items():
+        tasks: dict[Any, list[str]] = {}
+        for client, info in group[0].clients.items():
+            tasks.setdefault(info.get("task"), []).append(client)
+        for task, clients in tasks.items():
+            row: dict[str, Any] = {"strategy": strategy, "task": task, "clients": len(clients)}
+            for metric in group[0].metrics:
+                means = [
+                    float(np.mean([r.last["eval"][c][metric] for c in clients if c in r.last["eval"]]))
+                    for r in group
+                    if any(c in r.last["eval"] for c in clients)
+                ]
+                row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std(means) if means else (math.nan, math.nan)
             rows.append(row)
     return rows
 
@@ -581,20 +604,37 @@ def markdown(runs: Sequence[Run]) -> str:
             ]
             lines.append(f"| {row['strategy']} | {row['cross_seeds'] or '–'} | " + " | ".join(cells) + " |")
     groups = group_by_label(runs)
-    if REFERENCE in groups:
+    for reference in REFERENCES:
+        if reference not in groups:
+            continue
         header = (
-            f"Difference to {REFERENCE} training, {METRIC_LABELS[primary]} last, paired over the seeds both ran "
+            f"Difference to {reference}, {METRIC_LABELS[primary]} last, paired over the seeds both ran "
             "(same seeds and test items resampled for both; an interval that excludes 0 is an ordering):"
         )
         lines += ["", header, "", "| strategy | seeds | difference | 95% CI |", "|---|---|---|---|"]
-        reference_seeds = {run.seed for run in groups[REFERENCE]}
+        reference_seeds = {run.seed for run in groups[reference]}
         for label, group in groups.items():
-            paired = None if label == REFERENCE else paired_difference_interval(group, groups[REFERENCE], primary)
+            paired = None if label == reference else paired_difference_interval(group, groups[reference], primary)
             if paired is not None:
                 shared = [run for run in group if run.seed in reference_seeds]
                 lines.append(
                     f"| {label} | {_seeds(shared)} | {paired[0]:+.3f} | [{paired[1]:+.3f}, {paired[2]:+.3f}] |"
                 )
+    tasks = per_task_rows(runs)
+    if len({row["task"] for row in tasks}) < len(runs[0].clients):  # tasks shared by clients: a table per task
+        lines += [
+            "",
+            f"Per task, last round, {METRIC_LABELS[primary]}: the mean over the task's clients, mean ± std over seeds:",
+            "",
+            "| task | clients | " + " | ".join(groups) + " |",
+            "|---|---|" + "---|" * len(groups),
+        ]
+        by_task = {(row["strategy"], row["task"]): row for row in tasks}
+        for task in dict.fromkeys(row["task"] for row in tasks):
+            cells = [
+                _format(by_task[(s, task)][f"{primary}_mean"], by_task[(s, task)][f"{primary}_std"]) for s in groups
+            ]
+            lines.append(f"| {task} | {by_task[(next(iter(groups)), task)]['clients']} | " + " | ".join(cells) + " |")
     lines += _separation_markdown(separation_rows(runs))
     clients = runs[0].clients
     lines += [

@@ -60,6 +60,9 @@ DP_STOPPED = "dp-stopped"  # 1: the next round would exceed dp-epsilon, so the c
 Segment = tuple[float, float, int]  # (noise multiplier σ, sample rate q, steps): Opacus's RDP history entry
 
 JOURNAL = "privacy_journal.jsonl"  # in the run folder: every DP train reply the server received, as it arrived
+# dp = "update": the clipped update's sensitivity in units of C (any two training sets of a client give
+# updates at most 2C apart); the noise is σ times it. Checkpoints record it: a run noised otherwise cannot resume.
+UPDATE_SENSITIVITY = 2.0
 
 
 @dataclass(frozen=True)
@@ -242,8 +245,23 @@ class PrivacyLedger:
         self.journal: Path | None = None
 
     def attach(self, journal: Path) -> None:
-        """Append every DP reply to ``journal`` (a run folder's :data:`JOURNAL`) from now on."""
+        """Append every DP reply to ``journal`` (a run folder's :data:`JOURNAL`) from now on.
+
+        The file is opened for appending at once (created if absent), so one that cannot be written
+        fails before any client trains; a last line the server did not finish (no newline) is cut,
+        so the next append starts a line of its own.
+
+        Raises
+        ------
+        OSError
+            If ``journal`` cannot be opened for appending.
+        """
         self.journal = Path(journal)
+        with open(self.journal, "ab+") as handle:
+            handle.seek(0)
+            text = handle.read()
+            if text and not text.endswith(b"\n"):
+                handle.truncate(text.rfind(b"\n") + 1)
 
     def note(self, partition_id: int, metrics: Mapping[str, Any], *, server_round: int) -> str | None:
         """Add a train reply's DP round to the client's account (journal first); the line to log (None
@@ -277,7 +295,8 @@ class PrivacyLedger:
         """Continue from :meth:`to_record`'s record of the checkpoint after ``after_round``, plus the
         attached journal's releases of later rounds; returns how many such releases were added.
 
-        A last journal line without its newline (the server stopped while writing it) is ignored.
+        A last journal line without its newline (the server stopped while writing it) is ignored
+        (:meth:`attach` cuts it).
 
         Raises
         ------

@@ -39,6 +39,13 @@ def _resume_point(config: RunConfig) -> tuple[Path, dict, dict]:
                 f"run-config key '{key}': value {value!r} differs from the resumed run's {saved[key]!r}{was}; "
                 f"a resumed run may only change {', '.join(sorted(RESUMABLE_KEYS))}"
             )
+    sensitivity = meta.get("privacy_update_sensitivity")
+    if config.privacy.mode == "update" and meta.get("privacy") and sensitivity != privacy.UPDATE_SENSITIVITY:
+        raise ConfigError(
+            f"run-config key 'resume-from': {str(run_dir)!r} noised its dp='update' rounds at sensitivity "
+            f"{sensitivity or 1.0:g}·C, and this version accounts for {privacy.UPDATE_SENSITIVITY:g}·C, so their ε "
+            "would be under-counted; start a new run"
+        )
     if meta["round"] >= config.num_server_rounds:
         raise ConfigError(
             f"run-config key 'num-server-rounds': value {config.num_server_rounds} is not allowed; "
@@ -136,7 +143,8 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
         evaluate_cross=config.cross_evaluates_in_round,
     )
     strategy.store.attach(run_dir / STORE)
-    strategy.privacy.attach(run_dir / privacy.JOURNAL)  # each DP release on disk as it arrives
+    if config.privacy.enabled:
+        strategy.privacy.attach(run_dir / privacy.JOURNAL)  # each DP release on disk as it arrives
     if resumed:
         strategy.restore(resumed[1])
         log(INFO, "resuming %s after round %d (checkpoint in %s)", config.strategy, strategy.round_offset, run_dir)

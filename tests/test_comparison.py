@@ -306,6 +306,33 @@ def test_paired_difference_cancels_item_difficulty(tmp_path):
     assert paired_difference_interval(b, a_more, "exact_match") == pytest.approx((0.25, 0.25, 0.25))
     text = markdown(a_more + b)
     assert "| fedbip | 0 | +0.250 | [" in text
+    # Against FedAvg too, where it ran: FedAvg scores every item 0.5 below B.
+    fedavg = [with_items("f0", "fedavg", 0, [x - 0.25 for x in first], [x - 0.25 for x in second])]
+    text = markdown(a_more + b + fedavg)
+    against_fedavg = text[text.index("Difference to fedavg") :]
+    assert "| fedbip | 0 | +0.500 | [+0.500, +0.500] |" in against_fedavg
+    assert "| local | 0 | +0.250 | [+0.250, +0.250] |" in against_fedavg
+    assert "| fedavg | 0 | -0.250 | [-0.250, -0.250] |" in text[: text.index("Difference to fedavg")]
+
+
+def test_per_task_rows_average_a_tasks_clients_then_the_seeds(tmp_path):
+    from fedbilevel.comparison import per_task_rows
+
+    def run(name, seed, per_client):
+        folder = write_run(tmp_path / name, "fedbip", seed, [(0.0, 0.0)])
+        results = json.loads((folder / "results.json").read_text())
+        results["clients"] = {str(c): {"task": "ab"[c // 2]} for c in range(4)}
+        results["rounds"][0]["eval"] = {str(c): scores(value) for c, value in enumerate(per_client)}
+        (folder / "results.json").write_text(json.dumps(results))
+        return load_run(folder)
+
+    runs = [run("t0", 0, [0.2, 0.4, 1.0, 0.0]), run("t1", 1, [0.4, 0.6, 0.5, 0.5])]
+    rows = {row["task"]: row for row in per_task_rows(runs)}
+    # Task a: seed 0 (0.2 + 0.4) / 2 = 0.3, seed 1 0.5 -> 0.4 ± std(0.3, 0.5); task b: 0.5 both seeds.
+    assert rows["a"]["exact_match_mean"] == pytest.approx(0.4) and rows["a"]["clients"] == 2
+    assert rows["a"]["exact_match_std"] == pytest.approx(math.sqrt(0.02))
+    assert rows["b"]["exact_match_mean"] == pytest.approx(0.5) and rows["b"]["exact_match_std"] == pytest.approx(0.0)
+    assert "| a | 2 | 0.400 ± 0.141 |" in markdown(runs)
 
 
 def test_strategy_colours_stay_distinct_past_the_default_cycle():

@@ -376,6 +376,26 @@ def test_the_client_app_trains_the_global_adapter_as_fedit_does_and_the_local_on
     assert_adapters_equal(train(theta0, 1, feddpa=False)[0], plain_before)
 
 
+def test_with_dp_update_a_local_adapter_that_did_not_train_goes_back_without_noise(server_identity):
+    keys = {"dp": "update", "dp-noise-multiplier": 1.0, "dp-epsilon": 0.0, "dp-delta": 1e-3}
+    config = {**load_app_config(), "model-name": TINY_MODEL, "precision": "fp32", "local-steps": 1, **keys}
+    app, context = started_client({**config, "synthetic-train-examples": 8, "synthetic-test-examples": 4})
+    run_config = RunConfig.from_run_config(config)
+    theta0 = initial_adapter_arrays(run_config.model.name, run_config.lora, seed=run_config.seed)
+    sent = dual_adapter(theta0, theta0)
+    values = {
+        protocol.SERVER_ROUND: 1,
+        protocol.PARTITION_ID: 0,
+        protocol.ADAPTER_DIGEST: protocol.adapter_digest(sent),
+        **DpaSettings().to_config(),
+    }
+    content = RecordDict({protocol.CONFIG: ConfigRecord(values), protocol.ARRAYS: protocol.adapter_to_record(sent)})
+    reply = app(Message(content, 5, MessageType.TRAIN), context)
+    global_part, local_part = split_adapter(protocol.record_to_adapter(reply.content.array_records[protocol.ARRAYS]))
+    assert_adapters_equal(local_part, theta0)  # round 1: the local adapter did not train, so nothing was released
+    assert any(not np.array_equal(global_part[name], theta0[name]) for name in theta0)  # the noised global update
+
+
 def test_a_client_whose_local_adapter_has_not_trained_scores_the_global_adapter_alone(server_identity):
     config = {
         **load_app_config(),

@@ -48,6 +48,7 @@ from fedbilevel.privacy import (
     flatten,
     unflatten,
 )
+from fedbilevel.server import _resume_point
 from fedbilevel.simulation import simulate as run_in_simulation
 from fedbilevel.strategies.fedavg import FedAvg
 from fedbilevel.strategies.replies import RejectedReply, check_reply
@@ -494,9 +495,33 @@ def test_a_torn_last_journal_line_is_ignored_and_a_broken_one_before_it_is_an_er
     assert ledger.restore({"1": [1.0, 0.5, 4.0]}, after_round=2) == 1
     assert ledger.histories == {1: [(1.0, 0.5, 6)]}
     assert ledger.restore({"1": [1.0, 0.5, 4.0]}, after_round=3) == 0  # round 3 is in the checkpoint
+    # A resumed run attaches first: the torn tail is cut, so its own releases start lines of their own and a
+    # second resume reads them.
+    (tmp_path / JOURNAL).write_text(line + line[:20])
+    resumed = PrivacyLedger()
+    resumed.attach(tmp_path / JOURNAL)
+    assert (tmp_path / JOURNAL).read_text() == line
+    resumed.restore({}, after_round=2)
+    report = {DP_EPSILON_SPENT: 1.5, DP_NOISE_MULTIPLIER: 1.0, DP_SAMPLE_RATE: 0.5, DP_STEPS: 2.0, DP_STOPPED: 0.0}
+    resumed.note(1, report, server_round=3)
+    again = PrivacyLedger()
+    again.attach(tmp_path / JOURNAL)
+    assert again.restore({}, after_round=2) == 2 and again.histories == {1: [(1.0, 0.5, 4)]}
     (tmp_path / JOURNAL).write_text(line[:20] + "\n" + line)
     with pytest.raises(ValueError, match="line 1 is not a DP release"):
         ledger.restore({})
+
+
+def test_resuming_an_update_run_noised_at_another_sensitivity_is_refused(tmp_path):
+    keys = {"dp": "update", "dp-noise-multiplier": 1.0, "dp-epsilon": 0.0, "num-server-rounds": 3}
+    config = RunConfig.from_run_config({**DEFAULTS, **keys, "resume-from": str(tmp_path)})
+    (tmp_path / "config.json").write_text(json.dumps({"run_config": config.to_run_config()}))
+    meta = {"round": 1, "clients": {}, "store": {}, "privacy": {"0": [1.0, 1.0, 1.0]}}
+    save_checkpoint(tmp_path, meta)  # as an earlier version wrote it: the noise was σ·C
+    with pytest.raises(ConfigError, match=r"noised its dp='update' rounds at sensitivity 1·C, .* 2·C, so their ε"):
+        _resume_point(config)
+    save_checkpoint(tmp_path, {**meta, "privacy_update_sensitivity": 2.0})
+    assert _resume_point(config)[1]["round"] == 1
 
 
 def test_the_ledger_merges_rounds_and_ignores_stopped_ones():

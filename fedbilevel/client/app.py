@@ -40,7 +40,7 @@ from fedbilevel.models.adapter import build_lora_model, get_adapter_arrays, init
 from fedbilevel.models.settings import LoraSettings, ModelSettings
 from fedbilevel.models.zoo import image_preprocessor, is_image_classifier, load_tokenizer
 from fedbilevel.resources import process_memory_mb
-from fedbilevel.strategies.feddpa import DpaSettings, dual_adapter, split_adapter
+from fedbilevel.strategies.feddpa import LOCAL_PREFIX, DpaSettings, dual_adapter, split_adapter
 from fedbilevel.strategies.fedsa_lora import is_lora_a
 
 NODE_CONFIG_KEYS = ("device", "data-path")  # run-config keys a SuperNode's --node-config overrides
@@ -463,7 +463,13 @@ def make_client_app(
         if session.ala is not None:
             remember_local(context.state, trained)
         if privacy is not None:  # dp = "update": the clipped, noised update; frozen arrays go back as received
-            names = [name for name in trained if not (freeze_lora_a and is_lora_a(name))]
+            # What did not train goes back as received: FFA-LoRA's frozen A, FedDPA's local adapter before round 2.
+            untrained_local = session.dpa is not None and not phase
+            names = [
+                name
+                for name in trained
+                if not (freeze_lora_a and is_lora_a(name)) and not (untrained_local and name.startswith(LOCAL_PREFIX))
+            ]
             trained = privacy.release(session.received, trained, names=names)
         if corrupt is not None:
             trained = corrupt(session.partition_id, server_round, session.received, trained)

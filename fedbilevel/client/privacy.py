@@ -60,6 +60,7 @@ from fedbilevel.privacy import (
     DP_SAMPLE_RATE,
     DP_STEPS,
     DP_STOPPED,
+    UPDATE_SENSITIVITY,
     PrivacySettings,
     Segment,
     extend,
@@ -68,8 +69,6 @@ from fedbilevel.privacy import (
 )
 
 STATE = "dp-account"  # context.state: this client's account, (σ, q, steps) flattened under DP_HISTORY
-# dp = "update": the sensitivity of the clipped update, in units of C (any two training sets of the client).
-UPDATE_SENSITIVITY = 2.0
 CALIBRATION_TOLERANCE = 0.01  # ε: how far below the target the calibrated σ may land (Opacus's default)
 
 

@@ -30,7 +30,7 @@ from flwr.supercore import log
 from fedbilevel import protocol
 from fedbilevel.checkpoint import ClientStore
 from fedbilevel.options import ConfigError
-from fedbilevel.privacy import PrivacyLedger
+from fedbilevel.privacy import UPDATE_SENSITIVITY, PrivacyLedger
 from fedbilevel.strategies.replies import RejectedReply, check_adapter, check_reply, last_line, senders_of
 from fedbilevel.strategies.rounds import RoundLog, over_all_clients
 from fedbilevel.strategies.sampling import SamplingSettings, sample_clients, sample_size
@@ -172,6 +172,7 @@ class PersonalizedStrategy(Strategy):
         }
         if self.privacy.histories:
             record["privacy"] = self.privacy.to_record()
+            record["privacy_update_sensitivity"] = UPDATE_SENSITIVITY  # how dp='update' noise was scaled
         return record
 
     def restore(self, meta: Mapping[str, Any]) -> None:

@@ -73,6 +73,18 @@ def step(partition_id: int, server_round: int) -> dict[str, np.ndarray]:
 federation = partial(fake_federation, initial=THETA0, update=step)
 
 
+def send(app, context, kind: str, adapter: dict, server_round: int = 1, **values) -> Message:
+    """The client's reply to a ``kind`` message for partition 0 that carries ``adapter`` in full."""
+    config = {
+        protocol.SERVER_ROUND: server_round,
+        protocol.PARTITION_ID: 0,
+        protocol.ADAPTER_DIGEST: protocol.adapter_digest(adapter),
+        **values,
+    }
+    content = RecordDict({protocol.CONFIG: ConfigRecord(config), protocol.ARRAYS: protocol.adapter_to_record(adapter)})
+    return app(Message(content, 5, kind), context)
+
+
 def test_a_dual_adapter_splits_back_into_its_two_and_anything_else_is_refused():
     local = {name: array + 1 for name, array in THETA0.items()}
     dual = dual_adapter(THETA0, local)
@@ -350,14 +362,8 @@ def test_the_client_app_trains_the_global_adapter_as_fedit_does_and_the_local_on
     theta0 = initial_adapter_arrays(run_config.model.name, run_config.lora, seed=run_config.seed)
 
     def train(sent: dict, server_round: int, feddpa: bool) -> tuple[dict, dict]:
-        values = {
-            protocol.SERVER_ROUND: server_round,
-            protocol.PARTITION_ID: 0,
-            protocol.ADAPTER_DIGEST: protocol.adapter_digest(sent),
-            **(DpaSettings().to_config() if feddpa else {}),
-        }
-        content = RecordDict({protocol.CONFIG: ConfigRecord(values), protocol.ARRAYS: protocol.adapter_to_record(sent)})
-        reply = app(Message(content, 5, MessageType.TRAIN), context)
+        settings = DpaSettings().to_config() if feddpa else {}
+        reply = send(app, context, MessageType.TRAIN, sent, server_round, **settings)
         return protocol.record_to_adapter(reply.content.array_records[protocol.ARRAYS]), dict(
             reply.content.metric_records[protocol.METRICS]
         )
@@ -382,15 +388,7 @@ def test_with_dp_update_a_local_adapter_that_did_not_train_goes_back_without_noi
     app, context = started_client({**config, "synthetic-train-examples": 8, "synthetic-test-examples": 4})
     run_config = RunConfig.from_run_config(config)
     theta0 = initial_adapter_arrays(run_config.model.name, run_config.lora, seed=run_config.seed)
-    sent = dual_adapter(theta0, theta0)
-    values = {
-        protocol.SERVER_ROUND: 1,
-        protocol.PARTITION_ID: 0,
-        protocol.ADAPTER_DIGEST: protocol.adapter_digest(sent),
-        **DpaSettings().to_config(),
-    }
-    content = RecordDict({protocol.CONFIG: ConfigRecord(values), protocol.ARRAYS: protocol.adapter_to_record(sent)})
-    reply = app(Message(content, 5, MessageType.TRAIN), context)
+    reply = send(app, context, MessageType.TRAIN, dual_adapter(theta0, theta0), **DpaSettings().to_config())
     global_part, local_part = split_adapter(protocol.record_to_adapter(reply.content.array_records[protocol.ARRAYS]))
     assert_adapters_equal(local_part, theta0)  # round 1: the local adapter did not train, so nothing was released
     assert any(not np.array_equal(global_part[name], theta0[name]) for name in theta0)  # the noised global update
@@ -412,15 +410,7 @@ def test_a_client_whose_local_adapter_has_not_trained_scores_the_global_adapter_
     trained_global = {name: a + 0.05 * rng.standard_normal(a.shape).astype(a.dtype) for name, a in theta0.items()}
 
     def evaluate(sent: dict, **values) -> dict:
-        values = {
-            protocol.SERVER_ROUND: 1,
-            protocol.PARTITION_ID: 0,
-            protocol.ADAPTER_DIGEST: protocol.adapter_digest(sent),
-            **values,
-        }
-        content = RecordDict({protocol.CONFIG: ConfigRecord(values), protocol.ARRAYS: protocol.adapter_to_record(sent)})
-        reply = app(Message(content, 5, MessageType.EVALUATE), context)
-        return dict(reply.content.metric_records[protocol.METRICS])
+        return dict(send(app, context, MessageType.EVALUATE, sent, **values).content.metric_records[protocol.METRICS])
 
     fedit = evaluate(trained_global)
     dual = dual_adapter(trained_global, theta0)
@@ -456,7 +446,10 @@ def test_a_federated_run_scores_every_client_and_saves_both_adapters(tmp_path):
         assert record["failures"] == [] and set(record["train"]) == set(record["eval"]) == clients
         for scores in record["eval"].values():
             assert 0 <= scores["rougeL"] <= 1 and 0 <= scores["global-rougeL"] <= 1
-            assert -0.5 <= scores[protocol.DPA_MEAN_WEIGHT] <= 0.5
+            if record["round"] == 1:  # no local adapter has trained yet: the global one alone
+                assert scores[protocol.DPA_MEAN_WEIGHT] == 1.0
+            else:
+                assert -0.5 <= scores[protocol.DPA_MEAN_WEIGHT] <= 0.5
         local_losses = [scores.get(protocol.DPA_LOCAL_LOSS) for scores in record["train"].values()]
         assert (
             all(loss is None for loss in local_losses) if record["round"] == 1 else all(map(np.isfinite, local_losses))

@@ -66,7 +66,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fedbilevel.options import choice, component, integer, number, option, validate
+from fedbilevel.options import choice, component, integer, not_allowed, number, option, validate
 from fedbilevel.weighting import (
     NEGATIVE_COSINE_MODES,
     Weighting,
@@ -80,6 +80,7 @@ TASK_VECTOR_MODES = ("round", "cumulative")
 LAYER_GROUPINGS = ("array", "block")
 SIMILARITY_MODES = ("flat", "lora-product")
 ABSENT_CLIENT_RULES = ("keep", "remember")
+SERVER_STEPS = ("none", "fedexp")
 
 # Largest N×width float32 temporary of one weighted-sum product: small enough to stay in
 # cache for the additions that follow, large enough to keep the BLAS product efficient.
@@ -158,10 +159,53 @@ class FedBipSettings:
         "`remember`: task vectors older than this many rounds are forgotten (the server keeps two adapters per "
         "client trained within it)",
     )
+    server_step: str = option(
+        "server-step",
+        "none",
+        choice(SERVER_STEPS),
+        "`none` (θ̄ᵢ ← θ̄ᵢ + Σₖ pᵢₖ τₖ, the paper) or `fedexp`: that sum times FedExP's step "
+        "ηᵢ = max(1, Σₖ pᵢₖ‖τₖ‖² / (2‖Σₖ pᵢₖ τₖ‖²)) (Jhunjhunwala et al., ICLR 2023), which gives back the length a "
+        "weighted mean of weakly aligned task vectors loses; needs similarity-space `flat`",
+    )
     weighting: Weighting = component(Weighting)
 
     def __post_init__(self) -> None:
         validate(self)
+        if self.server_step != "none" and self.similarity_space != "flat":
+            raise not_allowed(
+                "server-step",
+                self.server_step,
+                f"it measures task-vector lengths in the adapter's own parameters; expected similarity-space 'flat' "
+                f"(got {self.similarity_space!r})",
+            )
+
+
+def fedexp_steps(gram: np.ndarray, weights: np.ndarray, *, eps: float = 1e-12) -> np.ndarray:
+    """FedExP's server step for each weighted mean of task vectors (Jhunjhunwala, Wang and Joshi, ICLR 2023).
+
+    ηᵢ = max(1, Σₖ pᵢₖ‖τₖ‖² / (2 (‖Σₖ pᵢₖ τₖ‖² + ε))), FedExP's extrapolation with the row's
+    weights in place of 1/M: 1 when the task vectors agree, up to M/2 for M orthogonal ones of
+    equal length, so the step a client receives does not shrink only because its partners'
+    updates point elsewhere.
+
+    Parameters
+    ----------
+    gram : np.ndarray
+        N×N, float: the task vectors' inner products ⟨τⱼ, τₖ⟩.
+    weights : np.ndarray
+        m×N, float: the rows pᵢ (each summing to 1).
+    eps : float, default 1e-12
+        Added to the squared norm of the mean (FedExP's ε).
+
+    Returns
+    -------
+    np.ndarray
+        m, float64: the steps ηᵢ ≥ 1.
+    """
+    gram, weights = np.asarray(gram, np.float64), np.asarray(weights, np.float64)
+    mean_norms = weights @ np.diag(gram)
+    norms_of_mean = np.einsum("ij,jk,ik->i", weights, gram, weights)
+    return np.maximum(1.0, mean_norms / (2.0 * (np.maximum(norms_of_mean, 0.0) + eps)))
 
 
 @dataclass(frozen=True)
@@ -181,6 +225,8 @@ class FedBipResult:
         Per layer group similarity (FedBip-L only; empty for FedBip).
     group_weights : dict[str, np.ndarray]
         Per layer group weights (FedBip-L only; empty for FedBip).
+    server_steps : np.ndarray or None
+        m server steps ηᵢ (``server_step = "fedexp"``; FedBip-L: mean over layer groups), else None.
     """
 
     adapters: list[dict[str, np.ndarray]]
@@ -188,6 +234,7 @@ class FedBipResult:
     weights: np.ndarray
     group_similarity: dict[str, np.ndarray]
     group_weights: dict[str, np.ndarray]
+    server_steps: np.ndarray | None = None
 
 
 def cosine_from_gram(gram: np.ndarray) -> np.ndarray:
@@ -290,6 +337,7 @@ def fedbip_aggregate_detailed(
     smooth: Callable[[np.ndarray], np.ndarray] | None = None,
     discount: Sequence[float] | None = None,
     outputs: int | None = None,
+    server_step: str = "none",
 ) -> FedBipResult:
     """Like :func:`fedbip_aggregate`, also returning the similarity and weight matrices.
 
@@ -301,6 +349,8 @@ def fedbip_aggregate_detailed(
     normalised again (:func:`fedbilevel.weighting.staleness_discounted`: remembered task
     vectors of absent clients). ``outputs`` = m computes new adapters, and reports weight
     rows, for the first m clients only (the others only lend their task vectors).
+    ``server_step = "fedexp"`` multiplies each row's weighted sum by :func:`fedexp_steps` (per
+    layer group for FedBip-L; needs ``similarity = "flat"``); the reported weights stay pᵢₖ.
     """
     check_choice("negative", negative, NEGATIVE_COSINE_MODES)
     if weighting is None:
@@ -312,6 +362,9 @@ def fedbip_aggregate_detailed(
     check_choice("task_vector", task_vector, TASK_VECTOR_MODES)
     check_choice("grouping", grouping, LAYER_GROUPINGS)
     check_choice("similarity", similarity, SIMILARITY_MODES)
+    check_choice("server_step", server_step, SERVER_STEPS)
+    if server_step != "none" and similarity != "flat":
+        raise ValueError(f"server_step: {server_step!r} needs similarity='flat' (got {similarity!r})")
     names, personalized, trained = _check_adapters(personalized, trained)
     if task_vector == "cumulative":
         if initial is None:
@@ -336,6 +389,7 @@ def fedbip_aggregate_detailed(
         grams = np.stack([_gram(tau, layout, members, modules, trained, starts) for members in groups.values()])
     if not np.all(np.isfinite(np.diagonal(grams, axis1=1, axis2=2))):
         _raise_non_finite(personalized, trained)
+    raw_grams = grams
     if weighting.centering == "mean":
         grams = centered_gram(grams)
     # All groups at once: many small groups must not cost many small NumPy calls each.
@@ -350,15 +404,20 @@ def fedbip_aggregate_detailed(
         raise ValueError(f"outputs: {outputs} is not allowed; expected 1 to {len(trained)}")
     weights = weights[:, :count]
 
+    steps = (
+        np.stack([fedexp_steps(gram, w) for gram, w in zip(raw_grams, weights)]) if server_step == "fedexp" else None
+    )
     adapters = layout.empty_adapters(count, names)
-    for members, group_weights in zip(groups.values(), weights):
-        layout.weighted_sums(tau, group_weights, members, starts, adapters)
+    for g, (members, group_weights) in enumerate(zip(groups.values(), weights)):
+        mix = group_weights if steps is None else group_weights * steps[g][:, None]
+        layout.weighted_sums(tau, mix, members, starts, adapters)
     return FedBipResult(
         adapters=adapters,
         similarity=cosines.mean(axis=0) if layerwise else cosines[0],
         weights=weights.mean(axis=0) if layerwise else weights[0],
         group_similarity=dict(zip(groups, cosines)) if layerwise else {},
         group_weights=dict(zip(groups, weights)) if layerwise else {},
+        server_steps=None if steps is None else steps.mean(axis=0),
     )
 
 

@@ -8,12 +8,16 @@ import numpy as np
 import pytest
 
 from fedbilevel.aggregation import (
+    FedBipSettings,
     cosine_similarity_matrix,
     fedbip_aggregate,
     fedbip_aggregate_detailed,
+    fedexp_steps,
     layer_groups,
     weight_matrix,
 )
+from fedbilevel.options import ConfigError
+from fedbilevel.weighting import Weighting
 
 R2 = math.sqrt(2.0)
 
@@ -368,3 +372,31 @@ def test_zero_size_arrays_pass_through():
         out = fedbip_aggregate(start, trained, layerwise=layerwise)
         assert out[0]["empty"].shape == (0, 3)
         np.testing.assert_allclose(out[1]["w"], [1, 2 - R2], rtol=1e-6)
+
+
+def test_fedexp_steps_by_hand():
+    # Three orthonormal task vectors: the uniform mean has ‖·‖² 1/3 against a mean ‖τ‖² of 1 -> η = 1 / (2/3).
+    steps = fedexp_steps(np.eye(3), np.array([[1 / 3] * 3, [1.0, 0.0, 0.0], [0.5, 0.5, 0.0]]))
+    assert steps == pytest.approx([1.5, 1.0, 1.0])  # own vector alone: 1/2, kept at 1; two: 1 / (2 · 1/2) = 1
+    # Aligned task vectors lose no length: no extrapolation.
+    assert fedexp_steps(np.ones((3, 3)), np.full((1, 3), 1 / 3)) == pytest.approx([1.0])
+    # Lengths 1 and 3, orthogonal, equal weights: mean ‖τ‖² 5, ‖mean‖² 2.5 -> η = 5 / 5 = 1; with 4 such: 2.
+    assert fedexp_steps(np.diag([1.0, 9.0]), np.array([[0.5, 0.5]])) == pytest.approx([1.0])
+    assert fedexp_steps(np.diag([1.0, 9.0, 1.0, 9.0]), np.full((1, 4), 0.25)) == pytest.approx([2.0])
+
+
+def test_the_fedexp_server_step_scales_each_clients_weighted_sum():
+    start = adapters([1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0])
+    trained = adapters([2.0, 1.0, 1.0], [1.0, 2.0, 1.0], [1.0, 1.0, 2.0])  # τ: the unit vectors
+    # A very hot softmax over equal cosines: uniform weights, so each mean is (1/3, 1/3, 1/3) and η = 1.5.
+    uniform = Weighting(rule="softmax", temperature=1e9)
+    result = fedbip_aggregate_detailed(start, trained, weighting=uniform, server_step="fedexp")
+    assert result.server_steps == pytest.approx([1.5] * 3)
+    assert result.weights == pytest.approx(np.full((3, 3), 1 / 3))  # reported as pᵢₖ
+    for adapter in result.adapters:
+        np.testing.assert_allclose(adapter["w"], [1.5, 1.5, 1.5], rtol=1e-6)  # 1 + 1.5 · 1/3
+    plain = fedbip_aggregate_detailed(start, trained, weighting=uniform)
+    assert plain.server_steps is None
+    np.testing.assert_allclose(plain.adapters[0]["w"], [4 / 3] * 3, rtol=1e-6)
+    with pytest.raises(ConfigError, match=r"'server-step': value 'fedexp' is not allowed; .* similarity-space 'flat'"):
+        FedBipSettings(server_step="fedexp", similarity_space="lora-product")

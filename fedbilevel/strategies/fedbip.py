@@ -94,6 +94,7 @@ class FedBip(PersonalizedStrategy):
             smooth=self._smoother(columns, len(partitions)) if self.settings.similarity_ema else None,
             discount=[1.0] * len(partitions) + [decay**age for age in remembered.values()] if remembered else None,
             outputs=len(partitions),
+            server_step=self.settings.server_step,
         )
         for partition_id, adapter in zip(partitions, result.adapters):
             self.adapters[partition_id] = adapter
@@ -119,6 +120,8 @@ class FedBip(PersonalizedStrategy):
             "similarity": result.similarity[: len(partitions)].round(6).tolist(),
             "weights": result.weights.round(6).tolist(),
         }
+        if result.server_steps is not None:
+            fields["server_steps"] = result.server_steps.round(6).tolist()
         if remembered:
             fields["columns"] = columns
             fields["remembered"] = {str(p): age for p, age in remembered.items()}

@@ -397,6 +397,7 @@ SEPARATION_MEASURES = (
     "same_task_weight",
     "uniform_same_task_weight",
     "self_weight",
+    "step_length",
 )
 
 
@@ -422,6 +423,13 @@ def group_separation(run: Run) -> list[dict[str, Any]]:
       the tasks reaches (it moves with who was sampled);
     - ``self_weight``: the mean over rows of the weight a client puts on itself.
 
+    From both (FedBip's rounds):
+
+    - ``step_length``: the mean over rows of √(pᵢᵀ S pᵢ), the length of a client's step
+      Σₖ pᵢₖ τₖ over that of its own τᵢ were every task vector as long (their lengths are not
+      recorded; with ``server-step = "fedexp"`` before its ηᵢ): how much the weighted mean
+      shortens what a client learned, as a smaller learning rate would.
+
     Parameters
     ----------
     run : Run
@@ -443,11 +451,14 @@ def group_separation(run: Run) -> list[dict[str, Any]]:
         if "similarity" not in record and "weights" not in record:
             continue
         values: dict[str, float | None] = {}
+        matrices = {}
         for key, measures in (("similarity", _cosine_separation), ("weights", _weight_separation)):
             if key in record:
-                matrix, same = _matrix_and_same_task(run, record, key)
+                matrix, same = matrices[key] = _matrix_and_same_task(run, record, key)
                 present = int((~np.isnan(matrix)).any(axis=1).sum())
                 values.update(measures(matrix, same))
+        if len(matrices) == 2 and matrices["similarity"][0].shape == matrices["weights"][0].shape:
+            values["step_length"] = _step_length(matrices["similarity"][0], matrices["weights"][0])
         rows.append({"round": record["round"], "clients": present, **{m: values.get(m) for m in SEPARATION_MEASURES}})
     return rows
 
@@ -462,6 +473,15 @@ def _matrix_and_same_task(run: Run, record: Mapping[str, Any], key: str) -> tupl
 
 def _mean_or_none(values: np.ndarray) -> float | None:
     return float(values.mean()) if values.size else None
+
+
+def _step_length(similarity: np.ndarray, weights: np.ndarray) -> float | None:
+    """``step_length`` of one round (see :func:`group_separation`): over the rows with weights,
+    absent entries counting 0."""
+    rows = ~np.isnan(weights).all(axis=1)
+    s, w = np.nan_to_num(similarity), np.nan_to_num(weights[rows])
+    lengths = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", w, s, w), 0.0))
+    return _mean_or_none(lengths)
 
 
 def _cosine_separation(similarity: np.ndarray, same: np.ndarray) -> dict[str, float | None]:
@@ -699,11 +719,12 @@ def _separation_markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         " (FedBip-L: mean over layer groups); *AUROC*: the chance that a same-task pair has the higher cosine than"
         " a cross-task pair (0.5: chance, 1: a perfect split); *on partners*: the weight a client puts on its"
         " present same-task partners together (mean over the clients with one); *uniform*: the same for equal"
-        " weights; *self*: the weight a client puts on itself. First and last recorded round, mean ± std over"
-        " seeds:",
+        " weights; *self*: the weight a client puts on itself; *step*: the length of the weighted mean of the"
+        " task vectors a client receives over its own, were all as long (√(pᵢᵀ S pᵢ)). First and last recorded"
+        " round, mean ± std over seeds:",
         "",
-        "| strategy | round | seeds | same-task cos | cross-task cos | AUROC | on partners | uniform | self |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| strategy | round | seeds | same-task cos | cross-task cos | AUROC | on partners | uniform | self | step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         cells = [
@@ -1035,14 +1056,16 @@ _SEPARATION_PANELS = (
     ("cos_gap", "Same-task minus cross-task cosine", "mean cosine difference", (0.0, "no separation")),
     ("auroc", "AUROC of the cosine for “same task”", "AUROC", (0.5, "no separation")),
     ("same_task_weight", "Weight on same-task partners (dashed: equal weights)", "weight, summed over partners", None),
+    ("step_length", "Length of the step a client receives", "over its own update's (equal lengths)", (1.0, "own update")),
 )
 
 
 def plot_separation(runs: Sequence[Run], path: Path) -> Path:
     """Per round, how well each label's similarity and weights find the task groups (:func:`group_separation`).
 
-    Three panels: same-task minus cross-task cosine, the cosine's AUROC for "same task", and the
-    weight on same-task partners with its equal-weights reference dashed in the same colour. Lines
+    Four panels: same-task minus cross-task cosine, the cosine's AUROC for "same task", the
+    weight on same-task partners with its equal-weights reference dashed in the same colour, and
+    the length of the step a client receives over its own update's (``step_length``). Lines
     are the mean over seeds, bands ± one std; labels without task groups are left out, and a label
     without a similarity matrix (e.g. the cluster oracle) shows in the weight panel only.
     """
@@ -1053,7 +1076,7 @@ def plot_separation(runs: Sequence[Run], path: Path) -> Path:
         for label, group in group_by_label(runs).items()
         if (per_run := [rounds for run in group if _has_groups(rounds := group_separation(run))])
     }
-    figure, axes = plt.subplots(1, len(_SEPARATION_PANELS), figsize=(15, 4.8), layout="constrained")
+    figure, axes = plt.subplots(1, len(_SEPARATION_PANELS), figsize=(19, 4.8), layout="constrained")
     for (label, per_run), colour in zip(series.items(), strategy_colours(len(series))):
         rounds = sorted({row["round"] for rows in per_run for row in rows})
         name = f"{label} ({len(per_run)} seed{'s' * (len(per_run) > 1)})"
@@ -1064,7 +1087,7 @@ def plot_separation(runs: Sequence[Run], path: Path) -> Path:
             ax.plot(rounds, mean, marker="o", markersize=4, color=colour, label=name)
             ax.fill_between(rounds, mean - std, mean + std, color=colour, alpha=0.15)
         uniform, _ = _seed_band(per_run, rounds, "uniform_same_task_weight")
-        axes[-1].plot(rounds, uniform, linestyle="--", linewidth=1, color=colour)
+        axes[2].plot(rounds, uniform, linestyle="--", linewidth=1, color=colour)
     for ax, (_, title, ylabel, reference) in zip(axes, _SEPARATION_PANELS):
         if reference is not None:
             ax.axhline(reference[0], color="0.4", linestyle=":", linewidth=1, label=reference[1])
@@ -1075,6 +1098,7 @@ def plot_separation(runs: Sequence[Run], path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[1].set_ylim(-0.02, 1.02)  # the AUROC's whole range, so 0.5 sits mid-panel
     axes[2].set_ylim(bottom=0)  # weights among many clients are small: a full [0, 1] would flatten them
+    axes[3].set_ylim(0, 1.05)  # a step as long as the client's own update at most (before a server step)
     # One legend for all panels: the weight panel has every label (any matrix gives weights or cosines).
     handles = {h.get_label(): h for ax in axes for h in ax.get_legend_handles_labels()[0]}
     figure.legend(handles.values(), handles.keys(), loc="outside lower center", ncols=min(len(handles), 5))

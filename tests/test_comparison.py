@@ -388,6 +388,8 @@ def test_group_separation_by_hand(tmp_path):
     assert first["same_task_weight"] == pytest.approx(0.35)
     assert first["uniform_same_task_weight"] == pytest.approx(1 / 3)  # 1 partner of 3 present columns
     assert first["self_weight"] == pytest.approx((0.5 + 0.4 + 0.5) / 3)
+    # Step length √(pᵢᵀ S pᵢ): row 0 √0.708, row 1 √0.712, row 2 √0.625 (absent client 3 counts 0).
+    assert first["step_length"] == pytest.approx((math.sqrt(0.708) + math.sqrt(0.712) + math.sqrt(0.625)) / 3)
     # Round 2: same (0,1) 0.6, (2,3) 0.5; cross 0.1, 0.7, 0.3, -0.2. Each same pair beats 3 of the 4 cross: 6/8.
     assert second["clients"] == 4
     assert second["same_task_cos"] == pytest.approx(0.55) and second["cross_task_cos"] == pytest.approx(0.225)
@@ -437,13 +439,14 @@ def test_separation_table_and_csv_by_hand(tmp_path):
     assert math.isnan(rows[2]["auroc_mean"]) and rows[2]["same_task_weight_mean"] == pytest.approx(0.25)
     text = markdown(runs)
     assert (
-        "| strategy | round | seeds | same-task cos | cross-task cos | AUROC | on partners | uniform | self |" in text
+        "| strategy | round | seeds | same-task cos | cross-task cos | AUROC | on partners | uniform | self | step |"
+        in text
     )
     assert "| fedbip | 1 | 0 1 | 0.700 ± 0.141 | 0.300 ± 0.000 | 1.000 ± 0.000 | 0.350 ± 0.000 |" in text
     assert (
         "| fedbip | 2 | 0 1 | 0.550 ± 0.000 | 0.225 ± 0.000 | 0.750 ± 0.000 | 0.250 ± 0.000 | 0.250 ± 0.000 |" in text
     )
-    assert "| cluster-oracle | 1 | 0 | – | – | – | 0.250 | 0.250 | 0.525 |" in text
+    assert "| cluster-oracle | 1 | 0 | – | – | – | 0.250 | 0.250 | 0.525 | – |" in text  # no cosines: no step
     out = tmp_path / "report"
     paths = write_tables(runs, out) + write_plots(runs, out)
     assert {out / "separation.csv", out / "separation.png"} <= set(paths)
@@ -461,6 +464,7 @@ def test_separation_table_and_csv_by_hand(tmp_path):
         "same_task_weight",
         "uniform_same_task_weight",
         "self_weight",
+        "step_length",
     ]
     assert [(r["strategy"], r["seed"], r["round"]) for r in table] == [
         ("fedbip", "0", "1"),

@@ -1056,7 +1056,7 @@ _SEPARATION_PANELS = (
     ("cos_gap", "Same-task minus cross-task cosine", "mean cosine difference", (0.0, "no separation")),
     ("auroc", "AUROC of the cosine for “same task”", "AUROC", (0.5, "no separation")),
     ("same_task_weight", "Weight on same-task partners (dashed: equal weights)", "weight, summed over partners", None),
-    ("step_length", "Length of the step a client receives", "over its own update's (equal lengths)", (1.0, "own update")),
+    ("step_length", "Length of a client's step", "over its own update's (same lengths)", (1.0, "own update")),
 )
 
 

@@ -423,7 +423,7 @@ def group_separation(run: Run) -> list[dict[str, Any]]:
       the tasks reaches (it moves with who was sampled);
     - ``self_weight``: the mean over rows of the weight a client puts on itself.
 
-    From both (FedBip's rounds):
+    From both, for FedBip's strategies (whose cosines are of task vectors):
 
     - ``step_length``: the mean over rows of √(pᵢᵀ S pᵢ), the length of a client's step
       Σₖ pᵢₖ τₖ over that of its own τᵢ were every task vector as long (their lengths are not
@@ -457,7 +457,9 @@ def group_separation(run: Run) -> list[dict[str, Any]]:
                 matrix, same = matrices[key] = _matrix_and_same_task(run, record, key)
                 present = int((~np.isnan(matrix)).any(axis=1).sum())
                 values.update(measures(matrix, same))
-        if len(matrices) == 2 and matrices["similarity"][0].shape == matrices["weights"][0].shape:
+        # FedBip's cosines are of task vectors (FedAMP's of whole adapters: no step length from them).
+        fedbip = run.strategy.startswith("fedbip")
+        if fedbip and len(matrices) == 2 and matrices["similarity"][0].shape == matrices["weights"][0].shape:
             values["step_length"] = _step_length(matrices["similarity"][0], matrices["weights"][0])
         rows.append({"round": record["round"], "clients": present, **{m: values.get(m) for m in SEPARATION_MEASURES}})
     return rows

@@ -227,6 +227,9 @@ class FedBipResult:
         Per layer group weights (FedBip-L only; empty for FedBip).
     server_steps : np.ndarray or None
         m server steps ηᵢ (``server_step = "fedexp"``; FedBip-L: mean over layer groups), else None.
+    step_lengths : np.ndarray or None
+        m ratios ‖θ̄ᵢ(new) − θ̄ᵢ‖ / ‖τᵢ‖ (float64; NaN where τᵢ = 0): how long the step a client
+        receives is against its own update (``similarity = "flat"``; None otherwise).
     """
 
     adapters: list[dict[str, np.ndarray]]
@@ -235,6 +238,7 @@ class FedBipResult:
     group_similarity: dict[str, np.ndarray]
     group_weights: dict[str, np.ndarray]
     server_steps: np.ndarray | None = None
+    step_lengths: np.ndarray | None = None
 
 
 def cosine_from_gram(gram: np.ndarray) -> np.ndarray:
@@ -407,10 +411,16 @@ def fedbip_aggregate_detailed(
     steps = (
         np.stack([fedexp_steps(gram, w) for gram, w in zip(raw_grams, weights)]) if server_step == "fedexp" else None
     )
+    mixes = weights if steps is None else weights * steps[:, :, None]
     adapters = layout.empty_adapters(count, names)
-    for g, (members, group_weights) in enumerate(zip(groups.values(), weights)):
-        mix = group_weights if steps is None else group_weights * steps[g][:, None]
+    for members, mix in zip(groups.values(), mixes):
         layout.weighted_sums(tau, mix, members, starts, adapters)
+    step_lengths = None
+    if similarity == "flat":  # the Gram matrices are of τ itself: ‖Σₖ mᵢₖ τₖ‖² = Σ_g mᵢ G_g mᵢ
+        received = np.einsum("gij,gjk,gik->i", mixes, raw_grams, mixes)
+        own = np.diagonal(raw_grams, axis1=1, axis2=2).sum(axis=0)[:count]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            step_lengths = np.where(own > 0, np.sqrt(np.maximum(received, 0.0) / own), np.nan)
     return FedBipResult(
         adapters=adapters,
         similarity=cosines.mean(axis=0) if layerwise else cosines[0],
@@ -418,6 +428,7 @@ def fedbip_aggregate_detailed(
         group_similarity=dict(zip(groups, cosines)) if layerwise else {},
         group_weights=dict(zip(groups, weights)) if layerwise else {},
         server_steps=None if steps is None else steps.mean(axis=0),
+        step_lengths=step_lengths,
     )
 
 

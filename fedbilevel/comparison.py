@@ -425,10 +425,11 @@ def group_separation(run: Run) -> list[dict[str, Any]]:
 
     From both, for FedBip's strategies (whose cosines are of task vectors):
 
-    - ``step_length``: the mean over rows of √(pᵢᵀ S pᵢ), the length of a client's step
-      Σₖ pᵢₖ τₖ over that of its own τᵢ were every task vector as long (their lengths are not
-      recorded; with ``server-step = "fedexp"`` before its ηᵢ): how much the weighted mean
-      shortens what a client learned, as a smaller learning rate would.
+    - ``step_length``: the mean over rows of the length of the step a client receives over that
+      of its own update τᵢ: how much the weighted mean shortens what a client learned, as a
+      smaller learning rate would. Exact where the round records ``step_lengths`` (FedBip's
+      runs since they are recorded; after a ``server-step``); else √(pᵢᵀ S pᵢ), as if every
+      task vector were as long.
 
     Parameters
     ----------
@@ -459,7 +460,9 @@ def group_separation(run: Run) -> list[dict[str, Any]]:
                 values.update(measures(matrix, same))
         # FedBip's cosines are of task vectors (FedAMP's of whole adapters: no step length from them).
         fedbip = run.strategy.startswith("fedbip")
-        if fedbip and len(matrices) == 2 and matrices["similarity"][0].shape == matrices["weights"][0].shape:
+        if fedbip and record.get("step_lengths") is not None:  # recorded by the server: exact
+            values["step_length"] = _mean_or_none(np.array([v for v in record["step_lengths"] if v is not None]))
+        elif fedbip and len(matrices) == 2 and matrices["similarity"][0].shape == matrices["weights"][0].shape:
             values["step_length"] = _step_length(matrices["similarity"][0], matrices["weights"][0])
         rows.append({"round": record["round"], "clients": present, **{m: values.get(m) for m in SEPARATION_MEASURES}})
     return rows
@@ -721,9 +724,9 @@ def _separation_markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         " (FedBip-L: mean over layer groups); *AUROC*: the chance that a same-task pair has the higher cosine than"
         " a cross-task pair (0.5: chance, 1: a perfect split); *on partners*: the weight a client puts on its"
         " present same-task partners together (mean over the clients with one); *uniform*: the same for equal"
-        " weights; *self*: the weight a client puts on itself; *step*: the length of the weighted mean of the"
-        " task vectors a client receives over its own, were all as long (√(pᵢᵀ S pᵢ)). First and last recorded"
-        " round, mean ± std over seeds:",
+        " weights; *self*: the weight a client puts on itself; *step*: the length of the step a client receives"
+        " over its own update's (FedBip; as recorded, or for older runs √(pᵢᵀ S pᵢ), as if all task vectors"
+        " were as long). First and last recorded round, mean ± std over seeds:",
         "",
         "| strategy | round | seeds | same-task cos | cross-task cos | AUROC | on partners | uniform | self | step |",
         "|---|---|---|---|---|---|---|---|---|---|",

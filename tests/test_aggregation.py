@@ -395,8 +395,13 @@ def test_the_fedexp_server_step_scales_each_clients_weighted_sum():
     assert result.weights == pytest.approx(np.full((3, 3), 1 / 3))  # reported as pᵢₖ
     for adapter in result.adapters:
         np.testing.assert_allclose(adapter["w"], [1.5, 1.5, 1.5], rtol=1e-6)  # 1 + 1.5 · 1/3
+    # The step a client receives against its own update: ‖(e₁ + e₂ + e₃)/3‖ = √(1/3), times η.
+    assert result.step_lengths == pytest.approx([1.5 / math.sqrt(3)] * 3)
     plain = fedbip_aggregate_detailed(start, trained, weighting=uniform)
-    assert plain.server_steps is None
+    assert plain.server_steps is None and plain.step_lengths == pytest.approx([1 / math.sqrt(3)] * 3)
+    # A client that did not move has no step ratio (and, similar to nothing, no weight: (e₁ + e₂)/2 for the others).
+    still = fedbip_aggregate_detailed(start, [trained[0], trained[1], start[2]], weighting=uniform)
+    assert math.isnan(still.step_lengths[2]) and still.step_lengths[0] == pytest.approx(1 / math.sqrt(2))
     np.testing.assert_allclose(plain.adapters[0]["w"], [4 / 3] * 3, rtol=1e-6)
     with pytest.raises(ConfigError, match=r"'server-step': value 'fedexp' is not allowed; .* similarity-space 'flat'"):
         FedBipSettings(server_step="fedexp", similarity_space="lora-product")

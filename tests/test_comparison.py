@@ -390,6 +390,9 @@ def test_group_separation_by_hand(tmp_path):
     assert first["self_weight"] == pytest.approx((0.5 + 0.4 + 0.5) / 3)
     # Step length √(pᵢᵀ S pᵢ): row 0 √0.708, row 1 √0.712, row 2 √0.625 (absent client 3 counts 0).
     assert first["step_length"] == pytest.approx((math.sqrt(0.708) + math.sqrt(0.712) + math.sqrt(0.625)) / 3)
+    recorded = {**ROUND_1, "step_lengths": [0.5, 0.7, None]}  # as the server records it: exact, used as is
+    exact = load_run(write_grouped_run(tmp_path / "e0", "fedbip", 0, GROUPED_TASKS, [recorded]))
+    assert group_separation(exact)[0]["step_length"] == pytest.approx(0.6)
     fedamp = load_run(write_grouped_run(tmp_path / "f0", "fedamp", 0, GROUPED_TASKS, [ROUND_1]))
     assert group_separation(fedamp)[0]["step_length"] is None  # its cosines are of adapters, not task vectors
     # Round 2: same (0,1) 0.6, (2,3) 0.5; cross 0.1, 0.7, 0.3, -0.2. Each same pair beats 3 of the 4 cross: 6/8.

@@ -122,6 +122,8 @@ class FedBip(PersonalizedStrategy):
         }
         if result.server_steps is not None:
             fields["server_steps"] = result.server_steps.round(6).tolist()
+        if result.step_lengths is not None:  # NaN (a zero update) becomes null
+            fields["step_lengths"] = [None if np.isnan(v) else round(float(v), 6) for v in result.step_lengths]
         if remembered:
             fields["columns"] = columns
             fields["remembered"] = {str(p): age for p, age in remembered.items()}

@@ -91,13 +91,8 @@ def setting(values: dict[str, Any]) -> str:
     return ", ".join(f"{key}={value}" for key, value in values.items()) or "–"
 
 
-def parse_grid(
-    texts: list[str], strategies: list[str], *, learning_rate: float | None = None
-) -> dict[str, dict[str, list[Any]]]:
+def parse_grid(texts: list[str], strategies: list[str]) -> dict[str, dict[str, list[Any]]]:
     """Each strategy's grid: the defaults, with each ``[STRATEGY:]KEY=V1,V2`` of ``texts`` applied.
-
-    With ``learning_rate`` (the runs' resolved ``learning-rate``), the strategies of
-    :data:`LEARNING_RATE_MULTIPLES` also get a ``learning-rate`` grid of its multiples.
 
     A qualified key applies to that strategy; a bare one to every listed strategy that declares
     it. Values are TOML literals (a bare word is a string).
@@ -109,10 +104,6 @@ def parse_grid(
         strategy's keys.
     """
     grids = {strategy: {key: list(v) for key, v in DEFAULT_GRIDS.get(strategy, {}).items()} for strategy in strategies}
-    for strategy in strategies:
-        if learning_rate is not None and strategy in LEARNING_RATE_MULTIPLES:
-            rates = [float(f"{learning_rate * m:.6g}") for m in LEARNING_RATE_MULTIPLES[strategy]]
-            grids[strategy]["learning-rate"] = rates
     for text in texts:
         target, _, assignment = text.partition(":") if ":" in text.partition("=")[0] else ("", "", text)
         key, sep, raw = assignment.partition("=")
@@ -133,6 +124,18 @@ def parse_grid(
         for strategy in users:
             grids[strategy][key] = values
     return grids
+
+
+def with_learning_rate_multiples(
+    grids: dict[str, dict[str, list[Any]]], learning_rate: float
+) -> dict[str, dict[str, list[Any]]]:
+    """``grids`` with a ``learning-rate`` grid of multiples of ``learning_rate`` (the runs' resolved one)
+    for each strategy of :data:`LEARNING_RATE_MULTIPLES` whose grid does not set it already (``--grid``)."""
+    out = {strategy: dict(grid) for strategy, grid in grids.items()}
+    for strategy, grid in out.items():
+        if strategy in LEARNING_RATE_MULTIPLES and "learning-rate" not in grid:
+            grid["learning-rate"] = [float(f"{learning_rate * m:.6g}") for m in LEARNING_RATE_MULTIPLES[strategy]]
+    return out
 
 
 def grid_points(strategy: str, grid: dict[str, list[Any]]) -> list[Point]:
@@ -284,11 +287,11 @@ def main() -> None:
         learning_rate = resolve(overrides, args.run_config)["learning-rate"]
     except ConfigError as error:
         raise SystemExit(str(error)) from None
-    grids = parse_grid(args.grid, strategies, learning_rate=learning_rate)
-    points = [point for strategy in strategies for point in grid_points(strategy, grids[strategy])]
-    # --set learning-rate is the base of the multiples' grids, and the value of every other strategy.
     explicit = parse_grid(args.grid, strategies)
+    # --set learning-rate is the base of the multiples' grids, and the value of every other strategy.
     taken = [k for k in overrides if k in OWN_KEYS or any(k in grid for grid in explicit.values())]
+    grids = with_learning_rate_multiples(explicit, learning_rate)
+    points = [point for strategy in strategies for point in grid_points(strategy, grids[strategy])]
     if taken:
         raise SystemExit(
             f"--set {taken[0]}: not allowed; tune.py sets it for every run "

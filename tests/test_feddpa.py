@@ -73,6 +73,14 @@ def step(partition_id: int, server_round: int) -> dict[str, np.ndarray]:
 federation = partial(fake_federation, initial=THETA0, update=step)
 
 
+def tiny_client(**overrides) -> tuple:
+    """A started tiny-model ClientApp (8 training and 4 test examples), its context, and the θ⁰ it derives."""
+    config = {**load_app_config(), "model-name": TINY_MODEL, "precision": "fp32", **overrides}
+    app, context = started_client({**config, "synthetic-train-examples": 8, "synthetic-test-examples": 4})
+    run_config = RunConfig.from_run_config(config)
+    return app, context, initial_adapter_arrays(run_config.model.name, run_config.lora, seed=run_config.seed)
+
+
 def send(app, context, kind: str, adapter: dict, server_round: int = 1, **values) -> Message:
     """The client's reply to a ``kind`` message for partition 0 that carries ``adapter`` in full."""
     config = {
@@ -348,18 +356,7 @@ def test_identical_adapters_mixed_per_item_score_as_the_global_adapter_alone():
 
 
 def test_the_client_app_trains_the_global_adapter_as_fedit_does_and_the_local_one_from_round_2(server_identity):
-    config = {
-        **load_app_config(),
-        "model-name": TINY_MODEL,
-        "precision": "fp32",
-        "synthetic-train-examples": 8,
-        "synthetic-test-examples": 4,
-        "local-steps": 2,
-        "learning-rate": 0.01,
-    }
-    app, context = started_client(config)
-    run_config = RunConfig.from_run_config(config)
-    theta0 = initial_adapter_arrays(run_config.model.name, run_config.lora, seed=run_config.seed)
+    app, context, theta0 = tiny_client(**{"local-steps": 2, "learning-rate": 0.01})
 
     def train(sent: dict, server_round: int, feddpa: bool) -> tuple[dict, dict]:
         settings = DpaSettings().to_config() if feddpa else {}
@@ -384,10 +381,7 @@ def test_the_client_app_trains_the_global_adapter_as_fedit_does_and_the_local_on
 
 def test_with_dp_update_a_local_adapter_that_did_not_train_goes_back_without_noise(server_identity):
     keys = {"dp": "update", "dp-noise-multiplier": 1.0, "dp-epsilon": 0.0, "dp-delta": 1e-3}
-    config = {**load_app_config(), "model-name": TINY_MODEL, "precision": "fp32", "local-steps": 1, **keys}
-    app, context = started_client({**config, "synthetic-train-examples": 8, "synthetic-test-examples": 4})
-    run_config = RunConfig.from_run_config(config)
-    theta0 = initial_adapter_arrays(run_config.model.name, run_config.lora, seed=run_config.seed)
+    app, context, theta0 = tiny_client(**{"local-steps": 1, **keys})
     reply = send(app, context, MessageType.TRAIN, dual_adapter(theta0, theta0), **DpaSettings().to_config())
     global_part, local_part = split_adapter(protocol.record_to_adapter(reply.content.array_records[protocol.ARRAYS]))
     assert_adapters_equal(local_part, theta0)  # round 1: the local adapter did not train, so nothing was released
@@ -395,17 +389,7 @@ def test_with_dp_update_a_local_adapter_that_did_not_train_goes_back_without_noi
 
 
 def test_a_client_whose_local_adapter_has_not_trained_scores_the_global_adapter_alone(server_identity):
-    config = {
-        **load_app_config(),
-        "model-name": TINY_MODEL,
-        "precision": "fp32",
-        "synthetic-train-examples": 8,
-        "synthetic-test-examples": 4,
-        "eval-max-new-tokens": 4,
-    }
-    app, context = started_client(config)
-    run_config = RunConfig.from_run_config(config)
-    theta0 = initial_adapter_arrays(run_config.model.name, run_config.lora, seed=run_config.seed)
+    app, context, theta0 = tiny_client(**{"eval-max-new-tokens": 4})
     rng = np.random.default_rng(0)
     trained_global = {name: a + 0.05 * rng.standard_normal(a.shape).astype(a.dtype) for name, a in theta0.items()}
 

@@ -57,7 +57,7 @@ def test_default_grids_and_overrides(tune):
     assert grids["fedamp"]["fedamp-self-weight"] == [0.3, 0.7] and len(grids["fedamp"]) == 3
     assert tune.grid_points("fedala", grids["fedala"])[1].label == "fedala_fedala-eta_100"
     # FFA-LoRA's learning rate: multiples of the runs' own.
-    grids = tune.parse_grid([], ["fedavg", "ffa-lora"], learning_rate=0.02)
+    grids = tune.with_learning_rate_multiples(tune.parse_grid([], ["fedavg", "ffa-lora"]), 0.02)
     assert grids == {"fedavg": {}, "ffa-lora": {"learning-rate": [0.02, 0.04, 0.1, 0.2]}}
     assert tune.grid_points("ffa-lora", grids["ffa-lora"])[2].label == "ffa-lora_learning-rate_0.1"
 

@@ -41,6 +41,7 @@ from fedbilevel.options import (
 from fedbilevel.privacy import PrivacySettings
 from fedbilevel.protocol import AlaSettings
 from fedbilevel.strategies import FEDBIP_PRESETS, strategy_names
+from fedbilevel.strategies.base import AGGREGATION_WEIGHTS
 from fedbilevel.strategies.fedamp import FedAmpSettings
 from fedbilevel.strategies.feddpa import DpaSettings
 from fedbilevel.strategies.fedprox import FedProxSettings
@@ -145,9 +146,9 @@ class EvalSettings:
         "eval-global",
         False,
         boolean,
-        "evaluate messages also carry the global adapter (the training-size weighted mean of the personalized ones: "
-        "what FedAvg would deploy); clients score it too (`global-*` scores, `global_mean` per round). "
-        "Doubles evaluation time",
+        "evaluate messages also carry the global adapter (the weighted mean of the personalized ones: "
+        "what FedAvg would deploy; `aggregation-weights`); clients score it too (`global-*` scores, "
+        "`global_mean` per round). Doubles evaluation time",
     )
     split: str = option(
         "eval-split",
@@ -190,6 +191,15 @@ class RunConfig:
         number(0.0, low_open=True, high=1.0, high_open=False),
         "a round aggregates only if at least this fraction of the clients replied validly; "
         "otherwise every adapter is kept",
+    )
+    aggregation_weights: str = option(
+        "aggregation-weights",
+        "examples",
+        choice(AGGREGATION_WEIGHTS),
+        "a client's weight in the weighted means of fedavg, fedprox, fedala, fedsa-lora, ffa-lora, feddpa and "
+        "`eval-global`: `examples`, its training examples (McMahan et al.'s FedAvg, FedIT); `uniform`, equal (the "
+        "official FedDPA and FedSA-LoRA code). The FedBip family, FedAMP and cluster-oracle weigh by similarity "
+        "or group and ignore it",
     )
     sampling: SamplingSettings = component(SamplingSettings)
     model: ModelSettings = component(ModelSettings)

@@ -138,6 +138,8 @@ class FakeClient:
         θ⁰, the adapter it derives at start as the ClientApp does (the strategy's ``initial_adapter``).
     update : callable (default: :func:`update_of`)
         ``(partition id, round) -> update`` shaped like ``initial``: what its training adds.
+    num_examples : int (default: 10)
+        The training examples its replies report (``num-examples``).
 
     Attributes
     ----------
@@ -159,12 +161,14 @@ class FakeClient:
         data_digest: str | None = None,
         initial: Mapping[str, np.ndarray] = INITIAL,
         update: Callable[[int, int], Mapping[str, np.ndarray]] = update_of,
+        num_examples: int = 10,
     ):
         self.partition_id = partition_id
         self.behaviour = behaviour
         self.data_digest = data_digest
         self.initial = dict(initial)
         self.update = update
+        self.num_examples = num_examples
         self.received: list[tuple[str, int, dict[str, np.ndarray]]] = []
         self.configs: list[dict] = []
         self.globals: list[dict[str, np.ndarray]] = []
@@ -202,7 +206,7 @@ class FakeClient:
         time.sleep(0.005)  # some client work, so busy intervals have a length
         metrics = {
             protocol.PARTITION_ID: self.partition_id,
-            protocol.NUM_EXAMPLES: 10,
+            protocol.NUM_EXAMPLES: self.num_examples,
             protocol.BUSY_KEYS[0]: started,
             protocol.BUSY_KEYS[1]: time.time(),
         }

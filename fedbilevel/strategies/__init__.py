@@ -65,6 +65,7 @@ def build_strategy(config: RunConfig, **common: Any) -> Strategy:
     common = {
         "min_nodes": config.min_nodes,
         "min_available_fraction": config.min_available_fraction,
+        "aggregation_weights": config.aggregation_weights,
         "sampling": config.sampling,
         "seed": config.seed,
         **common,

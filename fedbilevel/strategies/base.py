@@ -38,6 +38,7 @@ from fedbilevel.strategies.sampling import SamplingSettings, sample_clients, sam
 Adapter = dict[str, np.ndarray]
 RoundCallback = Callable[[dict[str, Any]], None]
 QUERY_TIMEOUT_S = 300.0  # a node that cannot say which partition it holds within this is left out
+AGGREGATION_WEIGHTS = ("examples", "uniform")  # aggregation-weights: by training examples, or equally
 
 
 def _asks_for_adapter(message: Message) -> bool:
@@ -78,6 +79,10 @@ class PersonalizedStrategy(Strategy):
         ``server_round -> bool``: whether this round's evaluate messages ask for cross-task scores
         (eval-cross; default: never); the round's record then holds the ``cross_task`` matrix
         (:mod:`fedbilevel.strategies.cross_task`).
+    aggregation_weights : {"examples", "uniform"} (default: "examples")
+        How a client's adapter counts in a weighted mean (FedAvg and the strategies built on it,
+        and the global adapter): by its training examples, as McMahan et al.'s FedAvg and FedIT,
+        or equally, as the official FedDPA and FedSA-LoRA code.
     """
 
     def __init__(
@@ -92,6 +97,7 @@ class PersonalizedStrategy(Strategy):
         sampling: SamplingSettings | None = None,
         seed: int = 0,
         evaluate_cross: Callable[[int], bool] | None = None,
+        aggregation_weights: str = "examples",
     ) -> None:
         if not initial_adapter:
             raise ValueError("initial_adapter: must contain at least one array")
@@ -100,6 +106,11 @@ class PersonalizedStrategy(Strategy):
                 f"min_available_fraction: {min_available_fraction} is not allowed; expected a number in (0, 1]"
             )
         self.min_available_fraction = min_available_fraction
+        if aggregation_weights not in AGGREGATION_WEIGHTS:
+            raise ValueError(
+                f"aggregation_weights: {aggregation_weights!r} is not allowed; expected one of {AGGREGATION_WEIGHTS}"
+            )
+        self.aggregation_weights = aggregation_weights
         self.sampling = sampling or SamplingSettings()
         self.seed = seed
         self.evaluate_global = evaluate_global
@@ -131,12 +142,12 @@ class PersonalizedStrategy(Strategy):
 
     # ------------------------------------------------------------------ subclass API
 
-    def personalize(
-        self, server_round: int, trained: dict[int, Adapter], num_examples: dict[int, int]
-    ) -> dict[str, Any]:
+    def personalize(self, server_round: int, trained: dict[int, Adapter], weights: dict[int, float]) -> dict[str, Any]:
         """Update ``self.adapters`` for the clients in ``trained`` (partition id -> θᵢ).
 
-        Returns extra fields for this round's record (e.g. similarity matrices).
+        ``weights`` (partition id -> weight > 0) is each client's weight in a weighted mean: its
+        training examples, or 1 with ``aggregation-weights = "uniform"``. Returns extra fields for
+        this round's record (e.g. similarity matrices).
         """
         raise NotImplementedError
 
@@ -190,13 +201,20 @@ class PersonalizedStrategy(Strategy):
                 self.round_offset,
             )
 
+    def aggregation_weight(self, num_examples: int) -> float:
+        """A client's weight in a weighted mean: its ``num_examples``, or 1 (``aggregation-weights``)."""
+        return float(num_examples) if self.aggregation_weights == "examples" else 1.0
+
     def global_adapter(self) -> Adapter:
-        """Σᵢ nᵢ θᵢ / Σᵢ nᵢ over the known clients' personalized adapters (nᵢ: training examples).
+        """Σᵢ wᵢ θᵢ / Σᵢ wᵢ over the known clients' personalized adapters (wᵢ: :meth:`aggregation_weight`
+        of its training examples).
 
         One client at a time from the store, summed in float64, so memory stays that of two adapters.
         """
         partitions = sorted(self.clients)
-        sizes = np.array([max(int(self.clients[p].get(protocol.NUM_TRAIN) or 1), 1) for p in partitions], float)
+        sizes = np.array(
+            [self.aggregation_weight(max(int(self.clients[p].get(protocol.NUM_TRAIN) or 1), 1)) for p in partitions]
+        )
         total = {name: np.zeros(array.shape) for name, array in self.initial_adapter.items()}
         for partition_id, weight in zip(partitions, sizes / sizes.sum()):
             for name, array in self.personalized_adapter(partition_id).items():
@@ -272,7 +290,8 @@ class PersonalizedStrategy(Strategy):
             self._round.note_skipped(reason)
             return None, None
         started = time.time()
-        fields = over_all_clients(self.personalize(server_round, trained, num_examples), sorted(self.clients))
+        weights = {p: self.aggregation_weight(n) for p, n in num_examples.items()}
+        fields = over_all_clients(self.personalize(server_round, trained, weights), sorted(self.clients))
         self._round.note_aggregation(fields, time.time() - started)
         total = sum(num_examples.values())
         losses = self._round.record["train"]

@@ -18,9 +18,7 @@ from fedbilevel.strategies.base import Adapter, PersonalizedStrategy
 class ClusterOracle(PersonalizedStrategy):
     """Average the round's task vectors within each true task group."""
 
-    def personalize(
-        self, server_round: int, trained: dict[int, Adapter], num_examples: dict[int, int]
-    ) -> dict[str, Any]:
+    def personalize(self, server_round: int, trained: dict[int, Adapter], weights: dict[int, float]) -> dict[str, Any]:
         """θ̄ᵢ ← θ̄ᵢ + mean of τₖ over the replying clients with client i's task."""
         partitions = sorted(trained)
         labels = [self.clients.get(p, {}).get(protocol.TASK) for p in partitions]

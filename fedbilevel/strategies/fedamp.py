@@ -65,9 +65,7 @@ class FedAmp(PersonalizedStrategy):
         """wᵢ, the client's own trained model (θ⁰ before it first trained)."""
         return self.personal.get(partition_id, self.initial_adapter)
 
-    def personalize(
-        self, server_round: int, trained: dict[int, Adapter], num_examples: dict[int, int]
-    ) -> dict[str, Any]:
+    def personalize(self, server_round: int, trained: dict[int, Adapter], weights: dict[int, float]) -> dict[str, Any]:
         """wᵢ ← the trained adapter; uᵢ ← Σⱼ ξᵢⱼ wⱼ over the clients that replied."""
         partitions = sorted(trained)
         self.personal.update(trained)

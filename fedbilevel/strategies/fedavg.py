@@ -3,7 +3,8 @@
 McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized
 Data" (AISTATS 2017), Eq. θ ← Σₖ (nₖ / n) θₖ; FedIT (Zhang et al., ICASSP 2024) applies it
 to LoRA adapters of an instruction-tuned LLM. Every client receives the same global
-adapter, so this is the non-personalized reference.
+adapter, so this is the non-personalized reference. nₖ is client k's training examples, or 1
+for every client with ``aggregation-weights = "uniform"``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from fedbilevel.strategies.base import Adapter, PersonalizedStrategy
 
 
 class FedAvg(PersonalizedStrategy):
-    """Example-weighted mean of the trained adapters, sent to every known client.
+    """Weighted mean of the trained adapters (``aggregation-weights``), sent to every known client.
 
     The server keeps the one global adapter (store kind ``global``), not a copy per client.
     """
@@ -28,10 +29,8 @@ class FedAvg(PersonalizedStrategy):
         """θ, the same for every client (θ⁰ before the first aggregation)."""
         return self.global_model.get(0, self.initial_adapter)
 
-    def personalize(
-        self, server_round: int, trained: dict[int, Adapter], num_examples: dict[int, int]
-    ) -> dict[str, Any]:
-        """θ ← Σₖ (nₖ / n) θₖ over the clients that replied; every client gets θ."""
+    def personalize(self, server_round: int, trained: dict[int, Adapter], weights: dict[int, float]) -> dict[str, Any]:
+        """θ ← Σₖ wₖ θₖ / Σₖ wₖ over the clients that replied (wₖ: ``weights``); every client gets θ."""
         partitions = sorted(trained)
-        self.global_model[0] = weighted_average([trained[p] for p in partitions], [num_examples[p] for p in partitions])
+        self.global_model[0] = weighted_average([trained[p] for p in partitions], [weights[p] for p in partitions])
         return {"participants": partitions}

@@ -67,9 +67,7 @@ class FedBip(PersonalizedStrategy):
             )
         super().summary()
 
-    def personalize(
-        self, server_round: int, trained: dict[int, Adapter], num_examples: dict[int, int]
-    ) -> dict[str, Any]:
+    def personalize(self, server_round: int, trained: dict[int, Adapter], weights: dict[int, float]) -> dict[str, Any]:
         """θ̄ᵢ ← θ̄ᵢ + Σₖ pᵢₖ τₖ for the clients that replied (ascending partition id); k also runs over
         the remembered task vectors of absent clients with ``absent-client-rule = "remember"``."""
         partitions = sorted(trained)

@@ -14,7 +14,10 @@ round. In round t each client i of Sₜ starts from the global adapter θ_gᵗ i
 each for ``local-steps`` steps (the official script trains each for its local epochs). The server
 averages the global adapters and keeps each local one:
 
-    θ_gᵗ⁺¹ = Σ_{i∈Sₜ} nᵢ θ_gⁱ / Σ_{i∈Sₜ} nᵢ,   θ_lⁱ ← the trained θ_lⁱ (i ∈ Sₜ; sent to no other client).
+    θ_gᵗ⁺¹ = Σ_{i∈Sₜ} nᵢ θ_gⁱ / Σ_{i∈Sₜ} nᵢ,   θ_lⁱ ← the trained θ_lⁱ (i ∈ Sₜ; sent to no other client),
+
+with nᵢ client i's training examples, or 1 for every client with ``aggregation-weights =
+"uniform"`` (the official code's plain mean).
 
 At inference the two are mixed per test input x (the instance-wise dynamic weighting): with E(·)
 the last hidden state at the position the prediction reads (a causal LM's last prompt token, the
@@ -242,13 +245,11 @@ class FedDpa(PersonalizedStrategy):
         """The client's two adapters, in ``global/`` and ``local/``: mixed per input, they are its model."""
         return dict(zip(("global", "local"), split_adapter(self.adapter_for(partition_id))))
 
-    def personalize(
-        self, server_round: int, trained: dict[int, Adapter], num_examples: dict[int, int]
-    ) -> dict[str, Any]:
-        """θ_g ← Σᵢ nᵢ θ_gⁱ / Σᵢ nᵢ over the clients that trained; each keeps its trained θ_lⁱ."""
+    def personalize(self, server_round: int, trained: dict[int, Adapter], weights: dict[int, float]) -> dict[str, Any]:
+        """θ_g ← Σᵢ wᵢ θ_gⁱ / Σᵢ wᵢ over the clients that trained; each keeps its trained θ_lⁱ."""
         partitions = sorted(trained)
         parts = {p: split_adapter(trained[p]) for p in partitions}
-        self.shared[0] = weighted_average([parts[p][0] for p in partitions], [num_examples[p] for p in partitions])
+        self.shared[0] = weighted_average([parts[p][0] for p in partitions], [weights[p] for p in partitions])
         for p in partitions:
             self.local[p] = parts[p][1]
         return {"participants": partitions}

@@ -7,7 +7,7 @@ matrices what is specific to each, so client k trains both factors but the serve
 only A; each Bₖ stays with its client. In round t the clients Sₜ that train start from the
 shared Aᵗ and their own Bₖ, train them into (Aₖ, Bₖ′), and
 
-    Aᵗ⁺¹ = Σ_{k∈Sₜ} nₖ Aₖ / Σ_{k∈Sₜ} nₖ   (the example-weighted mean, as FedAvg),
+    Aᵗ⁺¹ = Σ_{k∈Sₜ} nₖ Aₖ / Σ_{k∈Sₜ} nₖ   (nₖ: as FedAvg's, ``aggregation-weights``),
     Bₖ ← Bₖ′                             (k ∈ Sₜ; never sent to another client).
 
 Client k's personalized model, what it evaluates and what is saved, is (Aᵗ⁺¹, Bₖ).
@@ -86,17 +86,15 @@ class FedSaLora(PersonalizedStrategy):
         own = self.local.get(partition_id, self.initial_adapter)
         return {name: (shared if name in self.shared_names else own)[name] for name in self.initial_adapter}
 
-    def personalize(
-        self, server_round: int, trained: dict[int, Adapter], num_examples: dict[int, int]
-    ) -> dict[str, Any]:
-        """A ← Σₖ nₖ Aₖ / Σₖ nₖ over the clients that trained; each keeps the rest of what it trained."""
+    def personalize(self, server_round: int, trained: dict[int, Adapter], weights: dict[int, float]) -> dict[str, Any]:
+        """A ← Σₖ wₖ Aₖ / Σₖ wₖ over the clients that trained; each keeps the rest of what it trained."""
         partitions = sorted(trained)
         self.shared[0] = weighted_average(
             [
                 {name: trained[p][name] for name in self.initial_adapter if name in self.shared_names}
                 for p in partitions
             ],
-            [num_examples[p] for p in partitions],
+            [weights[p] for p in partitions],
         )
         for p in partitions:
             self.local[p] = {name: trained[p][name] for name in self.initial_adapter if name not in self.shared_names}

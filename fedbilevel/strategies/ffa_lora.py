@@ -8,7 +8,8 @@ zero-initialised B, so the server's FedAvg is the exact mean of the clients' upd
 
     Bᵗ⁺¹ = Σ_{k∈Sₜ} nₖ Bₖ / Σ_{k∈Sₜ} nₖ,   A = A⁰ always,   Σₖ (nₖ/n) Bₖ A⁰ = Bᵗ⁺¹ A⁰,
 
-over the clients Sₜ that trained in round t, which trained from (A⁰, Bᵗ). The clients are told
+over the clients Sₜ that trained in round t, which trained from (A⁰, Bᵗ) (nₖ: as FedAvg's,
+``aggregation-weights``). The clients are told
 to leave A untouched through the message's ``freeze-lora-a`` (the shared training loop then
 trains with the lora_A parameters frozen). Every client receives the same adapter, as with FedAvg.
 """
@@ -60,14 +61,12 @@ class FfaLora(FedAvg):
         """Ask clients to train with the lora_A parameters frozen."""
         return {protocol.FREEZE_LORA_A: True}
 
-    def personalize(
-        self, server_round: int, trained: dict[int, Adapter], num_examples: dict[int, int]
-    ) -> dict[str, Any]:
-        """B (and head) ← Σₖ nₖ Bₖ / Σₖ nₖ over the clients that trained; A ← A⁰."""
+    def personalize(self, server_round: int, trained: dict[int, Adapter], weights: dict[int, float]) -> dict[str, Any]:
+        """B (and head) ← Σₖ wₖ Bₖ / Σₖ wₖ over the clients that trained; A ← A⁰."""
         partitions = sorted(trained)
         averaged = [name for name in self.initial_adapter if name not in self.frozen_names]
         mean = weighted_average(
-            [{name: trained[p][name] for name in averaged} for p in partitions], [num_examples[p] for p in partitions]
+            [{name: trained[p][name] for name in averaged} for p in partitions], [weights[p] for p in partitions]
         )
         self.global_model[0] = {
             name: self.initial_adapter[name] if name in self.frozen_names else mean[name]

@@ -14,9 +14,7 @@ from fedbilevel.strategies.base import Adapter, PersonalizedStrategy
 class LocalOnly(PersonalizedStrategy):
     """Each client's next adapter is the one it just trained (θ̄ᵢ ← θᵢ)."""
 
-    def personalize(
-        self, server_round: int, trained: dict[int, Adapter], num_examples: dict[int, int]
-    ) -> dict[str, Any]:
+    def personalize(self, server_round: int, trained: dict[int, Adapter], weights: dict[int, float]) -> dict[str, Any]:
         """Keep every trained adapter as it is."""
         self.adapters.update(trained)
         return {"participants": sorted(trained)}

@@ -23,6 +23,7 @@ from sklearn.metrics import roc_auc_score
 
 from fedbilevel.config import RunConfig
 from fedbilevel.options import declared, defaults
+from fedbilevel.privacy import DP_EPSILON_SPENT, DP_NOISE_MULTIPLIER, DP_STOPPED
 from fedbilevel.protocol import TEXT_METRICS
 from fedbilevel.results import METRIC_LABELS
 
@@ -79,6 +80,8 @@ class Run:
     metrics: tuple[str, ...] = TEXT_METRICS
     settings: str = ""  # the strategy's knobs away from their defaults (strategy_settings)
     split: str = "test"  # what the clients scored (eval-split)
+    dp: str = "none"  # its DP mode (dp)
+    dp_epsilon: float = math.inf  # the ε budget it was run to (dp-epsilon; ∞ without DP, NaN with σ set and no budget)
 
     @property
     def evaluated(self) -> list[dict[str, Any]]:
@@ -121,10 +124,20 @@ def load_run(folder: str | Path, label: str | None = None) -> Run:
         metrics=tuple(results["summary"].get("metrics", TEXT_METRICS)),
         settings=strategy_settings(results["strategy"], config["run_config"]),
         split=config["run_config"].get("eval-split", "test"),
+        **_privacy_of(config["run_config"]),
     )
     if not run.evaluated:
         raise ValueError(f"run folder {str(folder)!r}: no evaluated round in results.json")
     return run
+
+
+def _privacy_of(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's :class:`Run` ``dp`` and ``dp_epsilon`` from its run config (runs before DP have none)."""
+    mode = run_config.get("dp", "none")
+    if mode == "none":
+        return {"dp": mode, "dp_epsilon": math.inf}
+    budget = float(run_config.get("dp-epsilon", 0.0))
+    return {"dp": mode, "dp_epsilon": budget if budget > 0 else math.nan}
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -571,6 +584,85 @@ def separation_per_round(runs: Sequence[Run]) -> list[dict[str, Any]]:
     ]
 
 
+def _train_values(run: Run, key: str) -> list[float]:
+    """Every value of train metric ``key`` that ``run``'s clients reported, over rounds and clients."""
+    return [entry[key] for record in run.rounds for entry in record.get("train", {}).values() if key in entry]
+
+
+# privacy_rows' separation measures: (column prefix, measure of group_separation, which recorded round)
+_PRIVACY_SEPARATION = (
+    ("cos_gap_first", "cos_gap", 0),
+    ("cos_gap_last", "cos_gap", -1),
+    ("auroc_first", "auroc", 0),
+    ("same_task_weight_first", "same_task_weight", 0),
+    ("uniform_same_task_weight_first", "uniform_same_task_weight", 0),
+)
+
+
+def privacy_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """Privacy against utility: per label of a strategy that ran with DP, its budget, what its clients
+    spent, its score and whether its similarity still finds the task groups (issue 19).
+
+    Parameters
+    ----------
+    runs : sequence of Run
+        Any runs; a label qualifies when some run of its strategy (``Run.strategy``) has
+        ``dp != "none"``, so a strategy's run without DP stands beside its DP runs as ε = ∞.
+
+    Returns
+    -------
+    list of dict
+        One row per qualifying label, by strategy then budget (∞ first): ``strategy`` (the label),
+        ``base`` (its strategy), ``dp`` (mode), ``epsilon`` (the budget: ∞ without DP, NaN for a
+        set σ without one), ``seeds`` (str), ``noise_multiplier`` (mean σ the clients reported,
+        NaN without DP), ``epsilon_spent`` (the most any client spent, at ``dp-delta``; NaN
+        without DP), ``stopped`` (clients of any seed that stopped training at their budget),
+        ``score_mean`` / ``score_std`` (last round's personalized primary metric over seeds), and
+        from :func:`group_separation` over the seeds with task groups: ``cos_gap_first``,
+        ``cos_gap_last``, ``auroc_first``, ``same_task_weight_first`` and
+        ``uniform_same_task_weight_first`` (``_mean`` / ``_std``; NaN where undefined, e.g. local
+        records no matrices). Empty when no run has DP.
+    """
+    private = {run.strategy for run in runs if run.dp != "none"}
+    rows = []
+    for label, group in group_by_label(runs).items():
+        if group[0].strategy not in private:
+            continue
+        primary = group[0].primary_metric
+        sigmas = [v for run in group for v in _train_values(run, DP_NOISE_MULTIPLIER)]
+        spent = [v for run in group for v in _train_values(run, DP_EPSILON_SPENT)]
+        row: dict[str, Any] = {
+            "strategy": label,
+            "base": group[0].strategy,
+            "dp": group[0].dp,
+            "epsilon": group[0].dp_epsilon,
+            "seeds": _seeds(group),
+            "noise_multiplier": float(np.mean(sigmas)) if sigmas else math.nan,
+            "epsilon_spent": max(spent) if spent else math.nan,
+            "stopped": sum(
+                len({p for record in run.rounds for p, e in record.get("train", {}).items() if e.get(DP_STOPPED)})
+                for run in group
+            ),
+        }
+        row["score_mean"], row["score_std"] = _mean_std([run.last["personalized_mean"][primary] for run in group])
+        separations = [rounds for run in group if _has_groups(rounds := group_separation(run))]
+        for column, measure, index in _PRIVACY_SEPARATION:
+            values = [rounds[index][measure] for rounds in separations if rounds[index][measure] is not None]
+            row[f"{column}_mean"], row[f"{column}_std"] = _mean_std(values) if values else (math.nan, math.nan)
+        rows.append(row)
+    order = list(dict.fromkeys(row["base"] for row in rows))
+    return sorted(rows, key=lambda r: (order.index(r["base"]), -_budget_order(r["epsilon"])))
+
+
+def _budget_order(epsilon: float) -> float:
+    """Sort key of a budget: ∞ above every ε, a set σ without a budget (NaN) below them."""
+    return -math.inf if math.isnan(epsilon) else epsilon
+
+
+def _budget_text(epsilon: float) -> str:
+    return "∞" if math.isinf(epsilon) else "σ set" if math.isnan(epsilon) else f"{epsilon:g}"
+
+
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -661,6 +753,7 @@ def markdown(runs: Sequence[Run]) -> str:
             ]
             lines.append(f"| {task} | {by_task[(next(iter(groups)), task)]['clients']} | " + " | ".join(cells) + " |")
     lines += _separation_markdown(separation_rows(runs))
+    lines += _privacy_markdown(privacy_rows(runs), METRIC_LABELS[primary])
     clients = runs[0].clients
     lines += [
         "",
@@ -741,6 +834,39 @@ def _separation_markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def _privacy_markdown(rows: Sequence[Mapping[str, Any]], metric: str) -> list[str]:
+    """The lines of the privacy table of :func:`privacy_rows`'s rows (none without rows)."""
+    if not rows:
+        return []
+    lines = [
+        "",
+        "Privacy against utility: *ε*, the budget each client's training was held to (∞: no DP); *σ*, the mean"
+        " noise multiplier the clients reported; *spent*, the most ε any client spent (at the run's δ); *stopped*,"
+        " clients that stopped training at their budget; then the last round's personalized score and whether"
+        " the similarity still finds the task groups under the noise: same-task minus cross-task cosine in the"
+        " first and the last recorded round, the cosine's AUROC and the weight on same-task partners (uniform:"
+        " equal weights' reference) in the first; mean ± std over seeds:",
+        "",
+        f"| strategy | dp | ε | σ | spent | stopped | seeds | {metric} last | cos gap first | cos gap last | AUROC"
+        " first | on partners first | uniform |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        cells = [
+            "–" if math.isnan(row[f"{column}_mean"]) else _format(row[f"{column}_mean"], row[f"{column}_std"])
+            for column, *_ in _PRIVACY_SEPARATION
+        ]
+        sigma = "–" if math.isnan(row["noise_multiplier"]) else f"{row['noise_multiplier']:.3g}"
+        spent = "–" if math.isnan(row["epsilon_spent"]) else f"{row['epsilon_spent']:.2f}"
+        lines.append(
+            f"| {row['strategy']} | {row['dp']} | {_budget_text(row['epsilon'])} | {sigma} | {spent} | "
+            f"{row['stopped']} | {row['seeds']} | {_format(row['score_mean'], row['score_std'])} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return lines
+
+
 def _seeds(group: Sequence[Run]) -> str:
     return " ".join(str(run.seed) for run in group)
 
@@ -752,7 +878,8 @@ def _majority(info: dict[str, Any]) -> str:
 
 def write_tables(runs: Sequence[Run], out: Path) -> list[Path]:
     """comparison.csv (summary), per_client.csv, comparison.md and, for runs with task groups and
-    similarity or weight matrices, separation.csv (:func:`separation_per_round`) in ``out``."""
+    similarity or weight matrices, separation.csv (:func:`separation_per_round`), and for runs with DP,
+    privacy.csv (:func:`privacy_rows`) in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "comparison.csv", out / "per_client.csv", out / "comparison.md"]
     _write_csv(paths[0], summary_rows(runs))
@@ -762,6 +889,10 @@ def write_tables(runs: Sequence[Run], out: Path) -> list[Path]:
     if separation:
         paths.append(out / "separation.csv")
         _write_csv(paths[-1], separation)
+    privacy = privacy_rows(runs)
+    if privacy:
+        paths.append(out / "privacy.csv")
+        _write_csv(paths[-1], privacy)
     return paths
 
 
@@ -1118,6 +1249,60 @@ def plot_separation(runs: Sequence[Run], path: Path) -> Path:
     return path
 
 
+def plot_privacy(rows: Sequence[Mapping[str, Any]], metric: str, path: Path) -> Path:
+    """Privacy against utility (:func:`privacy_rows`' rows): per strategy and DP mode, as the budget ε
+    shrinks, the personalized score, the same-task minus cross-task cosine (first recorded round solid,
+    last dashed) and the weight on same-task partners in the first round (equal weights' reference
+    dotted). ε is on a categorical axis, ∞ (no DP) rightmost and joining every DP mode's line of its
+    strategy; points are means over seeds, bars ± one std. Rows without a budget (σ set) are left out.
+    """
+    import matplotlib.pyplot as plt
+
+    budgets = sorted({r["epsilon"] for r in rows if not math.isnan(r["epsilon"])})
+    where = {epsilon: index for index, epsilon in enumerate(budgets)}
+    lines: dict[str, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        if row["dp"] != "none" and not math.isnan(row["epsilon"]):
+            lines.setdefault(f"{row['base']} ({row['dp']})", []).append(row)
+    for points in lines.values():  # the strategy's run without DP is every mode's ε = ∞ point
+        points += [r for r in rows if r["dp"] == "none" and r["base"] == points[0]["base"]]
+    panels = (
+        (("score",), f"personalized {metric} (last round)", f"Personalized {metric}"),
+        (("cos_gap_first", "cos_gap_last"), "mean cosine difference", "Same-task minus cross-task cosine"),
+        (("same_task_weight_first",), "weight, summed over partners", "Weight on same-task partners, first round"),
+    )
+    figure, axes = plt.subplots(1, len(panels), figsize=(16, 4.8), layout="constrained")
+    for (name, points), colour in zip(lines.items(), strategy_colours(len(lines))):
+        points = sorted(points, key=lambda r: where[r["epsilon"]])
+        x = [where[r["epsilon"]] for r in points]
+        for ax, (columns, *_) in zip(axes, panels):
+            for column, style in zip(columns, ("-", "--")):
+                mean = np.array([r[f"{column}_mean"] for r in points])
+                if np.isnan(mean).all():
+                    continue
+                std = np.nan_to_num([r[f"{column}_std"] for r in points])
+                suffix = {"cos_gap_first": ", first round", "cos_gap_last": ", last round"}.get(column, "")
+                ax.errorbar(
+                    x, mean, yerr=std, color=colour, linestyle=style, marker="o", capsize=3, label=name + suffix
+                )
+        uniform = np.array([r["uniform_same_task_weight_first_mean"] for r in points])
+        if not np.isnan(uniform).all():
+            axes[2].plot(x, uniform, color=colour, linestyle=":", linewidth=1)
+    axes[1].axhline(0.0, color="0.4", linestyle=":", linewidth=1)
+    for ax, (_, ylabel, title) in zip(axes, panels):
+        ax.set_xticks(range(len(budgets)), [_budget_text(epsilon) for epsilon in budgets])
+        ax.set_xlabel("privacy budget ε per client (δ as run; ∞: no DP)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    figure.suptitle("What differential privacy costs: score and task-group separation as the budget shrinks")
+    figure.savefig(path, dpi=130)
+    plt.close(figure)
+    return path
+
+
 def _seed_band(
     per_run: Sequence[Sequence[Mapping[str, Any]]], rounds: Sequence[int], measure: str
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -1139,11 +1324,15 @@ def _seed_band(
 
 def write_plots(runs: Sequence[Run], out: Path) -> list[Path]:
     """scores_per_round.png, per_client.png, similarity_<strategy>.png, separation.png for runs with
-    task groups and matrices, and cross_task_<strategy>.png (first seed) for runs with eval-cross, in ``out``."""
+    task groups and matrices, privacy.png for runs with DP (:func:`plot_privacy`), and
+    cross_task_<strategy>.png (first seed) for runs with eval-cross, in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [plot_scores_per_round(runs, out / "scores_per_round.png"), plot_per_client(runs, out / "per_client.png")]
     if any(_has_groups(group_separation(run)) for run in runs):
         paths.append(plot_separation(runs, out / "separation.png"))
+    privacy = privacy_rows(runs)
+    if privacy:
+        paths.append(plot_privacy(privacy, METRIC_LABELS[runs[0].primary_metric], out / "privacy.png"))
     for strategy, group in group_by_label(runs).items():
         if any("similarity" in r for r in group[0].rounds):
             paths.append(plot_similarity(group[0], out / f"similarity_{strategy}.png"))

@@ -542,3 +542,61 @@ def test_clients_not_in_task_order_are_drawn_grouped_and_the_title_says_so():
     assert [t.get_text() for t in ax.get_yticklabels(minor=True)] == FLAN8
     assert not ax.texts  # no cell values at 32 clients
     plt.close(figure)
+
+
+def test_privacy_table_csv_and_plot_by_hand(tmp_path):
+    from fedbilevel.comparison import privacy_rows
+
+    def private(folder: Path, run_config: dict) -> Path:
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "run_config": run_config}))
+        return folder
+
+    dp_sgd = {"dp": "dp-sgd", "dp-epsilon": 1.0, "dp-delta": 1e-5}
+    # Client 1 spent the most (0.9) and stopped at its budget; σ is the mean over clients and rounds.
+    train = {"0": {"dp-noise-multiplier": 2.0, "dp-epsilon-spent": 0.4}, "1": {"dp-noise-multiplier": 4.0}}
+    last = {"0": {"dp-noise-multiplier": 3.0, "dp-epsilon-spent": 0.6}, "1": {"dp-epsilon-spent": 0.9, "dp-stopped": 1}}
+    grouped = [
+        ("fedbip", "fedbip", {}, [ROUND_1, ROUND_2]),
+        ("fedbip-eps1", "fedbip", dp_sgd, [{**ROUND_2, "train": train}, {**ROUND_2, "train": last}]),
+        ("fedbip-sigma", "fedbip", {"dp": "update", "dp-epsilon": 0.0, "dp-noise-multiplier": 1.5}, [ROUND_2]),
+        ("local-eps1", "local", dp_sgd, [{}]),
+        ("fedavg", "fedavg", {}, [{}]),  # no DP run of fedavg: not in the privacy table
+    ]
+    runs = [
+        load_run(private(write_grouped_run(tmp_path / label, strategy, 0, GROUPED_TASKS, rounds), config), label)
+        for label, strategy, config, rounds in grouped
+    ]
+    rows = privacy_rows(runs)
+    assert [(r["strategy"], r["dp"], r["epsilon"]) for r in rows[:2]] == [
+        ("fedbip", "none", math.inf),
+        ("fedbip-eps1", "dp-sgd", 1.0),
+    ]
+    assert rows[2]["strategy"] == "fedbip-sigma" and math.isnan(rows[2]["epsilon"])  # σ set, no budget: last
+    assert [r["strategy"] for r in rows[3:]] == ["local-eps1"]
+    fedbip, eps1 = rows[:2]
+    assert math.isnan(fedbip["noise_multiplier"]) and fedbip["stopped"] == 0
+    assert eps1["noise_multiplier"] == pytest.approx(3.0) and eps1["epsilon_spent"] == 0.9 and eps1["stopped"] == 1
+    # The separation of test_group_separation_by_hand's rounds: 0.5 then 0.325, AUROC 1.0, 0.35 on partners.
+    assert fedbip["cos_gap_first_mean"] == pytest.approx(0.5) and fedbip["cos_gap_last_mean"] == pytest.approx(0.325)
+    assert fedbip["auroc_first_mean"] == 1.0 and fedbip["same_task_weight_first_mean"] == pytest.approx(0.35)
+    assert eps1["cos_gap_first_mean"] == pytest.approx(0.325) and eps1["auroc_first_mean"] == pytest.approx(0.75)
+    assert math.isnan(rows[3]["cos_gap_first_mean"])  # local records no matrices
+    text = markdown(runs)
+    assert "| fedbip | none | ∞ | – | – | 0 | 0 | 0.500 | 0.500 | 0.325 | 1.000 | 0.350 | 0.333 |" in text
+    assert "| fedbip-eps1 | dp-sgd | 1 | 3 | 0.90 | 1 | 0 | 0.500 | 0.325 | 0.325 | 0.750 | 0.250 | 0.250 |" in text
+    assert "| fedbip-sigma | update | σ set |" in text
+    out = tmp_path / "report"
+    paths = write_tables(runs, out) + write_plots(runs, out)
+    assert {out / "privacy.csv", out / "privacy.png"} <= set(paths)
+    assert (out / "privacy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with (out / "privacy.csv").open() as handle:
+        assert [r["strategy"] for r in csv.DictReader(handle)] == [
+            "fedbip",
+            "fedbip-eps1",
+            "fedbip-sigma",
+            "local-eps1",
+        ]
+    # Without any DP run there is no privacy table or file.
+    assert privacy_rows(runs[:1] + runs[4:]) == []
+    assert "Privacy against utility" not in markdown(runs[:1] + runs[4:])

@@ -45,14 +45,18 @@ _OWN_COMPONENT = {
     "fedbip-plus-l": "fedbip",
 }
 SHARED_KNOBS = ("learning-rate",)
+# The strategies that average clients' adapters, and so read aggregation-weights.
+AVERAGING = frozenset({"fedavg", "fedprox", "fedala", "fedsa-lora", "ffa-lora", "feddpa"})
 _DEFAULTS = defaults(RunConfig)
 
 
 def strategy_keys(strategy: str) -> tuple[str, ...]:
-    """The run-config keys that tune ``strategy``: its own option component's, then :data:`SHARED_KNOBS`."""
+    """The run-config keys that tune ``strategy``: its own option component's, ``aggregation-weights`` for
+    the strategies that average (:data:`AVERAGING`), then :data:`SHARED_KNOBS`."""
     components = {field.name: field.metadata.get("component") for field in dataclasses.fields(RunConfig)}
     own = _OWN_COMPONENT.get(strategy)
-    return (*(key for key, _ in declared(components[own])), *SHARED_KNOBS) if own else SHARED_KNOBS
+    keys = tuple(key for key, _ in declared(components[own])) if own else ()
+    return (*keys, *(("aggregation-weights",) if strategy in AVERAGING else ()), *SHARED_KNOBS)
 
 
 def strategy_settings(strategy: str, run_config: dict[str, Any]) -> str:
@@ -606,42 +610,55 @@ def privacy_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
     Parameters
     ----------
     runs : sequence of Run
-        Any runs; a label qualifies when some run of its strategy (``Run.strategy``) has
-        ``dp != "none"``, so a strategy's run without DP stands beside its DP runs as ε = ∞.
+        Any runs; a label qualifies when some run of its strategy with the same settings
+        (``Run.strategy``, ``Run.settings``: its own knobs, not the DP keys) has ``dp != "none"``, so a
+        strategy's run without DP stands beside its DP runs as ε = ∞.
 
     Returns
     -------
     list of dict
-        One row per qualifying label, by strategy then budget (∞ first): ``strategy`` (the label),
-        ``base`` (its strategy), ``dp`` (mode), ``epsilon`` (the budget: ∞ without DP, NaN for a
+        One row per qualifying label, by base, then without DP first, then mode and budget (largest
+        first): ``strategy`` (the label), ``base`` (its strategy, with its settings in parentheses
+        where it has any), ``dp`` (mode), ``epsilon`` (the budget: ∞ without DP, NaN for a
         set σ without one), ``seeds`` (str), ``noise_multiplier`` (mean σ the clients reported,
         NaN without DP), ``epsilon_spent`` (the most any client spent, at ``dp-delta``; NaN
-        without DP), ``stopped`` (clients of any seed that stopped training at their budget),
+        without DP), ``stopped`` (clients that stopped training at their budget, mean over seeds),
         ``score_mean`` / ``score_std`` (last round's personalized primary metric over seeds), and
         from :func:`group_separation` over the seeds with task groups: ``cos_gap_first``,
         ``cos_gap_last``, ``auroc_first``, ``same_task_weight_first`` and
         ``uniform_same_task_weight_first`` (``_mean`` / ``_std``; NaN where undefined, e.g. local
         records no matrices). Empty when no run has DP.
     """
-    private = {run.strategy for run in runs if run.dp != "none"}
+    private = {_privacy_base(run) for run in runs if run.dp != "none"}
     rows = []
     for label, group in group_by_label(runs).items():
-        if group[0].strategy not in private:
+        if _privacy_base(group[0]) not in private:
             continue
         primary = group[0].primary_metric
         sigmas = [v for run in group for v in _train_values(run, DP_NOISE_MULTIPLIER)]
         spent = [v for run in group for v in _train_values(run, DP_EPSILON_SPENT)]
         row: dict[str, Any] = {
             "strategy": label,
-            "base": group[0].strategy,
+            "base": _privacy_base(group[0]),
             "dp": group[0].dp,
             "epsilon": group[0].dp_epsilon,
             "seeds": _seeds(group),
             "noise_multiplier": float(np.mean(sigmas)) if sigmas else math.nan,
             "epsilon_spent": max(spent) if spent else math.nan,
-            "stopped": sum(
-                len({p for record in run.rounds for p, e in record.get("train", {}).items() if e.get(DP_STOPPED)})
-                for run in group
+            "stopped": float(
+                np.mean(
+                    [
+                        len(
+                            {
+                                p
+                                for record in run.rounds
+                                for p, e in record.get("train", {}).items()
+                                if e.get(DP_STOPPED)
+                            }
+                        )
+                        for run in group
+                    ]
+                )
             ),
         }
         row["score_mean"], row["score_std"] = _mean_std([run.last["personalized_mean"][primary] for run in group])
@@ -651,7 +668,14 @@ def privacy_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
             row[f"{column}_mean"], row[f"{column}_std"] = _mean_std(values) if values else (math.nan, math.nan)
         rows.append(row)
     order = list(dict.fromkeys(row["base"] for row in rows))
-    return sorted(rows, key=lambda r: (order.index(r["base"]), -_budget_order(r["epsilon"])))
+    return sorted(
+        rows, key=lambda r: (order.index(r["base"]), r["dp"] != "none", r["dp"], -_budget_order(r["epsilon"]))
+    )
+
+
+def _privacy_base(run: Run) -> str:
+    """What :func:`privacy_rows` sets side by side by budget: the strategy with its own settings."""
+    return f"{run.strategy} ({run.settings})" if run.settings else run.strategy
 
 
 def _budget_order(epsilon: float) -> float:
@@ -842,8 +866,9 @@ def _privacy_markdown(rows: Sequence[Mapping[str, Any]], metric: str) -> list[st
         "",
         "Privacy against utility: *ε*, the budget each client's training was held to (∞: no DP); *σ*, the mean"
         " noise multiplier the clients reported; *spent*, the most ε any client spent (at the run's δ); *stopped*,"
-        " clients that stopped training at their budget; then the last round's personalized score and whether"
-        " the similarity still finds the task groups under the noise: same-task minus cross-task cosine in the"
+        " clients that stopped training at their budget (mean over seeds); then the last round's personalized"
+        " score and whether the similarity still finds the task groups under the noise: same-task minus"
+        " cross-task cosine in the"
         " first and the last recorded round, the cosine's AUROC and the weight on same-task partners (uniform:"
         " equal weights' reference) in the first; mean ± std over seeds:",
         "",
@@ -860,7 +885,7 @@ def _privacy_markdown(rows: Sequence[Mapping[str, Any]], metric: str) -> list[st
         spent = "–" if math.isnan(row["epsilon_spent"]) else f"{row['epsilon_spent']:.2f}"
         lines.append(
             f"| {row['strategy']} | {row['dp']} | {_budget_text(row['epsilon'])} | {sigma} | {spent} | "
-            f"{row['stopped']} | {row['seeds']} | {_format(row['score_mean'], row['score_std'])} | "
+            f"{row['stopped']:g} | {row['seeds']} | {_format(row['score_mean'], row['score_std'])} | "
             + " | ".join(cells)
             + " |"
         )
@@ -1249,12 +1274,13 @@ def plot_separation(runs: Sequence[Run], path: Path) -> Path:
     return path
 
 
-def plot_privacy(rows: Sequence[Mapping[str, Any]], metric: str, path: Path) -> Path:
+def plot_privacy(rows: Sequence[Mapping[str, Any]], metric: str, path: Path) -> Path | None:
     """Privacy against utility (:func:`privacy_rows`' rows): per strategy and DP mode, as the budget ε
     shrinks, the personalized score, the same-task minus cross-task cosine (first recorded round solid,
     last dashed) and the weight on same-task partners in the first round (equal weights' reference
     dotted). ε is on a categorical axis, ∞ (no DP) rightmost and joining every DP mode's line of its
-    strategy; points are means over seeds, bars ± one std. Rows without a budget (σ set) are left out.
+    strategy; points are means over seeds, bars ± one std. Rows without a budget (σ set) are left out;
+    None (no file) when no row has one.
     """
     import matplotlib.pyplot as plt
 
@@ -1263,7 +1289,7 @@ def plot_privacy(rows: Sequence[Mapping[str, Any]], metric: str, path: Path) -> 
     lines: dict[str, list[Mapping[str, Any]]] = {}
     for row in rows:
         if row["dp"] != "none" and not math.isnan(row["epsilon"]):
-            lines.setdefault(f"{row['base']} ({row['dp']})", []).append(row)
+            lines.setdefault(f"{row['base']}, {row['dp']}", []).append(row)
     for points in lines.values():  # the strategy's run without DP is every mode's ε = ∞ point
         points += [r for r in rows if r["dp"] == "none" and r["base"] == points[0]["base"]]
     panels = (
@@ -1271,6 +1297,8 @@ def plot_privacy(rows: Sequence[Mapping[str, Any]], metric: str, path: Path) -> 
         (("cos_gap_first", "cos_gap_last"), "mean cosine difference", "Same-task minus cross-task cosine"),
         (("same_task_weight_first",), "weight, summed over partners", "Weight on same-task partners, first round"),
     )
+    if not lines:
+        return None
     figure, axes = plt.subplots(1, len(panels), figsize=(16, 4.8), layout="constrained")
     for (name, points), colour in zip(lines.items(), strategy_colours(len(lines))):
         points = sorted(points, key=lambda r: where[r["epsilon"]])
@@ -1331,8 +1359,8 @@ def write_plots(runs: Sequence[Run], out: Path) -> list[Path]:
     if any(_has_groups(group_separation(run)) for run in runs):
         paths.append(plot_separation(runs, out / "separation.png"))
     privacy = privacy_rows(runs)
-    if privacy:
-        paths.append(plot_privacy(privacy, METRIC_LABELS[runs[0].primary_metric], out / "privacy.png"))
+    if privacy and (plot := plot_privacy(privacy, METRIC_LABELS[runs[0].primary_metric], out / "privacy.png")):
+        paths.append(plot)
     for strategy, group in group_by_label(runs).items():
         if any("similarity" in r for r in group[0].rounds):
             paths.append(plot_similarity(group[0], out / f"similarity_{strategy}.png"))

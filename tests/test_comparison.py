@@ -560,20 +560,28 @@ def test_privacy_table_csv_and_plot_by_hand(tmp_path):
         ("fedbip", "fedbip", {}, [ROUND_1, ROUND_2]),
         ("fedbip-eps1", "fedbip", dp_sgd, [{**ROUND_2, "train": train}, {**ROUND_2, "train": last}]),
         ("fedbip-sigma", "fedbip", {"dp": "update", "dp-epsilon": 0.0, "dp-noise-multiplier": 1.5}, [ROUND_2]),
+        ("fedbip-update-eps8", "fedbip", {"dp": "update", "dp-epsilon": 8.0}, [ROUND_2]),
         ("local-eps1", "local", dp_sgd, [{}]),
         ("fedavg", "fedavg", {}, [{}]),  # no DP run of fedavg: not in the privacy table
+        ("fedbip-zscore", "fedbip", {"weighting": "zscore-softmax"}, [ROUND_1]),  # other settings, none with DP
     ]
     runs = [
         load_run(private(write_grouped_run(tmp_path / label, strategy, 0, GROUPED_TASKS, rounds), config), label)
         for label, strategy, config, rounds in grouped
     ]
+    # A second seed of local-eps1 in which both clients stopped: 1 stopped client a seed on average.
+    both_stopped = {"0": {"dp-stopped": 1.0, "dp-epsilon-spent": 1.0}, "1": {"dp-stopped": 1.0}}
+    second = write_grouped_run(tmp_path / "local-eps1-1", "local", 1, GROUPED_TASKS, [{"train": both_stopped}])
+    runs.append(load_run(private(second, dp_sgd), "local-eps1"))
     rows = privacy_rows(runs)
     assert [(r["strategy"], r["dp"], r["epsilon"]) for r in rows[:2]] == [
         ("fedbip", "none", math.inf),
         ("fedbip-eps1", "dp-sgd", 1.0),
     ]
-    assert rows[2]["strategy"] == "fedbip-sigma" and math.isnan(rows[2]["epsilon"])  # σ set, no budget: last
-    assert [r["strategy"] for r in rows[3:]] == ["local-eps1"]
+    # Then by mode, and within one the largest budget first; σ set without a budget last.
+    assert [r["strategy"] for r in rows[2:4]] == ["fedbip-update-eps8", "fedbip-sigma"]
+    assert math.isnan(rows[3]["epsilon"])
+    assert [(r["strategy"], r["seeds"], r["stopped"]) for r in rows[4:]] == [("local-eps1", "0 1", 1.0)]
     fedbip, eps1 = rows[:2]
     assert math.isnan(fedbip["noise_multiplier"]) and fedbip["stopped"] == 0
     assert eps1["noise_multiplier"] == pytest.approx(3.0) and eps1["epsilon_spent"] == 0.9 and eps1["stopped"] == 1
@@ -581,7 +589,7 @@ def test_privacy_table_csv_and_plot_by_hand(tmp_path):
     assert fedbip["cos_gap_first_mean"] == pytest.approx(0.5) and fedbip["cos_gap_last_mean"] == pytest.approx(0.325)
     assert fedbip["auroc_first_mean"] == 1.0 and fedbip["same_task_weight_first_mean"] == pytest.approx(0.35)
     assert eps1["cos_gap_first_mean"] == pytest.approx(0.325) and eps1["auroc_first_mean"] == pytest.approx(0.75)
-    assert math.isnan(rows[3]["cos_gap_first_mean"])  # local records no matrices
+    assert math.isnan(rows[4]["cos_gap_first_mean"])  # local records no matrices
     text = markdown(runs)
     assert "| fedbip | none | ∞ | – | – | 0 | 0 | 0.500 | 0.500 | 0.325 | 1.000 | 0.350 | 0.333 |" in text
     assert "| fedbip-eps1 | dp-sgd | 1 | 3 | 0.90 | 1 | 0 | 0.500 | 0.325 | 0.325 | 0.750 | 0.250 | 0.250 |" in text
@@ -591,12 +599,7 @@ def test_privacy_table_csv_and_plot_by_hand(tmp_path):
     assert {out / "privacy.csv", out / "privacy.png"} <= set(paths)
     assert (out / "privacy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with (out / "privacy.csv").open() as handle:
-        assert [r["strategy"] for r in csv.DictReader(handle)] == [
-            "fedbip",
-            "fedbip-eps1",
-            "fedbip-sigma",
-            "local-eps1",
-        ]
+        assert [r["strategy"] for r in csv.DictReader(handle)] == [r["strategy"] for r in rows]
     # Without any DP run there is no privacy table or file.
-    assert privacy_rows(runs[:1] + runs[4:]) == []
-    assert "Privacy against utility" not in markdown(runs[:1] + runs[4:])
+    without = [run for run in runs if run.dp == "none"]
+    assert privacy_rows(without) == [] and "Privacy against utility" not in markdown(without)

@@ -62,8 +62,11 @@ def test_the_global_adapter_follows_aggregation_weights(aggregation_weights, exp
 def test_aggregation_weights_is_a_run_config_key_that_reaches_the_strategy():
     config = RunConfig.from_run_config(options.defaults(RunConfig), {"strategy": "fedsa-lora"})
     assert config.aggregation_weights == "examples"
-    uniform = RunConfig.from_run_config(config.to_run_config(), {"aggregation-weights": "uniform"})
-    assert build_strategy(uniform, initial_adapter=LORA_THETA0).aggregation_weights == "uniform"
+    for strategy in ("fedavg", "fedprox", "fedala", "fedsa-lora", "ffa-lora", "feddpa"):
+        uniform = RunConfig.from_run_config(
+            config.to_run_config(), {"aggregation-weights": "uniform", "strategy": strategy}
+        )
+        assert build_strategy(uniform, initial_adapter=LORA_THETA0).aggregation_weights == "uniform", strategy
     with pytest.raises(ConfigError, match=r"^run-config key 'aggregation-weights': value 'median' is not allowed"):
         RunConfig.from_run_config(config.to_run_config(), {"aggregation-weights": "median"})
     with pytest.raises(ValueError, match="aggregation_weights: 'median'"):

@@ -66,9 +66,12 @@ def test_a_key_the_strategy_does_not_use_is_refused_in_one_line(tune):
     with pytest.raises(SystemExit) as refused:
         tune.parse_grid(["fedamp-sigma=1,2"], ["fedprox"])
     assert str(refused.value) == (
-        "--grid key 'fedamp-sigma' is not used by fedprox; their keys: fedprox: proximal-mu, learning-rate"
+        "--grid key 'fedamp-sigma' is not used by fedprox; their keys: fedprox: proximal-mu, aggregation-weights, learning-rate"
     )
-    with pytest.raises(SystemExit, match=r"--grid key 'proximal-mu' is not used by fedavg; .*fedavg: learning-rate$"):
+    with pytest.raises(
+        SystemExit,
+        match=r"--grid key 'proximal-mu' is not used by fedavg; .*fedavg: aggregation-weights, learning-rate$",
+    ):
         tune.parse_grid(["fedavg:proximal-mu=1"], ["fedavg", "fedprox"])
     with pytest.raises(SystemExit, match="strategy 'fedala' is not tuned"):
         tune.parse_grid(["fedala:fedala-eta=1"], ["fedprox"])
@@ -88,7 +91,7 @@ def test_the_cli_refuses_before_running(tmp_path):
 
     refused = run("--strategies", "fedprox", "--grid", "fedala-eta=1,10")
     assert refused.returncode != 0 and refused.stderr.strip().splitlines() == [
-        "--grid key 'fedala-eta' is not used by fedprox; their keys: fedprox: proximal-mu, learning-rate"
+        "--grid key 'fedala-eta' is not used by fedprox; their keys: fedprox: proximal-mu, aggregation-weights, learning-rate"
     ]
     refused = run("--strategies", "fedprox", "--grid", "proximal-mu=-1")
     assert refused.stderr.strip().splitlines() == [
@@ -144,6 +147,9 @@ def test_comparison_tables_show_the_tuned_knobs(tmp_path):
         "proximal-mu=0.1"
     )
     assert strategy_settings("fedavg", {"learning-rate": 0.003, "proximal-mu": 1.0}) == "learning-rate=0.003"
+    # aggregation-weights is a knob of the strategies that average, not of FedBip's similarity weights.
+    assert strategy_settings("feddpa", {"aggregation-weights": "uniform"}) == "aggregation-weights=uniform"
+    assert strategy_settings("fedbip", {"aggregation-weights": "uniform"}) == ""
     write_run(tmp_path / "a", "fedprox", 0, 0.4, {"proximal-mu": 0.1})
     write_run(tmp_path / "b", "fedavg", 0, 0.3)
     runs = [load_run(tmp_path / "a"), load_run(tmp_path / "b")]

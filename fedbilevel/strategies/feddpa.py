@@ -32,8 +32,9 @@ N = ``feddpa-instances`` (the script's ``instance_num``, 5) and β = ``feddpa-ma
 [weight, 1 - weight])`` with the global adapter active, whose LoRA layer scales the active adapter
 by the first weight). The client side is :mod:`fedbilevel.client.feddpa`.
 
-Where this differs from the official code: the global mean is example-weighted (the script's is
-uniform; its Flan clients hold 300 examples each, where the two agree); the N training inputs are
+Where this differs from the official code: the global mean is example-weighted by default (the
+script's is uniform, as ``aggregation-weights = "uniform"`` gives; its Flan clients hold 300 examples
+each, where the two agree); the N training inputs are
 drawn once per evaluation, not anew for each test input (the same expected α, N forward passes
 instead of N per test item); a client's local adapter starts as θ⁰ (B zero, so a zero update, as
 the script's freshly drawn one); and the server stores each client's local adapter between rounds,
@@ -173,7 +174,7 @@ _MESSAGE_KEYS = {declared.name: declared.metadata["key"] for declared in fields(
 
 
 class FedDpa(PersonalizedStrategy):
-    """The example-weighted mean of the trained global adapters is shared; each local adapter stays its client's.
+    """The weighted mean of the trained global adapters is shared; each local adapter stays its client's.
 
     A client's adapter is a :func:`dual_adapter`: the global arrays under peft's names and its
     local arrays under ``local/<name>`` (an image head in both). The server keeps the global adapter

@@ -45,7 +45,7 @@ def lora_a_names(adapter: Adapter, *, strategy: str) -> frozenset[str]:
 
 
 class FedSaLora(PersonalizedStrategy):
-    """The example-weighted mean of the trained A matrices is shared; everything else stays with its client.
+    """The weighted mean of the trained A matrices is shared; everything else stays with its client.
 
     Besides the B matrices, every other array of the adapter is kept local too: an image
     classifier's head (peft ``modules_to_save``), which is as task-specific as B is, and which

@@ -66,7 +66,8 @@ def test_a_key_the_strategy_does_not_use_is_refused_in_one_line(tune):
     with pytest.raises(SystemExit) as refused:
         tune.parse_grid(["fedamp-sigma=1,2"], ["fedprox"])
     assert str(refused.value) == (
-        "--grid key 'fedamp-sigma' is not used by fedprox; their keys: fedprox: proximal-mu, aggregation-weights, learning-rate"
+        "--grid key 'fedamp-sigma' is not used by fedprox; "
+        "their keys: fedprox: proximal-mu, aggregation-weights, learning-rate"
     )
     with pytest.raises(
         SystemExit,
@@ -91,7 +92,8 @@ def test_the_cli_refuses_before_running(tmp_path):
 
     refused = run("--strategies", "fedprox", "--grid", "fedala-eta=1,10")
     assert refused.returncode != 0 and refused.stderr.strip().splitlines() == [
-        "--grid key 'fedala-eta' is not used by fedprox; their keys: fedprox: proximal-mu, aggregation-weights, learning-rate"
+        "--grid key 'fedala-eta' is not used by fedprox; "
+        "their keys: fedprox: proximal-mu, aggregation-weights, learning-rate"
     ]
     refused = run("--strategies", "fedprox", "--grid", "proximal-mu=-1")
     assert refused.stderr.strip().splitlines() == [

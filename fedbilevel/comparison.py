@@ -26,6 +26,7 @@ from fedbilevel.options import declared, defaults
 from fedbilevel.privacy import DP_EPSILON_SPENT, DP_NOISE_MULTIPLIER, DP_STOPPED
 from fedbilevel.protocol import TEXT_METRICS
 from fedbilevel.results import METRIC_LABELS
+from fedbilevel.strategies import FEDBIP_PRESETS
 
 OPTION_METRIC = "option_accuracy"  # a client's eval score where its task lists options
 OPTION_ITEMS = "option_correct"  # its per-item scores
@@ -61,11 +62,13 @@ def strategy_keys(strategy: str) -> tuple[str, ...]:
 
 def strategy_settings(strategy: str, run_config: dict[str, Any]) -> str:
     """``key=value, ...`` of the keys of :func:`strategy_keys` that ``run_config`` sets away from their
-    defaults (absent keys count as defaults); "" when none."""
+    defaults (absent keys count as defaults; a preset's own values, e.g. fedbip-plus's weighting, count
+    as its defaults); "" when none."""
+    preset = {**_DEFAULTS, **FEDBIP_PRESETS.get(strategy, ("", {}))[1]}
     return ", ".join(
         f"{key}={run_config[key]}"
         for key in strategy_keys(strategy)
-        if key in run_config and run_config[key] != _DEFAULTS[key]
+        if key in run_config and run_config[key] != preset[key]
     )
 
 
@@ -151,6 +154,7 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def _format(mean: float, std: float) -> str:
+    mean = round(mean, 3) + 0.0  # no "-0.000" for a value that rounds to zero from below
     return f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
 
 

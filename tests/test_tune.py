@@ -152,6 +152,11 @@ def test_comparison_tables_show_the_tuned_knobs(tmp_path):
     # aggregation-weights is a knob of the strategies that average, not of FedBip's similarity weights.
     assert strategy_settings("feddpa", {"aggregation-weights": "uniform"}) == "aggregation-weights=uniform"
     assert strategy_settings("fedbip", {"aggregation-weights": "uniform"}) == ""
+    # A preset's own values are its defaults: only a change from them is a setting.
+    preset = {"weighting": "zscore-softmax", "weighting-z-temperature": 1.0}
+    assert strategy_settings("fedbip-plus", preset) == ""
+    assert strategy_settings("fedbip-plus", {**preset, "server-step": "fedexp"}) == "server-step=fedexp"
+    assert strategy_settings("fedbip", preset) == "weighting=zscore-softmax"
     write_run(tmp_path / "a", "fedprox", 0, 0.4, {"proximal-mu": 0.1})
     write_run(tmp_path / "b", "fedavg", 0, 0.3)
     runs = [load_run(tmp_path / "a"), load_run(tmp_path / "b")]

@@ -1290,10 +1290,13 @@ def plot_privacy(rows: Sequence[Mapping[str, Any]], metric: str, path: Path) -> 
 
     budgets = sorted({r["epsilon"] for r in rows if not math.isnan(r["epsilon"])})
     where = {epsilon: index for index, epsilon in enumerate(budgets)}
+    # Settings every row shares (e.g. a conf file's learning rate) name no line apart: leave them out.
+    shared = len({row["base"].partition(" (")[2] for row in rows}) == 1
     lines: dict[str, list[Mapping[str, Any]]] = {}
     for row in rows:
         if row["dp"] != "none" and not math.isnan(row["epsilon"]):
-            lines.setdefault(f"{row['base']}, {row['dp']}", []).append(row)
+            base = row["base"].partition(" (")[0] if shared else row["base"]
+            lines.setdefault(f"{base}, {row['dp']}", []).append(row)
     for points in lines.values():  # the strategy's run without DP is every mode's ε = ∞ point
         points += [r for r in rows if r["dp"] == "none" and r["base"] == points[0]["base"]]
     panels = (

@@ -148,7 +148,9 @@ def _privacy_of(run_config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (NaN for a single value)."""
+    """Mean and sample standard deviation (std NaN for a single value; both NaN for none)."""
+    if not len(values):
+        return math.nan, math.nan
     array = np.asarray(values, dtype=np.float64)
     return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else math.nan
 
@@ -285,7 +287,7 @@ def _cross_task_columns(group: Sequence[Run]) -> dict[str, Any]:
     for which in ("own", "other"):
         values = [cross_task_of(run)[f"{which}_task_mean"][primary] for run in with_cross]
         values = [value for value in values if value is not None]  # other: None with a single task
-        mean, std = _mean_std(values) if values else (math.nan, math.nan)
+        mean, std = _mean_std(values)
         columns[f"cross_{which}_{primary}_mean"], columns[f"cross_{which}_{primary}_std"] = mean, std
     return columns
 
@@ -571,7 +573,7 @@ def separation_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
             }
             for name in SEPARATION_MEASURES:
                 values = [p[name] for p in picked if p[name] is not None]
-                row[f"{name}_mean"], row[f"{name}_std"] = _mean_std(values) if values else (math.nan, math.nan)
+                row[f"{name}_mean"], row[f"{name}_std"] = _mean_std(values)
             rows.append(row)
     return rows
 
@@ -627,7 +629,8 @@ def privacy_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
         set σ without one), ``seeds`` (str), ``noise_multiplier`` (mean σ the clients reported,
         NaN without DP), ``epsilon_spent`` (the most any client spent, at ``dp-delta``; NaN
         without DP), ``stopped`` (clients that stopped training at their budget, mean over seeds),
-        ``score_mean`` / ``score_std`` (last round's personalized primary metric over seeds), and
+        ``base_strategy`` and ``settings`` (what ``base`` is made of), ``score_mean`` /
+        ``score_std`` (last round's personalized primary metric over seeds), and
         from :func:`group_separation` over the seeds with task groups: ``cos_gap_first``,
         ``cos_gap_last``, ``auroc_first``, ``same_task_weight_first`` and
         ``uniform_same_task_weight_first`` (``_mean`` / ``_std``; NaN where undefined, e.g. local
@@ -649,32 +652,25 @@ def privacy_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
             "seeds": _seeds(group),
             "noise_multiplier": float(np.mean(sigmas)) if sigmas else math.nan,
             "epsilon_spent": max(spent) if spent else math.nan,
-            "stopped": float(
-                np.mean(
-                    [
-                        len(
-                            {
-                                p
-                                for record in run.rounds
-                                for p, e in record.get("train", {}).items()
-                                if e.get(DP_STOPPED)
-                            }
-                        )
-                        for run in group
-                    ]
-                )
-            ),
+            "stopped": float(np.mean([_stopped_clients(run) for run in group])),
+            "base_strategy": group[0].strategy,
+            "settings": group[0].settings,
         }
         row["score_mean"], row["score_std"] = _mean_std([run.last["personalized_mean"][primary] for run in group])
         separations = [rounds for run in group if _has_groups(rounds := group_separation(run))]
         for column, measure, index in _PRIVACY_SEPARATION:
             values = [rounds[index][measure] for rounds in separations if rounds[index][measure] is not None]
-            row[f"{column}_mean"], row[f"{column}_std"] = _mean_std(values) if values else (math.nan, math.nan)
+            row[f"{column}_mean"], row[f"{column}_std"] = _mean_std(values)
         rows.append(row)
     order = list(dict.fromkeys(row["base"] for row in rows))
     return sorted(
         rows, key=lambda r: (order.index(r["base"]), r["dp"] != "none", r["dp"], -_budget_order(r["epsilon"]))
     )
+
+
+def _stopped_clients(run: Run) -> int:
+    """How many of ``run``'s clients stopped training at their DP budget in some round."""
+    return len({p for record in run.rounds for p, entry in record.get("train", {}).items() if entry.get(DP_STOPPED)})
 
 
 def _privacy_base(run: Run) -> str:
@@ -1291,11 +1287,11 @@ def plot_privacy(rows: Sequence[Mapping[str, Any]], metric: str, path: Path) -> 
     budgets = sorted({r["epsilon"] for r in rows if not math.isnan(r["epsilon"])})
     where = {epsilon: index for index, epsilon in enumerate(budgets)}
     # Settings every row shares (e.g. a conf file's learning rate) name no line apart: leave them out.
-    shared = len({row["base"].partition(" (")[2] for row in rows}) == 1
+    shared = len({row["settings"] for row in rows}) == 1
     lines: dict[str, list[Mapping[str, Any]]] = {}
     for row in rows:
         if row["dp"] != "none" and not math.isnan(row["epsilon"]):
-            base = row["base"].partition(" (")[0] if shared else row["base"]
+            base = row["base_strategy"] if shared else row["base"]
             lines.setdefault(f"{base}, {row['dp']}", []).append(row)
     for points in lines.values():  # the strategy's run without DP is every mode's ε = ∞ point
         points += [r for r in rows if r["dp"] == "none" and r["base"] == points[0]["base"]]

@@ -15,7 +15,7 @@ metric on validation is chosen (ties: the first in grid order). Writes:
 Default grids (``--grid`` replaces a key's values, or adds a key the strategy declares):
 
     fedprox   proximal-mu 0.001, 0.01, 0.1, 1
-    fedamp    fedamp-sigma 5, 50, 200 × fedamp-lambda 0.01, 0.1
+    fedamp    fedamp-sigma 5, 50, 200 × fedamp-lambda 0.01, 0.1 × fedamp-self-weight 0.3, 0.5, 0.8
     fedala    fedala-eta 1, 10, 100
     ffa-lora  learning-rate 1, 2, 5 and 10 times the runs' (its paper tunes it apart, well above LoRA's)
 
@@ -57,7 +57,8 @@ from fedbilevel.strategies import strategy_names
 COMPARE = Path(__file__).resolve().parent / "compare.py"
 DEFAULT_GRIDS: dict[str, dict[str, list[Any]]] = {
     "fedprox": {"proximal-mu": [0.001, 0.01, 0.1, 1.0]},
-    "fedamp": {"fedamp-sigma": [5.0, 50.0, 200.0], "fedamp-lambda": [0.01, 0.1]},
+    # FedAMP's paper names σ, λ and the self weight ξᵢᵢ as its knobs.
+    "fedamp": {"fedamp-sigma": [5.0, 50.0, 200.0], "fedamp-lambda": [0.01, 0.1], "fedamp-self-weight": [0.3, 0.5, 0.8]},
     "fedala": {"fedala-eta": [1.0, 10.0, 100.0]},
 }
 # Grids of multiples of the run's learning rate. FFA-LoRA trains B alone from a frozen A, so its learning

@@ -42,10 +42,10 @@ def test_default_grids_and_overrides(tune):
     grids = tune.parse_grid([], ["fedavg", "fedprox", "fedamp", "fedala"])
     assert grids["fedavg"] == {} and grids["fedprox"] == {"proximal-mu": [0.001, 0.01, 0.1, 1.0]}
     assert [p.setting for p in tune.grid_points("fedamp", grids["fedamp"])][:2] == [
-        "fedamp-sigma=5.0, fedamp-lambda=0.01",
-        "fedamp-sigma=5.0, fedamp-lambda=0.1",
+        "fedamp-sigma=5.0, fedamp-lambda=0.01, fedamp-self-weight=0.3",
+        "fedamp-sigma=5.0, fedamp-lambda=0.01, fedamp-self-weight=0.5",
     ]
-    assert len(tune.grid_points("fedamp", grids["fedamp"])) == 6
+    assert len(tune.grid_points("fedamp", grids["fedamp"])) == 18
     assert [p.label for p in tune.grid_points("fedavg", grids["fedavg"])] == ["fedavg"]
     # A bare key replaces its values wherever declared; a qualified one for that strategy only;
     # learning-rate belongs to every strategy.

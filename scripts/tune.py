@@ -30,6 +30,11 @@ then on the test split, each table of the conf file holding the tuning's run con
 items stay held out, so clients train on the examples they were tuned with):
 
     .venv/bin/python scripts/compare.py --variants conf/tuned-synthetic.toml --seeds 0,1 --out outputs/compare-tuned
+
+With ``--refit`` the conf file leaves ``val-fraction`` at 0 instead: the test-split runs train on
+every training example with the chosen values (the usual refit after model selection). A strategy
+without knobs then runs exactly the benchmark's own config, so ``compare.py --out`` into the
+benchmark's folder reuses its finished runs and only the tuned and new strategies run.
 """
 
 from __future__ import annotations
@@ -232,12 +237,21 @@ def markdown(rows: list[dict[str, Any]], chosen: dict[str, dict[str, Any]], *, m
 
 def conf_text(chosen: dict[str, dict[str, Any]], *, command: str, shared: dict[str, Any], path: Path) -> str:
     """The chosen values as the compare.py ``--variants`` file ``path``: one ``[strategy]`` table each, holding
-    ``shared`` (the tuning's run config away from the defaults, its val-fraction included) and the choice."""
+    ``shared`` (the tuning's run config away from the defaults; its val-fraction unless refit) and the choice."""
+    if shared.get("val-fraction"):
+        held_out = [
+            "# Every table also holds the tuning's run config (its val-fraction too, so that clients train on the",
+            "# examples they were tuned with; eval-split is back at test). Compare them on the test split:",
+        ]
+    else:
+        held_out = [
+            "# Every table also holds the tuning's run config, with val-fraction back at 0: refit on every training",
+            "# example with the chosen values (eval-split is back at test). Compare them on the test split:",
+        ]
     header = [
         "# Each baseline's own knobs, tuned on the clients' validation splits (never the test items) by:",
         f"#   {command}",
-        "# Every table also holds the tuning's run config (its val-fraction too, so that clients train on the",
-        "# examples they were tuned with; eval-split is back at test). Compare them on the test split:",
+        *held_out,
         f"#   .venv/bin/python scripts/compare.py --variants {path} --seeds 0,1 --out outputs/compare-tuned",
         "",
     ]
@@ -271,6 +285,11 @@ def main() -> None:
     parser.add_argument("--num-clients", type=int, default=8, help="simulated SuperNodes = clients (default: 8)")
     parser.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per client (default: 1)")
     parser.add_argument("--write-conf", type=Path, metavar="FILE.toml", help="write the chosen values here")
+    parser.add_argument(
+        "--refit",
+        action="store_true",
+        help="the --write-conf file trains on every training example (val-fraction 0), not on the tuning's share",
+    )
     parser.add_argument(
         "--report-only", action="store_true", help="only tabulate the grid points that finished (runs nothing)"
     )
@@ -341,6 +360,7 @@ def main() -> None:
         # The command that runs the grid (--report-only only rereads it: the runs' own folders hold their configs).
         "command": shlex.join(["scripts/tune.py", *(a for a in sys.argv[1:] if a != "--report-only")]),
         "val_fraction": args.val_fraction,
+        "refit": args.refit,
         "seeds": seeds,
         "changed": {k: v for k, v in settings.items() if v != default[k] and k not in OWN_KEYS},
     }
@@ -358,7 +378,7 @@ def main() -> None:
     print(text)
     written = [out / "tune.json", out / "tune.md"]
     if args.write_conf:
-        shared = {**info["changed"], "val-fraction": args.val_fraction}
+        shared = {**info["changed"], **({} if args.refit else {"val-fraction": args.val_fraction})}
         text = conf_text(chosen, command=info["command"], shared=shared, path=args.write_conf)
         args.write_conf.write_text(text, encoding="utf-8")
         written.append(args.write_conf)

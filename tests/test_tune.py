@@ -131,6 +131,9 @@ def test_the_choice_is_the_best_mean_on_fabricated_runs(tune, tmp_path):
         "fedprox": {"strategy": "fedprox", **shared, "proximal-mu": 0.1},
         "fedavg": {"strategy": "fedavg", **shared},
     }
+    # Refit: the test-split runs train on every training example, so untuned strategies match the benchmark's runs.
+    text = tune.conf_text(chosen, command=info["command"], shared={"local-steps": 5}, path=Path("conf/tuned-x.toml"))
+    assert "refit on every training" in text and "val-fraction" not in tomllib.loads(text)["fedavg"]
 
 
 def test_a_point_without_every_seed_is_left_out(tune, tmp_path):

@@ -61,7 +61,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Local training, the same loop for every strategy (AdamW).
+    """Local training, the same loop for every strategy (AdamW, or SGD).
 
     ``local-steps`` counts optimizer steps: with ``gradient-accumulation-steps`` k each step
     consumes k batches of ``batch-size``. The learning-rate schedule runs over one round's
@@ -75,7 +75,20 @@ class TrainSettings:
         "optimizer steps per client and round (each consumes `gradient-accumulation-steps` batches)",
     )
     batch_size: int = option("batch-size", 8, integer(1), "training batch size (of one forward and backward pass)")
-    learning_rate: float = option("learning-rate", 0.001, number(0.0, low_open=True), "AdamW learning rate")
+    learning_rate: float = option(
+        "learning-rate", 0.001, number(0.0, low_open=True), "the optimizer's (peak) learning rate"
+    )
+    optimizer: str = option(
+        "optimizer",
+        "adamw",
+        choice(("adamw", "sgd")),
+        "local optimizer, fresh each round: 'adamw' (torch's AdamW, betas 0.9/0.999, no weight decay) or 'sgd' "
+        "(with `momentum`; DP-SGD's own: where the noise dominates, AdamW moves every value by about the learning "
+        "rate in a noise-chosen direction, SGD by the learning rate times the noise)",
+    )
+    momentum: float = option(
+        "momentum", 0.0, number(0.0, low_open=False, high=1.0), "SGD momentum (optimizer 'sgd' only); 0: none"
+    )
     max_seq_len: int = option(
         "max-seq-len",
         128,
@@ -119,6 +132,10 @@ class TrainSettings:
         if self.warmup_steps > self.local_steps:
             raise options.not_allowed(
                 "warmup-steps", self.warmup_steps, f"expected at most local-steps ({self.local_steps})"
+            )
+        if self.momentum and self.optimizer != "sgd":
+            raise options.not_allowed(
+                "momentum", self.momentum, f"optimizer {self.optimizer!r} has no momentum key: expected 0, or 'sgd'"
             )
         if self.warmup_steps and self.lr_scheduler == "constant":
             raise options.not_allowed(

@@ -296,6 +296,8 @@ class Client:
             seed=self.seed,
             gradient_accumulation_steps=settings.gradient_accumulation_steps,
             lr_scheduler=settings.lr_scheduler,
+            optimizer=settings.optimizer,
+            momentum=settings.momentum,
             warmup_steps=settings.warmup_steps,
             max_grad_norm=settings.max_grad_norm,
             gradient_checkpointing=settings.gradient_checkpointing,

@@ -180,11 +180,16 @@ def test_calibration_keeps_the_planned_rounds_within_epsilon_and_the_next_one_pa
 
 
 @pytest.mark.parametrize(
-    ("model_name", "batch_size", "accumulation", "mu"),
-    [(DIGITS_VIT, 8, 1, 0.0), (DIGITS_VIT, 4, 2, 0.1), (TINY_MODEL, 8, 1, 0.0)],
-    ids=["image", "image-chunks-proximal", "text"],
+    ("model_name", "batch_size", "accumulation", "mu", "optimizer"),
+    [
+        (DIGITS_VIT, 8, 1, 0.0, "adamw"),
+        (DIGITS_VIT, 4, 2, 0.1, "adamw"),
+        (DIGITS_VIT, 8, 1, 0.0, "sgd"),
+        (TINY_MODEL, 8, 1, 0.0, "adamw"),
+    ],
+    ids=["image", "image-chunks-proximal", "image-sgd", "text"],
 )
-def test_no_noise_and_an_infinite_clip_train_todays_adapter(model_name, batch_size, accumulation, mu):
+def test_no_noise_and_an_infinite_clip_train_todays_adapter(model_name, batch_size, accumulation, mu, optimizer):
     # q = 1 and batch-size × accumulation = n: every step sees all 8 examples, in both loops. Images have one
     # target each and the count answers equally many, so the per-example mean loss is today's loss.
     if model_name == DIGITS_VIT:
@@ -213,6 +218,8 @@ def test_no_noise_and_an_infinite_clip_train_todays_adapter(model_name, batch_si
                 seed=1,
                 extra_loss=proximal_term(model, mu) if mu else None,
                 dp_sgd=_dp(0.0, 1e12, 1.0) if dp else None,
+                optimizer=optimizer,
+                momentum=0.9 if optimizer == "sgd" else 0.0,
             )
         finally:
             hook.remove()
@@ -225,7 +232,7 @@ def test_no_noise_and_an_infinite_clip_train_todays_adapter(model_name, batch_si
     # AdamW divides by √v: a coordinate whose gradient is ~0 turns float rounding into up to ~lr/10 of a
     # step; all others agree to float precision.
     differences = np.concatenate([np.abs(private[name] - today[name]).ravel() for name in today])
-    assert np.quantile(differences, 0.99) < 1e-5 and differences.max() < 2e-3
+    assert np.quantile(differences, 0.99) < 1e-5 and differences.max() < (2e-3 if optimizer == "adamw" else 1e-6)
 
 
 def test_a_model_with_batch_norm_is_refused_in_one_line():

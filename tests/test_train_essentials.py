@@ -131,6 +131,37 @@ def test_the_schedules_learning_rates_by_hand(monkeypatch):
         assert seen == pytest.approx(rates, abs=1e-12), name
 
 
+@pytest.mark.parametrize(
+    ("optimizer", "momentum", "expected"),
+    [
+        # Every step sees all of the labels 1, 2, 3 from w = 0: the gradient of mean((w − l)²) is 2(w − 2).
+        ("sgd", 0.0, [0.4, 0.4 + 0.1 * 3.2]),  # w − lr·g: g = −4, then 2(0.4 − 2) = −3.2
+        ("sgd", 0.9, [0.4, 0.4 + 0.1 * (0.9 * 4 + 3.2)]),  # the buffer 0.9·(−4) − 3.2 = −6.8
+        # Adam's first step moves by the learning rate (m̂/√v̂ = −1); the second by 0.1·m̂/√v̂ with
+        # g = 2(0.1 − 2) = −3.8: m̂ = (0.09·(−4) + 0.1·(−3.8))/0.19, v̂ = (0.000999·16 + 0.001·3.8²)/0.001999.
+        ("adamw", 0.0, [0.1, 0.1 + 0.1 * (0.74 / 0.19) / math.sqrt((0.015984 + 0.01444) / 0.001999)]),
+    ],
+)
+def test_each_optimizer_steps_as_by_hand(optimizer, momentum, expected):
+    weights = []
+    for steps in (1, 2):
+        model = _Scalar()
+        train_adapter(
+            model,
+            _ScalarCodec(),
+            [1.0, 2.0, 3.0],
+            steps=steps,
+            batch_size=3,
+            learning_rate=0.1,
+            bf16_autocast=False,
+            seed=0,
+            optimizer=optimizer,
+            momentum=momentum,
+        )
+        weights.append(float(model.weight))
+    assert weights == pytest.approx(expected, abs=1e-6)
+
+
 def test_max_grad_norm_scales_the_gradient_down_to_the_bound():
     # After training, the parameters hold the last step's gradient (after any clipping); one step
     # from the same start has the same gradient before clipping.
@@ -160,7 +191,9 @@ def test_the_defaults_turn_every_essential_off():
         train.warmup_steps,
         train.max_grad_norm,
         train.gradient_checkpointing,
-    ) == (1, "constant", 0, 0.0, False)
+        train.optimizer,
+        train.momentum,
+    ) == (1, "constant", 0, 0.0, False, "adamw", 0.0)
 
 
 @pytest.mark.parametrize(
@@ -187,6 +220,15 @@ def test_the_defaults_turn_every_essential_off():
         (
             {"max-grad-norm": -1.0},
             "run-config key 'max-grad-norm': value -1.0 is not allowed; expected a number in [0.0, inf)",
+        ),
+        (
+            {"momentum": 0.9},
+            "run-config key 'momentum': value 0.9 is not allowed; optimizer 'adamw' has no momentum key: "
+            "expected 0, or 'sgd'",
+        ),
+        (
+            {"optimizer": "adam"},
+            "run-config key 'optimizer': value 'adam' is not allowed; choose one of adamw, sgd",
         ),
         (
             {"gradient-checkpointing": 1},

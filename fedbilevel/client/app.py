@@ -412,6 +412,8 @@ def make_client_app(
                 extra_loss=proximal_term(model, mu) if mu > 0 else None,
                 gradient_accumulation_steps=settings.gradient_accumulation_steps,
                 lr_scheduler=settings.lr_scheduler,
+                optimizer=settings.optimizer,
+                momentum=settings.momentum,
                 warmup_steps=settings.warmup_steps,
                 max_grad_norm=settings.max_grad_norm,
                 gradient_checkpointing=settings.gradient_checkpointing,

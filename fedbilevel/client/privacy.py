@@ -8,7 +8,7 @@
   ``nn.Linear`` layers, for which Opacus has its own per-example rule; a trainable layer without
   one would go through Opacus's functorch fallback, and one with buffers, or any BatchNorm in the
   model, is refused with one line), and Opacus's ``DPOptimizer`` clips each to C, adds N(0, σ²C²)
-  to their sum and divides by the expected batch size before AdamW's step.
+  to their sum and divides by the expected batch size before the optimizer's step (``optimizer``).
 * :func:`privatize_update`: the clipped and noised update of ``dp = "update"`` (McMahan et al.,
   ICLR 2018, applied by the client; the noise scaled to the sensitivity 2C of replacing the
   client's whole training set).

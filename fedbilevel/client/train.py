@@ -192,6 +192,8 @@ def train_adapter(
     gradient_checkpointing: bool = False,
     freeze_lora_a: bool = False,
     dp_sgd: DpSgd | None = None,
+    optimizer: str = "adamw",
+    momentum: float = 0.0,
 ) -> TrainResult:
     """Fine-tune the model's trainable (LoRA) parameters in place for ``steps`` optimizer steps.
 
@@ -210,7 +212,7 @@ def train_adapter(
     batch_size : int
         Examples per forward and backward pass.
     learning_rate : float
-        AdamW's peak learning rate.
+        The optimizer's peak learning rate.
     bf16_autocast : bool
         Compute in bfloat16 under ``torch.autocast``.
     seed : int
@@ -238,6 +240,10 @@ def train_adapter(
         Train with DP-SGD (:class:`~fedbilevel.client.privacy.DpSgd`): each step's batch is its
         Poisson sample of the examples (not the shuffle), each example's gradient is clipped and
         noise is added; ``extra_loss`` and ``max_grad_norm`` then apply to the noisy gradient.
+    optimizer : {"adamw", "sgd"}, default "adamw"
+        ``torch.optim.AdamW`` (no weight decay) or ``torch.optim.SGD``, fresh for this call.
+    momentum : float, default 0.0
+        SGD's momentum (run-config ``momentum``).
 
     Returns
     -------
@@ -260,15 +266,18 @@ def train_adapter(
     # FFA-LoRA: A stays as received; requires_grad is restored afterwards (the model serves every client).
     with lora_a_frozen(model) if freeze_lora_a else nullcontext(), ExitStack() as private:
         parameters = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
-        scheduler = get_scheduler(lr_scheduler, optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps)
+        if optimizer == "sgd":
+            step_rule: torch.optim.Optimizer = torch.optim.SGD(parameters, lr=learning_rate, momentum=momentum)
+        else:
+            step_rule = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
+        scheduler = get_scheduler(lr_scheduler, step_rule, num_warmup_steps=warmup_steps, num_training_steps=steps)
         order: list[int] = []
         losses = []
         model.train()
         if dp_sgd is not None:
             private.enter_context(
                 dp_sgd.attach(
-                    model, optimizer, num_examples=len(encoded), extra_loss=extra_loss, max_grad_norm=max_grad_norm
+                    model, step_rule, num_examples=len(encoded), extra_loss=extra_loss, max_grad_norm=max_grad_norm
                 )
             )
         for _ in range(steps):
@@ -286,7 +295,7 @@ def train_adapter(
             # always a masked prompt token, so its shift changes no count): weighting each batch by its
             # share of the step's targets makes their sum the mean over all of them.
             targets = [int((inputs["labels"] != IGNORE_INDEX).sum()) for inputs in batches]
-            optimizer.zero_grad(set_to_none=True)
+            step_rule.zero_grad(set_to_none=True)
             step_loss = 0.0
             for index, inputs in enumerate(batches):
                 inputs = {k: v.to(device) for k, v in inputs.items()}
@@ -298,7 +307,7 @@ def train_adapter(
                 step_loss += loss.item()
             if max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
-            optimizer.step()
+            step_rule.step()
             scheduler.step()
             losses.append(step_loss)
         model.eval()

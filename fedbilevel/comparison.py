@@ -45,7 +45,8 @@ _OWN_COMPONENT = {
     "fedbip-plus": "fedbip",
     "fedbip-plus-l": "fedbip",
 }
-SHARED_KNOBS = ("learning-rate",)
+# Training keys any strategy may set: shown in the settings column, and tunable by scripts/tune.py.
+SHARED_KNOBS = ("optimizer", "momentum", "learning-rate")
 # The strategies that average clients' adapters, and so read aggregation-weights.
 AVERAGING = frozenset({"fedavg", "fedprox", "fedala", "fedsa-lora", "ffa-lora", "feddpa"})
 _DEFAULTS = defaults(RunConfig)

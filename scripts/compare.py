@@ -99,6 +99,18 @@ def _config_differences(saved: dict, wanted: dict) -> list[str]:
     return sorted(key for key in full.keys() | wanted.keys() if full.get(key) != wanted.get(key))
 
 
+def _check_federation_size(out: Path, num_clients: int) -> None:
+    """Refuse ``--num-clients`` other than the one the folder's runs had (recorded in its compare.json):
+    the run configs do not hold it, so finished runs of another federation would be reused silently."""
+    record = out / "compare.json"
+    before = json.loads(record.read_text()).get("num_clients") if record.exists() else None
+    if before is not None and before != num_clients and (out / "runs").exists():
+        raise SystemExit(
+            f"--num-clients {num_clients}: {out} holds runs of {before} clients ({record}); "
+            f"use --num-clients {before}, or another --out"
+        )
+
+
 def _is_complete(run_dir: Path, config: dict) -> bool:
     """A finished run of exactly this config (an unfinished one is removed, a different one is an error)."""
     if not run_dir.exists():
@@ -205,6 +217,7 @@ def main() -> None:
     except ConfigError as error:
         raise SystemExit(str(error)) from None
     rounds = plan[0][2]["num-server-rounds"]
+    _check_federation_size(out, args.num_clients)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(
         json.dumps(

@@ -246,6 +246,8 @@ class Client:
             "gradient_accumulation_steps": train.gradient_accumulation_steps,
             "max_seq_len": train.max_seq_len,
             "learning_rate": train.learning_rate,
+            "optimizer": train.optimizer,
+            "momentum": train.momentum,
             "precision": self.config.model.precision,
             "bf16_compute": self.config.model.bf16_compute,
             "lora_r": self.config.lora.r,

@@ -21,7 +21,7 @@ Default grids (``--grid`` replaces a key's values, or adds a key the strategy de
 
 Any other strategy (e.g. fedavg, the reference) runs once at its defaults unless ``--grid``
 gives it a key. A strategy's keys are its own option component's (fedbilevel.comparison.
-strategy_keys) and ``learning-rate``. Example (docs/BENCHMARKS.md, "Tuning the baselines"):
+strategy_keys) and ``optimizer``, ``momentum``, ``learning-rate``. Example (docs/BENCHMARKS.md, "Tuning the baselines"):
 
     .venv/bin/python scripts/tune.py --strategies fedavg,fedprox,fedamp,fedala --seeds 0 \\
         --out outputs/tune-synthetic --write-conf conf/tuned-synthetic.toml
@@ -33,8 +33,10 @@ items stay held out, so clients train on the examples they were tuned with):
 
 With ``--refit`` the conf file leaves ``val-fraction`` at 0 instead: the test-split runs train on
 every training example with the chosen values (the usual refit after model selection). A strategy
-without knobs then runs exactly the benchmark's own config, so ``compare.py --out`` into the
-benchmark's folder reuses its finished runs and only the tuned and new strategies run.
+whose choice is its default then runs exactly the benchmark's own config under its own name, and
+one tuned away from it is ``<strategy>-tuned``, so ``compare.py --strategies <the benchmark's
+others> --variants <conf> --out <the benchmark's folder>`` reuses the finished runs and runs only
+the tuned and new ones.
 """
 
 from __future__ import annotations
@@ -235,27 +237,52 @@ def markdown(rows: list[dict[str, Any]], chosen: dict[str, dict[str, Any]], *, m
     return "\n".join(lines) + "\n"
 
 
-def conf_text(chosen: dict[str, dict[str, Any]], *, command: str, shared: dict[str, Any], path: Path) -> str:
-    """The chosen values as the compare.py ``--variants`` file ``path``: one ``[strategy]`` table each, holding
-    ``shared`` (the tuning's run config away from the defaults; its val-fraction unless refit) and the choice."""
-    if shared.get("val-fraction"):
+def conf_text(
+    chosen: dict[str, dict[str, Any]],
+    *,
+    command: str,
+    changed: dict[str, Any],
+    reference: dict[str, Any],
+    val_fraction: float,
+    refit: bool,
+    num_clients: int,
+    path: Path,
+) -> str:
+    """The chosen values as the compare.py ``--variants`` file ``path``.
+
+    One table each: ``changed`` (the tuning's run config away from the defaults), ``val-fraction``
+    unless ``refit`` (then 0: the test-split runs train on every training example), and the chosen
+    values. A strategy whose choice is ``reference``'s (the tuning's own config: its defaults) keeps
+    its name, so its runs are the benchmark's own; one tuned away from it is ``<strategy>-tuned``,
+    so its runs never collide with the benchmark's runs of the strategy at its defaults.
+    """
+    clients = f" --num-clients {num_clients}" if num_clients != 8 else ""
+    if refit:
         held_out = [
-            "# Every table also holds the tuning's run config (its val-fraction too, so that clients train on the",
-            "# examples they were tuned with; eval-split is back at test). Compare them on the test split:",
+            "# Every table also holds the tuning's run config, with val-fraction back at 0: refit on every training",
+            "# example with the chosen values (eval-split is back at test). Into the benchmark's own folder, naming",
+            "# its other strategies so that its tables stay whole (its finished runs are reused):",
+            f"#   .venv/bin/python scripts/compare.py{clients} --strategies <the benchmark's others> \\",
+            f"#       --variants {path} --seeds 0,1 --out <the benchmark's folder>",
         ]
     else:
         held_out = [
-            "# Every table also holds the tuning's run config, with val-fraction back at 0: refit on every training",
-            "# example with the chosen values (eval-split is back at test). Compare them on the test split:",
+            "# Every table also holds the tuning's run config (its val-fraction too, so that clients train on the",
+            "# examples they were tuned with; eval-split is back at test). Compare them on the test split:",
+            f"#   .venv/bin/python scripts/compare.py{clients} --variants {path} --seeds 0,1 \\",
+            "#       --out outputs/compare-tuned",
         ]
     header = [
         "# Each baseline's own knobs, tuned on the clients' validation splits (never the test items) by:",
         f"#   {command}",
         *held_out,
-        f"#   .venv/bin/python scripts/compare.py --variants {path} --seeds 0,1 --out outputs/compare-tuned",
         "",
     ]
-    tables = {strategy: {"strategy": strategy, **shared, **row["values"]} for strategy, row in chosen.items()}
+    shared = {**changed, **({} if refit else {"val-fraction": val_fraction})}
+    tables = {}
+    for strategy, row in chosen.items():
+        tuned = any(reference.get(key) != value for key, value in row["values"].items())
+        tables[f"{strategy}-tuned" if tuned else strategy] = {"strategy": strategy, **shared, **row["values"]}
     return "\n".join(header) + tomli_w.dumps(tables)
 
 
@@ -317,9 +344,13 @@ def main() -> None:
             f"--set {taken[0]}: not allowed; tune.py sets it for every run "
             "(use --strategies, --seeds, --out, --val-fraction, --grid)"
         )
+    if args.refit and not args.write_conf:
+        raise SystemExit("--refit: not allowed without --write-conf (it says what the written conf file trains on)")
     own = {"eval-split": "validation", "val-fraction": args.val_fraction}
     try:
-        base = resolve({**overrides, **own}, args.run_config)
+        # A plain strategy: a preset's values (fedbip-plus's weighting) named by a --run-config's strategy
+        # would otherwise count as changed keys, and go into every table of the conf file.
+        base = resolve({**overrides, **own, "strategy": "fedavg"}, args.run_config)
         for point in points:  # every point's values checked before anything runs
             resolve({**overrides, **own, "strategy": point.strategy, **dict(point.values)}, args.run_config)
     except ConfigError as error:
@@ -378,8 +409,16 @@ def main() -> None:
     print(text)
     written = [out / "tune.json", out / "tune.md"]
     if args.write_conf:
-        shared = {**info["changed"], **({} if args.refit else {"val-fraction": args.val_fraction})}
-        text = conf_text(chosen, command=info["command"], shared=shared, path=args.write_conf)
+        text = conf_text(
+            chosen,
+            command=info["command"],
+            changed=info["changed"],
+            reference=settings,
+            val_fraction=args.val_fraction,
+            refit=args.refit,
+            num_clients=args.num_clients,
+            path=args.write_conf,
+        )
         args.write_conf.write_text(text, encoding="utf-8")
         written.append(args.write_conf)
     print("wrote:\n  " + "\n  ".join(str(p) for p in written))

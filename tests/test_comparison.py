@@ -151,6 +151,14 @@ def test_compare_refuses_bad_arguments_before_running(tmp_path):
     result = compare("--variants", str(tmp_path / "variants.toml"))
     assert result.returncode != 0 and "run-config key 'weighting-temperature': value 0 is not allowed" in result.stderr
     assert not (tmp_path / "runs").exists()
+    # A folder of 32-client runs: an 8-client comparison would reuse them as if they were its own.
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "compare.json").write_text('{"num_clients": 32}')
+    result = compare("--strategies", "fedavg", "--report-only")
+    assert result.returncode != 0 and result.stderr.strip().splitlines()[-1] == (
+        f"--num-clients 8: {tmp_path} holds runs of 32 clients ({tmp_path / 'compare.json'}); "
+        "use --num-clients 32, or another --out"
+    )
 
 
 def test_compare_runs_strategies_and_reuses_finished_runs(tmp_path):

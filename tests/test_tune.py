@@ -1,5 +1,6 @@
 """scripts/tune.py (grids, refusals, the choice on fabricated run folders) and the comparison's settings column."""
 
+import functools
 import importlib.util
 import json
 import subprocess
@@ -67,11 +68,12 @@ def test_a_key_the_strategy_does_not_use_is_refused_in_one_line(tune):
         tune.parse_grid(["fedamp-sigma=1,2"], ["fedprox"])
     assert str(refused.value) == (
         "--grid key 'fedamp-sigma' is not used by fedprox; "
-        "their keys: fedprox: proximal-mu, aggregation-weights, learning-rate"
+        "their keys: fedprox: proximal-mu, aggregation-weights, optimizer, momentum, learning-rate"
     )
     with pytest.raises(
         SystemExit,
-        match=r"--grid key 'proximal-mu' is not used by fedavg; .*fedavg: aggregation-weights, learning-rate$",
+        match=r"--grid key 'proximal-mu' is not used by fedavg; .*fedavg: aggregation-weights, optimizer, momentum, "
+        r"learning-rate$",
     ):
         tune.parse_grid(["fedavg:proximal-mu=1"], ["fedavg", "fedprox"])
     with pytest.raises(SystemExit, match="strategy 'fedala' is not tuned"):
@@ -93,7 +95,7 @@ def test_the_cli_refuses_before_running(tmp_path):
     refused = run("--strategies", "fedprox", "--grid", "fedala-eta=1,10")
     assert refused.returncode != 0 and refused.stderr.strip().splitlines() == [
         "--grid key 'fedala-eta' is not used by fedprox; "
-        "their keys: fedprox: proximal-mu, aggregation-weights, learning-rate"
+        "their keys: fedprox: proximal-mu, aggregation-weights, optimizer, momentum, learning-rate"
     ]
     refused = run("--strategies", "fedprox", "--grid", "proximal-mu=-1")
     assert refused.stderr.strip().splitlines() == [
@@ -124,16 +126,29 @@ def test_the_choice_is_the_best_mean_on_fabricated_runs(tune, tmp_path):
     text = tune.markdown(rows, chosen, metric=metric, info={**info, "changed": {"local-steps": 5}})
     assert "| fedprox | proximal-mu=0.1 | 0.600 | 0.500 | 0.400 | +0.100 | 0.500 0.300 | ✓ |" in text
     assert "| fedavg | – | 0.600 | 0.500 | 0.300 | +0.000 | 0.250 0.350 | ✓ |" in text and "local-steps=5" in text
-    shared = {"local-steps": 5, "val-fraction": 0.25}
-    text = tune.conf_text(chosen, command=info["command"], shared=shared, path=Path("conf/tuned-x.toml"))
-    assert "compare.py --variants conf/tuned-x.toml" in text
+    conf = functools.partial(
+        tune.conf_text,
+        chosen,
+        command=info["command"],
+        changed={"local-steps": 5},
+        reference={"proximal-mu": 0.01, "learning-rate": 1e-3},
+        val_fraction=0.25,
+        path=Path("conf/tuned-x.toml"),
+    )
+    text = conf(refit=False, num_clients=8)
+    assert "compare.py --variants conf/tuned-x.toml --seeds 0,1" in text
+    # FedProx's choice is not its default: its runs must not collide with the benchmark's fedprox runs.
     assert tomllib.loads(text) == {
-        "fedprox": {"strategy": "fedprox", **shared, "proximal-mu": 0.1},
-        "fedavg": {"strategy": "fedavg", **shared},
+        "fedprox-tuned": {"strategy": "fedprox", "local-steps": 5, "val-fraction": 0.25, "proximal-mu": 0.1},
+        "fedavg": {"strategy": "fedavg", "local-steps": 5, "val-fraction": 0.25},
     }
-    # Refit: the test-split runs train on every training example, so untuned strategies match the benchmark's runs.
-    text = tune.conf_text(chosen, command=info["command"], shared={"local-steps": 5}, path=Path("conf/tuned-x.toml"))
-    assert "refit on every training" in text and "val-fraction" not in tomllib.loads(text)["fedavg"]
+    # Refit: every training example; a strategy at its defaults is then the benchmark's own run.
+    text = conf(refit=True, num_clients=32)
+    assert tomllib.loads(text) == {
+        "fedprox-tuned": {"strategy": "fedprox", "local-steps": 5, "proximal-mu": 0.1},
+        "fedavg": {"strategy": "fedavg", "local-steps": 5},
+    }
+    assert "refit on every training" in text and "compare.py --num-clients 32 --strategies" in text
 
 
 def test_a_point_without_every_seed_is_left_out(tune, tmp_path):

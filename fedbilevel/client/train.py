@@ -254,9 +254,15 @@ def train_adapter(
     ------
     fedbilevel.options.ConfigError
         When ``gradient_checkpointing`` is set for a model that cannot checkpoint.
+    ValueError
+        For no examples, an unknown ``optimizer``, or a ``momentum`` without ``optimizer="sgd"``.
     """
     if not examples:
         raise ValueError("examples: a client needs at least one training example")
+    if optimizer not in ("adamw", "sgd") or (momentum and optimizer != "sgd"):
+        raise ValueError(
+            f"optimizer {optimizer!r} with momentum {momentum}: expected 'adamw', or 'sgd' with a momentum"
+        )
     started = time.time()
     encoded = codec.encode(examples)
     if gradient_checkpointing:

@@ -695,14 +695,24 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
+def _distinct_settings(settings: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Each ``key=value, ...`` of ``settings`` without the pairs every one of them holds, and those pairs
+    (none when there is a single row: its settings are its own)."""
+    parts = [[part for part in text.split(", ") if part] for text in settings]
+    shared = [part for part in parts[0] if all(part in other for other in parts)] if len(parts) > 1 else []
+    return [", ".join(part for part in own if part not in shared) for own in parts], shared
+
+
 def markdown(runs: Sequence[Run]) -> str:
     """The comparison as Markdown: the summary table, the cross-task, paired-difference and
     group-separation tables where they apply, then the per-client tables."""
     primary, metrics, split = runs[0].primary_metric, runs[0].metrics, runs[0].split
     header = " | ".join(f"{METRIC_LABELS[m]} {when}" for when in ("last", "best") for m in metrics)
     summary = summary_rows(runs)
-    # The tuned knobs beside each strategy, when any run set them (scripts/tune.py's conf files).
-    settings = any(row["settings"] for row in summary)
+    # The tuned knobs beside each strategy, when any run set them (scripts/tune.py's conf files); a value
+    # every row shares (a conf file's learning rate) is the federation's, said once below the table.
+    own, shared = _distinct_settings([row["settings"] for row in summary])
+    settings = any(own)
     lines = [
         f"Personalized score (mean over clients of each client's own adapter on its own {split} split),"
         " mean ± std over seeds; *best* is each run's best round by "
@@ -710,17 +720,19 @@ def markdown(runs: Sequence[Run]) -> str:
         "",
         f"*95% CI*: percentile bootstrap of the last round's {METRIC_LABELS[primary]} over seeds and {split} items"
         " (– where a run recorded no per-item scores)"
-        + ("; *settings*: the strategy's keys set away from their defaults." if settings else "."),
+        + ("; *settings*: the strategy's keys set away from their defaults" if settings else "")
+        + (f"; every run: {', '.join(shared)}" if shared else "")
+        + ".",
         "",
         f"| strategy |{' settings |' if settings else ''} seeds | {header} | {METRIC_LABELS[primary]} last, 95% CI "
         "| best round | minutes |",
         "|---|---|" + "---|" * (2 * len(metrics) + settings) + "---|---|---|",
     ]
-    for row in summary:
+    for row, knobs_set in zip(summary, own, strict=True):
         cells = [_format(row[f"{when}_{m}_mean"], row[f"{when}_{m}_std"]) for when in ("last", "best") for m in metrics]
         low, high = row["last_primary_ci_low"], row["last_primary_ci_high"]
         ci = "–" if math.isnan(low) else f"[{low:.3f}, {high:.3f}]"
-        knobs = f" {row['settings'] or '–'} |" if settings else ""
+        knobs = f" {knobs_set or '–'} |" if settings else ""
         lines.append(
             f"| {row['strategy']} |{knobs} {row['seeds']} | "
             + " | ".join(cells)

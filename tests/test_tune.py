@@ -182,3 +182,11 @@ def test_comparison_tables_show_the_tuned_knobs(tmp_path):
     text = markdown(runs)
     assert "own validation split" in text and "| strategy | settings | seeds |" in text
     assert "| fedprox | proximal-mu=0.1 | 0 |" in text and "| fedavg | – | 0 |" in text
+    # A value every run shares (a conf file's learning rate) is said once, not in every row.
+    write_run(tmp_path / "c", "fedprox", 0, 0.4, {"proximal-mu": 0.1, "learning-rate": 0.01})
+    write_run(tmp_path / "d", "fedavg", 0, 0.3, {"learning-rate": 0.01})
+    text = markdown([load_run(tmp_path / "c"), load_run(tmp_path / "d")])
+    assert "| fedprox | proximal-mu=0.1 | 0 |" in text and "| fedavg | – | 0 |" in text
+    assert "; every run: learning-rate=0.01." in text
+    text = markdown([load_run(tmp_path / "c"), load_run(tmp_path / "b")])  # not shared: in the column
+    assert "| fedprox | proximal-mu=0.1, learning-rate=0.01 | 0 |" in text and "every run" not in text

@@ -48,6 +48,7 @@ from fedbilevel.strategies.fedprox import FedProxSettings
 from fedbilevel.strategies.sampling import SamplingSettings
 
 __all__ = [
+    "OPTIMIZERS",
     "PYPROJECT",
     "RESUMABLE_KEYS",
     "SCHEMA",
@@ -57,6 +58,10 @@ __all__ = [
     "parse_assignment",
     "resolve",
 ]
+
+
+# The local optimizers train_adapter builds (fedbilevel.client.train).
+OPTIMIZERS = ("adamw", "sgd")
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,7 @@ class TrainSettings:
     optimizer: str = option(
         "optimizer",
         "adamw",
-        choice(("adamw", "sgd")),
+        choice(OPTIMIZERS),
         "local optimizer, fresh each round: 'adamw' (torch's AdamW, betas 0.9/0.999, no weight decay) or 'sgd' "
         "(with `momentum`; DP-SGD's own: where the noise dominates, AdamW moves every value by about the learning "
         "rate in a noise-chosen direction, SGD by the learning rate times the noise)",

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from transformers import get_scheduler
 
+from fedbilevel.config import OPTIMIZERS
 from fedbilevel.data.prompts import PROMPT_TEMPLATE, format_prompt
 from fedbilevel.data.types import Example
 from fedbilevel.models.adapter import enable_gradient_checkpointing, lora_a_frozen
@@ -259,7 +260,7 @@ def train_adapter(
     """
     if not examples:
         raise ValueError("examples: a client needs at least one training example")
-    if optimizer not in ("adamw", "sgd") or (momentum and optimizer != "sgd"):
+    if optimizer not in OPTIMIZERS or (momentum and optimizer != "sgd"):
         raise ValueError(
             f"optimizer {optimizer!r} with momentum {momentum}: expected 'adamw', or 'sgd' with a momentum"
         )

@@ -132,6 +132,21 @@ class TrainSettings:
         "recompute activations in the backward pass: less activation memory for one more forward pass per batch",
     )
 
+    def loop_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`fedbilevel.client.train.train_adapter` these settings fix
+        (all but ``local-steps``, which a caller may count otherwise), so every caller trains alike."""
+        return {
+            "batch_size": self.batch_size,
+            "learning_rate": self.learning_rate,
+            "optimizer": self.optimizer,
+            "momentum": self.momentum,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "lr_scheduler": self.lr_scheduler,
+            "warmup_steps": self.warmup_steps,
+            "max_grad_norm": self.max_grad_norm,
+            "gradient_checkpointing": self.gradient_checkpointing,
+        }
+
     def __post_init__(self) -> None:
         validate(self)
         if self.warmup_steps > self.local_steps:

@@ -291,19 +291,11 @@ class Client:
             codec,
             session.data.train,
             steps=steps,
-            batch_size=settings.batch_size,
-            learning_rate=settings.learning_rate,
             bf16_autocast=config.model.bf16_compute,
             device=self.model.device,
             seed=self.seed,
-            gradient_accumulation_steps=settings.gradient_accumulation_steps,
-            lr_scheduler=settings.lr_scheduler,
-            optimizer=settings.optimizer,
-            momentum=settings.momentum,
-            warmup_steps=settings.warmup_steps,
-            max_grad_norm=settings.max_grad_norm,
-            gradient_checkpointing=settings.gradient_checkpointing,
             dp_sgd=privacy.dp_sgd() if privacy is not None else None,
+            **settings.loop_options(),
         )
         trained_at = time.perf_counter()
         trained = get_adapter_arrays(self.model)

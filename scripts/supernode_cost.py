@@ -106,11 +106,10 @@ def _message_breakdown(model: str, local_steps: int, partition_id: int) -> dict[
         session.codec(tokenizer),
         session.data.train,
         steps=settings.local_steps,
-        batch_size=settings.batch_size,
-        learning_rate=settings.learning_rate,
         bf16_autocast=False,
         device=model_.device,
         seed=0,
+        **settings.loop_options(),
     )
     timings["train"] = time.perf_counter() - mark
     timings["to_first_step"] = timings["import"] + timings["session"] + timings["model"]

@@ -1,6 +1,8 @@
 """Training essentials for real models (issue 21): gradient accumulation, gradient checkpointing,
 a learning-rate schedule with warm-up, gradient clipping, and their bad values."""
 
+import dataclasses
+import inspect
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -194,6 +196,23 @@ def test_the_defaults_turn_every_essential_off():
         train.optimizer,
         train.momentum,
     ) == (1, "constant", 0, 0.0, False, "adamw", 0.0)
+
+
+def test_every_training_key_reaches_train_adapter_under_its_own_name():
+    """A key added to TrainSettings must reach every caller: the client, dp_cost.py and
+    supernode_cost.py all pass ``loop_options()`` (local-steps and max-seq-len go elsewhere)."""
+    train = TrainSettings(optimizer="sgd", momentum=0.9, batch_size=3, learning_rate=0.5)
+    options = train.loop_options()
+    parameters = inspect.signature(train_adapter).parameters
+    fields = {field.name for field in dataclasses.fields(TrainSettings)} - {"local_steps", "max_seq_len"}
+    assert set(options) == fields
+    assert all(parameters[name].kind is inspect.Parameter.KEYWORD_ONLY for name in options)
+    assert (options["optimizer"], options["momentum"], options["batch_size"], options["learning_rate"]) == (
+        "sgd",
+        0.9,
+        3,
+        0.5,
+    )
 
 
 @pytest.mark.parametrize(

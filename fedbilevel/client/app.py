@@ -404,21 +404,13 @@ def make_client_app(
                 session.codec(tokenizer),
                 session.data.train,
                 steps=settings.local_steps,
-                batch_size=settings.batch_size,
-                learning_rate=settings.learning_rate,
                 bf16_autocast=config.model.bf16_compute,
                 device=model.device,
                 seed=_seed(config, session.partition_id, server_round),
                 extra_loss=proximal_term(model, mu) if mu > 0 else None,
-                gradient_accumulation_steps=settings.gradient_accumulation_steps,
-                lr_scheduler=settings.lr_scheduler,
-                optimizer=settings.optimizer,
-                momentum=settings.momentum,
-                warmup_steps=settings.warmup_steps,
-                max_grad_norm=settings.max_grad_norm,
-                gradient_checkpointing=settings.gradient_checkpointing,
                 freeze_lora_a=freeze_lora_a,
                 dp_sgd=privacy.dp_sgd() if privacy is not None else None,
+                **settings.loop_options(),
             )
 
         local, phase = session.local, {}

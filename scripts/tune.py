@@ -5,7 +5,8 @@ Every strategy runs each point of its grid (the product of the values of its key
 "validation"``, through scripts/compare.py (same run config otherwise, one fresh process a
 run, finished runs reused: an interrupted tuning continues) into ``<out>/runs/<point>-seed<k>/``.
 Per strategy the point with the best mean over seeds of the last round's personalized primary
-metric on validation is chosen (ties: the first in grid order). Writes:
+metric on validation is chosen (ties: the point at the strategy's defaults, else the first in grid
+order). Writes:
 
     <out>/tune.json     every point's scores per seed and their mean, the command, the settings, the choice
     <out>/tune.md       the same as tables
@@ -171,12 +172,26 @@ def point_scores(point: Point, runs_dir: Path, seeds: list[int]) -> dict[int, di
     return scores
 
 
-def choose(rows: list[dict[str, Any]], metric: str) -> dict[str, dict[str, Any]]:
-    """Per strategy, the row with the highest ``mean[metric]`` (the first in grid order on ties)."""
+def choose(
+    rows: list[dict[str, Any]], metric: str, reference: dict[str, Any] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Per strategy, the row with the highest ``mean[metric]``.
+
+    On a tie the row whose values are ``reference``'s (the tuning's own run config: the strategy's
+    defaults) wins, so a default is left only on evidence; otherwise the first in grid order.
+    """
+
+    def at_reference(row: dict[str, Any]) -> bool:
+        return reference is not None and all(reference.get(key) == value for key, value in row["values"].items())
+
     chosen: dict[str, dict[str, Any]] = {}
     for row in rows:
         best = chosen.get(row["strategy"])
-        if best is None or row["mean"][metric] > best["mean"][metric]:
+        if (
+            best is None
+            or row["mean"][metric] > best["mean"][metric]
+            or (row["mean"][metric] == best["mean"][metric] and at_reference(row) and not at_reference(best))
+        ):
             chosen[row["strategy"]] = row
     return chosen
 
@@ -219,7 +234,7 @@ def markdown(rows: list[dict[str, Any]], chosen: dict[str, dict[str, Any]], *, m
         f' (`eval-split = "validation"`); seeds {" ".join(map(str, info["seeds"]))}; run config away from'
         f" the defaults: {', '.join(f'{k}={v}' for k, v in info['changed'].items()) or 'none'}. Score: the last"
         f" round's personalized {METRIC_LABELS[metric]} (mean over clients, then over seeds); the chosen point"
-        " (✓) has the highest, the first in grid order on ties"
+        " (✓) has the highest; on ties the strategy's defaults, else the first in grid order"
         + ("; *vs fedavg*: its difference to FedAvg's." if reference else "."),
         "",
         "| strategy | setting | "
@@ -384,8 +399,8 @@ def main() -> None:
 
     seeds = [int(s) for s in args.seeds.split(",")]  # compare.py has checked them
     rows, metric = summarize(points, out / "runs", seeds)
-    chosen = choose(rows, metric)
     settings = RunConfig.from_run_config(base).to_run_config()
+    chosen = choose(rows, metric, settings)
     default = defaults(RunConfig)
     info = {
         # The command that runs the grid (--report-only only rereads it: the runs' own folders hold their configs).

@@ -111,7 +111,7 @@ def test_the_choice_is_the_best_mean_on_fabricated_runs(tune, tmp_path):
     points = tune.grid_points("fedprox", {"proximal-mu": [0.01, 0.1, 1.0]}) + tune.grid_points("fedavg", {})
     scores = {  # label -> exact match per seed
         "fedprox_proximal-mu_0.01": (0.2, 0.4),
-        "fedprox_proximal-mu_0.1": (0.5, 0.3),  # mean 0.4: ties with 1.0, first in grid order wins
+        "fedprox_proximal-mu_0.1": (0.5, 0.3),  # mean 0.4: ties with 1.0; first in grid order
         "fedprox_proximal-mu_1.0": (0.4, 0.4),
         "fedavg": (0.25, 0.35),
     }
@@ -122,6 +122,10 @@ def test_the_choice_is_the_best_mean_on_fabricated_runs(tune, tmp_path):
     assert metric == "exact_match" and [r["mean"]["exact_match"] for r in rows] == pytest.approx([0.3, 0.4, 0.4, 0.3])
     chosen = tune.choose(rows, metric)
     assert chosen["fedprox"]["values"] == {"proximal-mu": 0.1} and chosen["fedavg"]["values"] == {}
+    # the tuning's own config (here μ 1) wins a tie, wherever it stands in the grid
+    assert tune.choose(rows, metric, {"proximal-mu": 1.0})["fedprox"]["values"] == {"proximal-mu": 1.0}
+    # ... but not a point that is merely close to the best
+    assert tune.choose(rows, metric, {"proximal-mu": 0.01})["fedprox"]["values"] == {"proximal-mu": 0.1}
     info = {"command": "scripts/tune.py --strategies fedavg,fedprox", "val_fraction": 0.25, "seeds": [0, 1]}
     text = tune.markdown(rows, chosen, metric=metric, info={**info, "changed": {"local-steps": 5}})
     assert "| fedprox | proximal-mu=0.1 | 0.600 | 0.500 | 0.400 | +0.100 | 0.500 0.300 | ✓ |" in text

@@ -133,8 +133,9 @@ class TrainSettings:
     )
 
     def loop_options(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`fedbilevel.client.train.train_adapter` these settings fix
-        (all but ``local-steps``, which a caller may count otherwise), so every caller trains alike."""
+        """The keyword arguments of :func:`fedbilevel.client.train.train_adapter` these settings fix, so
+        every caller trains alike: all but ``local-steps`` (a caller may count steps otherwise) and
+        ``max-seq-len`` (the codec's)."""
         return {
             "batch_size": self.batch_size,
             "learning_rate": self.learning_rate,

@@ -5,7 +5,7 @@ Every strategy runs each point of its grid (the product of the values of its key
 "validation"``, through scripts/compare.py (same run config otherwise, one fresh process a
 run, finished runs reused: an interrupted tuning continues) into ``<out>/runs/<point>-seed<k>/``.
 Per strategy the point with the best mean over seeds of the last round's personalized primary
-metric on validation is chosen (ties: the point at the strategy's defaults, else the first in grid
+metric (or ``--metric``) on validation is chosen (ties: the point at the strategy's defaults, else the first in grid
 order). Writes:
 
     <out>/tune.json     every point's scores per seed and their mean, the command, the settings, the choice
@@ -328,6 +328,11 @@ def main() -> None:
     parser.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per client (default: 1)")
     parser.add_argument("--write-conf", type=Path, metavar="FILE.toml", help="write the chosen values here")
     parser.add_argument(
+        "--metric",
+        help="choose by this metric (default: the runs' primary one: exact_match on synthetic data, rougeL on "
+        "Flan, accuracy on images); with --report-only, a choice by another metric without rerunning",
+    )
+    parser.add_argument(
         "--refit",
         action="store_true",
         help="the --write-conf file trains on every training example (val-fraction 0), not on the tuning's share",
@@ -359,6 +364,8 @@ def main() -> None:
             f"--set {taken[0]}: not allowed; tune.py sets it for every run "
             "(use --strategies, --seeds, --out, --val-fraction, --grid)"
         )
+    if args.metric is not None and args.metric not in METRIC_LABELS:
+        raise SystemExit(f"--metric {args.metric!r}: not allowed; expected one of {', '.join(METRIC_LABELS)}")
     if args.refit and not args.write_conf:
         raise SystemExit("--refit: not allowed without --write-conf (it says what the written conf file trains on)")
     own = {"eval-split": "validation", "val-fraction": args.val_fraction}
@@ -399,6 +406,10 @@ def main() -> None:
 
     seeds = [int(s) for s in args.seeds.split(",")]  # compare.py has checked them
     rows, metric = summarize(points, out / "runs", seeds)
+    if args.metric is not None:
+        if args.metric not in rows[0]["mean"]:
+            raise SystemExit(f"--metric {args.metric!r}: not allowed; the runs record {', '.join(rows[0]['mean'])}")
+        metric = args.metric
     settings = RunConfig.from_run_config(base).to_run_config()
     chosen = choose(rows, metric, settings)
     default = defaults(RunConfig)

@@ -103,6 +103,10 @@ def test_the_cli_refuses_before_running(tmp_path):
     ]
     refused = run("--strategies", "fedprox", "--set", "proximal-mu=0.1")
     assert "--set proximal-mu: not allowed" in refused.stderr
+    refused = run("--strategies", "fedprox", "--metric", "bleu")
+    assert refused.returncode != 0 and refused.stderr.strip().splitlines() == [
+        "--metric 'bleu': not allowed; expected one of rouge1, rougeL, exact_match, accuracy, macro_f1"
+    ]
     assert not (tmp_path / "out").exists()
 
 

@@ -5,8 +5,8 @@ Every strategy runs each point of its grid (the product of the values of its key
 "validation"``, through scripts/compare.py (same run config otherwise, one fresh process a
 run, finished runs reused: an interrupted tuning continues) into ``<out>/runs/<point>-seed<k>/``.
 Per strategy the point with the best mean over seeds of the last round's personalized primary
-metric (or ``--metric``) on validation is chosen (ties: the point at the strategy's defaults, else the first in grid
-order). Writes:
+metric (or ``--metric``) on validation is chosen (ties: the point at the strategy's defaults, else
+the first in grid order). Writes:
 
     <out>/tune.json     every point's scores per seed and their mean, the command, the settings, the choice
     <out>/tune.md       the same as tables
@@ -172,25 +172,30 @@ def point_scores(point: Point, runs_dir: Path, seeds: list[int]) -> dict[int, di
     return scores
 
 
+def at_reference(values: dict[str, Any], reference: dict[str, Any] | None) -> bool:
+    """Whether a point's ``values`` are all ``reference``'s (the tuning's own run config: the strategy's defaults)."""
+    return reference is not None and all(reference.get(key) == value for key, value in values.items())
+
+
 def choose(
     rows: list[dict[str, Any]], metric: str, reference: dict[str, Any] | None = None
 ) -> dict[str, dict[str, Any]]:
     """Per strategy, the row with the highest ``mean[metric]``.
 
-    On a tie the row whose values are ``reference``'s (the tuning's own run config: the strategy's
-    defaults) wins, so a default is left only on evidence; otherwise the first in grid order.
+    On a tie the row at ``reference`` (:func:`at_reference`) wins, so a default is left only on
+    evidence; otherwise the first in grid order.
     """
-
-    def at_reference(row: dict[str, Any]) -> bool:
-        return reference is not None and all(reference.get(key) == value for key, value in row["values"].items())
-
     chosen: dict[str, dict[str, Any]] = {}
     for row in rows:
         best = chosen.get(row["strategy"])
         if (
             best is None
             or row["mean"][metric] > best["mean"][metric]
-            or (row["mean"][metric] == best["mean"][metric] and at_reference(row) and not at_reference(best))
+            or (
+                row["mean"][metric] == best["mean"][metric]
+                and at_reference(row["values"], reference)
+                and not at_reference(best["values"], reference)
+            )
         ):
             chosen[row["strategy"]] = row
     return chosen
@@ -296,8 +301,11 @@ def conf_text(
     shared = {**changed, **({} if refit else {"val-fraction": val_fraction})}
     tables = {}
     for strategy, row in chosen.items():
-        tuned = any(reference.get(key) != value for key, value in row["values"].items())
-        tables[f"{strategy}-tuned" if tuned else strategy] = {"strategy": strategy, **shared, **row["values"]}
+        tables[strategy if at_reference(row["values"], reference) else f"{strategy}-tuned"] = {
+            "strategy": strategy,
+            **shared,
+            **row["values"],
+        }
     return "\n".join(header) + tomli_w.dumps(tables)
 
 

@@ -25,12 +25,12 @@ gives it a key. A strategy's keys are its own option component's (fedbilevel.com
 strategy_keys) and ``optimizer``, ``momentum``, ``learning-rate``. Example (docs/BENCHMARKS.md, "Tuning the baselines"):
 
     .venv/bin/python scripts/tune.py --strategies fedavg,fedprox,fedamp,fedala --seeds 0 \\
-        --out outputs/tune-synthetic --write-conf conf/tuned-synthetic.toml
+        --out outputs/tune-synthetic --write-conf outputs/tuned-synthetic.toml
 
 then on the test split, each table of the conf file holding the tuning's run config (the validation
 items stay held out, so clients train on the examples they were tuned with):
 
-    .venv/bin/python scripts/compare.py --variants conf/tuned-synthetic.toml --seeds 0,1 --out outputs/compare-tuned
+    .venv/bin/python scripts/compare.py --variants outputs/tuned-synthetic.toml --seeds 0,1 --out outputs/compare-tuned
 
 With ``--refit`` the conf file leaves ``val-fraction`` at 0 instead: the test-split runs train on
 every training example with the chosen values (the usual refit after model selection). A strategy

@@ -13,7 +13,7 @@ import csv
 import dataclasses
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,16 +61,21 @@ def strategy_keys(strategy: str) -> tuple[str, ...]:
     return (*keys, *(("aggregation-weights",) if strategy in AVERAGING else ()), *SHARED_KNOBS)
 
 
-def strategy_settings(strategy: str, run_config: dict[str, Any]) -> str:
-    """``key=value, ...`` of the keys of :func:`strategy_keys` that ``run_config`` sets away from their
-    defaults (absent keys count as defaults; a preset's own values, e.g. fedbip-plus's weighting, count
-    as its defaults); "" when none."""
+def strategy_settings(strategy: str, run_config: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """``(key, value)`` of each key of :func:`strategy_keys` that ``run_config`` sets away from its default,
+    in that order (absent keys count as defaults; a preset's own values, e.g. fedbip-plus's weighting,
+    count as its defaults); empty when none."""
     preset = {**_DEFAULTS, **FEDBIP_PRESETS.get(strategy, ("", {}))[1]}
-    return ", ".join(
-        f"{key}={run_config[key]}"
+    return tuple(
+        (key, run_config[key])
         for key in strategy_keys(strategy)
         if key in run_config and run_config[key] != preset[key]
     )
+
+
+def settings_text(settings: Iterable[tuple[str, Any]]) -> str:
+    """``key=value, ...`` of :func:`strategy_settings`' pairs, as the tables show them ("" for none)."""
+    return ", ".join(f"{key}={value}" for key, value in settings)
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,7 @@ class Run:
     rounds: list[dict[str, Any]]
     seconds: float
     metrics: tuple[str, ...] = TEXT_METRICS
-    settings: str = ""  # the strategy's knobs away from their defaults (strategy_settings)
+    settings: tuple[tuple[str, Any], ...] = ()  # the strategy's knobs away from their defaults (strategy_settings)
     split: str = "test"  # what the clients scored (eval-split)
     dp: str = "none"  # its DP mode (dp)
     dp_epsilon: float = math.inf  # the ε budget it was run to (dp-epsilon; ∞ without DP, NaN with σ set and no budget)
@@ -265,7 +270,11 @@ def summary_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
     rows = []
     cross = any(cross_task_of(run) for run in runs)
     for strategy, group in group_by_label(runs).items():
-        row: dict[str, Any] = {"strategy": strategy, "settings": group[0].settings, "seeds": _seeds(group)}
+        row: dict[str, Any] = {
+            "strategy": strategy,
+            "settings": settings_text(group[0].settings),
+            "seeds": _seeds(group),
+        }
         for when in ("last", "best"):
             for metric in group[0].metrics:
                 mean, std = _mean_std([getattr(r, when)["personalized_mean"][metric] for r in group])
@@ -655,7 +664,7 @@ def privacy_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
             "epsilon_spent": max(spent) if spent else math.nan,
             "stopped": float(np.mean([_stopped_clients(run) for run in group])),
             "base_strategy": group[0].strategy,
-            "settings": group[0].settings,
+            "settings": settings_text(group[0].settings),
         }
         row["score_mean"], row["score_std"] = _mean_std([run.last["personalized_mean"][primary] for run in group])
         separations = [rounds for run in group if _has_groups(rounds := group_separation(run))]
@@ -676,7 +685,7 @@ def _stopped_clients(run: Run) -> int:
 
 def _privacy_base(run: Run) -> str:
     """What :func:`privacy_rows` sets side by side by budget: the strategy with its own settings."""
-    return f"{run.strategy} ({run.settings})" if run.settings else run.strategy
+    return f"{run.strategy} ({settings_text(run.settings)})" if run.settings else run.strategy
 
 
 def _budget_order(epsilon: float) -> float:
@@ -695,12 +704,12 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
-def _distinct_settings(settings: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Each ``key=value, ...`` of ``settings`` without the pairs every one of them holds, and those pairs
-    (none when there is a single row: its settings are its own)."""
-    parts = [[part for part in text.split(", ") if part] for text in settings]
-    shared = [part for part in parts[0] if all(part in other for other in parts)] if len(parts) > 1 else []
-    return [", ".join(part for part in own if part not in shared) for own in parts], shared
+def _distinct_settings(settings: Sequence[tuple[tuple[str, Any], ...]]) -> tuple[list[str], list[str]]:
+    """Each row's :func:`strategy_settings` pairs as text without the pairs every row holds, and those
+    pairs (none when there is a single row: its settings are its own)."""
+    shared = [pair for pair in settings[0] if all(pair in other for other in settings)] if len(settings) > 1 else []
+    own = [settings_text(pair for pair in pairs if pair not in shared) for pairs in settings]
+    return own, [settings_text([pair]) for pair in shared]
 
 
 def markdown(runs: Sequence[Run]) -> str:
@@ -711,7 +720,7 @@ def markdown(runs: Sequence[Run]) -> str:
     summary = summary_rows(runs)
     # The tuned knobs beside each strategy, when any run set them (scripts/tune.py's conf files); a value
     # every row shares (a conf file's learning rate) is the federation's, said once below the table.
-    own, shared = _distinct_settings([row["settings"] for row in summary])
+    own, shared = _distinct_settings([group[0].settings for group in group_by_label(runs).values()])
     settings = any(own)
     lines = [
         f"Personalized score (mean over clients of each client's own adapter on its own {split} split),"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fedbilevel.comparison import load_run, markdown, strategy_keys, strategy_settings, summary_rows
+from fedbilevel.comparison import load_run, markdown, settings_text, strategy_keys, strategy_settings, summary_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,17 +172,17 @@ def test_a_point_without_every_seed_is_left_out(tune, tmp_path):
 
 def test_comparison_tables_show_the_tuned_knobs(tmp_path):
     assert strategy_settings("fedprox", {"proximal-mu": 0.1, "fedamp-sigma": 5.0, "learning-rate": 0.001}) == (
-        "proximal-mu=0.1"
+        ("proximal-mu", 0.1),
     )
-    assert strategy_settings("fedavg", {"learning-rate": 0.003, "proximal-mu": 1.0}) == "learning-rate=0.003"
+    assert strategy_settings("fedavg", {"learning-rate": 0.003, "proximal-mu": 1.0}) == (("learning-rate", 0.003),)
     # aggregation-weights is a knob of the strategies that average, not of FedBip's similarity weights.
-    assert strategy_settings("feddpa", {"aggregation-weights": "uniform"}) == "aggregation-weights=uniform"
-    assert strategy_settings("fedbip", {"aggregation-weights": "uniform"}) == ""
+    assert strategy_settings("feddpa", {"aggregation-weights": "uniform"}) == (("aggregation-weights", "uniform"),)
+    assert strategy_settings("fedbip", {"aggregation-weights": "uniform"}) == ()
     # A preset's own values are its defaults: only a change from them is a setting.
     preset = {"weighting": "zscore-softmax", "weighting-z-temperature": 1.0}
-    assert strategy_settings("fedbip-plus", preset) == ""
-    assert strategy_settings("fedbip-plus", {**preset, "server-step": "fedexp"}) == "server-step=fedexp"
-    assert strategy_settings("fedbip", preset) == "weighting=zscore-softmax"
+    assert strategy_settings("fedbip-plus", preset) == ()
+    assert strategy_settings("fedbip-plus", {**preset, "server-step": "fedexp"}) == (("server-step", "fedexp"),)
+    assert settings_text(strategy_settings("fedbip", preset)) == "weighting=zscore-softmax"
     write_run(tmp_path / "a", "fedprox", 0, 0.4, {"proximal-mu": 0.1})
     write_run(tmp_path / "b", "fedavg", 0, 0.3)
     runs = [load_run(tmp_path / "a"), load_run(tmp_path / "b")]

@@ -101,8 +101,8 @@ class PrivacySettings:
         "dp-noise-multiplier",
         0.0,
         number(0.0, low_open=False),
-        "DP: noise standard deviation over C; 0: calibrated so that num-server-rounds rounds spend at most "
-        "`dp-epsilon`",
+        "DP: σ, the noise's standard deviation over the sensitivity (C for `dp-sgd`, 2C for `update`); 0: "
+        "calibrated so that num-server-rounds rounds spend at most `dp-epsilon`",
     )
     epsilon: float = option(
         "dp-epsilon",

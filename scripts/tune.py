@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 import tomli_w
 
-from fedbilevel.comparison import load_run, strategy_keys
+from fedbilevel.comparison import load_run, settings_text, strategy_keys
 from fedbilevel.config import ConfigError, RunConfig, parse_assignment, resolve
 from fedbilevel.options import defaults
 from fedbilevel.results import METRIC_LABELS
@@ -97,7 +97,7 @@ class Point:
 
 def setting(values: dict[str, Any]) -> str:
     """``key=value, ...`` of a grid point's values ("–" for none)."""
-    return ", ".join(f"{key}={value}" for key, value in values.items()) or "–"
+    return settings_text(values.items()) or "–"
 
 
 def parse_grid(texts: list[str], strategies: list[str]) -> dict[str, dict[str, list[Any]]]:
@@ -237,7 +237,7 @@ def markdown(rows: list[dict[str, Any]], chosen: dict[str, dict[str, Any]], *, m
         "",
         f"Each client holds out val-fraction {info['val_fraction']} of its training examples and scores them"
         f' (`eval-split = "validation"`); seeds {" ".join(map(str, info["seeds"]))}; run config away from'
-        f" the defaults: {', '.join(f'{k}={v}' for k, v in info['changed'].items()) or 'none'}. Score: the last"
+        f" the defaults: {settings_text(info['changed'].items()) or 'none'}. Score: the last"
         f" round's personalized {METRIC_LABELS[metric]} (mean over clients, then over seeds); the chosen point"
         " (✓) has the highest; on ties the strategy's defaults, else the first in grid order"
         + ("; *vs fedavg*: its difference to FedAvg's." if reference else "."),

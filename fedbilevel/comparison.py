@@ -26,7 +26,7 @@ from fedbilevel.options import declared, defaults
 from fedbilevel.privacy import DP_EPSILON_SPENT, DP_NOISE_MULTIPLIER, DP_STOPPED
 from fedbilevel.protocol import TEXT_METRICS
 from fedbilevel.results import METRIC_LABELS
-from fedbilevel.strategies import FEDBIP_PRESETS
+from fedbilevel.strategies import FEDBIP_PRESETS, strategy_averages, strategy_options
 
 OPTION_METRIC = "option_accuracy"  # a client's eval score where its task lists options
 OPTION_ITEMS = "option_correct"  # its per-item scores
@@ -34,31 +34,19 @@ REFERENCE = "local"  # personalization is measured against training alone
 # Paired differences are reported against each of these that ran: training alone, and one shared adapter.
 REFERENCES = (REFERENCE, "fedavg")
 
-# A strategy's own knobs: the keys of the RunConfig component it reads (field name), plus the
-# learning rate, which every strategy's clients train with (tuned per strategy where needed).
-_OWN_COMPONENT = {
-    "fedprox": "fedprox",
-    "fedamp": "fedamp",
-    "fedala": "fedala",
-    "fedbip": "fedbip",
-    "fedbip-l": "fedbip",
-    "fedbip-plus": "fedbip",
-    "fedbip-plus-l": "fedbip",
-}
 # Training keys any strategy may set: shown in the settings column, and tunable by scripts/tune.py.
 SHARED_KNOBS = ("optimizer", "momentum", "learning-rate")
-# The strategies that average clients' adapters, and so read aggregation-weights.
-AVERAGING = frozenset({"fedavg", "fedprox", "fedala", "fedsa-lora", "ffa-lora", "feddpa"})
 _DEFAULTS = defaults(RunConfig)
 
 
 def strategy_keys(strategy: str) -> tuple[str, ...]:
-    """The run-config keys that tune ``strategy``: its own option component's, ``aggregation-weights`` for
-    the strategies that average (:data:`AVERAGING`), then :data:`SHARED_KNOBS`."""
+    """The run-config keys that tune ``strategy``: its own option component's (as registered,
+    :func:`~fedbilevel.strategies.strategy_options`), ``aggregation-weights`` for the strategies that average,
+    then :data:`SHARED_KNOBS`. Raises ``KeyError`` for an unregistered strategy."""
     components = {field.name: field.metadata.get("component") for field in dataclasses.fields(RunConfig)}
-    own = _OWN_COMPONENT.get(strategy)
+    own = strategy_options(strategy)
     keys = tuple(key for key, _ in declared(components[own])) if own else ()
-    return (*keys, *(("aggregation-weights",) if strategy in AVERAGING else ()), *SHARED_KNOBS)
+    return (*keys, *(("aggregation-weights",) if strategy_averages(strategy) else ()), *SHARED_KNOBS)
 
 
 def strategy_settings(strategy: str, run_config: dict[str, Any]) -> tuple[tuple[str, Any], ...]:

@@ -1,5 +1,6 @@
 """scripts/tune.py (grids, refusals, the choice on fabricated run folders) and the comparison's settings column."""
 
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from fedbilevel.comparison import load_run, markdown, settings_text, strategy_keys, strategy_settings, summary_rows
+from fedbilevel.config import RunConfig
+from fedbilevel.strategies import FEDBIP_PRESETS, strategy_names, strategy_options
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,6 +84,30 @@ def test_a_key_the_strategy_does_not_use_is_refused_in_one_line(tune):
     with pytest.raises(SystemExit, match=r"expected \[STRATEGY:\]KEY=V1,V2"):
         tune.parse_grid(["proximal-mu="], ["fedprox"])
     assert "fedamp-self-weight" in strategy_keys("fedamp") and "weighting" in strategy_keys("fedbip-l")
+    # FedDPA's knobs come from its registration (they were once missing from a hand-kept map).
+    assert tune.parse_grid(["feddpa-max-weight=0.3,0.7"], ["feddpa"]) == {"feddpa": {"feddpa-max-weight": [0.3, 0.7]}}
+
+
+def test_each_strategys_options_component_is_registered_with_it():
+    # By convention the RunConfig component named after a strategy holds its options; the registration
+    # must name it, or its keys are neither tunable nor shown (FedDPA's once were not).
+    components = {field.name for field in dataclasses.fields(RunConfig) if field.metadata.get("component")}
+    for name in strategy_names():
+        expected = name if name in components else strategy_options(FEDBIP_PRESETS.get(name, (name,))[0])
+        assert strategy_options(name) == expected, name
+    assert {"fedprox", "fedamp", "fedala", "feddpa", "fedbip"} <= components
+    assert strategy_keys("feddpa") == (
+        "feddpa-local-weight",
+        "feddpa-instances",
+        "feddpa-max-weight",
+        "aggregation-weights",
+        "optimizer",
+        "momentum",
+        "learning-rate",
+    )
+    assert strategy_keys("fedbip-plus") == strategy_keys("fedbip") and "aggregation-weights" not in strategy_keys(
+        "fedbip"
+    )
 
 
 def test_the_cli_refuses_before_running(tmp_path):
@@ -178,6 +205,7 @@ def test_comparison_tables_show_the_tuned_knobs(tmp_path):
     # aggregation-weights is a knob of the strategies that average, not of FedBip's similarity weights.
     assert strategy_settings("feddpa", {"aggregation-weights": "uniform"}) == (("aggregation-weights", "uniform"),)
     assert strategy_settings("fedbip", {"aggregation-weights": "uniform"}) == ()
+    assert strategy_settings("feddpa", {"feddpa-max-weight": 0.3}) == (("feddpa-max-weight", 0.3),)
     # A preset's own values are its defaults: only a change from them is a setting.
     preset = {"weighting": "zscore-softmax", "weighting-z-temperature": 1.0}
     assert strategy_settings("fedbip-plus", preset) == ()

@@ -238,7 +238,8 @@ def image_representations(
     bf16_autocast: bool,
     device: torch.device | str,
 ) -> torch.Tensor:
-    """E(x) of images: the last hidden state of the [CLS] token, the one a ViT's head reads.
+    """E(x) of images: the [CLS] token's state after the last encoder layer (``hidden_states[-1]``, before the
+    final layernorm a ViT's head applies; a cosine of it, as of the text path's last-token state).
 
     Returns
     -------

@@ -3,7 +3,9 @@
 A factory takes the validated :class:`~fedbilevel.config.RunConfig` plus the keyword
 arguments every personalized strategy accepts (``initial_adapter``, ``min_nodes``, ...)
 and returns a Flower ``Strategy``; it passes the strategy its own settings component. New
-strategies register here (and declare their options in their module); nothing else changes.
+strategies register here, naming that component and whether they read ``aggregation-weights``
+(tuning and the comparison tables read both from here), and declare their options in their
+module; nothing else changes.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ if TYPE_CHECKING:  # the config composes the strategies' settings, so it imports
 
 StrategyFactory = Callable[..., Strategy]
 _REGISTRY: dict[str, StrategyFactory] = {}
+# name -> (the RunConfig component holding its own options, or None; whether it reads aggregation-weights)
+_TRAITS: dict[str, tuple[str | None, bool]] = {}
 
 # Named FedBip presets (issue 7): strategy -> (the FedBip strategy it runs, the run-config
 # keys it sets). The values were chosen from the weighting ablation in docs/BENCHMARKS.md;
@@ -39,13 +43,27 @@ FEDBIP_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def register(name: str) -> Callable[[StrategyFactory], StrategyFactory]:
-    """Decorator: register a factory ``(config, **common) -> Strategy`` under ``name``."""
+def register(
+    name: str, *, options: str | None = None, averages: bool = False
+) -> Callable[[StrategyFactory], StrategyFactory]:
+    """Decorator: register a factory ``(config, **common) -> Strategy`` under ``name``.
+
+    Parameters
+    ----------
+    name : str
+        The run-config ``strategy`` value.
+    options : str or None, optional
+        The :class:`~fedbilevel.config.RunConfig` field (component) of the strategy's own options, which the
+        factory reads; ``None`` when it has none.
+    averages : bool, optional
+        Whether it averages clients' adapters weighted by ``aggregation-weights``.
+    """
 
     def add(factory: StrategyFactory) -> StrategyFactory:
         if name in _REGISTRY:
             raise ValueError(f"strategy: {name!r} is registered twice")
         _REGISTRY[name] = factory
+        _TRAITS[name] = (options, averages)
         return factory
 
     return add
@@ -54,6 +72,28 @@ def register(name: str) -> Callable[[StrategyFactory], StrategyFactory]:
 def strategy_names() -> tuple[str, ...]:
     """Registered strategy names, in registration order."""
     return tuple(_REGISTRY)
+
+
+def strategy_options(name: str) -> str | None:
+    """The RunConfig component of strategy ``name``'s own options (``"fedprox"``, ...), ``None`` if it has none.
+
+    Raises
+    ------
+    KeyError
+        ``name`` is not registered.
+    """
+    return _TRAITS[name][0]
+
+
+def strategy_averages(name: str) -> bool:
+    """Whether strategy ``name`` weighs its means by ``aggregation-weights``.
+
+    Raises
+    ------
+    KeyError
+        ``name`` is not registered.
+    """
+    return _TRAITS[name][1]
 
 
 def build_strategy(config: RunConfig, **common: Any) -> Strategy:
@@ -73,12 +113,12 @@ def build_strategy(config: RunConfig, **common: Any) -> Strategy:
     return _REGISTRY[config.strategy](config, **common)
 
 
-@register("fedbip")
+@register("fedbip", options="fedbip")
 def _fedbip(config: RunConfig, **common: Any) -> Strategy:
     return FedBip(layerwise=False, settings=config.fedbip, **common)
 
 
-@register("fedbip-l")
+@register("fedbip-l", options="fedbip")
 def _fedbip_l(config: RunConfig, **common: Any) -> Strategy:
     return FedBip(layerwise=True, settings=config.fedbip, **common)
 
@@ -88,37 +128,37 @@ def _local(config: RunConfig, **common: Any) -> Strategy:
     return LocalOnly(**common)
 
 
-@register("fedavg")
+@register("fedavg", averages=True)
 def _fedavg(config: RunConfig, **common: Any) -> Strategy:
     return FedAvg(**common)
 
 
-@register("fedprox")
+@register("fedprox", options="fedprox", averages=True)
 def _fedprox(config: RunConfig, **common: Any) -> Strategy:
     return FedProx(proximal_mu=config.fedprox.mu, **common)
 
 
-@register("fedamp")
+@register("fedamp", options="fedamp")
 def _fedamp(config: RunConfig, **common: Any) -> Strategy:
     return FedAmp(**vars(config.fedamp), **common)
 
 
-@register("fedala")
+@register("fedala", options="fedala", averages=True)
 def _fedala(config: RunConfig, **common: Any) -> Strategy:
     return FedAla(ala=config.fedala, **common)
 
 
-@register("fedsa-lora")
+@register("fedsa-lora", averages=True)
 def _fedsa_lora(config: RunConfig, **common: Any) -> Strategy:
     return FedSaLora(**common)
 
 
-@register("ffa-lora")
+@register("ffa-lora", averages=True)
 def _ffa_lora(config: RunConfig, **common: Any) -> Strategy:
     return FfaLora(**common)
 
 
-@register("feddpa")
+@register("feddpa", options="feddpa", averages=True)
 def _feddpa(config: RunConfig, **common: Any) -> Strategy:
     return FedDpa(settings=config.feddpa, **common)
 
@@ -129,4 +169,4 @@ def _cluster_oracle(config: RunConfig, **common: Any) -> Strategy:
 
 
 for _preset, (_base, _) in FEDBIP_PRESETS.items():
-    register(_preset)(_REGISTRY[_base])
+    register(_preset, options=strategy_options(_base), averages=strategy_averages(_base))(_REGISTRY[_base])

@@ -36,6 +36,7 @@ FLAN8 = ROOT.parent / "shared" / "data" / "flan8"
     [
         ({"data": "digits"}, "data='digits' holds images"),
         ({"synthetic-split": "iid", "synthetic-instruction": "per-task"}, "synthetic-split='iid' gives every client"),
+        ({"synthetic-tasks": "reverse"}, "synthetic-tasks='reverse' is one task: there is no other task to score"),
         ({"data": "hub", "hub-dataset": "x/y", "partitioner": "iid"}, "partitioner='iid' gives the clients no task"),
         ({"data": "hub", "hub-dataset": "x/y", "partitioner": "dirichlet", "partition-by": "label"}, "'dirichlet'"),
     ],

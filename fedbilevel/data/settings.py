@@ -156,7 +156,8 @@ class DataSettings:
             )
 
     def without_tasks(self) -> str | None:
-        """Why the clients of this federation hold no task of their own (``eval-cross`` needs one), or None.
+        """Why the clients of this federation hold no task of their own, or no other task to be scored on
+        (``eval-cross`` needs both), or None.
 
         Each client holds one task with the synthetic task split (contiguous groups), flan-json (a
         category per file) and hub text data partitioned by natural id (the id, or the ``task-column``
@@ -166,6 +167,8 @@ class DataSettings:
             return f"data='{self.source}' holds images (a domain per client), not text tasks"
         if self.source == "synthetic" and self.synthetic_split == "iid":
             return "synthetic-split='iid' gives every client every task"
+        if self.source == "synthetic" and len(set(self.synthetic_tasks)) < 2:
+            return f"synthetic-tasks={','.join(self.synthetic_tasks)!r} is one task: there is no other task to score"
         if self.source == "hub" and self.partitioner != "natural":
             return f"partitioner='{self.partitioner}' gives the clients no task of their own"
         return None

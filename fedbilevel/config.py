@@ -283,8 +283,9 @@ class RunConfig:
             raise options.not_allowed(
                 "eval-cross",
                 True,
-                f"{missing}; cross-task evaluation needs one task per client, two tasks at least: data='synthetic' with "
-                "synthetic-split='task', data='flan-json', or text data='hub' with partitioner='natural'",
+                f"{missing}; cross-task evaluation needs one task per client, two tasks at least: "
+                "data='synthetic' with synthetic-split='task', data='flan-json', or text data='hub' with "
+                "partitioner='natural'",
             )
         self.privacy.check_with(
             precision=self.model.precision,

@@ -20,7 +20,7 @@ def all_equal(values: list[np.ndarray]) -> bool:
 
 @pytest.mark.parametrize("strategy", ["fedsa-lora", "ffa-lora"])
 def test_every_client_ends_with_the_shared_factor_and_its_own_or_the_averaged_b(tmp_path, strategy):
-    config, run_dir = simulate(tmp_path, strategy=strategy)
+    config, run_dir = simulate(tmp_path, strategy=strategy, **{"num-server-rounds": 1})  # one round shows the split
     results = json.loads((run_dir / "results.json").read_text())
     clients = {str(p) for p in range(NUM_CLIENTS)}
     for record in results["rounds"]:

@@ -17,7 +17,7 @@ Default grids (``--grid`` replaces a key's values, or adds a key the strategy de
 
     fedprox   proximal-mu 0.001, 0.01, 0.1, 1
     fedamp    fedamp-sigma 5, 50, 200 × fedamp-lambda 0.01, 0.1 × fedamp-self-weight 0.3, 0.5, 0.8
-    fedala    fedala-eta 1, 10, 100
+    fedala    fedala-eta 1, 10, 100, 1000, 10000
     ffa-lora  learning-rate 1, 2, 5 and 10 times the runs' (its paper tunes it apart, well above LoRA's)
 
 Any other strategy (e.g. fedavg, the reference) runs once at its defaults unless ``--grid``
@@ -67,7 +67,9 @@ DEFAULT_GRIDS: dict[str, dict[str, list[Any]]] = {
     "fedprox": {"proximal-mu": [0.001, 0.01, 0.1, 1.0]},
     # FedAMP's paper names σ, λ and the self weight ξᵢᵢ as its knobs.
     "fedamp": {"fedamp-sigma": [5.0, 50.0, 200.0], "fedamp-lambda": [0.01, 0.1], "fedamp-self-weight": [0.3, 0.5, 0.8]},
-    "fedala": {"fedala-eta": [1.0, 10.0, 100.0]},
+    # On LoRA adapters FedALA's weights move off 1 about in proportion to η (docs/BENCHMARKS.md): the synthetic
+    # federation personalized at η 100, Flan-8 only at 10⁴.
+    "fedala": {"fedala-eta": [1.0, 10.0, 100.0, 1000.0, 10000.0]},
 }
 # Grids of multiples of the run's learning rate. FFA-LoRA trains B alone from a frozen A, so its learning
 # rate does the work of LoRA's α/r; its paper tunes it apart and finds it best well above LoRA's.

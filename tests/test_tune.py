@@ -51,6 +51,7 @@ def test_default_grids_and_overrides(tune):
     ]
     assert len(tune.grid_points("fedamp", grids["fedamp"])) == 18
     assert [p.label for p in tune.grid_points("fedavg", grids["fedavg"])] == ["fedavg"]
+    assert grids["fedala"] == {"fedala-eta": [1.0, 10.0, 100.0, 1000.0, 10000.0]}
     # A bare key replaces its values wherever declared; a qualified one for that strategy only;
     # learning-rate belongs to every strategy.
     grids = tune.parse_grid(

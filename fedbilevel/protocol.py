@@ -137,7 +137,8 @@ class AlaSettings:
         number(0.0, low_open=True),
         "FedALA: learning rate η of the weights W (the paper's default). W's update is η·∇θ̂L·(Θ − θ), a product of "
         "two small numbers for LoRA adapters: at η = 1 the mean weight stayed at 1.000 on the synthetic federation "
-        "(FedALA = FedAvg there); raise η to let it personalize",
+        "(FedALA = FedAvg there); raise η to let it personalize (tuned: 10 on digits, 100 on the synthetic "
+        "federation, 10⁴ on Flan-8)",
     )
     data_fraction: float = option(
         "fedala-data-fraction",

@@ -1,9 +1,13 @@
-"""FedSA-LoRA and FFA-LoRA end to end through flwr run: what each client ends with is what its paper shares."""
+"""FFA-LoRA end to end through flwr run: every client ends with θ⁰'s A and one averaged, trained B.
+
+FFA-LoRA is the LoRA baseline whose clients act differently (they freeze A), so it gets the run; FedSA-LoRA's
+clients train as FedAvg's do and its split is checked by hand in test_fedsa_lora.py (one simulation costs
+about a minute of the suite).
+"""
 
 import json
 
 import numpy as np
-import pytest
 from peft import PeftModel
 from simulated import NUM_CLIENTS, simulate
 
@@ -14,13 +18,8 @@ from fedbilevel.models.zoo import TINY_MODEL
 from fedbilevel.strategies.fedsa_lora import is_lora_a
 
 
-def all_equal(values: list[np.ndarray]) -> bool:
-    return all(np.array_equal(values[0], value) for value in values[1:])
-
-
-@pytest.mark.parametrize("strategy", ["fedsa-lora", "ffa-lora"])
-def test_every_client_ends_with_the_shared_factor_and_its_own_or_the_averaged_b(tmp_path, strategy):
-    config, run_dir = simulate(tmp_path, strategy=strategy, **{"num-server-rounds": 1})  # one round shows the split
+def test_every_client_ends_with_the_initial_a_and_the_same_trained_b(tmp_path):
+    config, run_dir = simulate(tmp_path, strategy="ffa-lora", **{"num-server-rounds": 1})  # one round shows it
     results = json.loads((run_dir / "results.json").read_text())
     clients = {str(p) for p in range(NUM_CLIENTS)}
     for record in results["rounds"]:
@@ -34,11 +33,6 @@ def test_every_client_ends_with_the_shared_factor_and_its_own_or_the_averaged_b(
     assert all(list(adapter) == list(initial) for adapter in adapters)
     for name, start in initial.items():
         values = [adapter[name] for adapter in adapters]
-        if is_lora_a(name):
-            assert all_equal(values), f"{name}: A is shared by both"
-            # FFA-LoRA freezes A at θ⁰'s; FedSA-LoRA trains and averages it.
-            assert np.array_equal(values[0], start) == (strategy == "ffa-lora"), name
-        else:
-            assert not np.array_equal(values[0], start), f"{name}: B trained"
-            # FFA-LoRA averages B into one global B; FedSA-LoRA keeps each client's own.
-            assert all_equal(values) == (strategy == "ffa-lora"), name
+        assert all(np.array_equal(values[0], value) for value in values[1:]), f"{name}: one adapter for all"
+        # A stays θ⁰'s (frozen on every client, kept by the server); B trains and is averaged.
+        assert np.array_equal(values[0], start) == is_lora_a(name), name

@@ -1,5 +1,6 @@
 """Cross-task evaluation (eval-cross): the items a client scores for the other tasks, the server's checks
-and matrix, the own/other means in the tables, and one simulated run with the matrix and its heatmap."""
+and matrix, the own/other means in the tables. The simulated run with the matrix and its heatmap is
+test_simulation.py's FedBip run."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, MessageType
 from in_process import client_context
-from simulated import NUM_CLIENTS, simulate  # the tiny-model federation: 4 clients, 2 tasks, 2 rounds
 
 from fedbilevel import protocol
 from fedbilevel.client.app import ClientSession
@@ -289,26 +289,3 @@ def test_comparison_tables_show_own_and_other_task_means_over_seeds(tmp_path):
     paths = write_plots(runs, tmp_path / "out")
     assert tmp_path / "out" / "cross_task_fedbip.png" in paths
     assert not (tmp_path / "out" / "cross_task_fedavg.png").exists()
-
-
-# ---------------------------------------------------------------- end to end
-
-
-def test_a_simulated_run_records_the_matrix_and_draws_its_heatmap(tmp_path):
-    _, run_dir = simulate(tmp_path, strategy="fedbip", **{"eval-cross": True})
-    results = json.loads((run_dir / "results.json").read_text())
-    first, final = results["rounds"]
-    assert "cross_task" not in first and final["failures"] == []
-    cross = final["cross_task"]
-    assert cross["tasks"] == ["reverse", "uppercase"] and cross["clients"] == list(range(NUM_CLIENTS))
-    for metric in protocol.TEXT_METRICS:
-        assert np.array(cross["scores"][metric]).shape == (NUM_CLIENTS, 2)
-    for row, (client, task) in enumerate(zip(cross["clients"], cross["client_tasks"])):
-        own = cross["tasks"].index(task)
-        for metric in protocol.TEXT_METRICS:  # the own-task entry is the client's ordinary final score
-            assert cross["scores"][metric][row][own] == final["eval"][str(client)][metric]
-        # Own task: its own 6 items; the other task: both of its clients' 6 items.
-        assert cross["items"][row] == ([6, 12] if own == 0 else [12, 6])
-    assert (run_dir / "cross_task.png").stat().st_size > 0
-    # The comparison of this run shows the means.
-    assert "Cross-task evaluation (eval-cross)" in markdown([load_run(run_dir)])

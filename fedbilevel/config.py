@@ -201,7 +201,8 @@ class EvalSettings:
         boolean,
         "cross-task evaluation (FedDPA's test-time personalization): the final round also scores each client's "
         "adapter on the other tasks' `eval-split` items, those their own clients score (`cross_task` in the round's "
-        "record, `cross_task.png`); costs about tasks − 1 more evaluations per client; needs a task per client",
+        "record, `cross_task.png`); costs each client one more evaluation for every client of another task (6 on the "
+        "default 8 clients of 4 tasks); needs a task per client",
     )
 
     def __post_init__(self) -> None:
@@ -319,8 +320,8 @@ class RunConfig:
         return self.eval.every > 0 and server_round % self.eval.every == 0
 
     def cross_evaluates_in_round(self, server_round: int) -> bool:
-        """With ``eval-cross``, the final round only: cross-task evaluation costs about tasks − 1 more
-        evaluations per client, and the final adapters are the ones a client would deploy."""
+        """With ``eval-cross``, the final round only: cross-task evaluation costs each client one more
+        evaluation for every client of another task, and the final adapters are the ones a client would deploy."""
         return self.eval.cross and server_round == self.num_server_rounds
 
 

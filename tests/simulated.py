@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from fedbilevel.config import load_app_config
@@ -33,3 +34,18 @@ def simulate(tmp_path: Path, harness: dict | None = None, **overrides) -> tuple[
     }
     run_in_simulation(config, num_supernodes=NUM_CLIENTS, **(harness or {}))
     return config, tmp_path / "e2e"
+
+
+def flan_without_test_lines_for_client_2(folder: Path) -> Path:
+    """A 3-client flan-json folder (categories alpha, beta, gamma; 4 training examples each) whose
+    test.jsonl has one line for alpha and one for beta, none for client 2's gamma."""
+    folder.mkdir()
+    for k, category in enumerate(["alpha", "beta", "gamma"]):
+        records = [
+            {"instruction": f"Say {category} {i}", "output": category, "task": "t", "category": category}
+            for i in range(4)
+        ]
+        (folder / f"client_{k}.json").write_text(json.dumps(records))
+    lines = [{"instruction": f"Say {c}", "output": c, "task": "t", "category": c} for c in ("alpha", "beta")]
+    (folder / "test.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    return folder

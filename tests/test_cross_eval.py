@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, MessageType
 from in_process import client_context
+from simulated import flan_without_test_lines_for_client_2
 
 from fedbilevel import protocol
 from fedbilevel.client.app import ClientSession
@@ -111,6 +112,18 @@ def test_other_task_items_are_exactly_what_their_owners_score(name):
         assert out[protocol.CROSS_SECONDS] >= 0
 
 
+def test_a_partition_that_cannot_be_loaded_is_skipped_not_fatal(tmp_path):
+    # Client 2's category has no test lines: it cannot start, and the others' cross-task scoring,
+    # which loads every partition, once failed the whole evaluate reply (losing the own-task scores).
+    data = flan_without_test_lines_for_client_2(tmp_path / "flan")
+    me = session(0, 3, **{"data": "flan-json", "data-path": str(data)})
+    calls: list = []
+    out = other_task_scores(recording_scorer(calls), me.config, 0, 3)
+    beta = session(1, 3, **{"data": "flan-json", "data-path": str(data)})
+    assert calls == [beta.scored] and out[protocol.CROSS_ITEMS] == [0, 1, 0]
+    assert out[protocol.CROSS_DIGESTS][2] == 0  # no data: if its owner had started, the server refuses the row
+
+
 # ---------------------------------------------------------------- the server: checks and matrix
 
 
@@ -134,7 +147,8 @@ class CrossClient(FakeClient):
         metrics = reply.content.metric_records[protocol.METRICS]
         own = 0.1 * (self.partition_id + 1)
         metrics.update({"rouge1": own, "rougeL": own, "exact_match": own, protocol.NUM_EXAMPLES: 3})
-        if not message.content.config_records[protocol.CONFIG].get(protocol.CROSS_TASK) or self.cross == "none":
+        asked = message.content.config_records[protocol.CONFIG].get(protocol.CROSS_TASK)
+        if (not asked and self.cross != "unasked") or self.cross == "none":
             return reply
         other = [p for p in range(self.SIZE) if p // 2 != self.partition_id // 2]
         score = [0.0 if p not in other else 0.25 * (p % 2 + 1) for p in range(self.SIZE)]  # 0.25, 0.5
@@ -154,7 +168,7 @@ class CrossClient(FakeClient):
             metrics[protocol.CROSS_ITEMS] = [2 if p in other else 0 for p in range(self.SIZE)]
         if self.cross == "range":
             metrics["cross-rouge1"] = [1.5] * self.SIZE
-        if self.cross == "nan":
+        if self.cross in ("nan", "unasked"):
             metrics["cross-exact_match"] = [math.nan] * self.SIZE
         return reply
 
@@ -173,12 +187,12 @@ def test_final_round_matrix_and_unusable_cross_task_parts_are_recorded_failures(
     assert len(evaluate_configs) == 1 and evaluate_configs[0][protocol.SERVER_ROUND] == 2  # final round only
     assert "cross_task" not in first and first["failures"] == []
     reasons = {(f["phase"], f["partition_id"]): f["reason"] for f in final["failures"]}
-    assert set(reasons) == {("cross-task", 1), ("cross-task", 2), ("evaluate", 3)}
+    assert set(reasons) == {("cross-task", 1), ("cross-task", 2), ("cross-task", 3)}
     assert "'cross-items' is 3 entries; expected one entry per partition (4)" in reasons[("cross-task", 1)]
     assert "partition 0's data as this client loaded it differs from its owner's" in reasons[("cross-task", 2)]
-    assert "metric 'cross-exact_match'" in reasons[("evaluate", 3)]  # NaN: the whole reply is refused
-    # Ordinary scores of the clients whose cross-task part was refused still count, without cross- keys.
-    assert set(final["eval"]) == {"0", "1", "2"}
+    assert reasons[("cross-task", 3)] == "cross-task scores: exact_match nan on partition 0; expected a score in [0, 1]"
+    # Ordinary scores of the clients whose cross-task part was refused (NaN too) still count, without cross- keys.
+    assert set(final["eval"]) == {"0", "1", "2", "3"}
     assert all(not k.startswith("cross-") for scores in final["eval"].values() for k in scores)
     cross = final["cross_task"]
     assert cross["tasks"] == ["task0", "task1"] and cross["clients"] == [0, 1, 2, 3]
@@ -201,6 +215,17 @@ def test_miscounted_missing_or_impossible_cross_task_scores_are_refused():
     assert reasons[2] == "cross-task scores: none in the reply; the evaluate message asked for them"
     assert reasons[3] == "cross-task scores: rouge1 1.5 on partition 0; expected a score in [0, 1]"
     assert [row is None for row in record["cross_task"]["items"]] == [True, False, True, True]
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_cross_task_metrics_nobody_asked_for_are_neither_recorded_nor_refused():
+    clients = {p: CrossClient(p, "unasked") for p in range(4)}  # NaN cross-task scores in every reply
+    records: list = []
+    strategy = FedAvg(initial_adapter=INITIAL, min_nodes=4, on_round_end=records.append, evaluate_cross=lambda r: False)
+    strategy.start(FakeGrid({90 + p: c for p, c in clients.items()}), ArrayRecord(), num_rounds=1)
+    (record,) = records
+    assert record["failures"] == [] and "cross_task" not in record and set(record["eval"]) == {"0", "1", "2", "3"}
+    assert all(not k.startswith("cross-") for scores in record["eval"].values() for k in scores)
 
 
 # ---------------------------------------------------------------- own/other means in the tables

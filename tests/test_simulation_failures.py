@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from simulated import ROOT, simulate
+from simulated import ROOT, flan_without_test_lines_for_client_2, simulate
 
 from fedbilevel.config import load_app_config
 from fedbilevel.models.zoo import TINY_MODEL
@@ -23,16 +23,7 @@ def test_an_absent_client_of_the_robustness_harness_fails_every_round(tmp_path):
 def test_a_client_that_cannot_load_its_data_is_a_recorded_failure_not_a_silent_absence(tmp_path):
     # Issue input: a flan-json federation whose test.jsonl has no line for client 2's category. The
     # client was left out, the run exited 0 and results.json listed no failure.
-    data = tmp_path / "flan"
-    data.mkdir()
-    for k, category in enumerate(["alpha", "beta", "gamma"]):
-        records = [
-            {"instruction": f"Say {category} {i}", "output": category, "task": "t", "category": category}
-            for i in range(4)
-        ]
-        (data / f"client_{k}.json").write_text(json.dumps(records))
-    lines = [{"instruction": f"Say {c}", "output": c, "task": "t", "category": c} for c in ("alpha", "beta")]
-    (data / "test.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    data = flan_without_test_lines_for_client_2(tmp_path / "flan")
     config = {
         **load_app_config(ROOT / "pyproject.toml"),
         "model-name": TINY_MODEL,
@@ -44,10 +35,15 @@ def test_a_client_that_cannot_load_its_data_is_a_recorded_failure_not_a_silent_a
         "min-nodes": 3,
         "output-dir": str(tmp_path),
         "run-name": "broken",
+        # The others load client 2's partition too, to score it: that must not cost them their scores.
+        "eval-cross": True,
     }
     run_in_simulation(config, num_supernodes=3)
     results = json.loads((tmp_path / "broken" / "results.json").read_text())
-    (failure,) = results["rounds"][0]["failures"]
+    (record,) = results["rounds"]
+    (failure,) = record["failures"]
     assert (failure["phase"], failure["partition_id"]) == ("start", 2)
     assert "no lines with category 'gamma' (the category of client_2.json)" in failure["reason"]
-    assert set(results["rounds"][0]["train"]) == {"0", "1"}
+    assert set(record["train"]) == set(record["eval"]) == {"0", "1"}
+    cross = record["cross_task"]
+    assert cross["tasks"] == ["alpha", "beta"] and cross["items"] == [[1, 1], [1, 1]]

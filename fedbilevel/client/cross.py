@@ -31,23 +31,33 @@ Scorer = Callable[[Sequence[Example]], Mapping[str, Any]]
 
 
 @functools.lru_cache(maxsize=1)
-def all_partitions(data: DataSettings, seed: int, num_partitions: int) -> tuple[ClientData, ...]:
+def all_partitions(data: DataSettings, seed: int, num_partitions: int) -> tuple[ClientData | str, ...]:
     """Every partition of the federation, loaded as its owner loads it (text data: no preprocessing).
 
+    A partition that cannot be loaded is the reason (str) instead: its owner could not start for
+    the same reason and is a recorded failure, which is no cause to lose this client's scores.
     Cached: the clients that one simulation process runs share one copy.
     """
-    return tuple(load_client_data(data, p, num_partitions, seed=seed) for p in range(num_partitions))
+    return tuple(_load_or_reason(data, p, num_partitions, seed) for p in range(num_partitions))
+
+
+def _load_or_reason(data: DataSettings, partition_id: int, num_partitions: int, seed: int) -> ClientData | str:
+    try:
+        return load_client_data(data, partition_id, num_partitions, seed=seed)
+    except Exception as error:  # whatever stops the owner's start-up (a client's start catches the same)
+        return f"{type(error).__name__}: {error}"
 
 
 def other_task_items(
-    partitions: Sequence[ClientData], partition_id: int, split: str
+    partitions: Sequence[ClientData | str], partition_id: int, split: str
 ) -> list[tuple[int, list[Example]]]:
-    """(partition id, its ``split`` items) of each partition whose task differs from ``partition_id``'s.
+    """(partition id, its ``split`` items) of each loaded partition whose task differs from ``partition_id``'s.
 
     Parameters
     ----------
-    partitions : sequence of ClientData
-        The federation, indexed by partition id (:func:`all_partitions`).
+    partitions : sequence of ClientData or str
+        The federation, indexed by partition id (:func:`all_partitions`; str: why it could not be
+        loaded, so not scored).
     partition_id : int
         The scoring client.
     split : str
@@ -59,7 +69,9 @@ def other_task_items(
         In partition order.
     """
     own = partitions[partition_id].task
-    return [(p, data.split(split)) for p, data in enumerate(partitions) if data.task != own]
+    return [
+        (p, data.split(split)) for p, data in enumerate(partitions) if isinstance(data, ClientData) and data.task != own
+    ]
 
 
 def per_partition(
@@ -115,13 +127,22 @@ def other_task_scores(score: Scorer, config: RunConfig, partition_id: int, num_p
     dict
         ``cross-items``, ``cross-digests`` (list of int), ``cross-<score>`` (list of float),
         one entry per partition (see :mod:`fedbilevel.protocol`), and ``cross-seconds`` (float).
+        A partition that cannot be loaded is logged and has 0 items and digest 0: the server
+        ignores it if its owner did not start either, and records a ``cross-task`` failure of this
+        client if it did (this node's data then differs from the owner's).
     """
     started = time.time()
     partitions = all_partitions(config.data, config.seed, num_partitions)
+    for p, reason in enumerate(partitions):
+        if isinstance(reason, str):
+            log(INFO, "client %d: partition %d cannot be loaded, not scored (eval-cross): %s", partition_id, p, reason)
     scored = other_task_items(partitions, partition_id, config.eval.split)
     items = [item for _, chunk in scored for item in chunk]
     out: dict[str, Any] = per_partition(score(items) if items else {}, scored, num_partitions)
-    out[protocol.CROSS_DIGESTS] = [protocol.digest_number(data_digest(partition)) for partition in partitions]
+    out[protocol.CROSS_DIGESTS] = [
+        protocol.digest_number(data_digest(partition)) if isinstance(partition, ClientData) else 0
+        for partition in partitions
+    ]
     out[protocol.CROSS_SECONDS] = time.time() - started
     log(
         INFO,

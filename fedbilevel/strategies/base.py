@@ -31,6 +31,7 @@ from fedbilevel import protocol
 from fedbilevel.checkpoint import ClientStore
 from fedbilevel.options import ConfigError
 from fedbilevel.privacy import UPDATE_SENSITIVITY, PrivacyLedger
+from fedbilevel.strategies.cross_task import split_cross
 from fedbilevel.strategies.replies import RejectedReply, check_adapter, check_reply, last_line, senders_of
 from fedbilevel.strategies.rounds import RoundLog, over_all_clients
 from fedbilevel.strategies.sampling import SamplingSettings, sample_clients, sample_size
@@ -313,6 +314,8 @@ class PersonalizedStrategy(Strategy):
         replied = {partition_id: metrics for partition_id, metrics, _ in self._valid_replies("evaluate", replies)}
         if self.evaluate_cross(self._round.record["round"]):
             replied = self._round.note_cross_task(replied, self.clients, self.node_partitions)
+        else:  # cross- metrics were not asked for: they are not scores of this round (and unchecked)
+            replied = {partition_id: split_cross(metrics)[0] for partition_id, metrics in replied.items()}
         scores = self._round.note_eval(replied)
         mean = None
         if scores:

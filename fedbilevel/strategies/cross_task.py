@@ -46,8 +46,8 @@ def check_cross_scores(
     Parameters
     ----------
     metrics : mapping
-        The reply's metrics (finite, as :func:`~fedbilevel.strategies.replies.check_reply` checked): its
-        ordinary scores and its ``cross-`` part.
+        The reply's metrics: its ordinary scores (finite, as :func:`~fedbilevel.strategies.replies.check_reply`
+        checked) and its ``cross-`` part (unchecked: NaN or Inf fail here).
     partition_id : int
         The client that replied.
     clients : mapping of int to mapping
@@ -66,7 +66,8 @@ def check_cross_scores(
         ``cross-seconds`` is missing, a list is missing or has another length than the client's
         ``num-partitions``, a started partition of another task was scored on a number of items other
         than its owner's ``num-test`` or from data whose digest is not its owner's ``data-digest``, a
-        partition of the client's own task was scored, or a score lies outside [0, 1].
+        partition of the client's own task was scored, ``cross-seconds`` is not finite, or a score is
+        NaN or outside [0, 1].
     """
     missing = [name for name in protocol.TEXT_METRICS if name not in metrics]
     if missing:
@@ -75,8 +76,8 @@ def check_cross_scores(
     if not cross:
         raise RejectedReply("cross-task scores: none in the reply; the evaluate message asked for them")
     seconds = cross.get(protocol.CROSS_SECONDS)
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-        raise RejectedReply(f"cross-task scores: '{protocol.CROSS_SECONDS}' is {seconds!r}; expected a number")
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not np.isfinite(seconds):
+        raise RejectedReply(f"cross-task scores: '{protocol.CROSS_SECONDS}' is {seconds!r}; expected a finite number")
     size = clients[partition_id].get(protocol.NUM_PARTITIONS)
     for key in CROSS_LISTS:
         value = cross.get(key)

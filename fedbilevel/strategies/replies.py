@@ -106,7 +106,8 @@ def check_reply(message: Message, expected_partition: int | None, phase: str) ->
     RejectedReply
         If the reply is an error, comes from an unknown node, lacks its metrics, names
         another partition, counts no examples, (train) has no finite loss or incomplete DP
-        metrics (:func:`fedbilevel.privacy.released`), or any metric is NaN or Inf.
+        metrics (:func:`fedbilevel.privacy.released`), or any metric is NaN or Inf (but the
+        ``cross-`` ones: :func:`fedbilevel.strategies.cross_task.check_cross_scores` checks those).
     """
     if message.has_error():
         raise RejectedReply(f"client error: {last_line(message.error.reason)}", detail=message.error.reason)
@@ -131,6 +132,8 @@ def check_reply(message: Message, expected_partition: int | None, phase: str) ->
         except ValueError as error:
             raise RejectedReply(str(error)) from None
     for key, value in metrics.items():  # a NaN score would make the round's mean NaN
+        if key.startswith(protocol.CROSS_PREFIX):
+            continue  # eval-cross's part: its own checks refuse it alone, keeping the ordinary scores
         if not np.all(np.isfinite(value)):
             raise RejectedReply(f"metric '{key}': {value!r} holds NaN or Inf; expected finite numbers")
     return expected_partition, metrics

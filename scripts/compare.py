@@ -19,7 +19,8 @@ Example (the synthetic comparison in docs/BENCHMARKS.md):
 ``--variants FILE.toml`` adds labelled variants, one TOML table each (a label and its
 run-config overrides, e.g. ``[softmax-t0.05]`` with ``strategy = "fedbip"``,
 ``weighting = "softmax"``, ``weighting-temperature = 0.05``): an ablation is a
-comparison of variants (conf/ablation-weighting.toml).
+comparison of variants (conf/ablation-weighting.toml). ``--labels a,b`` runs only those tables
+of the file (e.g. one arm of an ablation on more seeds).
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def _names(text: str, allowed: tuple[str, ...] | None, what: str) -> list[str]:
     return names
 
 
-def _variants(path: Path) -> list[tuple[str, dict]]:
+def _variants(path: Path, labels: str | None = None) -> list[tuple[str, dict]]:
+    """The [label] tables of ``path`` in file order; only those named in ``labels`` (comma-separated) if given."""
     import tomllib
 
     with path.open("rb") as handle:
@@ -72,7 +74,10 @@ def _variants(path: Path) -> list[tuple[str, dict]]:
             f"--variants {path}: {bad[0] if bad else 'no tables'!r} is not allowed; expected [label] tables "
             '(letters, digits, . _ + -; quote a label with dots: ["t0.1"]) of run-config overrides'
         )
-    return list(tables.items())
+    if labels is None:
+        return list(tables.items())
+    chosen = _names(labels, tuple(tables), "labels")
+    return [(label, table) for label, table in tables.items() if label in chosen]
 
 
 def _seeds(text: str) -> list[int]:
@@ -149,6 +154,7 @@ def main() -> None:
     parser.add_argument(
         "--variants", type=Path, metavar="FILE.toml", help="labelled variants: [label] tables of run-config overrides"
     )
+    parser.add_argument("--labels", metavar="LABELS", help="comma-separated: only these tables of --variants")
     parser.add_argument("--seeds", default="0", help="comma-separated run seeds (default: 0)")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument(
@@ -187,8 +193,10 @@ def main() -> None:
         if args.strategies
         else []
     )
+    if args.labels and not args.variants:
+        raise SystemExit("--labels: not allowed without --variants (it picks tables of that file)")
     if args.variants:
-        variants += _variants(args.variants)
+        variants += _variants(args.variants, args.labels)
     elif not args.strategies:
         variants = [(name, {"strategy": name}) for name in strategy_names()]
     labels = [label for label, _ in variants]

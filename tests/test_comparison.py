@@ -150,6 +150,8 @@ def test_compare_refuses_bad_arguments_before_running(tmp_path):
     )
     result = compare("--variants", str(tmp_path / "variants.toml"))
     assert result.returncode != 0 and "run-config key 'weighting-temperature': value 0 is not allowed" in result.stderr
+    result = compare("--variants", str(tmp_path / "variants.toml"), "--labels", "sharp,blunt")
+    assert result.returncode != 0 and "--labels: 'blunt' is not allowed; choose from sharp" in result.stderr
     assert not (tmp_path / "runs").exists()
     # A folder of 32-client runs: an 8-client comparison would reuse them as if they were its own.
     (tmp_path / "runs").mkdir()
@@ -179,7 +181,11 @@ def test_compare_runs_strategies_and_reuses_finished_runs(tmp_path):
         "eval-max-new-tokens=2",
     ]
     variants = tmp_path / "variants.toml"
-    variants.write_text('[fedbip-softmax]\nstrategy = "fedbip"\nweighting = "softmax"\n')
+    # --labels picks the softmax table: the ema one is never run.
+    variants.write_text(
+        '[fedbip-ema]\nstrategy = "fedbip"\nsimilarity-ema = 0.5\n'
+        '[fedbip-softmax]\nstrategy = "fedbip"\nweighting = "softmax"\n'
+    )
     command = [
         sys.executable,
         str(ROOT / "scripts" / "compare.py"),
@@ -187,6 +193,8 @@ def test_compare_runs_strategies_and_reuses_finished_runs(tmp_path):
         "fedbip",
         "--variants",
         str(variants),
+        "--labels",
+        "fedbip-softmax",
         "--seeds",
         "3",
         "--num-clients",
@@ -199,6 +207,10 @@ def test_compare_runs_strategies_and_reuses_finished_runs(tmp_path):
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     assert "[1/2] fedbip-seed3: round 1/1" in first.stdout and "[2/2] fedbip-softmax-seed3 finished" in first.stdout
     out = tmp_path / "out"
+    assert sorted(path.name for path in (out / "runs").iterdir() if path.is_dir()) == [
+        "fedbip-seed3",
+        "fedbip-softmax-seed3",
+    ]
     for name, weighting in (("fedbip-seed3", "paper"), ("fedbip-softmax-seed3", "softmax")):
         config = json.loads((out / "runs" / name / "config.json").read_text())
         assert (

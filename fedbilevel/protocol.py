@@ -87,6 +87,7 @@ CROSS_PREFIX = "cross-"  # reply metrics: cross-items, cross-digests, cross-<sco
 CROSS_ITEMS = "cross-items"
 CROSS_DIGESTS = "cross-digests"
 CROSS_SECONDS = "cross-seconds"
+CROSS_DPA_MEAN_WEIGHT = "cross-feddpa-mean-weight"  # FedDPA: the mean α(x) over the other tasks' items
 
 # Client-side steps a strategy declares in the train / evaluate config.
 PROXIMAL_MU = "proximal-mu"  # μ of the proximal term μ/2 ‖θ − θ_received‖² (FedProx; FedAMP's λ)

@@ -231,7 +231,7 @@ def cross_task_table(cross: Mapping[str, Any], metric: str, split: str) -> str:
     -------
     str
         A heading line, then one row per client (ordered by task; "–" where it has no scores) and a
-        mean row.
+        mean row; under FedDPA, a line with its mean weight α(x) on own and other-task items.
     """
     tasks = cross["tasks"]
     lines = [
@@ -251,4 +251,12 @@ def cross_task_table(cross: Mapping[str, Any], metric: str, split: str) -> str:
         lines.append(f"| {client} | {task} | " + " | ".join(cells) + " |")
     own_mean, other_mean = cross["own_task_mean"][metric], cross["other_task_mean"][metric]
     lines.append("| mean | |" + " |" * len(tasks) + f" {_cell(own_mean)} | {_cell(other_mean)} |")
+    mixing = [row for row in cross.get("feddpa_mean_weight", []) if row is not None]
+    if mixing:
+        own_weight, other_weight = np.mean(mixing, axis=0)
+        lines += [
+            "",
+            f"FedDPA's weight α(x) on the global adapter, mean over clients: {own_weight:.3f} on their own items, "
+            f"{other_weight:.3f} on the other tasks' items.",
+        ]
     return "\n".join(lines)

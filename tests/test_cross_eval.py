@@ -109,7 +109,17 @@ def test_other_task_items_are_exactly_what_their_owners_score(name):
             expected = 0.0 if mine else float(np.mean([item_score(item) for item in owner.scored]))
             for metric in protocol.TEXT_METRICS:
                 assert out[f"{protocol.CROSS_PREFIX}{metric}"][p] == pytest.approx(expected)
-        assert out[protocol.CROSS_SECONDS] >= 0
+        assert out[protocol.CROSS_SECONDS] >= 0 and protocol.CROSS_DPA_MEAN_WEIGHT not in out
+
+
+def test_feddpas_mean_weight_over_the_other_tasks_items_goes_into_the_reply():
+    size, run_config = FEDERATIONS["synthetic"]
+    me = session(0, size, **run_config)
+
+    def mixing(items):  # as FedDPA's scoring: the scores and the mean α(x) over these items
+        return {**recording_scorer([])(items), protocol.DPA_MEAN_WEIGHT: 0.125}
+
+    assert other_task_scores(mixing, me.config, 0, size)[protocol.CROSS_DPA_MEAN_WEIGHT] == 0.125
 
 
 def test_a_partition_that_cannot_be_loaded_is_skipped_not_fatal(tmp_path):
@@ -170,6 +180,9 @@ class CrossClient(FakeClient):
             metrics["cross-rouge1"] = [1.5] * self.SIZE
         if self.cross in ("nan", "unasked"):
             metrics["cross-exact_match"] = [math.nan] * self.SIZE
+        if self.cross.startswith("dpa"):  # FedDPA: the mean α(x) over its own and the other tasks' items
+            metrics[protocol.DPA_MEAN_WEIGHT] = 0.4
+            metrics[protocol.CROSS_DPA_MEAN_WEIGHT] = 1.5 if self.cross == "dpa-bad" else 0.1 * self.partition_id
         return reply
 
 
@@ -215,6 +228,20 @@ def test_miscounted_missing_or_impossible_cross_task_scores_are_refused():
     assert reasons[2] == "cross-task scores: none in the reply; the evaluate message asked for them"
     assert reasons[3] == "cross-task scores: rouge1 1.5 on partition 0; expected a score in [0, 1]"
     assert [row is None for row in record["cross_task"]["items"]] == [True, False, True, True]
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_feddpas_weights_on_own_and_other_task_items_are_recorded_per_client():
+    behaviour = {0: "dpa", 1: "dpa", 2: "good", 3: "dpa-bad"}
+    clients = {p: CrossClient(p, behaviour[p]) for p in range(4)}
+    records: list = []
+    strategy = FedAvg(initial_adapter=INITIAL, min_nodes=4, on_round_end=records.append, evaluate_cross=bool)
+    strategy.start(FakeGrid({60 + p: c for p, c in clients.items()}), ArrayRecord(), num_rounds=1)
+    (record,) = records
+    (failure,) = record["failures"]
+    assert (failure["phase"], failure["partition_id"]) == ("cross-task", 3)
+    assert failure["reason"] == "cross-task scores: 'cross-feddpa-mean-weight' is 1.5; expected a number in [-1, 1]"
+    assert record["cross_task"]["feddpa_mean_weight"] == [[0.4, 0.0], [0.4, 0.1], None, None]
 
 
 @pytest.mark.usefixtures("server_identity")
@@ -267,6 +294,19 @@ def test_record_orders_clients_by_task_and_the_run_table_shows_the_means():
     assert "| 0 | a | 0.900 | 0.100 | 0.200 | 0.900 | 0.150 |" in table
     assert "| 2 | c | – | – | – | – | – |" in table
     assert table.splitlines()[-1] == "| mean | | | | | 0.850 | 0.175 |"
+    # FedDPA: its mean weight on the global adapter, own items and the other tasks' items, per row.
+    assert "feddpa_mean_weight" not in record
+    mixed = cross_task_record({0: row}, info, {0: (0.4, 0.2)})
+    assert mixed["feddpa_mean_weight"] == [[0.4, 0.2], None, None, None]
+    table = cross_task_table(
+        {**MATRIX, **cross_task_means_fields(MATRIX), "feddpa_mean_weight": [[0.4, 0.2], None, [0.5, 0.1]]},
+        "exact_match",
+        "test",
+    )
+    assert table.splitlines()[-1] == (
+        "FedDPA's weight α(x) on the global adapter, mean over clients: 0.450 on their own items, "
+        "0.150 on the other tasks' items."
+    )
 
 
 def cross_task_means_fields(cross):

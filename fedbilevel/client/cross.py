@@ -126,7 +126,9 @@ def other_task_scores(score: Scorer, config: RunConfig, partition_id: int, num_p
     -------
     dict
         ``cross-items``, ``cross-digests`` (list of int), ``cross-<score>`` (list of float),
-        one entry per partition (see :mod:`fedbilevel.protocol`), and ``cross-seconds`` (float).
+        one entry per partition (see :mod:`fedbilevel.protocol`), and ``cross-seconds`` (float);
+        with FedDPA's mixing (``score`` returns ``feddpa-mean-weight``), ``cross-feddpa-mean-weight``:
+        the mean α(x) over the other tasks' items.
         A partition that cannot be loaded is logged and has 0 items and digest 0: the server
         ignores it if its owner did not start either, and records a ``cross-task`` failure of this
         client if it did (this node's data then differs from the owner's).
@@ -138,7 +140,10 @@ def other_task_scores(score: Scorer, config: RunConfig, partition_id: int, num_p
             log(INFO, "client %d: partition %d cannot be loaded, not scored (eval-cross): %s", partition_id, p, reason)
     scored = other_task_items(partitions, partition_id, config.eval.split)
     items = [item for _, chunk in scored for item in chunk]
-    out: dict[str, Any] = per_partition(score(items) if items else {}, scored, num_partitions)
+    scores = score(items) if items else {}
+    out: dict[str, Any] = per_partition(scores, scored, num_partitions)
+    if protocol.DPA_MEAN_WEIGHT in scores:
+        out[protocol.CROSS_DPA_MEAN_WEIGHT] = scores[protocol.DPA_MEAN_WEIGHT]
     out[protocol.CROSS_DIGESTS] = [
         protocol.digest_number(data_digest(partition)) if isinstance(partition, ClientData) else 0
         for partition in partitions

@@ -57,7 +57,8 @@ def check_cross_scores(
     Returns
     -------
     dict[str, list or float]
-        The lists of :data:`CROSS_LISTS`, each with one entry per partition, and ``cross-seconds``.
+        The lists of :data:`CROSS_LISTS`, each with one entry per partition, ``cross-seconds``, and
+        ``cross-feddpa-mean-weight`` where the reply has it (FedDPA).
 
     Raises
     ------
@@ -66,8 +67,8 @@ def check_cross_scores(
         ``cross-seconds`` is missing, a list is missing or has another length than the client's
         ``num-partitions``, a started partition of another task was scored on a number of items other
         than its owner's ``num-test`` or from data whose digest is not its owner's ``data-digest``, a
-        partition of the client's own task was scored, ``cross-seconds`` is not finite, or a score is
-        NaN or outside [0, 1].
+        partition of the client's own task was scored, ``cross-seconds`` is not finite, a score is
+        NaN or outside [0, 1], or a ``cross-feddpa-mean-weight`` is not a number in [−1, 1].
     """
     missing = [name for name in protocol.TEXT_METRICS if name not in metrics]
     if missing:
@@ -109,7 +110,15 @@ def check_cross_scores(
             raise RejectedReply(
                 f"cross-task scores: {name} {values[outside]!r} on partition {outside}; expected a score in [0, 1]"
             )
-    return {**{key: list(cross[key]) for key in CROSS_LISTS}, protocol.CROSS_SECONDS: float(seconds)}
+    checked = {**{key: list(cross[key]) for key in CROSS_LISTS}, protocol.CROSS_SECONDS: float(seconds)}
+    if protocol.CROSS_DPA_MEAN_WEIGHT in cross:
+        weight = cross[protocol.CROSS_DPA_MEAN_WEIGHT]
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not -1.0 <= weight <= 1.0:
+            raise RejectedReply(
+                f"cross-task scores: '{protocol.CROSS_DPA_MEAN_WEIGHT}' is {weight!r}; expected a number in [-1, 1]"
+            )
+        checked[protocol.CROSS_DPA_MEAN_WEIGHT] = float(weight)
+    return checked
 
 
 def cross_task_row(
@@ -197,6 +206,7 @@ def cross_task_means(cross: Mapping[str, Any]) -> dict[str, dict[str, float | No
 def cross_task_record(
     rows: Mapping[int, tuple[Mapping[str, list[float]], list[int], float]],
     clients: Mapping[int, Mapping[str, Any]],
+    mixing: Mapping[int, tuple[float, float]] | None = None,
 ) -> dict[str, Any]:
     """The round record's ``cross_task`` entry: the clients × tasks matrix and its means.
 
@@ -207,6 +217,9 @@ def cross_task_record(
         :func:`cross_task_row`, for every client with usable cross-task scores.
     clients : mapping of int to mapping
         Partition id -> info of every started client.
+    mixing : mapping of int to (float, float), optional
+        FedDPA: partition id -> its mean α(x), the global adapter's weight, over its own items and
+        over the other tasks' items.
 
     Returns
     -------
@@ -215,7 +228,8 @@ def cross_task_record(
         then id), ``client_tasks`` (each row's own task), ``scores`` (metric -> rows × tasks list of
         lists of float), ``items`` (rows × tasks int counts), ``seconds`` (per row); a row is None
         where the client has no usable cross-task scores. Then ``own_task_mean`` and
-        ``other_task_mean`` (metric -> float or None, :func:`cross_task_means`).
+        ``other_task_mean`` (metric -> float or None, :func:`cross_task_means`). With ``mixing``,
+        ``feddpa_mean_weight``: per row [own items, other tasks' items] or None.
     """
     tasks = task_order(clients)
     order = sorted(clients, key=lambda p: (tasks.index(clients[p].get(protocol.TASK)), p))
@@ -227,6 +241,8 @@ def cross_task_record(
         "items": [rows[p][1] if p in rows else None for p in order],
         "seconds": [rows[p][2] if p in rows else None for p in order],
     }
+    if mixing:
+        record["feddpa_mean_weight"] = [list(mixing[p]) if p in mixing else None for p in order]
     means = cross_task_means(record)
     record["own_task_mean"], record["other_task_mean"] = means["own_task"], means["other_task"]
     return record

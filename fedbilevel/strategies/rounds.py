@@ -234,6 +234,7 @@ class RoundLog:
         tasks = task_order(clients)
         ordinary: dict[int, dict[str, Any]] = {}
         rows = {}
+        mixing: dict[int, tuple[float, float]] = {}
         for partition_id, metrics in replied.items():
             ordinary[partition_id], _ = split_cross(metrics)
             try:
@@ -243,7 +244,9 @@ class RoundLog:
                 continue
             scores, counts = cross_task_row(lists, metrics, partition_id, tasks, clients)
             rows[partition_id] = (scores, counts, lists[protocol.CROSS_SECONDS])
-        self.record["cross_task"] = cross_task_record(rows, clients)
+            if protocol.CROSS_DPA_MEAN_WEIGHT in lists and protocol.DPA_MEAN_WEIGHT in metrics:
+                mixing[partition_id] = (float(metrics[protocol.DPA_MEAN_WEIGHT]), lists[protocol.CROSS_DPA_MEAN_WEIGHT])
+        self.record["cross_task"] = cross_task_record(rows, clients, mixing)
         return ordinary
 
     def note_skipped(self, reason: str) -> None:

@@ -403,6 +403,13 @@ def test_a_client_whose_local_adapter_has_not_trained_scores_the_global_adapter_
     assert alone[protocol.DPA_MEAN_WEIGHT] == 1.0 and mixed[protocol.DPA_MEAN_WEIGHT] <= 0.5
     for key in ("rouge1", "rougeL", "exact_match"):
         assert alone[key] == fedit[key]
+    # eval-cross: the other tasks' items are mixed per item too, and their mean α(x) is reported beside the own one.
+    cross = evaluate(dual, **DpaSettings().to_config(), **{protocol.DPA_LOCAL_TRAINED: True, protocol.CROSS_TASK: True})
+    assert cross[protocol.DPA_MEAN_WEIGHT] == mixed[protocol.DPA_MEAN_WEIGHT]
+    assert -0.5 <= cross[protocol.CROSS_DPA_MEAN_WEIGHT] <= 0.5 and sum(cross[protocol.CROSS_ITEMS]) > 0
+    assert protocol.CROSS_DPA_MEAN_WEIGHT not in evaluate(
+        dual, **DpaSettings().to_config(), **{protocol.CROSS_TASK: True, protocol.DPA_LOCAL_TRAINED: False}
+    )
 
 
 def test_a_federated_run_scores_every_client_and_saves_both_adapters(tmp_path):

@@ -186,16 +186,18 @@ class CrossClient(FakeClient):
         return reply
 
 
+def cross_rounds(behaviour: list[str], evaluate_cross, num_rounds: int = 1) -> tuple[list[dict], dict]:
+    """FedAvg over one CrossClient per ``behaviour`` entry (partition ids 0, 1, ...): its round records, its clients."""
+    clients = {p: CrossClient(p, how) for p, how in enumerate(behaviour)}
+    records: list = []
+    strategy = FedAvg(initial_adapter=INITIAL, min_nodes=4, on_round_end=records.append, evaluate_cross=evaluate_cross)
+    strategy.start(FakeGrid({70 + p: c for p, c in clients.items()}), ArrayRecord(), num_rounds=num_rounds)
+    return records, clients
+
+
 @pytest.mark.usefixtures("server_identity")
 def test_final_round_matrix_and_unusable_cross_task_parts_are_recorded_failures():
-    behaviour = {0: "good", 1: "short", 2: "foreign", 3: "nan"}
-    clients = {p: CrossClient(p, behaviour[p]) for p in range(4)}
-    records: list = []
-    strategy = FedAvg(
-        initial_adapter=INITIAL, min_nodes=4, on_round_end=records.append, evaluate_cross=lambda r: r == 2
-    )
-    strategy.start(FakeGrid({70 + p: c for p, c in clients.items()}), ArrayRecord(), num_rounds=2)
-    first, final = records
+    (first, final), clients = cross_rounds(["good", "short", "foreign", "nan"], lambda r: r == 2, num_rounds=2)
     evaluate_configs = [c for c in clients[0].configs if protocol.CROSS_TASK in c]
     assert len(evaluate_configs) == 1 and evaluate_configs[0][protocol.SERVER_ROUND] == 2  # final round only
     assert "cross_task" not in first and first["failures"] == []
@@ -217,12 +219,7 @@ def test_final_round_matrix_and_unusable_cross_task_parts_are_recorded_failures(
 
 @pytest.mark.usefixtures("server_identity")
 def test_miscounted_missing_or_impossible_cross_task_scores_are_refused():
-    behaviour = {0: "miscount", 1: "good", 2: "none", 3: "range"}
-    clients = {p: CrossClient(p, behaviour[p]) for p in range(4)}
-    records: list = []
-    strategy = FedAvg(initial_adapter=INITIAL, min_nodes=4, on_round_end=records.append, evaluate_cross=bool)
-    strategy.start(FakeGrid({80 + p: c for p, c in clients.items()}), ArrayRecord(), num_rounds=1)
-    (record,) = records
+    ((record,), _) = cross_rounds(["miscount", "good", "none", "range"], bool)
     reasons = {f["partition_id"]: f["reason"] for f in record["failures"]}
     assert reasons[0] == "cross-task scores: 2 items of partition 2 (task1) scored; expected 3"
     assert reasons[2] == "cross-task scores: none in the reply; the evaluate message asked for them"
@@ -232,12 +229,7 @@ def test_miscounted_missing_or_impossible_cross_task_scores_are_refused():
 
 @pytest.mark.usefixtures("server_identity")
 def test_feddpas_weights_on_own_and_other_task_items_are_recorded_per_client():
-    behaviour = {0: "dpa", 1: "dpa", 2: "good", 3: "dpa-bad"}
-    clients = {p: CrossClient(p, behaviour[p]) for p in range(4)}
-    records: list = []
-    strategy = FedAvg(initial_adapter=INITIAL, min_nodes=4, on_round_end=records.append, evaluate_cross=bool)
-    strategy.start(FakeGrid({60 + p: c for p, c in clients.items()}), ArrayRecord(), num_rounds=1)
-    (record,) = records
+    ((record,), _) = cross_rounds(["dpa", "dpa", "good", "dpa-bad"], bool)
     (failure,) = record["failures"]
     assert (failure["phase"], failure["partition_id"]) == ("cross-task", 3)
     assert failure["reason"] == "cross-task scores: 'cross-feddpa-mean-weight' is 1.5; expected a number in [-1, 1]"
@@ -246,11 +238,7 @@ def test_feddpas_weights_on_own_and_other_task_items_are_recorded_per_client():
 
 @pytest.mark.usefixtures("server_identity")
 def test_cross_task_metrics_nobody_asked_for_are_neither_recorded_nor_refused():
-    clients = {p: CrossClient(p, "unasked") for p in range(4)}  # NaN cross-task scores in every reply
-    records: list = []
-    strategy = FedAvg(initial_adapter=INITIAL, min_nodes=4, on_round_end=records.append, evaluate_cross=lambda r: False)
-    strategy.start(FakeGrid({90 + p: c for p, c in clients.items()}), ArrayRecord(), num_rounds=1)
-    (record,) = records
+    ((record,), _) = cross_rounds(["unasked"] * 4, lambda r: False)  # NaN cross-task scores in every reply
     assert record["failures"] == [] and "cross_task" not in record and set(record["eval"]) == {"0", "1", "2", "3"}
     assert all(not k.startswith("cross-") for scores in record["eval"].values() for k in scores)
 

@@ -1364,9 +1364,9 @@ def _seed_band(
 
 
 def write_plots(runs: Sequence[Run], out: Path) -> list[Path]:
-    """scores_per_round.png, per_client.png, similarity_<strategy>.png, separation.png for runs with
+    """scores_per_round.png, per_client.png, similarity_<label>.png, separation.png for runs with
     task groups and matrices, privacy.png for runs with DP (:func:`plot_privacy`), and
-    cross_task_<strategy>.png (first seed) for runs with eval-cross, in ``out``."""
+    cross_task_<label>.png (first seed) for runs with eval-cross, in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [plot_scores_per_round(runs, out / "scores_per_round.png"), plot_per_client(runs, out / "per_client.png")]
     if any(_has_groups(group_separation(run)) for run in runs):

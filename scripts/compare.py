@@ -2,11 +2,12 @@
 
 Every run uses the same run config except ``strategy`` and ``seed``. Runs go one after
 another, each in a fresh process (``python -m fedbilevel.simulation``), into
-``<out>/runs/<strategy>-seed<k>/`` with its log beside it; a finished run with the same
-config is reused, so an interrupted comparison continues where it stopped. Then:
+``<out>/runs/<label>-seed<k>/`` (``<label>``: the strategy, or its ``--variants`` table) with its log
+beside it; a finished run with the same config is reused, so an interrupted comparison continues where
+it stopped. Then:
 
     <out>/comparison.csv, per_client.csv, comparison.md     tables (mean ± std over seeds)
-    <out>/scores_per_round.png, per_client.png, similarity_<strategy>.png, cross_task_<strategy>.png (eval-cross)
+    <out>/scores_per_round.png, per_client.png, similarity_<label>.png, cross_task_<label>.png (eval-cross)
     <out>/separation.csv, separation.png                     with task groups (clients-per-task > 1) and
                                                              similarity/weight matrices: same- vs cross-task
                                                              cosine, its AUROC, weight on same-task partners

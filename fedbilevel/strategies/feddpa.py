@@ -225,7 +225,7 @@ class FedDpa(PersonalizedStrategy):
         return config
 
     def local_trained(self, partition_id: int) -> bool:
-        """Whether the client's local adapter differs from θ⁰'s: it trains from the client's second round on.
+        """Whether the client's local adapter differs from θ⁰'s: it trains when sampled from server round 2 on.
 
         Until then the client scores the global adapter alone (α = 1, FedIT's model): the official
         code only evaluates at the end, when every client has trained its local adapter, and α(x)
